@@ -1,0 +1,147 @@
+"""The ``featcache`` command line: a thin typer layer over the library functions.
+
+Exit codes: 0 all good; 1 the command ran but found failures (images that could not be used,
+problems in a cache); 2 the arguments or config cannot be used (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import functools
+
+import typer
+
+import featcache
+from featcache.errors import FeatcacheError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run vision teachers once over an image dataset and cache what they see.")
+
+
+def user_errors(fn):
+    """Report a FeatcacheError as one line on stderr and exit with its code (2), no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FeatcacheError as e:
+            typer.echo(f"featcache: error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"featcache {featcache.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
+                                                 help="Print the version and exit.")) -> None:
+    """featcache: extract, store and reuse teacher features."""
+
+
+@app.command("index")
+@user_errors
+def index_cmd(
+    src: str = typer.Argument(..., help="Folder or glob (local or fsspec URL such as s3://b/p), "
+                                        "or a .parquet/.csv list with a 'uri' column."),
+    out: str = typer.Option(..., "--out", "-o", help="Cache root to write manifest.parquet into."),
+    workers: int = typer.Option(8, min=1, help="Threads reading image headers."),
+) -> None:
+    """Write ROOT/manifest.parquet: one row per image with its size, read from headers only."""
+    result = featcache.index(src, out, workers=workers)
+    typer.echo(f"indexed {result.images} images into {result.root} "
+               f"({result.files_per_second:.0f} files/s)")
+    if result.ignored:
+        typer.echo(f"ignored {len(result.ignored)} files that are not images (listed in errors.parquet)")
+    if result.failed:
+        for uri, reason in result.failed[:10]:
+            typer.echo(f"  failed: {uri}: {reason}", err=True)
+        typer.echo(f"{len(result.failed)} files could not be indexed (reasons in errors.parquet)", err=True)
+        raise typer.Exit(1)
+
+
+@app.command("inspect")
+@user_errors
+def inspect_cmd(
+    root: str = typer.Argument(..., help="Cache root (local directory or fsspec URL)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Show what a cache holds: images, views, shapes, dtypes, bytes, commits, errors, statistics."""
+    info = featcache.inspect(root)
+    if as_json:
+        typer.echo(json.dumps(info, indent=1, sort_keys=True))
+        return
+    typer.echo(_inspect_text(info))
+
+
+def _inspect_text(info: dict) -> str:
+    lines = [f"cache {info['root']}: {info['images']} images, shard size {info['shard_size'] or '-'}, "
+             f"{info['errors']['total']} errors {info['errors']['by_stage'] or ''}".rstrip()]
+    if not info["views"]:
+        lines.append("  no views yet (run 'featcache extract')")
+    for key, v in info["views"].items():
+        dense = v["arrays"]["dense"]
+        lines.append(f"  {key:28s} dense {tuple(dense['shape'])} {dense['dtype']}  summary "
+                     f"{tuple(v['arrays']['summary']['shape'])}  shards {v['shards']['committed']}/"
+                     f"{v['shards']['total']}  {_human(v['bytes_stored'])}  stats {'yes' if v['stats'] else 'no'}")
+    return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+@app.command("verify")
+@user_errors
+def verify_cmd(
+    root: str = typer.Argument(..., help="Cache root (local directory or fsspec URL)."),
+    view: Optional[list[str]] = typer.Option(None, "--view", help="Only these views (repeatable)."),
+) -> None:
+    """Check every committed shard: checksums, no NaN/Inf, valid vs commits and errors, shapes."""
+    report = featcache.verify(root, views=view)
+    for note in report.notes:
+        typer.echo(f"note: {note}")
+    if report.ok:
+        typer.echo(f"ok: {report.shards_checked} committed shards verified")
+        return
+    for problem in report.problems:
+        typer.echo(f"problem: {problem}", err=True)
+    typer.echo(f"{len(report.problems)} problems in {report.shards_checked} committed shards", err=True)
+    raise typer.Exit(1)
+
+
+@app.command("demo")
+@user_errors
+def demo_cmd(out: str = typer.Option("demo-cache", "--out", "-o", help="Cache root for the demo.")) -> None:
+    """Index the photos shipped inside scikit-image into OUT and inspect the result (no network)."""
+    import skimage
+
+    photos = Path(skimage.__file__).parent / "data"
+    index_cmd(str(photos / "*.[pj][np]g"), out, workers=4)
+    inspect_cmd(out, as_json=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point. Usage errors are typer's (exit 2); featcache errors become one line, exit 2."""
+    try:
+        app(args=argv, prog_name="featcache")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""One way to reach files: local paths and any fsspec URL (``s3://``, ``gs://``, ``memory://``…).
+
+Credentials are never passed through featcache's own configs: s3fs reads them from the usual
+AWS variables or files. ``AWS_ENDPOINT_URL`` (or ``FEATCACHE_S3_ENDPOINT``) points s3fs at a
+non-AWS server such as SeaweedFS or MinIO. Nothing returned here is ever written into a cache.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+_ENDPOINT_VARS = ("FEATCACHE_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+def storage_options(uri: str) -> dict:
+    """Options fsspec needs for ``uri``: for S3, no listing cache and the endpoint from the environment."""
+    if not uri.startswith(("s3://", "s3a://")):
+        return {}
+    # Commit markers appear while a job runs: a cached listing would hide them.
+    options: dict = {"use_listings_cache": False}
+    endpoint = next((os.environ[v] for v in _ENDPOINT_VARS if os.environ.get(v)), None)
+    if endpoint:
+        options["client_kwargs"] = {"endpoint_url": endpoint}
+    return options
+
+
+@dataclass(frozen=True)
+class Location:
+    """A filesystem and a path on it; ``uri`` is how the user wrote it (without credentials)."""
+
+    fs: fsspec.AbstractFileSystem
+    path: str
+    uri: str
+
+    @property
+    def is_local(self) -> bool:
+        """True when plain OS calls (open, os.pread) reach the path."""
+        return isinstance(self.fs, LocalFileSystem)
+
+    def join(self, *parts: str) -> "Location":
+        """The location of ``parts`` below this one."""
+        if self.is_local:
+            path = os.path.join(self.path, *parts)
+            return Location(self.fs, path, path)
+        return Location(self.fs, posixpath.join(self.path, *parts), "/".join([self.uri, *parts]))
+
+    def exists(self) -> bool:
+        return self.fs.exists(self.path)
+
+    def read_bytes(self) -> bytes:
+        return self.fs.cat_file(self.path)
+
+    def write_bytes_atomic(self, data: bytes) -> None:
+        """Write so that a reader sees the old object or the whole new one, never a part.
+
+        Object stores replace whole objects on PUT; on a filesystem we write a temporary
+        sibling and rename it over the target.
+        """
+        if not self.is_local:
+            self.fs.pipe_file(self.path, data)
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = f"{self.path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+def locate(uri: str | os.PathLike) -> Location:
+    """Resolve a local path or fsspec URL to a :class:`Location`."""
+    uri = os.fspath(uri)
+    if "://" not in uri:
+        path = os.path.abspath(os.path.expanduser(uri))
+        return Location(LocalFileSystem(), path, path)
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri))
+    if isinstance(fs, LocalFileSystem):
+        return Location(fs, os.path.abspath(path), uri)
+    return Location(fs, path.rstrip("/"), uri.rstrip("/"))

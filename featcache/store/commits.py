@@ -1,0 +1,97 @@
+"""Commit markers: ``ROOT/_commits/<view key>/<shard>.json``, one per written shard.
+
+A shard exists for readers only once its marker exists (DESIGN.md §2). The marker is written
+last and atomically, and records what a later ``verify`` checks: the image range, which rows
+failed and why, the crc32c of every object the shard wrote, and who wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import asdict, dataclass, field
+
+from featcache.errors import CacheFormatError
+from featcache.fsio import Location
+
+COMMITS_DIR = "_commits"
+
+
+@dataclass(frozen=True)
+class Commit:
+    """The record of one committed shard."""
+
+    view: str
+    shard: int
+    start: int
+    stop: int
+    errors: dict[int, str] = field(default_factory=dict)
+    checksums: dict[str, int] = field(default_factory=dict)
+    worker: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    time: float = 0.0
+    format: int = 1
+
+    @property
+    def num_valid(self) -> int:
+        return self.stop - self.start - len(self.errors)
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d["errors"] = {str(k): v for k, v in sorted(self.errors.items())}
+        return json.dumps(d, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> "Commit":
+        try:
+            d = json.loads(data)
+            d["errors"] = {int(k): v for k, v in d.get("errors", {}).items()}
+            return cls(**d)
+        except (ValueError, TypeError) as e:
+            raise CacheFormatError(f"unreadable commit marker {where}: {e}") from e
+
+
+def worker_identity() -> dict:
+    """Host and process of the writer; Ray's node id when running inside a Ray worker."""
+    ident = {"host": socket.gethostname(), "pid": os.getpid()}
+    node = os.environ.get("FEATCACHE_NODE_ID")
+    if node:
+        ident["node"] = node
+    return ident
+
+
+def commit_dir(root: Location, view: str) -> Location:
+    return root.join(COMMITS_DIR, view)
+
+
+def write_commit(root: Location, commit: Commit) -> None:
+    """Write the marker atomically: readers see no shard or the whole shard."""
+    commit_dir(root, commit.view).join(f"{commit.shard}.json").write_bytes_atomic(commit.to_json())
+
+
+def read_commit(root: Location, view: str, shard: int) -> Commit | None:
+    """The marker of ``shard``, or None when the shard is not committed."""
+    loc = commit_dir(root, view).join(f"{shard}.json")
+    try:
+        return Commit.from_json(loc.read_bytes(), loc.uri)
+    except FileNotFoundError:
+        return None
+
+
+def committed_shards(root: Location, view: str) -> set[int]:
+    """Indices of the committed shards of ``view`` (one listing, no marker is read)."""
+    loc = commit_dir(root, view)
+    try:
+        names = loc.fs.ls(loc.path, detail=False, refresh=True)
+    except FileNotFoundError:
+        return set()
+    stems = (os.path.basename(n)[: -len(".json")] for n in names if n.endswith(".json"))
+    return {int(s) for s in stems if s.isdigit()}
+
+
+def remove_commit(root: Location, view: str, shard: int) -> None:
+    """Withdraw a shard from readers before it is rewritten."""
+    loc = commit_dir(root, view).join(f"{shard}.json")
+    if loc.exists():
+        loc.fs.rm_file(loc.path)

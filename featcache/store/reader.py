@@ -1,0 +1,245 @@
+"""Fast random reads of one image's window: ``dense[i, r0:r1, c0:c1]`` with summary, box, valid.
+
+zarr-python decodes a whole inner chunk through its async codec pipeline and re-reads the
+shard index on every call. For the layout featcache writes (sharded, inner codecs ``bytes`` +
+``crc32c``, index at the end) the bytes of a chunk are the array itself, so the reader keeps each
+shard's index in memory and fetches exactly the chunk bytes: ``os.pread`` on local files, one
+ranged GET through fsspec elsewhere. Other layouts fall back to zarr indexing. Only committed
+shards are read; rows of other shards come back with ``valid = False`` and zeros.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import crc32c
+import numpy as np
+
+from featcache.errors import CacheFormatError, UsageError
+from featcache.fsio import Location
+
+_EMPTY = np.uint64(2**64 - 1)
+_CRC = 4
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image's row of a view."""
+
+    index: int
+    dense: np.ndarray  # (r1 - r0, c1 - c0, C)
+    summary: np.ndarray  # (Cs,)
+    box: np.ndarray  # (4,) x0, y0, x1, y1 in source pixels
+    valid: bool
+
+
+class _LocalRanges:
+    """Byte ranges by ``os.pread`` on cached file descriptors."""
+
+    def __init__(self, max_open: int = 256):
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+        self._max_open = max_open
+
+    def _fd(self, path: str) -> int:
+        with self._lock:
+            fd = self._fds.pop(path, None)
+            if fd is None:
+                fd = os.open(path, os.O_RDONLY)
+                if len(self._fds) >= self._max_open:
+                    os.close(self._fds.popitem(last=False)[1])
+            self._fds[path] = fd
+            return fd
+
+    def read(self, path: str, offset: int, length: int) -> bytes:
+        data = os.pread(self._fd(path), length, offset)
+        if len(data) != length:
+            raise CacheFormatError(f"{path}: short read ({len(data)} of {length} bytes at {offset})")
+        return data
+
+    def size(self, path: str) -> int:
+        return os.fstat(self._fd(path)).st_size
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+class _FsspecRanges:
+    """Byte ranges by ranged reads through any fsspec filesystem."""
+
+    def __init__(self, fs):
+        self.fs = fs
+
+    def read(self, path: str, offset: int, length: int) -> bytes:
+        data = self.fs.cat_file(path, start=offset, end=offset + length)
+        if len(data) != length:
+            raise CacheFormatError(f"{path}: short read ({len(data)} of {length} bytes at {offset})")
+        return data
+
+    def size(self, path: str) -> int:
+        return self.fs.size(path)
+
+    def close(self) -> None:
+        pass
+
+
+def _ranges_for(loc: Location):
+    return _LocalRanges() if loc.is_local else _FsspecRanges(loc.fs)
+
+
+def _is_plain_crc(codecs) -> bool:
+    names = [c["name"] for c in codecs]
+    return names == ["bytes", "crc32c"] and codecs[0].get("configuration", {}).get("endian", "little") == "little"
+
+
+def _fast_layout(meta: dict) -> bool:
+    """True when chunks are stored as raw little-endian bytes + crc32c (what featcache writes)."""
+    codecs = meta["codecs"]
+    if len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed":
+        cfg = codecs[0]["configuration"]
+        return (cfg.get("index_location", "end") == "end" and _is_plain_crc(cfg["codecs"])
+                and _is_plain_crc(cfg["index_codecs"]))
+    return _is_plain_crc(codecs)
+
+
+class ViewReader:
+    """Random access to one view; thread-safe, holds shard indices and file handles."""
+
+    def __init__(self, view, verify_checksums: bool = False):
+        self.view = view
+        self.spec = view.spec
+        self.verify_checksums = verify_checksums
+        self._ranges = _ranges_for(view.loc)
+        self._index_cache: dict[int, np.ndarray] = {}
+        self._paths: dict[tuple, str] = {}
+        self._arrays = {name: view.group[name] for name in ("dense", "summary", "box", "valid")}
+        self._dtypes = {name: np.dtype(a.dtype).newbyteorder("<") for name, a in self._arrays.items()}
+        self._fast = all(_fast_layout(a.metadata.to_dict()) for a in self._arrays.values())
+        self._keys = {name: a.metadata for name, a in self._arrays.items()}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Reload the set of committed shards (a job may still be writing)."""
+        self.committed = self.view.committed_shards()
+
+    def close(self) -> None:
+        self._ranges.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- public reads -------------------------------------------------------------------
+
+    def read(self, i: int, window: tuple[int, int, int, int] | None = None) -> Sample:
+        """Image ``i``: dense window (r0, r1, c0, c1) (whole grid by default), summary, box, valid."""
+        shard = self._shard_of(i)
+        if shard not in self.committed:
+            return self._empty(i, window)
+        return Sample(index=i, dense=self.read_dense(i, window), summary=self._row("summary", i),
+                      box=self._row("box", i), valid=bool(self._row("valid", i)[()]))
+
+    def read_dense(self, i: int, window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """``dense[i, r0:r1, c0:c1]`` reading only the tiles that cover the window."""
+        r0, r1, c0, c1 = self._window(window)
+        if not self._fast:
+            return np.asarray(self._arrays["dense"][i, r0:r1, c0:c1])
+        (th, tw), c = self.spec.tile, self.spec.channels
+        rows, cols = range(r0 // th, (r1 - 1) // th + 1), range(c0 // tw, (c1 - 1) // tw + 1)
+        if len(rows) == 1 and len(cols) == 1:
+            tile = self._tile(i, rows[0], cols[0])
+            return tile[r0 - rows[0] * th:r1 - rows[0] * th, c0 - cols[0] * tw:c1 - cols[0] * tw]
+        out = np.empty((r1 - r0, c1 - c0, c), dtype=self._dtypes["dense"])
+        for a in rows:
+            for b in cols:
+                y0, x0 = max(r0, a * th), max(c0, b * tw)
+                y1, x1 = min(r1, (a + 1) * th), min(c1, (b + 1) * tw)
+                out[y0 - r0:y1 - r0, x0 - c0:x1 - c0] = self._tile(i, a, b)[y0 - a * th:y1 - a * th,
+                                                                            x0 - b * tw:x1 - b * tw]
+        return out
+
+    def bytes_for(self, window: tuple[int, int, int, int] | None = None) -> int:
+        """Bytes of chunk data a dense read of ``window`` moves (for benchmarks and planning)."""
+        r0, r1, c0, c1 = self._window(window)
+        (th, tw), c = self.spec.tile, self.spec.channels
+        ntiles = ((r1 - 1) // th - r0 // th + 1) * ((c1 - 1) // tw - c0 // tw + 1)
+        return ntiles * (th * tw * c * self._dtypes["dense"].itemsize + _CRC)
+
+    # ---- internals ----------------------------------------------------------------------
+
+    def _window(self, window) -> tuple[int, int, int, int]:
+        h, w = self.spec.grid
+        r0, r1, c0, c1 = window if window is not None else (0, h, 0, w)
+        if not (0 <= r0 < r1 <= h and 0 <= c0 < c1 <= w):
+            raise UsageError(f"window {(r0, r1, c0, c1)} is outside the {h}x{w} grid of {self.view.key}")
+        return r0, r1, c0, c1
+
+    def _shard_of(self, i: int) -> int:
+        if not 0 <= i < self.view.num_images:
+            raise UsageError(f"image {i} is out of range: the cache holds {self.view.num_images} images")
+        return i // self.view.shard_size
+
+    def _path(self, name: str, coords: tuple[int, ...]) -> str:
+        path = self._paths.get((name, coords))
+        if path is None:
+            path = self.view.loc.join(*f"{name}/{self._keys[name].encode_chunk_key(coords)}".split("/")).path
+            self._paths[(name, coords)] = path
+        return path
+
+    def _shard_index(self, shard: int) -> np.ndarray:
+        idx = self._index_cache.get(shard)
+        if idx is None:
+            idx = self._load_index(shard)
+            self._index_cache[shard] = idx
+        return idx
+
+    def _load_index(self, shard: int) -> np.ndarray:
+        tr, tc = self.spec.tiles
+        shape = (self.view.shard_size, tr, tc, 1, 2)
+        nbytes = int(np.prod(shape)) * 8 + _CRC
+        path = self._path("dense", (shard, 0, 0, 0))
+        raw = self._ranges.read(path, self._ranges.size(path) - nbytes, nbytes)
+        _check_crc(raw, path)
+        return np.frombuffer(raw, dtype="<u8", count=nbytes // 8).reshape(shape)
+
+    def _tile(self, i: int, a: int, b: int) -> np.ndarray:
+        shard, local = divmod(i, self.view.shard_size)
+        offset, nbytes = self._shard_index(shard)[local, a, b, 0]
+        (th, tw), c = self.spec.tile, self.spec.channels
+        if offset == _EMPTY:
+            return np.zeros((th, tw, c), dtype=self._dtypes["dense"])
+        path = self._path("dense", (shard, 0, 0, 0))
+        raw = self._ranges.read(path, int(offset), int(nbytes))
+        if self.verify_checksums:
+            _check_crc(raw, path)
+        return np.frombuffer(raw, dtype=self._dtypes["dense"], count=th * tw * c).reshape(th, tw, c)
+
+    def _row(self, name: str, i: int) -> np.ndarray:
+        arr = self._arrays[name]
+        if not self._fast:
+            return np.asarray(arr[i])
+        shard, local = divmod(i, self.view.shard_size)
+        row_shape, dtype = arr.shape[1:], self._dtypes[name]
+        row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
+        path = self._path(name, (shard,) + (0,) * len(row_shape))
+        raw = self._ranges.read(path, local * row_bytes, row_bytes)
+        return np.frombuffer(raw, dtype=dtype).reshape(row_shape)
+
+    def _empty(self, i: int, window) -> Sample:
+        r0, r1, c0, c1 = self._window(window)
+        return Sample(index=i, dense=np.zeros((r1 - r0, c1 - c0, self.spec.channels), self._dtypes["dense"]),
+                      summary=np.zeros(self.spec.summary_channels, self._dtypes["summary"]),
+                      box=np.zeros(4, np.float32), valid=False)
+
+
+def _check_crc(raw: bytes, path: str) -> None:
+    if crc32c.crc32c(memoryview(raw)[:-_CRC]) != int.from_bytes(raw[-_CRC:], "little"):
+        raise CacheFormatError(f"checksum mismatch in {path}: run 'featcache verify'")

@@ -1,0 +1,93 @@
+"""What one cached teacher view is: the ``ViewSpec`` saved in the view's attrs.
+
+A reader rebuilds everything it needs to interpret the stored numbers from these attrs
+(DESIGN.md §2), never from the current code's defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+from featcache.errors import CacheFormatError, UsageError
+
+FORMAT_VERSION = 1
+DTYPES = ("float16", "float32", "bfloat16", "int8")
+_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*@[0-9]+(x[0-9]+)?$")
+#: Keys of a view's attrs["featcache"] that are annotations added later, not part of the spec.
+ANNOTATIONS = ("format", "stats")
+
+
+def check_view_key(key: str) -> str:
+    """A view key is ``<teacher>@<input size>`` (e.g. ``dinov3@224``, ``sam3@1008``)."""
+    if not _KEY.match(key):
+        raise UsageError(f"bad view key {key!r}: expected '<teacher>@<size>', e.g. 'dinov3@224'")
+    return key
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """Shape and provenance of one teacher view: ``dense (N, h, w, C)`` and ``summary (N, Cs)``.
+
+    ``tile`` is the spatial inner chunk (th, tw) of one image's dense map; it defaults to the
+    whole grid. ``teacher`` holds the teacher's own spec (a ``TeacherSpec.to_dict()``).
+    """
+
+    key: str
+    grid: tuple[int, int]
+    channels: int
+    summary_channels: int
+    input_size: tuple[int, int] | None = None
+    dtype: str = "float16"
+    codec: str = "f16"
+    tile: tuple[int, int] | None = None
+    view_policy: str = "squash"
+    teacher: dict = field(default_factory=dict)
+    upsampler: dict | None = None
+
+    def __post_init__(self):
+        check_view_key(self.key)
+        for name in ("grid", "input_size", "tile"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, _pair(name, value))
+        if self.tile is None:
+            object.__setattr__(self, "tile", self.grid)
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.channels < 1 or self.summary_channels < 0:
+            raise UsageError(f"view {self.key}: channels must be >= 1 and summary_channels >= 0")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"view {self.key}: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if any(g % t for g, t in zip(self.grid, self.tile)):
+            raise UsageError(f"view {self.key}: tile {self.tile} does not divide the grid {self.grid}")
+
+    @property
+    def tiles(self) -> tuple[int, int]:
+        """Number of spatial tiles per image along (rows, cols)."""
+        return (self.grid[0] // self.tile[0], self.grid[1] // self.tile[1])
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict; :meth:`from_dict` rebuilds an equal spec."""
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViewSpec":
+        """Rebuild a spec from attrs; annotations (stats, format) are ignored, unknown keys refused."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names - set(ANNOTATIONS)
+        if unknown:
+            raise CacheFormatError(f"view attrs hold unknown keys {sorted(unknown)}: written by a newer featcache?")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _pair(name: str, value) -> tuple[int, int]:
+    if isinstance(value, int):
+        value = (value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 2 or min(value) < 1:
+        raise UsageError(f"{name} must be two positive integers, got {value}")
+    return value

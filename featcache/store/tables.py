@@ -1,0 +1,75 @@
+"""The cache's Parquet tables: ``manifest.parquet`` (one row per image) and ``errors.parquet``.
+
+Plain Parquet, readable by pyarrow, pandas or duckdb. The manifest's ``index`` column is the row
+of every array in ``features.zarr``; ``image_id`` is the stable key a user joins on.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from featcache.errors import CacheFormatError, SourceNotFoundError
+from featcache.fsio import Location
+
+MANIFEST = "manifest.parquet"
+ERRORS = "errors.parquet"
+
+MANIFEST_COLUMNS = {
+    "index": pa.int64(),
+    "image_id": pa.string(),
+    "uri": pa.string(),
+    "width": pa.int32(),
+    "height": pa.int32(),
+}
+ERRORS_SCHEMA = pa.schema(
+    [
+        ("index", pa.int64()),  # null for files that never entered the manifest
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("stage", pa.string()),  # "index", "decode", "teacher", ...
+        ("view", pa.string()),  # null when the failure is not specific to one view
+        ("reason", pa.string()),
+    ]
+)
+
+
+def write_table(loc: Location, table: pa.Table) -> None:
+    """Write a Parquet file in one atomic object write."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    loc.write_bytes_atomic(sink.getvalue())
+
+
+def read_table(loc: Location) -> pa.Table:
+    """Read a whole Parquet file from any filesystem."""
+    with loc.fs.open(loc.path, "rb") as f:
+        return pq.read_table(f)
+
+
+def read_manifest(root: Location) -> pa.Table:
+    """The manifest of the cache at ``root``, checked for the columns every part relies on."""
+    loc = root.join(MANIFEST)
+    try:
+        table = read_table(loc)
+    except FileNotFoundError as e:
+        raise SourceNotFoundError(f"no {MANIFEST} under {root.uri}: run 'featcache index' first") from e
+    missing = [c for c in MANIFEST_COLUMNS if c not in table.column_names]
+    if missing:
+        raise CacheFormatError(f"{loc.uri} lacks the columns {missing}")
+    return table
+
+
+def read_errors(root: Location) -> pa.Table:
+    """The errors table, empty when nothing failed."""
+    loc = root.join(ERRORS)
+    if not loc.exists():
+        return ERRORS_SCHEMA.empty_table()
+    return read_table(loc)
+
+
+def errors_table(rows: list[dict]) -> pa.Table:
+    """Build an errors table from dicts with the columns of :data:`ERRORS_SCHEMA`."""
+    return pa.Table.from_pylist([{k: r.get(k) for k in ERRORS_SCHEMA.names} for r in rows], schema=ERRORS_SCHEMA)

@@ -1,0 +1,173 @@
+"""``featcache verify``: check every committed shard of every view.
+
+For each committed shard: the marker is readable and covers the right rows; every object the
+shard wrote exists and has the checksum the writer recorded; the data decodes through zarr (which
+checks each chunk's crc32c); ``valid`` is 1 exactly for the rows the commit did not list as
+failed; no valid row holds NaN or Inf. Per view: array shapes and dtypes match the attrs, and
+``errors.parquet`` agrees with the commits. Shards without a marker are invisible to readers and
+are reported as notes, not problems.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from featcache.errors import CacheFormatError
+from featcache.store.cache import Cache, View
+from featcache.store.zarrio import array_layouts, object_checksum, shard_object_keys
+
+_ROWS_PER_READ = 32
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a cache."""
+
+    view: str
+    shard: int | None
+    kind: str  # shape, commit, missing, checksum, decode, nonfinite, valid, errors-table
+    message: str
+
+    def __str__(self) -> str:
+        where = self.view if self.shard is None else f"{self.view} shard {self.shard}"
+        return f"{where}: {self.kind}: {self.message}"
+
+
+@dataclass
+class Report:
+    """What ``verify`` found."""
+
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    shards_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(cache: Cache, views: list[str] | None = None, workers: int = 4) -> Report:
+    """Check ``cache`` (all views, or the named ones) and return every problem found."""
+    report = Report()
+    for key in views or list(cache.views):
+        view = cache.view(key)
+        report.problems += _check_shapes(view)
+        committed = sorted(view.committed_shards())
+        with ThreadPoolExecutor(workers) as pool:
+            for found in pool.map(lambda k: _check_shard(view, k), committed):
+                report.problems += found
+        report.shards_checked += len(committed)
+        report.problems += _check_errors_table(cache, view)
+        report.notes += _partial_shards(view, set(committed))
+    return report
+
+
+def _check_shapes(view: View) -> list[Problem]:
+    layouts = array_layouts(view.spec, view.num_images, view.cache.shard_size)
+    found = []
+    for name, layout in layouts.items():
+        arr = view.group[name]
+        if tuple(arr.shape) != tuple(layout["shape"]) or str(arr.dtype) != str(np.dtype(layout["dtype"])):
+            found.append(Problem(view.key, None, "shape", f"{name} is {arr.shape} {arr.dtype}, the attrs say "
+                                                         f"{layout['shape']} {layout['dtype']}"))
+    return found
+
+
+def _check_shard(view: View, shard: int) -> list[Problem]:
+    try:
+        commit = view.commit_record(shard)
+    except CacheFormatError as e:
+        return [Problem(view.key, shard, "commit", str(e))]
+    if commit is None:  # withdrawn while we were listing: a job is rewriting it
+        return []
+    start, stop = view.shard_range(shard)
+    if (commit.start, commit.stop) != (start, stop):
+        return [Problem(view.key, shard, "commit", f"marker covers [{commit.start}, {commit.stop}), "
+                                                   f"the shard is [{start}, {stop})")]
+    found = _check_objects(view, shard, commit.checksums)
+    if not found:
+        found = _check_values(view, start, stop, commit.errors, shard)
+    return found
+
+
+def _check_objects(view: View, shard: int, recorded: dict[str, int]) -> list[Problem]:
+    found = []
+    for name, key in shard_object_keys(view.group, shard).items():
+        loc = view.loc.join(*key.split("/"))
+        try:
+            data = loc.read_bytes()
+        except FileNotFoundError:
+            found.append(Problem(view.key, shard, "missing", f"{key} is committed but not stored"))
+            continue
+        if key not in recorded:
+            found.append(Problem(view.key, shard, "commit", f"the marker records no checksum for {key}"))
+        elif object_checksum(data) != recorded[key]:
+            found.append(Problem(view.key, shard, "checksum", f"{key} differs from what was written "
+                                                              f"({len(data)} bytes stored)"))
+    return found
+
+
+def _check_values(view: View, start: int, stop: int, errors: dict[int, str], shard: int) -> list[Problem]:
+    try:
+        valid = np.asarray(view.group["valid"][start:stop])
+        expected = np.ones(stop - start, dtype=np.uint8)
+        expected[[i - start for i in errors]] = 0
+        found = []
+        if not np.array_equal(valid, expected):
+            rows = (np.flatnonzero(valid != expected) + start).tolist()
+            found.append(Problem(view.key, shard, "valid", f"valid disagrees with the commit's errors at rows {rows[:10]}"))
+        bad = _nonfinite_rows(view, start, stop, expected.astype(bool))
+        if bad:
+            found.append(Problem(view.key, shard, "nonfinite", f"NaN or Inf in valid rows {bad[:10]}"))
+        return found
+    except (ValueError, RuntimeError, OSError) as e:  # zarr raises these for a bad chunk crc / shard index
+        return [Problem(view.key, shard, "decode", f"{type(e).__name__}: {e}")]
+
+
+def _nonfinite_rows(view: View, start: int, stop: int, valid: np.ndarray) -> list[int]:
+    bad = []
+    for name in ("summary", "box"):
+        x = np.asarray(view.group[name][start:stop], dtype=np.float32)
+        bad += (np.flatnonzero(~np.isfinite(x).all(axis=1) & valid) + start).tolist()
+    dense = view.group["dense"]
+    for r in range(start, stop, _ROWS_PER_READ):
+        e = min(r + _ROWS_PER_READ, stop)
+        x = np.asarray(dense[r:e])
+        if x.dtype.kind == "f":
+            finite = np.isfinite(x).reshape(e - r, -1).all(axis=1)
+            bad += (np.flatnonzero(~finite & valid[r - start:e - start]) + r).tolist()
+    return sorted(set(bad))
+
+
+def _check_errors_table(cache: Cache, view: View) -> list[Problem]:
+    table = cache.errors()
+    if table.num_rows == 0:
+        return []
+    rows = [r for r in table.to_pylist() if r.get("view") == view.key and r.get("index") is not None]
+    found = []
+    committed = view.committed_shards()
+    for row in rows:
+        shard = row["index"] // view.shard_size
+        commit = view.commit_record(shard) if shard in committed else None
+        if commit is not None and row["index"] not in commit.errors:
+            found.append(Problem(view.key, shard, "errors-table",
+                                 f"errors.parquet lists row {row['index']} as failed, its commit does not"))
+    return found
+
+
+def _partial_shards(view: View, committed: set[int]) -> list[str]:
+    """Shards with stored objects but no marker: an interrupted write that a rerun replaces."""
+    fs, notes = view.loc.fs, []
+    dense_dir = view.loc.join("dense", "c")
+    try:
+        present = {int(p.rstrip("/").split("/")[-1]) for p in fs.ls(dense_dir.path, detail=False)}
+    except FileNotFoundError:
+        return notes
+    for shard in sorted(present - committed):
+        notes.append(f"{view.key} shard {shard}: data without a commit marker (an interrupted write; "
+                     "invisible to readers, rewritten by the next run)")
+    return notes
+

@@ -1,0 +1,97 @@
+"""The Zarr side of the cache: stores, array layouts and a store that checksums what it writes.
+
+Every array is created with its final shape by the driver (DESIGN.md §2). ``dense`` is sharded
+(one shard = S images, one inner chunk = one image or one spatial tile of it); the small arrays
+are plain chunks of S rows. Every chunk carries a crc32c, and so does every shard index.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec
+from zarr.core.buffer import Buffer
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
+
+from featcache.fsio import Location, storage_options
+from featcache.store.spec import ViewSpec
+
+#: The arrays of a view, in the order a shard writes them; ``valid`` goes last so that a row
+#: reads as valid only after its features are in place.
+ARRAYS = ("dense", "summary", "box", "valid")
+
+
+def zarr_store(loc: Location, read_only: bool = False):
+    """A zarr store over a local directory or an fsspec URL (same code above this line)."""
+    if loc.is_local:
+        return LocalStore(loc.path, read_only=read_only)
+    return FsspecStore.from_url(loc.uri, storage_options=storage_options(loc.uri), read_only=read_only)
+
+
+def array_layouts(spec: ViewSpec, num_images: int, shard_size: int) -> dict[str, dict]:
+    """Keyword arguments of ``zarr.create_array`` for each array of a view."""
+    n, s = num_images, shard_size
+    (h, w), (th, tw), c = spec.grid, spec.tile, spec.channels
+    common = {"compressors": [Crc32cCodec()], "fill_value": 0, "config": {"write_empty_chunks": True}}
+    return {
+        "dense": dict(shape=(n, h, w, c), chunks=(1, th, tw, c), shards=(s, h, w, c), dtype=spec.dtype,
+                      dimension_names=("image", "row", "col", "channel"), **common),
+        "summary": dict(shape=(n, spec.summary_channels), chunks=(s, spec.summary_channels),
+                        dtype=spec.dtype if spec.dtype != "int8" else "float16",
+                        dimension_names=("image", "channel"), **common),
+        "box": dict(shape=(n, 4), chunks=(s, 4), dtype="float32", dimension_names=("image", "xyxy"), **common),
+        "valid": dict(shape=(n,), chunks=(s,), dtype="uint8", dimension_names=("image",), **common),
+    }
+
+
+def shard_object_keys(group: zarr.Group, shard: int) -> dict[str, str]:
+    """Store key (relative to the view group) of the object each array writes for ``shard``."""
+    keys = {}
+    for name in ARRAYS:
+        arr = group[name]
+        coords = (shard,) + (0,) * (arr.ndim - 1)
+        keys[name] = f"{name}/{arr.metadata.encode_chunk_key(coords)}"
+    return keys
+
+
+class ChecksumStore(WrapperStore):
+    """Wraps a store and records a checksum of every object written through it.
+
+    The commit marker stores these, so ``verify`` can compare what is stored now with what the
+    writer wrote, without the writer reading anything back.
+    """
+
+    def __init__(self, store):
+        super().__init__(store)
+        self.written: dict[str, int] = {}
+
+    async def set(self, key: str, value: Buffer) -> None:
+        self.written[key] = object_checksum(value.as_numpy_array())
+        await self._store.set(key, value)
+
+    async def _set_many(self, values) -> None:
+        for key, value in values:
+            await self.set(key, value)
+
+
+def object_checksum(data) -> int:
+    """The checksum featcache records for a whole stored object: zlib's CRC-32.
+
+    Not crc32c: every object zarr writes here ends with the crc32c of what precedes it, and the
+    crc32c of a message followed by its own crc32c is the same constant for every message.
+    """
+    return zlib.crc32(data)
+
+
+def open_root(loc: Location, mode: str = "r") -> zarr.Group:
+    """Open the ``features.zarr`` group."""
+    return zarr.open_group(zarr_store(loc, read_only=mode == "r"), mode=mode, zarr_format=3)
+
+
+def as_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Cast to a stored dtype, refusing silent overflow for integer codecs."""
+    if np.dtype(dtype).kind == "i" and x.dtype.kind == "f":
+        raise ValueError(f"cannot store floats as {dtype} without a codec")
+    return np.ascontiguousarray(x, dtype=dtype)

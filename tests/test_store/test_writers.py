@@ -1,0 +1,110 @@
+"""Writers in separate processes: concurrent shards stay intact; a killed writer leaves no commit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import featcache
+from featcache.store import Cache
+from tests.support.caches import make_cache, shard_data
+
+REPO = Path(__file__).resolve().parents[2]
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    from featcache.store import Cache
+    from tests.support.caches import shard_data
+    root, shards, go = sys.argv[1], [int(s) for s in sys.argv[2].split(",")], sys.argv[3]
+    view = Cache.open(root).view("dinov3@224")
+    while not __import__("os").path.exists(go):
+        time.sleep(0.005)
+    for rep in range(3):
+        for k in shards:
+            view.write_shard(view.shard_range(k)[0], **shard_data(view, k, seed=rep))
+""")
+
+KILLED = textwrap.dedent("""
+    import sys, time
+    from featcache.store import Cache, commits, zarrio
+    from tests.support.caches import shard_data
+    root, moment, ready = sys.argv[1:4]
+
+    def signal_and_hang():
+        open(ready, "w").close()
+        time.sleep(600)
+
+    if moment == "before-commit":
+        commits.write_commit = lambda *a, **k: signal_and_hang()
+    else:
+        original = zarrio.ChecksumStore.set
+        async def set_then_hang(self, key, value):
+            await original(self, key, value)
+            if key.split("/")[1] == moment.split("-")[1]:
+                signal_and_hang()
+        zarrio.ChecksumStore.set = set_then_hang
+    view = Cache.open(root).view("dinov3@224")
+    view.write_shard(4, **shard_data(view, 1, seed=7))
+""")
+
+
+def _python(script: str, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO, env=env)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"writer exited early with {proc.returncode}"
+        assert time.monotonic() < deadline, "writer never reached the kill point"
+        time.sleep(0.01)
+
+
+def test_two_processes_write_different_shards_at_once(tmp_path):
+    root = str(tmp_path / "cache")
+    _, view = make_cache(root, n=32, shard_size=4, grid=(8, 8), channels=64)
+    go = tmp_path / "go"
+    procs = [_python(WRITER, root, "0,2,4,6", str(go)), _python(WRITER, root, "1,3,5,7", str(go))]
+    time.sleep(1.0)  # both processes imported and waiting
+    go.touch()
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert featcache.verify(root).ok
+    reader = Cache.open(root).view(view.key).reader(verify_checksums=True)
+    for k in range(8):
+        want = shard_data(view, k, seed=2)["dense"]
+        for i in range(*view.shard_range(k)):
+            np.testing.assert_array_equal(reader.read(i).dense, want[i - k * 4])
+
+
+@pytest.mark.parametrize("moment", ["after-dense", "after-summary", "before-commit"])
+@pytest.mark.parametrize("rewrite", [False, True], ids=["first-write", "rewrite"])
+def test_writer_killed_mid_shard_leaves_no_commit(tmp_path, moment, rewrite):
+    root = str(tmp_path / "cache")
+    _, view = make_cache(root, n=12, shard_size=4)
+    view.write_shard(0, **shard_data(view, 0))
+    if rewrite:
+        view.write_shard(4, **shard_data(view, 1, seed=3))
+    ready = tmp_path / "ready"
+    proc = _python(KILLED, root, moment, str(ready))
+    _wait_for(ready, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+    assert view.committed_shards() == {0}
+    report = featcache.verify(root)
+    assert report.ok and any("shard 1" in n for n in report.notes)
+    assert not any(view.reader().read(i).valid for i in range(4, 8))
+
+    view.write_shard(4, **shard_data(view, 1, seed=7))
+    report = featcache.verify(root)
+    assert report.ok and report.shards_checked == 2 and not report.notes
+    np.testing.assert_array_equal(view.reader().read(5).dense, shard_data(view, 1, seed=7)["dense"][1])
