@@ -97,17 +97,15 @@ def list_source(src: str) -> tuple[list[Entry], list[tuple[str, str]]]:
 def _walk_local(top: str) -> list[str]:
     """Every non-directory entry below ``top`` (dangling links and FIFOs included), sorted."""
     out = []
-    for dirpath, dirnames, filenames in os.walk(top):
-        dirnames.sort()
+    for dirpath, _, filenames in os.walk(top):
         out += [os.path.join(dirpath, f) for f in filenames]
-    return sorted(out, key=lambda p: os.path.relpath(p, top).split(os.sep))
+    return sorted(out, key=lambda p: p[len(top):].split(os.sep))
 
 
 def _split(base: Location, paths: list[str], prefix: str) -> tuple[list[Entry], list[tuple[str, str]]]:
     entries, ignored = [], []
     for path in paths:
-        rel = os.path.relpath(path, prefix) if base.is_local else path[len(prefix):].lstrip("/")
-        rel = rel.replace(os.sep, "/")
+        rel = path[len(prefix):].lstrip("/" + os.sep).replace(os.sep, "/")
         loc = Location(base.fs, path, path if base.is_local else base.fs.unstrip_protocol(path))
         if is_image_name(path):
             entries.append(Entry(loc, rel))
@@ -161,17 +159,22 @@ def _list_entry(row: dict, base: str, list_uri: str, n: int) -> Entry:
 # ---- headers, tables ----------------------------------------------------------------------
 
 
-def _read_headers(entries: list[Entry], workers: int) -> list:
-    def one(entry: Entry):
-        try:
-            if entry.loc.is_local:
-                return header_of_local(entry.loc.path)
-            return header_of_remote(entry.loc.fs, entry.loc.path, entry.loc.uri)
-        except ImageError as e:
-            return e
+def _header(entry: Entry):
+    try:
+        if entry.loc.is_local:
+            return header_of_local(entry.loc.path)
+        return header_of_remote(entry.loc.fs, entry.loc.path, entry.loc.uri)
+    except ImageError as e:
+        return e
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        return list(pool.map(one, entries, chunksize=64))
+
+def _read_headers(entries: list[Entry], workers: int, batch: int = 256) -> list:
+    """Headers (or the ImageError) of every entry, in order; threads hide remote latency."""
+    batches = [entries[i:i + batch] for i in range(0, len(entries), batch)]
+    if workers <= 1 or len(batches) == 1:
+        return [_header(e) for e in entries]
+    with ThreadPoolExecutor(workers) as pool:
+        return [h for hs in pool.map(lambda b: [_header(e) for e in b], batches) for h in hs]
 
 
 def _manifest_table(good: list) -> pa.Table:

