@@ -38,7 +38,7 @@ def pil_loop(paths: list[str], decode: bool) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=10_000)
-    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=None, help="header threads (default: featcache's own)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
         src = os.path.join(tmp, "src")
@@ -48,7 +48,7 @@ def main() -> None:
         t_pil = timed(lambda: pil_loop(paths, decode=False))
         t_decode = timed(lambda: pil_loop(paths, decode=True))
     n = args.files
-    print(f"{n} small PNG files (32x24), {args.workers} header threads")
+    print(f"{n} small PNG files (32x24), header threads: {args.workers or 'default'}")
     print(f"  featcache index            {n / t_index:8.0f} files/s  (listing, headers, manifest written)")
     print(f"  PIL.Image.open().size loop {n / t_pil:8.0f} files/s")
     print(f"  PIL open + decode loop     {n / t_decode:8.0f} files/s")

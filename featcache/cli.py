@@ -54,7 +54,8 @@ def index_cmd(
     src: str = typer.Argument(..., help="Folder or glob (local or fsspec URL such as s3://b/p), "
                                         "or a .parquet/.csv list with a 'uri' column."),
     out: str = typer.Option(..., "--out", "-o", help="Cache root to write manifest.parquet into."),
-    workers: int = typer.Option(8, min=1, help="Threads reading image headers."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Threads reading image headers "
+                                                            "[default: 1 for local files, 16 for remote]."),
 ) -> None:
     """Write ROOT/manifest.parquet: one row per image with its size, read from headers only."""
     result = featcache.index(src, out, workers=workers)

@@ -53,8 +53,12 @@ class IndexResult:
         return (self.images + len(self.failed)) / max(self.seconds, 1e-9)
 
 
-def index(src, out, workers: int = 8) -> IndexResult:
-    """Index ``src`` into ``out/manifest.parquet`` (and ``out/errors.parquet``)."""
+def index(src, out, workers: int | None = None) -> IndexResult:
+    """Index ``src`` into ``out/manifest.parquet`` (and ``out/errors.parquet``).
+
+    ``workers`` threads read headers; by default 1 for local files (header parsing holds the GIL,
+    threads only add contention) and 16 for remote ones (they hide request latency).
+    """
     t0 = time.perf_counter()
     entries, ignored = list_source(os.fspath(src))
     results = _read_headers(entries, workers)
@@ -168,8 +172,10 @@ def _header(entry: Entry):
         return e
 
 
-def _read_headers(entries: list[Entry], workers: int, batch: int = 256) -> list:
+def _read_headers(entries: list[Entry], workers: int | None, batch: int = 256) -> list:
     """Headers (or the ImageError) of every entry, in order; threads hide remote latency."""
+    if workers is None:
+        workers = 1 if all(e.loc.is_local for e in entries) else 16
     batches = [entries[i:i + batch] for i in range(0, len(entries), batch)]
     if workers <= 1 or len(batches) == 1:
         return [_header(e) for e in entries]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tracemalloc
@@ -195,3 +196,40 @@ def test_index_a_folder_on_s3(s3_root, tmp_path):
     for row, p in zip(table.to_pylist(), sorted(photos)):
         with Image.open(p) as im:
             assert (row["width"], row["height"]) == im.size
+
+
+def _without_read_override() -> list[str]:
+    """A command prefix under which chmod 000 really means unreadable (root bypasses file modes)."""
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: cannot make a file unreadable")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+
+
+def test_unreadable_file_is_listed_with_a_reason(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in skimage_photos()[:2]:
+        shutil.copy(p, src / p.name)
+    secret = src / "secret.png"
+    shutil.copy(skimage_photos()[2], secret)
+    secret.chmod(0)
+    cmd = [*_without_read_override(), sys.executable, "-m", "featcache.cli", "index", str(src), "--out",
+           str(tmp_path / "c")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    assert _errors(tmp_path / "c")[str(secret)] == "cannot read: Permission denied"
+    assert _manifest(tmp_path / "c").num_rows == 2
+
+
+@pytest.mark.s3
+def test_index_a_glob_on_s3(s3_root):
+    loc = locate(s3_root)
+    photos = [p for p in skimage_photos() if p.suffix == ".png"][:3] + [p for p in skimage_photos()
+                                                                      if p.suffix == ".jpg"][:2]
+    for p in photos:
+        loc.fs.put_file(str(p), f"{loc.path}/imgs/sub/{p.name}")
+    featcache.index(f"{s3_root}/imgs/**/*.png", f"{s3_root}/out")
+    table = tables.read_manifest(locate(f"{s3_root}/out"))
+    assert table.column("image_id").to_pylist() == sorted(f"sub/{p.name}" for p in photos if p.suffix == ".png")

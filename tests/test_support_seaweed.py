@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import s3fs
 
-from tests.support.fixtures import private_s3_server, s3_server  # noqa: F401
 from tests.support import seaweed
+from tests.support.fixtures import private_s3_server, s3_server  # noqa: F401
 from tests.support.seaweed import ACCESS_KEY, SeaweedError, SeaweedServer
 
 pytestmark = pytest.mark.s3
@@ -41,7 +41,10 @@ def socket_inodes(pid: int) -> set[str]:
     """Inode numbers of the sockets process ``pid`` holds open."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
-        target = os.readlink(fd)
+        try:
+            target = os.readlink(fd)
+        except FileNotFoundError:  # closed while we looked: not a listener
+            continue
         if target.startswith("socket:["):
             inodes.add(target[len("socket:[") : -1])
     return inodes
@@ -68,12 +71,21 @@ def listening_addresses(pid: int) -> set[tuple[str, int]]:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists (zombies count as gone: they are reaped)."""
+    """Whether process ``pid`` exists (stop() reaps weed, so no zombie lingers)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     return True
+
+
+def assert_stop_leaves_nothing(server: SeaweedServer) -> None:
+    """stop() (twice: it is idempotent) kills weed and removes its /tmp sockets."""
+    pid, ports = server.pid, server.ports.values()
+    server.stop()
+    server.stop()
+    assert not server.running and not pid_alive(pid)
+    assert [p for port in ports for p in Path("/tmp").glob(f"seaweedfs-*-{port}.sock")] == []
 
 
 def test_put_get_list_round_trip(s3_server: SeaweedServer) -> None:
@@ -187,12 +199,6 @@ def test_env_endpoint_without_client_kwargs(
     assert fs.cat_file(path) == b"bare"
 
 
-def assert_gone(pid: int, ports: list[int]) -> None:
-    """No process ``pid`` and no weed socket file for any of ``ports`` remain."""
-    assert not pid_alive(pid)
-    assert [p for port in ports for p in Path("/tmp").glob(f"seaweedfs-*-{port}.sock")] == []
-
-
 @pytest.mark.slow
 def test_restart_keeps_ports_and_data(
     private_s3_server: SeaweedServer, s3_server: SeaweedServer
@@ -211,17 +217,9 @@ def test_restart_keeps_ports_and_data(
     fs.pipe_file(f"{bucket}/after.bin", b"after")
     fresh = server.filesystem()
     assert fresh.cat_file(f"{bucket}/after.bin") == b"after"
-    assert sorted(fresh.ls(bucket, detail=False)) == [f"{bucket}/after.bin", f"{bucket}/before.bin"]
+    listing = sorted(fresh.ls(bucket, detail=False))
+    assert listing == [f"{bucket}/after.bin", f"{bucket}/before.bin"]
     assert_stop_leaves_nothing(server)
-
-
-def assert_stop_leaves_nothing(server: SeaweedServer) -> None:
-    """stop() (twice: it is idempotent) kills weed and removes its /tmp sockets."""
-    pid, ports = server.pid, server.ports.values()
-    server.stop()
-    server.stop()
-    assert not server.running and not pid_alive(pid)
-    assert [p for port in ports for p in Path("/tmp").glob(f"seaweedfs-*-{port}.sock")] == []
 
 
 def test_missing_weed_is_a_clear_error(
