@@ -38,3 +38,7 @@ class ImageError(FeatcacheError, ValueError):
         super().__init__(f"{uri}: {reason}")
         self.uri = uri
         self.reason = reason
+
+
+class TeacherLoadError(FeatcacheError, OSError):
+    """A teacher whose weights or config cannot be loaded as asked (missing, wrong model, corrupt)."""

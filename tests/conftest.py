@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
 
 from tests.support.fixtures import s3_server  # noqa: F401  (session-scoped SeaweedFS server)
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach a model hub
 
 
 @pytest.fixture

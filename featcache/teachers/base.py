@@ -1,0 +1,135 @@
+"""The teacher interface and registry: one family per file, ``create_teacher`` the only constructor.
+
+A teacher wraps a transformers vision model and returns a fixed structure, ``summary (B, Cs)``
+and ``dense (B, h, w, C)``, both float32, from a batch of normalized views (see
+:mod:`featcache.geometry`). On CUDA the forward runs under bf16 autocast and a batch that runs out
+of memory is split in halves until it fits; on CPU it runs in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from featcache.errors import UsageError
+from featcache.teachers import loading
+from featcache.teachers.spec import TeacherSpec
+
+_FAMILIES: dict[str, type["Teacher"]] = {}
+
+
+def register(cls: type["Teacher"]) -> type["Teacher"]:
+    """Class decorator: add a family to the registry (a duplicate name is an error)."""
+    if cls.family in _FAMILIES:
+        raise ValueError(f"teacher family {cls.family!r} is registered twice")
+    _FAMILIES[cls.family] = cls
+    return cls
+
+
+def families() -> list[str]:
+    return sorted(_FAMILIES)
+
+
+def family_class(name: str) -> type["Teacher"]:
+    if name not in _FAMILIES:
+        raise UsageError(f"unknown teacher family {name!r}; known families: {', '.join(families())}")
+    return _FAMILIES[name]
+
+
+@dataclass(frozen=True)
+class TeacherOutput:
+    """What every teacher returns: one summary vector and one dense patch map per view."""
+
+    summary: torch.Tensor  # (B, Cs) float32
+    dense: torch.Tensor  # (B, h, w, C) float32
+
+
+class Teacher:
+    """A loaded teacher: model, spec and device. Subclasses implement ``load`` and ``_forward``."""
+
+    family: ClassVar[str]
+    #: model_type values in config.json that this family loads.
+    model_types: ClassVar[tuple[str, ...]]
+
+    def __init__(self, model: torch.nn.Module, spec: TeacherSpec, device: str | torch.device = "cpu",
+                 compile: bool = False):
+        self.spec = spec
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self._call = torch.compile(self._forward) if compile else self._forward
+
+    @classmethod
+    def load(cls, source: str, revision: str | None = None, device: str = "cpu", compile: bool = False,
+             name: str | None = None, hash_weights: bool = True) -> "Teacher":
+        """Load from a HF id or a local directory, with every weight checked (see ``loading``)."""
+        directory = loading.resolve_source(source, revision)
+        config = loading.read_config(directory)
+        loading.check_model_type(config, cls.model_types, cls.family, directory)
+        model = cls._load_model(directory, config)
+        digest = loading.weights_hash(directory) if hash_weights else None
+        spec = TeacherSpec(family=cls.family, name=name or cls.family, source=source, revision=revision,
+                           weights_hash=digest, model_type=config["model_type"], **cls._spec_fields(model))
+        return cls(model, spec, device=device, compile=compile)
+
+    @classmethod
+    def _load_model(cls, directory: str, config: dict) -> torch.nn.Module:
+        """Build the family's transformers model from ``directory`` (weights checked)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _spec_fields(cls, model: torch.nn.Module) -> dict:
+        """The family's TeacherSpec fields derived from the loaded model's config."""
+        raise NotImplementedError
+
+    def _forward(self, pixels: torch.Tensor) -> TeacherOutput:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec.source!r}, {self.spec.view_key()}, device={self.device})"
+
+    @torch.inference_mode()
+    def extract(self, pixels: torch.Tensor, batch_size: int | None = None) -> TeacherOutput:
+        """Features of a batch of normalized views ``(B, 3, H, W)`` on this teacher's device."""
+        self.spec.check_size(tuple(pixels.shape[-2:]))
+        pixels = pixels.to(self.device, non_blocking=True)
+        size = batch_size or len(pixels)
+        while True:
+            try:
+                return _concat([self._run(pixels[i:i + size]) for i in range(0, len(pixels), size)])
+            except torch.OutOfMemoryError:
+                if size == 1 or self.device.type != "cuda":
+                    raise
+                torch.cuda.empty_cache()
+                size = max(1, size // 2)
+
+    def _run(self, pixels: torch.Tensor) -> TeacherOutput:
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = self._call(pixels)
+        else:
+            out = self._call(pixels.float())
+        return TeacherOutput(out.summary.float(), out.dense.float())
+
+    def tokens_to_grid(self, tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Patch tokens ``(B, prefix + h*w, C)`` → dense ``(B, h, w, C)``, prefix tokens dropped."""
+        h, w = self.spec.grid(size)
+        patches = tokens[:, self.spec.prefix_tokens:]
+        if patches.shape[1] != h * w:
+            raise RuntimeError(f"{self.spec.name}: {patches.shape[1]} patch tokens for a {h}x{w} grid")
+        return patches.reshape(len(tokens), h, w, tokens.shape[-1])
+
+
+def _concat(outs: list[TeacherOutput]) -> TeacherOutput:
+    if len(outs) == 1:
+        return outs[0]
+    return TeacherOutput(torch.cat([o.summary for o in outs]), torch.cat([o.dense for o in outs]))
+
+
+def create_teacher(family: str, source: str, revision: str | None = None, **overrides) -> Teacher:
+    """Load a teacher of ``family`` from a HF id or a local directory.
+
+    ``overrides``: ``device``, ``compile``, ``name`` (the view-key prefix), ``hash_weights``.
+    """
+    return family_class(family).load(source, revision=revision, **overrides)
