@@ -124,6 +124,24 @@ def verify_cmd(
     raise typer.Exit(1)
 
 
+@app.command("teachers")
+@user_errors
+def teachers_cmd() -> None:
+    """List the teacher presets: parameters, FLOPs per image at native size, stored bytes per image."""
+    from featcache.teachers.presets import PRESETS
+
+    typer.echo(f"{'preset':15s} {'family':8s} {'params':>9s} {'input':>6s} {'grid':>6s} {'TFLOP/img':>10s} "
+               f"{'stored/img':>11s}  source")
+    for p in PRESETS.values():
+        params = sum(t.numel() for t in p.build_meta().parameters())
+        typer.echo(f"{p.name:15s} {p.family:8s} {_count(params):>9s} {p.size:>6d} {p.grid:>3d}x{p.grid:<2d} "
+                   f"{p.flops() / 1e12:>10.2f} {_human(p.stored_bytes()):>11s}  {p.source}")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.0f} M"
+
+
 @app.command("demo")
 @user_errors
 def demo_cmd(out: str = typer.Option("demo-cache", "--out", "-o", help="Cache root for the demo.")) -> None:
