@@ -19,7 +19,6 @@ import crc32c
 import numpy as np
 
 from featcache.errors import CacheFormatError, UsageError
-from featcache.fsio import Location
 
 _EMPTY = np.uint64(2**64 - 1)
 _CRC = 4
@@ -89,8 +88,9 @@ class _FsspecRanges:
         pass
 
 
-def _ranges_for(loc: Location):
-    return _LocalRanges() if loc.is_local else _FsspecRanges(loc.fs)
+def _ranges_for(view):
+    """os.pread where the cache's filesystem allows positional reads, ranged requests elsewhere."""
+    return _LocalRanges() if view.cache.capabilities.positional_reads else _FsspecRanges(view.loc.fs)
 
 
 def _is_plain_crc(codecs) -> bool:
@@ -115,7 +115,7 @@ class ViewReader:
         self.view = view
         self.spec = view.spec
         self.verify_checksums = verify_checksums
-        self._ranges = _ranges_for(view.loc)
+        self._ranges = _ranges_for(view)
         self._index_cache: dict[int, np.ndarray] = {}
         self._paths: dict[tuple, str] = {}
         self._arrays = {name: view.group[name] for name in ("dense", "summary", "box", "valid")}
