@@ -186,7 +186,7 @@ def _read_headers(entries: list[Entry], workers: int | None, batch: int = 256) -
 def _manifest_table(good: list) -> pa.Table:
     ids = [e.image_id for e, _ in good]
     if len(set(ids)) != len(ids):
-        seen, dup = set(), None
+        seen: set[str] = set()
         dup = next(i for i in ids if i in seen or seen.add(i))
         raise UsageError(f"image_id {dup!r} appears more than once in the source")
     columns = {

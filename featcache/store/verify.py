@@ -60,7 +60,7 @@ def verify(cache: Cache, views: list[str] | None = None, workers: int = 4) -> Re
             for found in pool.map(lambda k: _check_shard(view, k), committed):
                 report.problems += found
         report.shards_checked += len(committed)
-        report.problems += _check_errors_table(cache, view)
+        report.problems += _check_errors_table(cache, view, set(committed))
         report.notes += _partial_shards(view, set(committed))
     return report
 
@@ -142,13 +142,12 @@ def _nonfinite_rows(view: View, start: int, stop: int, valid: np.ndarray) -> lis
     return sorted(set(bad))
 
 
-def _check_errors_table(cache: Cache, view: View) -> list[Problem]:
+def _check_errors_table(cache: Cache, view: View, committed: set[int]) -> list[Problem]:
     table = cache.errors()
     if table.num_rows == 0:
         return []
     rows = [r for r in table.to_pylist() if r.get("view") == view.key and r.get("index") is not None]
     found = []
-    committed = view.committed_shards()
     for row in rows:
         shard = row["index"] // view.shard_size
         commit = view.commit_record(shard) if shard in committed else None
