@@ -50,9 +50,16 @@ def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def make_views(images: list[torch.Tensor], spec, size: tuple[int, int] | None = None, policy: str = "squash",
-               device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalized teacher inputs ``(B, 3, H, W)`` and their boxes ``(B, 4)`` for a list of images."""
-    size = spec.check_size(size or spec.input_size)
+               device: str | torch.device = "cpu", mosaic: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized teacher inputs ``(B, 3, H, W)`` and their boxes ``(B, 4)`` for a list of images.
+
+    With ``mosaic`` k > 1 each view is one tile of a k x k mosaic (``spec.mosaic_tile(k)``);
+    ``Teacher.extract_mosaic`` composes them.
+    """
+    if mosaic > 1:
+        size = spec.mosaic_tile(mosaic)
+    else:
+        size = spec.check_size(size or spec.input_size)
     boxes = [view_box(im.shape[-1], im.shape[-2], policy) for im in images]
     pixels = torch.stack([crop_resize(im.to(device), b, size, spec.resize, spec.antialias)
                           for im, b in zip(images, boxes)])

@@ -59,6 +59,8 @@ class Teacher:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self._call = torch.compile(self._forward) if compile else self._forward
+        #: the largest batch known to fit; lowered for good after an out-of-memory back-off
+        self.batch_size: int | None = None
 
     @classmethod
     def load(cls, source: str, revision: str | None = None, device: str = "cpu", compile: bool = False,
@@ -66,12 +68,17 @@ class Teacher:
         """Load from a HF id or a local directory, with every weight checked (see ``loading``)."""
         directory = loading.resolve_source(source, revision)
         config = loading.read_config(directory)
-        loading.check_model_type(config, cls.model_types, cls.family, directory)
+        cls.check_model_type(config, directory)
         model = cls._load_model(directory, config)
         digest = loading.weights_hash(directory) if hash_weights else None
         spec = TeacherSpec(family=cls.family, name=name or cls.family, source=source, revision=revision,
-                           weights_hash=digest, model_type=config["model_type"], **cls._spec_fields(model))
+                           weights_hash=digest, model_type=config["model_type"], **cls._spec_fields(model, directory))
         return cls(model, spec, device=device, compile=compile)
+
+    @classmethod
+    def check_model_type(cls, config: dict, directory: str) -> None:
+        """Refuse a directory holding a model this family does not load."""
+        loading.check_model_type(config, cls.model_types, cls.family, directory)
 
     @classmethod
     def _load_model(cls, directory: str, config: dict) -> torch.nn.Module:
@@ -79,7 +86,7 @@ class Teacher:
         raise NotImplementedError
 
     @classmethod
-    def _spec_fields(cls, model: torch.nn.Module) -> dict:
+    def _spec_fields(cls, model: torch.nn.Module, directory: str) -> dict:
         """The family's TeacherSpec fields derived from the loaded model's config."""
         raise NotImplementedError
 
@@ -94,15 +101,34 @@ class Teacher:
         """Features of a batch of normalized views ``(B, 3, H, W)`` on this teacher's device."""
         self.spec.check_size(tuple(pixels.shape[-2:]))
         pixels = pixels.to(self.device, non_blocking=True)
-        size = batch_size or len(pixels)
-        while True:
-            try:
-                return _concat([self._run(pixels[i:i + size]) for i in range(0, len(pixels), size)])
-            except torch.OutOfMemoryError:
-                if size == 1 or self.device.type != "cuda":
-                    raise
-                torch.cuda.empty_cache()
-                size = max(1, size // 2)
+        size = min(batch_size or len(pixels), self.batch_size or len(pixels))
+        out, used = run_in_batches(self._run, pixels, size, backoff=self.device.type == "cuda")
+        if used < size:
+            self.batch_size = used
+        return out
+
+    @torch.inference_mode()
+    def extract_mosaic(self, tiles: torch.Tensor, k: int, batch_size: int | None = None) -> TeacherOutput:
+        """Features of ``(B, 3, t, t)`` tiles, ``k`` x ``k`` of them composed into each native-size input.
+
+        Tiles fill each mosaic row-major; a last, partly filled mosaic is padded with zeros (the
+        normalized mean colour). Each tile gets back its own ``(t/p, t/p)`` cells of the mosaic's
+        dense map, and as summary the mean of those cells (a pooled head or CLS token sees the whole
+        mosaic, so it describes no single tile). ``batch_size`` counts mosaics.
+        """
+        th, tw = self.spec.mosaic_tile(k)
+        if tuple(tiles.shape[-2:]) != (th, tw):
+            raise UsageError(f"{self.spec.name}: a {k}x{k} mosaic takes {th}x{tw} tiles, not "
+                             f"{tiles.shape[-2]}x{tiles.shape[-1]}")
+        n, per = len(tiles), k * k
+        m = -(-n // per)
+        canvas = tiles.new_zeros((m * per, 3, th, tw))
+        canvas[:n] = tiles
+        mosaics = canvas.view(m, k, k, 3, th, tw).permute(0, 3, 1, 4, 2, 5).reshape(m, 3, k * th, k * tw)
+        dense = self.extract(mosaics, batch_size).dense
+        gh, gw = th // self.spec.patch_size, tw // self.spec.patch_size
+        dense = dense.reshape(m, k, gh, k, gw, -1).permute(0, 1, 3, 2, 4, 5).reshape(m * per, gh, gw, -1)[:n]
+        return TeacherOutput(dense.mean(dim=(1, 2)), dense)
 
     def _run(self, pixels: torch.Tensor) -> TeacherOutput:
         if self.device.type == "cuda":
@@ -119,6 +145,20 @@ class Teacher:
         if patches.shape[1] != h * w:
             raise RuntimeError(f"{self.spec.name}: {patches.shape[1]} patch tokens for a {h}x{w} grid")
         return patches.reshape(len(tokens), h, w, tokens.shape[-1])
+
+
+def run_in_batches(run, pixels: torch.Tensor, size: int, backoff: bool) -> tuple[TeacherOutput, int]:
+    """``run`` over ``pixels`` in batches of ``size``; on out-of-memory (with ``backoff``) halve the
+    batch and redo the whole input. Returns the output and the batch size that worked."""
+    while True:
+        try:
+            return _concat([run(pixels[i:i + size]) for i in range(0, len(pixels), size)]), size
+        except torch.OutOfMemoryError:
+            if size == 1 or not backoff:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            size = max(1, size // 2)
 
 
 def _concat(outs: list[TeacherOutput]) -> TeacherOutput:

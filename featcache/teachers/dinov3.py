@@ -27,7 +27,7 @@ class Dinov3Teacher(Teacher):
         return loading.load_checked(DINOv3ViTModel, directory, DINOv3ViTConfig.from_dict(config))
 
     @classmethod
-    def _spec_fields(cls, model: torch.nn.Module) -> dict:
+    def _spec_fields(cls, model: torch.nn.Module, directory: str) -> dict:
         c = model.config
         return dict(patch_size=c.patch_size, input_size=(c.image_size, c.image_size), size_rule="multiple",
                     mean=IMAGENET_MEAN, std=IMAGENET_STD, resize="bilinear", antialias=True,

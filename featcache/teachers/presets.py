@@ -39,6 +39,20 @@ class Preset:
         g = (size or self.size) // self.shape.patch
         return (g * g * self.shape.width + self.summary_channels) * itemsize + 4 * 4 + 1
 
+    def random_teacher(self, device: str = "cpu"):
+        """The full-size teacher with random weights on ``device``: for timing, never for features."""
+        from featcache.teachers.base import family_class
+        from featcache.teachers.spec import TeacherSpec
+
+        cls, config_cls = _classes(self.family)
+        with torch.device(device):
+            model = cls(config_cls(**self.config)).eval()
+        teacher_cls = family_class(self.family)
+        spec = TeacherSpec(family=self.family, name=self.family, source=f"random:{self.name}", revision=None,
+                           weights_hash=None, model_type=model.config.model_type,
+                           **teacher_cls._spec_fields(model, ""))
+        return teacher_cls(model, spec, device=device)
+
     def build_meta(self) -> torch.nn.Module:
         """The full-size model on the meta device: real shapes, no memory, no weights."""
         cls, config_cls = _classes(self.family)

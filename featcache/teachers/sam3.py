@@ -51,7 +51,7 @@ class Sam3Teacher(Teacher):
                                     ignorable=ignorable)
 
     @classmethod
-    def _spec_fields(cls, model: torch.nn.Module) -> dict:
+    def _spec_fields(cls, model: torch.nn.Module, directory: str) -> dict:
         c = model.config
         return dict(patch_size=c.patch_size, input_size=(c.image_size, c.image_size), size_rule="fixed",
                     mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize="bilinear", antialias=True,

@@ -63,9 +63,20 @@ class TeacherSpec:
         h, w = self.check_size(size or self.input_size)
         return h // self.patch_size, w // self.patch_size
 
-    def view_key(self, size: tuple[int, int] | None = None) -> str:
-        h, w = size or self.input_size
-        return f"{self.name}@{h}" if h == w else f"{self.name}@{h}x{w}"
+    def mosaic_tile(self, k: int) -> tuple[int, int]:
+        """Per-image input size when ``k`` x ``k`` images share one native-size input (DESIGN.md §4)."""
+        H, W = self.input_size
+        if k < 1 or H % k or W % k or (H // k) % self.patch_size or (W // k) % self.patch_size:
+            sizes = [m for m in range(2, 9) if not H % m and not (H // m) % self.patch_size]
+            raise UsageError(f"{self.name} cannot take a {k}x{k} mosaic: {H}x{W}/{k} is not a whole number of "
+                             f"{self.patch_size}-pixel patches (mosaic sizes that fit: {sizes or 'none'})")
+        return H // k, W // k
+
+    def view_key(self, size: tuple[int, int] | None = None, mosaic: int = 1) -> str:
+        """``<name>@<size>``; a mosaic view is ``<name>-mosaic<k>@<tile size>``."""
+        name = self.name if mosaic == 1 else f"{self.name}-mosaic{mosaic}"
+        h, w = size or (self.mosaic_tile(mosaic) if mosaic > 1 else self.input_size)
+        return f"{name}@{h}" if h == w else f"{name}@{h}x{w}"
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

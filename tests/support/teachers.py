@@ -17,6 +17,11 @@ SIGLIP = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, interm
               patch_size=16)
 DINOV3 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
               use_gated_mlp=True, hidden_act="silu", num_register_tokens=4, patch_size=16, image_size=64)
+VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+           patch_size=8)
+#: what a ViT checkpoint's preprocessor_config.json says (CLIP constants, bicubic), deliberately not ImageNet's
+VIT_PREPROCESSOR = {"image_processor_type": "ViTImageProcessor", "image_mean": [0.4815, 0.4578, 0.4082],
+                    "image_std": [0.2686, 0.2613, 0.2758], "resample": 3, "size": {"height": 32, "width": 32}}
 SAM3_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=112,
                 patch_size=14, window_size=4, global_attn_indexes=[1], pretrain_image_size=56)
 
@@ -49,6 +54,29 @@ def save_dinov3(folder: Path, seed: int = 0):
     return folder, model
 
 
+def save_vit(folder: Path, seed: int = 0, preprocessor: dict | None = VIT_PREPROCESSOR):
+    """A plain transformers ViT (model_type "vit") with its preprocessor_config.json."""
+    from transformers import ViTConfig, ViTModel
+
+    _seeded(seed)
+    model = ViTModel(ViTConfig(**VIT)).eval()
+    model.save_pretrained(folder)
+    if preprocessor is not None:
+        (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return folder, model
+
+
+def save_patch_local(folder: Path, seed: int = 0):
+    """A DINOv3 with no transformer blocks: patch embedding + final norm, so each patch's features
+    depend on that patch's pixels only (RoPE acts inside attention, and there is none)."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    _seeded(seed)
+    model = DINOv3ViTModel(DINOv3ViTConfig(**{**DINOV3, "num_hidden_layers": 0})).eval()
+    model.save_pretrained(folder)
+    return folder, model
+
+
 def save_sam3_video_layout(folder: Path, seed: int = 0):
     """A SAM3 trunk saved the way the public facebook/sam3 checkpoint is: a sam3_video model whose
     trunk weights sit under ``detector_model.vision_encoder.backbone.`` next to other towers' keys."""
@@ -68,4 +96,4 @@ def save_sam3_video_layout(folder: Path, seed: int = 0):
     return folder, model
 
 
-SAVERS = {"siglip2": save_siglip, "dinov3": save_dinov3, "sam3": save_sam3_video_layout}
+SAVERS = {"siglip2": save_siglip, "dinov3": save_dinov3, "sam3": save_sam3_video_layout, "vit": save_vit}

@@ -24,8 +24,8 @@ def _photos(n: int) -> list[torch.Tensor]:
     return [torch.from_numpy(np.array(Image.open(photo(p)).convert("RGB"))).permute(2, 0, 1) for p in names]
 
 
-def test_all_three_families_are_registered():
-    assert {"siglip2", "dinov3", "sam3"} <= set(FAMILIES)
+def test_all_families_are_registered():
+    assert {"siglip2", "dinov3", "sam3", "vit"} <= set(FAMILIES)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -37,8 +37,11 @@ def test_parity_with_the_saved_transformers_model(family, saved, teachers):
     h, w = teacher.spec.grid()
     ref_dense = ref[:, teacher.spec.prefix_tokens:].reshape(3, h, w, -1)
     assert (out.dense - ref_dense).abs().max().item() <= 1e-5
-    # SigLIP2: attention-pooling head; DINOv3: normalized CLS; SAM3 has neither: mean of the patches
-    ref_summary = ref_dense.mean(dim=(1, 2)) if family == "sam3" else original(pixel_values=pixels).pooler_output
+    # SigLIP2: attention-pooling head; DINOv3: normalized CLS; vit: the CLS token; SAM3: mean of the patches
+    kind = teacher.spec.summary_kind
+    assert kind == {"siglip2": "pooler", "dinov3": "pooler", "vit": "cls", "sam3": "mean"}.get(family, kind)
+    ref_summary = {"mean": lambda: ref_dense.mean(dim=(1, 2)), "cls": lambda: ref[:, 0],
+                   "pooler": lambda: original(pixel_values=pixels).pooler_output}[kind]()
     assert (out.summary - ref_summary).abs().max().item() <= 1e-5
 
 
@@ -83,12 +86,13 @@ def test_preprocessing_equals_an_independent_resize_and_normalize(family, teache
     image = _photos(1)[0]
     pixels, _ = make_views([image], spec)
     x = image[None].double() / 255
-    ref = F.interpolate(x, size=spec.input_size, mode="bilinear", align_corners=False, antialias=True)
+    ref = F.interpolate(x, size=spec.input_size, mode=spec.resize, align_corners=False, antialias=True)
     ref = (ref - torch.tensor(spec.mean, dtype=torch.float64).view(1, 3, 1, 1)) / \
         torch.tensor(spec.std, dtype=torch.float64).view(1, 3, 1, 1)
     assert (pixels.double() - ref).abs().max().item() < 1e-4  # float32 vs a float64 reference
     # Pillow's bilinear resize (what the HF processors call): an implementation featcache does not share
-    pil = Image.fromarray(image.permute(1, 2, 0).numpy()).resize(spec.input_size[::-1], Image.BILINEAR)
+    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[spec.resize]
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy()).resize(spec.input_size[::-1], resample)
     pil = torch.from_numpy(np.array(pil)).permute(2, 0, 1).double() / 255
     std, mean = (torch.tensor(v, dtype=torch.float64).view(3, 1, 1) for v in (spec.std, spec.mean))
     assert (pixels[0].double() * std + mean - pil).abs().mean().item() < 0.01

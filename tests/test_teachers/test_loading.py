@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from featcache.errors import TeacherLoadError, UsageError
 from featcache.geometry import make_views
 from featcache.teachers import create_teacher
-from tests.support.teachers import save_dinov3, save_sam3_video_layout, save_siglip
+from tests.support.teachers import VIT_PREPROCESSOR, save_dinov3, save_sam3_video_layout, save_siglip, save_vit
 
 
 def _state(model) -> dict:
@@ -60,7 +60,7 @@ def test_siglip_full_checkpoint_ignores_only_the_text_tower(tmp_path):
 
 
 def test_unknown_family_lists_the_known_ones():
-    with pytest.raises(UsageError, match="unknown teacher family 'clip'; known families: dinov3, sam3, siglip2"):
+    with pytest.raises(UsageError, match="unknown teacher family 'clip'; known families: dinov3, sam3, siglip2, vit"):
         create_teacher("clip", "/x")
 
 
@@ -111,3 +111,29 @@ def test_errors_are_one_line(tmp_path):
     script = "from featcache.teachers import create_teacher; create_teacher('dinov3', '/no/such/dir')"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert "TeacherLoadError: no such model directory: /no/such/dir" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_vit_takes_normalization_from_the_preprocessor_config(tmp_path):
+    folder, _ = save_vit(tmp_path / "vit")
+    spec = create_teacher("vit", str(folder)).spec
+    assert spec.mean == tuple(VIT_PREPROCESSOR["image_mean"]) and spec.std == tuple(VIT_PREPROCESSOR["image_std"])
+    assert spec.resize == "bicubic" and spec.model_type == "vit" and spec.prefix_tokens == 1
+    assert (spec.input_size, spec.patch_size, spec.size_rule) == ((32, 32), 8, "fixed")
+
+
+def test_vit_without_preprocessor_config_is_refused_not_guessed(tmp_path):
+    folder, _ = save_vit(tmp_path / "vit", preprocessor=None)
+    with pytest.raises(TeacherLoadError, match="no preprocessor_config.json.*will not guess"):
+        create_teacher("vit", str(folder))
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5, 0.5]}))
+    with pytest.raises(TeacherLoadError, match="does not give three-channel image_mean and image_std"):
+        create_teacher("vit", str(folder))
+
+
+def test_vit_refuses_models_without_patch_tokens(tmp_path):
+    folder, _ = save_siglip(tmp_path / "siglip", full=True)  # two towers: no top-level patch_size
+    with pytest.raises(TeacherLoadError, match="without an integer patch_size and image_size"):
+        create_teacher("vit", str(folder))
+    (folder / "config.json").write_text(json.dumps({"model_type": "no_such_model"}))
+    with pytest.raises(TeacherLoadError, match="'no_such_model' is not one transformers knows"):
+        create_teacher("vit", str(folder))

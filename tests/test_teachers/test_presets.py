@@ -42,3 +42,16 @@ def test_teachers_command_lists_the_presets(capsys):
     for name, p in PRESETS.items():
         assert name in out and p.source in out
     assert "1.39" in out and "6.72 B" in out
+
+
+def test_random_teacher_builds_the_preset_family_with_its_spec():
+    from featcache.roofline import VitShape
+    from featcache.teachers.presets import Preset
+    from tests.support.teachers import DINOV3
+
+    tiny = Preset("dinov3-tiny", "dinov3", "nowhere/dinov3-tiny", 64, DINOV3, VitShape(32, 64, 2, 16, gated=True), 32)
+    teacher = tiny.random_teacher("cpu")
+    assert teacher.spec.source == "random:dinov3-tiny" and teacher.spec.weights_hash is None
+    assert teacher.spec.prefix_tokens == 5 and teacher.spec.grid() == (4, 4)
+    out = teacher.extract(torch.randn(2, 3, 64, 64))
+    assert out.dense.shape == (2, 4, 4, 32) and out.summary.shape == (2, 32)
