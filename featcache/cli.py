@@ -142,15 +142,73 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.0f} M"
 
 
+@app.command("extract")
+@user_errors
+def extract_cmd(
+    config: Optional[str] = typer.Argument(None, help="Job config file (.toml, .yaml); flags override it."),
+    source: Optional[str] = typer.Option(None, "--source", "-s", help="Images (anything 'index' takes) or a "
+                                                                       "cache root whose manifest to use."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Cache root (local directory or s3://...)."),
+    teacher: Optional[list[str]] = typer.Option(
+        None, "--teacher", "-t", help="Repeatable: family=dinov3,source=DIR_OR_HF_ID[,resolutions=224+512]"
+                                      "[,mosaic=K][,dtype=float32][,name=N], or preset=sam3[,mosaic=3]. "
+                                      "Replaces the config's teachers."),
+    view_policy: Optional[str] = typer.Option(None, "--view-policy", help="squash (default) or center."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Images per shard [64]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per teacher forward [16]."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="'auto' or ray://host:port to join "
+                                                                          "a cluster [embedded local Ray]."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu or cuda."),
+    cpu_workers: Optional[int] = typer.Option(None, "--cpu-workers", help="CPU worker actors [1 per node]."),
+    threads_per_worker: Optional[int] = typer.Option(None, "--threads-per-worker", help="torch threads per "
+                                                                                        "CPU worker."),
+    workers_per_gpu: Optional[int] = typer.Option(None, "--workers-per-gpu", help="Worker actors per GPU [1]."),
+    stats: Optional[bool] = typer.Option(None, "--stats/--no-stats", help="Run stats at the end."),
+) -> None:
+    """Run the teachers over every image and write the cache; the same command again resumes."""
+    from featcache.extract import config as job
+
+    teachers = [job.parse_teacher_flag(t) for t in teacher] if teacher else None
+    cfg = job.load(config, source=source, output=out, teachers=teachers, view_policy=view_policy,
+                   shard_size=shard_size, batch_size=batch_size, ray_address=ray_address, device=device,
+                   cpu_workers=cpu_workers, threads_per_worker=threads_per_worker, workers_per_gpu=workers_per_gpu,
+                   stats=stats)
+    _run_extract(cfg)
+
+
+def _run_extract(cfg) -> None:
+    from pipelines.extract import run  # the Ray job; the library below it does not import pipelines
+
+    result = run(cfg)
+    typer.echo(f"extracted {result.images} images in {result.processed} shards "
+               f"({result.skipped} already committed) into {result.root}: {result.seconds:.1f} s, "
+               f"{result.images_per_second:.1f} images/s; run record {result.record}")
+    if result.failed_images:
+        for reason in result.reasons:
+            typer.echo(f"  failed: {reason}", err=True)
+        typer.echo(f"{result.failed_images} images failed (all reasons in errors.parquet)", err=True)
+    if result.failed_shards:
+        typer.echo(f"{len(result.failed_shards)} shards failed after retries and are not committed; "
+                   "run the same command again to retry them", err=True)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
 @app.command("demo")
 @user_errors
 def demo_cmd(out: str = typer.Option("demo-cache", "--out", "-o", help="Cache root for the demo.")) -> None:
-    """Index the photos shipped inside scikit-image into OUT and inspect the result (no network)."""
+    """Extract the photos inside scikit-image with tiny offline teachers of all three families, then inspect."""
     import skimage
 
+    from featcache.demo import demo_config, save_demo_teachers
+    from featcache.extract import config as job
+
     photos = Path(skimage.__file__).parent / "data"
-    index_cmd(str(photos / "*.[pj][np]g"), out, workers=4)
-    inspect_cmd(out, as_json=False)
+    cfg = job.from_dict(demo_config(out, str(photos / "*.[pj][np]g"), save_demo_teachers()), "demo")
+    try:
+        _run_extract(cfg)
+    finally:
+        inspect_cmd(out, as_json=False)
 
 
 def main(argv: list[str] | None = None) -> int:

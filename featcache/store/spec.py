@@ -45,6 +45,7 @@ class ViewSpec:
     view_policy: str = "squash"
     teacher: dict = field(default_factory=dict)
     upsampler: dict | None = None
+    mosaic: int = 1  # k: each image was one tile of a k x k mosaic at the teacher's native size
 
     def __post_init__(self):
         check_view_key(self.key)
@@ -61,6 +62,8 @@ class ViewSpec:
             raise UsageError(f"view {self.key}: channels must be >= 1 and summary_channels >= 0")
         if self.dtype not in DTYPES:
             raise UsageError(f"view {self.key}: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.mosaic < 1:
+            raise UsageError(f"view {self.key}: mosaic must be >= 1")
         if any(g % t for g, t in zip(self.grid, self.tile)):
             raise UsageError(f"view {self.key}: tile {self.tile} does not divide the grid {self.grid}")
 

@@ -39,6 +39,16 @@ def family_class(name: str) -> type["Teacher"]:
 
 
 @dataclass(frozen=True)
+class ModelSetup:
+    """How a family builds its transformers model from a checkpoint directory."""
+
+    model_cls: type
+    config: object  # a transformers PretrainedConfig
+    key_mapping: dict[str, str] | None = None
+    ignorable: tuple[str, ...] = ()  # regexes of checkpoint keys the family may leave unused
+
+
+@dataclass(frozen=True)
 class TeacherOutput:
     """What every teacher returns: one summary vector and one dense patch map per view."""
 
@@ -66,14 +76,37 @@ class Teacher:
     def load(cls, source: str, revision: str | None = None, device: str = "cpu", compile: bool = False,
              name: str | None = None, hash_weights: bool = True) -> "Teacher":
         """Load from a HF id or a local directory, with every weight checked (see ``loading``)."""
+        directory, config = cls._open(source, revision)
+        setup = cls._model_setup(directory, config)
+        model = loading.load_checked(setup.model_cls, directory, setup.config, key_mapping=setup.key_mapping,
+                                     ignorable=setup.ignorable)
+        spec = cls._spec(model, directory, config, source, revision, name, hash_weights)
+        return cls(model, spec, device=device, compile=compile)
+
+    @classmethod
+    def describe(cls, source: str, revision: str | None = None, name: str | None = None,
+                 hash_weights: bool = True) -> TeacherSpec:
+        """The spec ``load`` would give, from the config alone: the model is built on the meta
+        device (no memory, no weights read), so a driver can plan views without loading it."""
+        directory, config = cls._open(source, revision)
+        setup = cls._model_setup(directory, config)
+        with torch.device("meta"):
+            build = getattr(setup.model_cls, "from_config", None) or setup.model_cls
+            model = build(setup.config)
+        return cls._spec(model, directory, config, source, revision, name, hash_weights)
+
+    @classmethod
+    def _open(cls, source: str, revision: str | None) -> tuple[str, dict]:
         directory = loading.resolve_source(source, revision)
         config = loading.read_config(directory)
         cls.check_model_type(config, directory)
-        model = cls._load_model(directory, config)
+        return directory, config
+
+    @classmethod
+    def _spec(cls, model, directory, config, source, revision, name, hash_weights) -> TeacherSpec:
         digest = loading.weights_hash(directory) if hash_weights else None
-        spec = TeacherSpec(family=cls.family, name=name or cls.family, source=source, revision=revision,
+        return TeacherSpec(family=cls.family, name=name or cls.family, source=source, revision=revision,
                            weights_hash=digest, model_type=config["model_type"], **cls._spec_fields(model, directory))
-        return cls(model, spec, device=device, compile=compile)
 
     @classmethod
     def check_model_type(cls, config: dict, directory: str) -> None:
@@ -81,8 +114,8 @@ class Teacher:
         loading.check_model_type(config, cls.model_types, cls.family, directory)
 
     @classmethod
-    def _load_model(cls, directory: str, config: dict) -> torch.nn.Module:
-        """Build the family's transformers model from ``directory`` (weights checked)."""
+    def _model_setup(cls, directory: str, config: dict) -> "ModelSetup":
+        """Which transformers class and config build this family's model, and how its weights map."""
         raise NotImplementedError
 
     @classmethod
@@ -165,6 +198,12 @@ def _concat(outs: list[TeacherOutput]) -> TeacherOutput:
     if len(outs) == 1:
         return outs[0]
     return TeacherOutput(torch.cat([o.summary for o in outs]), torch.cat([o.dense for o in outs]))
+
+
+def describe_teacher(family: str, source: str, revision: str | None = None, name: str | None = None,
+                     hash_weights: bool = True) -> TeacherSpec:
+    """The spec of a teacher without loading its weights (see ``Teacher.describe``)."""
+    return family_class(family).describe(source, revision=revision, name=name, hash_weights=hash_weights)
 
 
 def create_teacher(family: str, source: str, revision: str | None = None, **overrides) -> Teacher:

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from featcache.teachers import loading
-from featcache.teachers.base import Teacher, TeacherOutput, register
+from featcache.teachers.base import ModelSetup, Teacher, TeacherOutput, register
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -21,10 +20,10 @@ class Dinov3Teacher(Teacher):
     model_types = ("dinov3_vit",)
 
     @classmethod
-    def _load_model(cls, directory: str, config: dict) -> torch.nn.Module:
+    def _model_setup(cls, directory: str, config: dict) -> ModelSetup:
         from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
-        return loading.load_checked(DINOv3ViTModel, directory, DINOv3ViTConfig.from_dict(config))
+        return ModelSetup(DINOv3ViTModel, DINOv3ViTConfig.from_dict(config))
 
     @classmethod
     def _spec_fields(cls, model: torch.nn.Module, directory: str) -> dict:

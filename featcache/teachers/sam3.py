@@ -14,8 +14,7 @@ import re
 
 import torch
 
-from featcache.teachers import loading
-from featcache.teachers.base import Teacher, TeacherOutput, register
+from featcache.teachers.base import ModelSetup, Teacher, TeacherOutput, register
 
 #: model_type → (path to the trunk config inside config.json, key prefix of the trunk weights)
 LAYOUTS = {
@@ -41,14 +40,13 @@ class Sam3Teacher(Teacher):
     model_types = tuple(LAYOUTS)
 
     @classmethod
-    def _load_model(cls, directory: str, config: dict) -> torch.nn.Module:
+    def _model_setup(cls, directory: str, config: dict) -> ModelSetup:
         from transformers import Sam3ViTConfig, Sam3ViTModel
 
         trunk, prefix = trunk_config(config)
         mapping = {"^" + re.escape(prefix): ""} if prefix else None
         ignorable = (rf"^(?!{re.escape(prefix)})",) if prefix else ()
-        return loading.load_checked(Sam3ViTModel, directory, Sam3ViTConfig(**trunk), key_mapping=mapping,
-                                    ignorable=ignorable)
+        return ModelSetup(Sam3ViTModel, Sam3ViTConfig(**trunk), key_mapping=mapping, ignorable=ignorable)
 
     @classmethod
     def _spec_fields(cls, model: torch.nn.Module, directory: str) -> dict:

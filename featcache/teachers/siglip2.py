@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from featcache.teachers import loading
-from featcache.teachers.base import Teacher, TeacherOutput, register
+from featcache.teachers.base import ModelSetup, Teacher, TeacherOutput, register
 
 
 @register
@@ -19,12 +18,12 @@ class Siglip2Teacher(Teacher):
     model_types = ("siglip", "siglip_vision_model")
 
     @classmethod
-    def _load_model(cls, directory: str, config: dict) -> torch.nn.Module:
+    def _model_setup(cls, directory: str, config: dict) -> ModelSetup:
         from transformers import SiglipVisionConfig, SiglipVisionModel
 
         vision = config.get("vision_config", {}) if config["model_type"] == "siglip" else config
-        return loading.load_checked(SiglipVisionModel, directory, SiglipVisionConfig.from_dict(vision),
-                                    ignorable=(r"^text_model\.", r"^logit_(scale|bias)$"))
+        return ModelSetup(SiglipVisionModel, SiglipVisionConfig.from_dict(vision),
+                          ignorable=(r"^text_model\.", r"^logit_(scale|bias)$"))
 
     @classmethod
     def _spec_fields(cls, model: torch.nn.Module, directory: str) -> dict:

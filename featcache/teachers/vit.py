@@ -16,8 +16,7 @@ import os
 import torch
 
 from featcache.errors import TeacherLoadError
-from featcache.teachers import loading
-from featcache.teachers.base import Teacher, TeacherOutput, register
+from featcache.teachers.base import ModelSetup, Teacher, TeacherOutput, register
 
 #: PIL resample codes in preprocessor configs → torch interpolation modes
 RESAMPLE = {2: "bilinear", 3: "bicubic"}
@@ -61,12 +60,12 @@ class VitTeacher(Teacher):
                                    "image_size: the vit family takes single-tower patch-token vision models")
 
     @classmethod
-    def _load_model(cls, directory: str, config: dict) -> torch.nn.Module:
+    def _model_setup(cls, directory: str, config: dict) -> ModelSetup:
         from transformers import AutoConfig, AutoModel
 
         settings = {k: v for k, v in config.items() if k != "model_type"}
         preprocessing(directory)  # refuse before loading weights
-        return loading.load_checked(AutoModel, directory, AutoConfig.for_model(config["model_type"], **settings))
+        return ModelSetup(AutoModel, AutoConfig.for_model(config["model_type"], **settings))
 
     @classmethod
     def _spec_fields(cls, model: torch.nn.Module, directory: str) -> dict:

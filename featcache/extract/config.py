@@ -1,0 +1,237 @@
+"""The extract job's configuration: a TOML or YAML file and/or command-line flags.
+
+Every key is checked: an unknown key, a wrong type or an impossible value is a one-line
+``UsageError`` naming it. The resolved config (file + flags + defaults) is what the run record
+saves under ``runs/``. Example (YAML)::
+
+    source: /data/photos            # anything `featcache index` takes, or an existing cache root
+    output: s3://bucket/cache1
+    teachers:
+      - {preset: siglip2-g-384}
+      - {family: dinov3, source: facebook/dinov3-vit7b16-pretrain-lvd1689m, resolutions: [224, 512]}
+      - {preset: sam3, mosaic: 3}
+    shard_size: 64
+    batch_size: 16
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+
+from featcache.decode import DEFAULT_MAX_PIXELS
+from featcache.errors import UsageError
+from featcache.geometry import POLICIES
+
+DEVICES = ("auto", "cpu", "cuda")
+STORED_DTYPES = ("float16", "float32")  # the int8-phis codec comes with `featcache stats`
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """One teacher of the job and the views it produces (one per resolution, or one mosaic view)."""
+
+    family: str
+    source: str
+    name: str | None = None  # the view-key prefix; the family by default
+    revision: str | None = None
+    resolutions: tuple[int, ...] = ()  # square input sizes; the teacher's native size when empty
+    dtype: str = "float16"  # stored dtype of dense and summary
+    mosaic: int = 1
+    upsampler: dict | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "resolutions", tuple(self.resolutions))
+        where = f"teacher {self.name or self.family}"
+        if self.dtype not in STORED_DTYPES:
+            raise UsageError(f"{where}: dtype {self.dtype!r} is not one of {', '.join(STORED_DTYPES)}")
+        if self.mosaic < 1:
+            raise UsageError(f"{where}: mosaic must be >= 1, not {self.mosaic}")
+        if self.mosaic > 1 and self.resolutions:
+            raise UsageError(f"{where}: a mosaic view's size is the native size / mosaic; drop 'resolutions'")
+        if any(r < 1 for r in self.resolutions) or len(set(self.resolutions)) != len(self.resolutions):
+            raise UsageError(f"{where}: resolutions must be distinct positive sizes, not {list(self.resolutions)}")
+        if self.upsampler is not None:
+            raise UsageError(f"{where}: upsampler {self.upsampler!r} cannot be used: FeatSharp upsampling is not "
+                             "built in this version of featcache")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    source: str | None = None
+    output: str | None = None
+    teachers: tuple[TeacherConfig, ...] = ()
+    view_policy: str = "squash"
+    shard_size: int = 64
+    batch_size: int = 16
+    ray_address: str | None = None  # None: embedded local Ray; "auto" or "ray://host:port": a cluster
+    device: str = "auto"  # auto: CUDA when the cluster has GPUs
+    cpu_workers: int | None = None  # CPU actors; default 1 per node-sized share (see pipelines.extract)
+    threads_per_worker: int | None = None  # torch threads per CPU actor; default cores / workers
+    workers_per_gpu: int = 1
+    decode_threads: int = 4
+    max_retries: int = 3  # attempts after the first, per shard
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    stats: bool = True
+    progress_interval: float = 10.0  # seconds between log lines when stderr is not a terminal
+
+    def __post_init__(self):
+        object.__setattr__(self, "teachers", tuple(self.teachers))
+        if self.view_policy not in POLICIES:
+            raise UsageError(f"view_policy {self.view_policy!r} is not one of {', '.join(POLICIES)}")
+        if self.device not in DEVICES:
+            raise UsageError(f"device {self.device!r} is not one of {', '.join(DEVICES)}")
+        for name in ("shard_size", "batch_size", "workers_per_gpu", "decode_threads", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be >= 1, not {getattr(self, name)}")
+        for name in ("cpu_workers", "threads_per_worker"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UsageError(f"{name} must be >= 1, not {getattr(self, name)}")
+        if self.max_retries < 0:
+            raise UsageError(f"max_retries must be >= 0, not {self.max_retries}")
+        names = [v for t in self.teachers for v in [t.name or t.family]]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise UsageError(f"two teachers are named {dup[0]!r}: give one of them another 'name'")
+
+    def checked(self) -> "ExtractConfig":
+        """The config if it can run: an output root and at least one teacher."""
+        if not self.output:
+            raise UsageError("no output root: give 'output' in the config or --out")
+        if not self.teachers:
+            raise UsageError("no teachers: give 'teachers' in the config or --teacher")
+        return self
+
+    def to_dict(self) -> dict:
+        """JSON-ready; the run record stores this (it never holds credentials: they come from the
+        environment, never from the config)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def load(path: str | None = None, **flags) -> ExtractConfig:
+    """The config from ``path`` (TOML or YAML) with ``flags`` (those not None) on top."""
+    data = _read(path) if path else {}
+    where = path or "flags"
+    for key, value in flags.items():
+        if value is not None and value != ():
+            data[key] = value
+    return from_dict(data, where)
+
+
+def from_dict(data: dict, where: str = "config") -> ExtractConfig:
+    if not isinstance(data, dict):
+        raise UsageError(f"{where}: the config must be a mapping of keys to values")
+    data = dict(data)
+    teachers = data.pop("teachers", [])
+    if isinstance(teachers, dict) or not isinstance(teachers, (list, tuple)):
+        raise UsageError(f"{where}: 'teachers' must be a list of teacher entries")
+    data["teachers"] = tuple(teacher_from_dict(t, f"{where}: teachers[{i}]") for i, t in enumerate(teachers))
+    return _build(ExtractConfig, data, where)
+
+
+def teacher_from_dict(d, where: str) -> TeacherConfig:
+    if isinstance(d, TeacherConfig):
+        return d
+    if not isinstance(d, dict):
+        raise UsageError(f"{where}: a teacher entry must be a mapping (family, source, ...), not {d!r}")
+    d = dict(d)
+    if "preset" in d:
+        from featcache.teachers.presets import preset
+
+        p = preset(str(d.pop("preset")))
+        d.setdefault("family", p.family)
+        d.setdefault("source", p.source)
+    for key in ("family", "source"):
+        if key not in d:
+            raise UsageError(f"{where}: missing {key!r} (or give 'preset')")
+    if isinstance(d.get("resolutions"), int):
+        d["resolutions"] = [d["resolutions"]]
+    return _build(TeacherConfig, d, where)
+
+
+def parse_teacher_flag(text: str) -> dict:
+    """``--teacher family=dinov3,source=DIR,resolutions=224+512,mosaic=2`` (or ``preset=sam3,mosaic=3``)."""
+    out: dict = {}
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise UsageError(f"--teacher {text!r}: expected key=value pairs separated by commas, "
+                             "e.g. family=dinov3,source=DIR,resolutions=224+512")
+        key = key.strip()
+        if key == "resolutions":
+            out[key] = [_int(v, f"--teacher {key}") for v in value.split("+")]
+        elif key == "mosaic":
+            out[key] = _int(value, f"--teacher {key}")
+        else:
+            out[key] = value.strip()
+    return out
+
+
+def _int(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"{what}: {text!r} is not an integer") from None
+
+
+def _read(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UsageError(f"no such config file: {path}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        if path.endswith(".toml"):
+            return tomllib.loads(raw.decode())
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(raw)
+            return {} if data is None else data
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not valid TOML: {e}") from None
+    except Exception as e:  # yaml.YAMLError and its subclasses
+        if type(e).__module__.startswith("yaml"):
+            raise UsageError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise
+    raise UsageError(f"{path}: config files are .toml, .yaml or .yml")
+
+
+def _build(cls, data: dict, where: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise UsageError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(fields)}")
+    for key, value in data.items():
+        data[key] = _coerce(value, fields[key], where)
+    return cls(**data)
+
+
+_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict}
+
+
+def _coerce(value, f: dataclasses.Field, where: str):
+    """Check a value against the field's annotation (str / int / float / bool / tuple of int)."""
+    kind = str(f.type)
+    if value is None:
+        if "None" in kind:
+            return None
+        raise UsageError(f"{where}: {f.name} cannot be empty")
+    if f.name == "teachers":
+        return value
+    if "tuple[int" in kind:
+        if not isinstance(value, (list, tuple)) or not all(_is(v, int) for v in value):
+            raise UsageError(f"{where}: {f.name} must be a list of integers, not {value!r}")
+        return tuple(value)
+    base = kind.split("|")[0].strip()
+    if not _is(value, _TYPES[base]):
+        raise UsageError(f"{where}: {f.name} must be {'an' if base == 'int' else 'a'} {base}, not {value!r}")
+    return float(value) if base == "float" else value
+
+
+def _is(value, types) -> bool:
+    if isinstance(value, bool) and types is not bool:
+        return False
+    return isinstance(value, types)

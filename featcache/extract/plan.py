@@ -1,0 +1,149 @@
+"""What an extract job will do, decided on the driver before any worker starts.
+
+``prepare`` makes sure the output root has a manifest (indexing the source, reusing the output's
+own manifest, or copying an existing cache's), describes every teacher from its config alone
+(meta device: no weights loaded on the driver), creates every view at its final shape, and lists
+the work: per shard, the views not yet committed. A view that already exists with other data
+settings (model, weights, resolution, dtype, view policy, mosaic) is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from featcache.errors import UsageError
+from featcache.extract.config import ExtractConfig, TeacherConfig
+from featcache.fsio import locate
+from featcache.store import tables
+from featcache.store.cache import Cache
+from featcache.store.spec import ViewSpec
+from featcache.teachers import TeacherSpec, describe_teacher
+
+#: TeacherSpec fields that say where the weights came from, not what they are: a view written from
+#: one location may be resumed from another when the weights hash is the same.
+_PROVENANCE = ("source", "revision")
+
+
+@dataclass(frozen=True)
+class ViewTask:
+    """One view a worker computes: which teacher (by position in the config), at which size."""
+
+    key: str
+    teacher: int
+    size: tuple[int, int]
+    mosaic: int = 1
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "teacher": self.teacher, "size": list(self.size), "mosaic": self.mosaic}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViewTask":
+        return cls(d["key"], d["teacher"], tuple(d["size"]), d["mosaic"])
+
+
+@dataclass
+class Plan:
+    config: ExtractConfig
+    cache: Cache
+    teachers: list[TeacherSpec]
+    views: list[ViewTask]
+    num_shards: int
+    todo: dict[int, list[str]] = field(default_factory=dict)  # shard -> view keys not yet committed
+    manifest_note: str = ""
+
+    @property
+    def done_shards(self) -> int:
+        return self.num_shards - len(self.todo)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        s = self.config.shard_size
+        return shard * s, min((shard + 1) * s, self.cache.num_images)
+
+
+def prepare(config: ExtractConfig) -> Plan:
+    """Manifest, teacher specs, views and the list of work for ``config`` (driver side)."""
+    config = config.checked()
+    note = ensure_manifest(config)
+    cache = Cache.open(config.output)
+    specs = [describe_teacher(t.family, t.source, t.revision, name=t.name) for t in config.teachers]
+    views: list[ViewTask] = []
+    for i, (t, spec) in enumerate(zip(config.teachers, specs)):
+        for task, view_spec in view_specs(i, t, spec, config):
+            create_or_check(cache, view_spec, config.shard_size)
+            views.append(task)
+    keys = [v.key for v in views]
+    if len(set(keys)) != len(keys):
+        raise UsageError(f"two teachers produce the view {next(k for k in keys if keys.count(k) > 1)}: "
+                         "give one of them another 'name'")
+    num_shards = -(-cache.num_images // config.shard_size)
+    committed = {v.key: cache.view(v.key).committed_shards() for v in views}
+    todo = {}
+    for shard in range(num_shards):
+        missing = [k for k in keys if shard not in committed[k]]
+        if missing:
+            todo[shard] = missing
+    return Plan(config, cache, specs, views, num_shards, todo, note)
+
+
+def view_specs(index: int, t: TeacherConfig, spec: TeacherSpec, config: ExtractConfig):
+    """(ViewTask, ViewSpec) for each view teacher ``t`` produces."""
+    if t.mosaic > 1:
+        sizes = [spec.mosaic_tile(t.mosaic)]
+    else:
+        sizes = [spec.check_size((r, r)) for r in t.resolutions] or [spec.input_size]
+    for size in sizes:
+        key = spec.view_key(size, t.mosaic)
+        grid = (size[0] // spec.patch_size, size[1] // spec.patch_size)
+        summary = dataclasses.replace(spec, summary_kind="mean") if t.mosaic > 1 else spec
+        yield (ViewTask(key, index, size, t.mosaic),
+               ViewSpec(key=key, grid=grid, channels=spec.channels, summary_channels=spec.summary_channels,
+                        input_size=size, dtype=t.dtype, codec="f16" if t.dtype == "float16" else t.dtype,
+                        view_policy=config.view_policy, teacher=summary.to_dict(), mosaic=t.mosaic))
+
+
+def create_or_check(cache: Cache, spec: ViewSpec, shard_size: int) -> None:
+    """Create the view, or check an existing one holds the same data settings."""
+    existing = cache.views.get(spec.key)
+    if existing is not None and _same_data(existing.spec, spec):
+        spec = existing.spec
+    cache.create_view(spec, shard_size)
+
+
+def _same_data(old: ViewSpec, new: ViewSpec) -> bool:
+    """Equal up to where the weights were read from, when the weights hash says they are the same."""
+    if old.teacher.get("weights_hash") is None or old.teacher.get("weights_hash") != new.teacher.get("weights_hash"):
+        return False
+    strip = lambda s: dataclasses.replace(s, teacher={k: v for k, v in s.teacher.items() if k not in _PROVENANCE})
+    return strip(old) == strip(new)
+
+
+def ensure_manifest(config: ExtractConfig) -> str:
+    """Give the output root a manifest; returns a line saying where it came from."""
+    out = locate(config.output)
+    if config.source:
+        src = locate(config.source)
+        if src.join(tables.MANIFEST).exists() and not _is_manifest_file(config.source):
+            if src.uri.rstrip("/") == out.uri.rstrip("/"):
+                return f"using the manifest of {out.uri}"
+            manifest = tables.read_manifest(src)
+            if out.join(tables.MANIFEST).exists():
+                old = tables.read_manifest(out)
+                if not old.select(["image_id", "uri"]).equals(manifest.select(["image_id", "uri"])):
+                    raise UsageError(f"{out.uri} already holds another image list than the cache {src.uri}")
+                return f"using the manifest of {out.uri} (same images as {src.uri})"
+            tables.write_table(out.join(tables.MANIFEST), manifest)
+            return f"copied the manifest of {src.uri} ({manifest.num_rows} images)"
+    if out.join(tables.MANIFEST).exists():
+        return f"using the existing manifest of {out.uri} (delete it to re-index)"
+    if not config.source:
+        raise UsageError(f"{out.uri} has no manifest and no source was given: give 'source' or --source")
+    from featcache.manifest import index
+
+    result = index(config.source, config.output)
+    return (f"indexed {result.images} images from {config.source}"
+            + (f" ({len(result.failed)} files could not be read: errors.parquet)" if result.failed else ""))
+
+
+def _is_manifest_file(uri: str) -> bool:
+    return uri.endswith((".parquet", ".csv"))

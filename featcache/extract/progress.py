@@ -1,0 +1,59 @@
+"""Progress of a running job: a live line on a terminal, periodic plain log lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    def __init__(self, total_images: int, stream=None, interval: float = 10.0):
+        self.total, self.done, self.failed = total_images, 0, 0
+        self.stream = stream or sys.stderr
+        self.live = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval = interval
+        self.t0 = self._last = time.monotonic()
+
+    def add(self, images: int, failed: int) -> None:
+        self.done += images
+        self.failed += failed
+        self.tick()
+
+    @property
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.t0
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    def line(self) -> str:
+        rate = self.rate
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        return (f"{self.done}/{self.total} images ({pct:.0f}%)  {rate:.1f} images/s  "
+                f"ETA {_duration(eta)}  failed {self.failed}")
+
+    def tick(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.live:
+            if force or now - self._last >= 0.2:
+                self.stream.write("\r" + self.line().ljust(78))
+                self.stream.flush()
+                self._last = now
+        elif force or now - self._last >= self.interval:
+            self.stream.write("progress: " + self.line() + "\n")
+            self.stream.flush()
+            self._last = now
+
+    def close(self) -> None:
+        self.tick(force=True)
+        if self.live:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):
+        return "--"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

@@ -1,0 +1,151 @@
+"""The per-shard work of ``extract``, as a plain library class that runs without Ray.
+
+A ``ShardWorker`` loads its teachers once, then for each shard it is given: reads and decodes the
+shard's images on a thread pool (the next shard's images are decoded while this one computes),
+builds every view (box crop + resize + normalize, batched, on the teacher's device), runs the
+teachers, writes each view's whole shard and commits it. Images that cannot be used are written as
+zero rows with ``valid = 0`` and their reason goes into the commit (the driver gathers the reasons
+into ``errors.parquet``). It returns a small JSON-ready record; features never leave the worker
+except into the cache. ``pipelines/extract.py`` runs these inside Ray actors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from featcache.decode import decode
+from featcache.errors import ImageError, UsageError
+from featcache.extract.plan import ViewTask
+from featcache.fsio import locate
+from featcache.geometry import make_views
+from featcache.store.cache import Cache
+from featcache.store.zarrio import as_dtype
+from featcache.teachers import TeacherSpec, create_teacher
+
+#: spec fields a worker's loaded teacher may differ in from the driver's description
+_UNCHECKED = ("weights_hash",)
+
+
+class ShardWorker:
+    """Computes and commits whole shards of one cache's views."""
+
+    def __init__(self, root: str, teachers: list[dict], views: list[dict], device: str = "cpu",
+                 batch_size: int = 16, view_policy: str = "squash", decode_threads: int = 4,
+                 max_pixels: int = 2 * 89_478_485, info: dict | None = None):
+        self.cache = Cache.open(root)
+        manifest = self.cache.manifest
+        self.uris = manifest.column("uri").to_pylist()
+        self.device = torch.device(device)
+        self.batch_size, self.policy, self.max_pixels = batch_size, view_policy, max_pixels
+        self.info = dict(info or {})
+        self.views = [ViewTask.from_dict(v) for v in views]
+        self.cache_views = {v.key: self.cache.view(v.key) for v in self.views}
+        self.teachers = [self._load(TeacherSpec.from_dict(t)) for t in teachers]
+        self.pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
+        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="prefetch")  # never waits on itself
+        self._prefetched: dict[int, Future] = {}
+
+    def _load(self, expected: TeacherSpec):
+        teacher = create_teacher(expected.family, expected.source, expected.revision, device=str(self.device),
+                                 name=expected.name, hash_weights=False)
+        got = dataclasses.replace(teacher.spec, weights_hash=expected.weights_hash)
+        if got != expected:
+            diff = [f.name for f in dataclasses.fields(TeacherSpec) if getattr(got, f.name) != getattr(expected, f.name)]
+            raise UsageError(f"{expected.source} loaded on {os.uname().nodename} differs from the driver's "
+                             f"description in {', '.join(diff)}: is it the same model on every node?")
+        return teacher
+
+    def close(self) -> None:
+        self._prefetcher.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- decoding -------------------------------------------------------------------------
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        s = self.cache.shard_size
+        return shard * s, min((shard + 1) * s, self.cache.num_images)
+
+    def prefetch(self, shard: int | None) -> None:
+        """Start decoding ``shard``'s images in the background."""
+        if shard is not None and shard not in self._prefetched:
+            self._prefetched[shard] = self._prefetcher.submit(self._decode_shard, shard)
+
+    def _decode_shard(self, shard: int) -> list:
+        start, stop = self.shard_range(shard)
+        return list(self.pool.map(self._decode_one, range(start, stop)))
+
+    def _decode_one(self, i: int):
+        uri = self.uris[i]
+        try:
+            loc = locate(uri)
+            data = loc.read_bytes()
+        except FileNotFoundError:
+            return ImageError(uri, "file not found (deleted since indexing?)")
+        except (OSError, ValueError) as e:
+            return ImageError(uri, f"cannot read: {type(e).__name__}: {e}")
+        try:
+            return decode(data, uri, self.max_pixels)
+        except ImageError as e:
+            return e
+
+    def images(self, shard: int) -> list:
+        """Decoded images of ``shard`` (uint8 (3, H, W) tensors, or ImageError)."""
+        future = self._prefetched.pop(shard, None)
+        return self._decode_shard(shard) if future is None else future.result()
+
+    # ---- one shard ------------------------------------------------------------------------
+
+    def process(self, shard: int, views: list[str] | None = None, prefetch: int | None = None) -> dict:
+        """Compute, write and commit ``shard`` for ``views`` (all by default); returns a record."""
+        t0 = time.perf_counter()
+        images = self.images(shard)
+        self.prefetch(prefetch)
+        t_decoded = time.perf_counter()
+        start, stop = self.shard_range(shard)
+        failed = {start + j: f"decode: {im.reason}" for j, im in enumerate(images) if isinstance(im, ImageError)}
+        good = [j for j, im in enumerate(images) if not isinstance(im, ImageError)]
+        wanted = set(views) if views is not None else {v.key for v in self.views}
+        compute = write = 0.0
+        for task in (v for v in self.views if v.key in wanted):
+            t1 = time.perf_counter()
+            dense, summary, box, errors = self._compute(task, images, good, start, stop)
+            t2 = time.perf_counter()
+            self.cache_views[task.key].write_shard(start, dense, summary, box, errors={**failed, **errors},
+                                                   info={**self.info, "seconds": round(t2 - t1, 3)})
+            compute, write = compute + t2 - t1, write + time.perf_counter() - t2
+        return {"shard": shard, "views": sorted(wanted), "images": stop - start, "failed": len(failed),
+                "seconds": {"decode_wait": round(t_decoded - t0, 3), "compute": round(compute, 3),
+                            "write": round(write, 3), "total": round(time.perf_counter() - t0, 3)},
+                **self.info}
+
+    def _compute(self, task: ViewTask, images: list, good: list[int], start: int, stop: int):
+        view = self.cache_views[task.key]
+        spec, teacher = view.spec, self.teachers[task.teacher]
+        n = stop - start
+        dtype = view.group["dense"].dtype
+        dense = np.zeros((n, *spec.grid, spec.channels), dtype=dtype)
+        summary = np.zeros((n, spec.summary_channels), dtype=view.group["summary"].dtype)
+        box = np.zeros((n, 4), dtype=np.float32)
+        errors: dict[int, str] = {}
+        per_batch = self.batch_size * task.mosaic ** 2
+        for b in range(0, len(good), per_batch):
+            rows = good[b:b + per_batch]
+            pixels, boxes = make_views([images[j] for j in rows], teacher.spec, size=task.size,
+                                       policy=self.policy, device=self.device, mosaic=task.mosaic)
+            if task.mosaic > 1:
+                out = teacher.extract_mosaic(pixels, task.mosaic)
+            else:
+                out = teacher.extract(pixels)
+            d, s = out.dense.cpu().numpy(), out.summary.cpu().numpy()
+            finite = np.isfinite(d).reshape(len(rows), -1).all(axis=1) & np.isfinite(s).all(axis=1)
+            dense[rows], summary[rows], box[rows] = as_dtype(d, dtype), as_dtype(s, summary.dtype), boxes.numpy()
+            for r, ok in zip(rows, finite):
+                if not ok:
+                    errors[start + r] = "teacher: non-finite features"
+        return dense, summary, box, errors
