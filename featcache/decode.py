@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps
 
 from featcache.errors import ImageError
-from featcache.images import FORMATS
+from featcache.images import FORMATS, read_header
 
 #: Pillow's own bomb limit (2 x MAX_IMAGE_PIXELS): 178,956,970 pixels.
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
@@ -32,23 +32,22 @@ def decode(data: bytes, uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch
     """The image in ``data`` as a uint8 ``(3, H, W)`` tensor, oriented as displayed."""
     if not data:
         raise ImageError(uri, "empty file (0 bytes)")
+    header = read_header(io.BytesIO(data), uri)  # size from the header alone, nothing decoded yet
+    pixels = header.width * header.height
+    if pixels > max_pixels:
+        raise ImageError(uri, f"{header.width}x{header.height} is {pixels / 1e6:.1f} MP, over the "
+                              f"{max_pixels / 1e6:.1f} MP limit (decompression bomb guard, max_pixels)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides
             warnings.simplefilter("ignore", UserWarning)  # e.g. "Truncated File Read" on open
             with Image.open(io.BytesIO(data), formats=FORMATS) as im:
-                pixels = im.size[0] * im.size[1]
-                if pixels > max_pixels:
-                    raise ImageError(uri, f"{im.size[0]}x{im.size[1]} is {pixels / 1e6:.1f} MP, over the "
-                                          f"{max_pixels / 1e6:.1f} MP limit (decompression bomb guard, max_pixels)")
                 im.load()
                 return _to_rgb(ImageOps.exif_transpose(im))
-    except ImageError:
-        raise
     except Image.UnidentifiedImageError:
         raise ImageError(uri, f"not an image in a decoded format ({', '.join(FORMATS)})") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(uri, f"decompression bomb guard: {e}") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(uri, f"Pillow's own bomb guard (raise PIL.Image.MAX_IMAGE_PIXELS too): {e}") from None
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error) as e:
         raise ImageError(uri, f"cannot decode: {type(e).__name__}: {str(e).strip() or 'no detail'}") from None
 

@@ -60,7 +60,7 @@ def run(config: ExtractConfig, stream=None) -> ExtractResult:
     t0 = time.perf_counter()
     plan = prepare(config)
     say(plan.manifest_note)
-    say(f"views: {', '.join(v.key for v in plan.views)}; {plan.num_shards} shards of {config.shard_size} images")
+    say(f"views: {', '.join(v.key for v in plan.views)}; {plan.num_shards} shards of {plan.shard_size} images")
     if plan.done_shards:
         say(f"resuming: {plan.done_shards} of {plan.num_shards} shards already committed in every view, "
             f"{len(plan.todo)} to do")

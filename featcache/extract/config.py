@@ -27,6 +27,7 @@ from featcache.errors import UsageError
 from featcache.geometry import POLICIES
 
 DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_SHARD_SIZE = 64
 STORED_DTYPES = ("float16", "float32")  # the int8-phis codec comes with `featcache stats`
 
 
@@ -65,7 +66,7 @@ class ExtractConfig:
     output: str | None = None
     teachers: tuple[TeacherConfig, ...] = ()
     view_policy: str = "squash"
-    shard_size: int = 64
+    shard_size: int | None = None  # the cache's own when it has one, else DEFAULT_SHARD_SIZE
     batch_size: int = 16
     ray_address: str | None = None  # None: embedded local Ray; "auto" or "ray://host:port": a cluster
     device: str = "auto"  # auto: CUDA when the cluster has GPUs
@@ -84,10 +85,10 @@ class ExtractConfig:
             raise UsageError(f"view_policy {self.view_policy!r} is not one of {', '.join(POLICIES)}")
         if self.device not in DEVICES:
             raise UsageError(f"device {self.device!r} is not one of {', '.join(DEVICES)}")
-        for name in ("shard_size", "batch_size", "workers_per_gpu", "decode_threads", "max_pixels"):
+        for name in ("batch_size", "workers_per_gpu", "decode_threads", "max_pixels"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be >= 1, not {getattr(self, name)}")
-        for name in ("cpu_workers", "threads_per_worker"):
+        for name in ("shard_size", "cpu_workers", "threads_per_worker"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"{name} must be >= 1, not {getattr(self, name)}")
         if self.max_retries < 0:

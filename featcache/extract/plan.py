@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from featcache.errors import UsageError
-from featcache.extract.config import ExtractConfig, TeacherConfig
+from featcache.extract.config import DEFAULT_SHARD_SIZE, ExtractConfig, TeacherConfig
 from featcache.fsio import locate
 from featcache.store import tables
 from featcache.store.cache import Cache
@@ -49,6 +49,7 @@ class Plan:
     teachers: list[TeacherSpec]
     views: list[ViewTask]
     num_shards: int
+    shard_size: int
     todo: dict[int, list[str]] = field(default_factory=dict)  # shard -> view keys not yet committed
     manifest_note: str = ""
 
@@ -57,7 +58,7 @@ class Plan:
         return self.num_shards - len(self.todo)
 
     def shard_range(self, shard: int) -> tuple[int, int]:
-        s = self.config.shard_size
+        s = self.shard_size
         return shard * s, min((shard + 1) * s, self.cache.num_images)
 
 
@@ -66,24 +67,25 @@ def prepare(config: ExtractConfig) -> Plan:
     config = config.checked()
     note = ensure_manifest(config)
     cache = Cache.open(config.output)
+    shard_size = config.shard_size or cache.shard_size or DEFAULT_SHARD_SIZE
     specs = [describe_teacher(t.family, t.source, t.revision, name=t.name) for t in config.teachers]
     views: list[ViewTask] = []
     for i, (t, spec) in enumerate(zip(config.teachers, specs)):
         for task, view_spec in view_specs(i, t, spec, config):
-            create_or_check(cache, view_spec, config.shard_size)
+            create_or_check(cache, view_spec, shard_size)
             views.append(task)
     keys = [v.key for v in views]
     if len(set(keys)) != len(keys):
         raise UsageError(f"two teachers produce the view {next(k for k in keys if keys.count(k) > 1)}: "
                          "give one of them another 'name'")
-    num_shards = -(-cache.num_images // config.shard_size)
+    num_shards = -(-cache.num_images // shard_size)
     committed = {v.key: cache.view(v.key).committed_shards() for v in views}
     todo = {}
     for shard in range(num_shards):
         missing = [k for k in keys if shard not in committed[k]]
         if missing:
             todo[shard] = missing
-    return Plan(config, cache, specs, views, num_shards, todo, note)
+    return Plan(config, cache, specs, views, num_shards, shard_size, todo, note)
 
 
 def view_specs(index: int, t: TeacherConfig, spec: TeacherSpec, config: ExtractConfig):

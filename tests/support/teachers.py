@@ -82,18 +82,13 @@ def save_sam3_video_layout(folder: Path, seed: int = 0):
     trunk weights sit under ``detector_model.vision_encoder.backbone.`` next to other towers' keys."""
     from transformers import Sam3ViTConfig, Sam3ViTModel
 
+    from featcache.demo import save_sam3_video_layout as save_layout
+
     _seeded(seed)
     model = Sam3ViTModel(Sam3ViTConfig(**SAM3_VIT)).eval()
-    weights = {f"detector_model.vision_encoder.backbone.{k}": v.contiguous() for k, v in model.state_dict().items()}
-    weights["detector_model.text_encoder.embed.weight"] = torch.randn(8, 4)
-    weights["tracker_model.memory.weight"] = torch.randn(4, 4)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    config = {"model_type": "sam3_video", "architectures": ["Sam3VideoModel"],
-              "detector_config": {"model_type": "sam3", "vision_config": {
-                  "model_type": "sam3_vision_model", "backbone_config": {"model_type": "sam3_vit_model", **SAM3_VIT}}}}
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder, model
+    others = {"detector_model.text_encoder.embed.weight": torch.randn(8, 4),
+              "tracker_model.memory.weight": torch.randn(4, 4)}
+    return save_layout(model, folder, extra=others), model
 
 
 SAVERS = {"siglip2": save_siglip, "dinov3": save_dinov3, "sam3": save_sam3_video_layout, "vit": save_vit}

@@ -1,0 +1,103 @@
+"""index -> extract (Ray, embedded) -> verify, and every stored row against a direct computation."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+import featcache
+from featcache.cli import main
+from featcache.extract.plan import prepare
+from featcache.extract.worker import ShardWorker
+from featcache.store import tables
+from pipelines.extract import run
+from tests.test_extract.conftest import direct, stored, three_family_job
+
+VIEWS = ["siglip2@64", "dinov3@64", "dinov3@96", "sam3-mosaic2@56"]
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, photos_dir, job_teachers):
+    out = tmp_path_factory.mktemp("e2e") / "cache"
+    featcache.index(str(photos_dir), str(out))
+    log = io.StringIO()
+    result = run(three_family_job(out, out, job_teachers), stream=log)  # source = the indexed cache
+    return out, result, log.getvalue()
+
+
+def test_job_completes_and_verifies(extracted):
+    out, result, log = extracted
+    assert result.exit_code == 0 and result.failed_images == 0 and not result.failed_shards
+    assert result.views == VIEWS and result.shards == 3 and result.processed == 3 and result.images == 10
+    assert "using the manifest of" in log
+    report = featcache.verify(str(out))
+    assert report.ok, report.problems
+    assert report.shards_checked == 3 * len(VIEWS)
+    cache = featcache.open_cache(str(out))
+    assert set(cache.views) == set(VIEWS)
+    assert cache.view("sam3-mosaic2@56").spec.mosaic == 2
+
+
+@pytest.mark.parametrize("key", VIEWS)
+def test_every_row_equals_a_direct_computation(extracted, key):
+    out, _, _ = extracted
+    got, want = stored(out, key), direct(featcache.open_cache(str(out)), key)
+    assert np.array_equal(got["valid"], want["valid"]) and want["valid"].all()
+    assert np.array_equal(got["box"], want["box"])
+    assert np.abs(got["dense"] - want["dense"]).max() <= 1e-5
+    assert np.abs(got["summary"] - want["summary"]).max() <= 1e-5
+
+
+def test_boxes_are_the_whole_image_under_squash(extracted):
+    out, _, _ = extracted
+    manifest = featcache.open_cache(str(out)).manifest
+    boxes = stored(out, "dinov3@64")["box"]
+    sizes = np.stack([manifest.column("width").to_numpy(), manifest.column("height").to_numpy()], axis=1)
+    assert np.array_equal(boxes[:, 2:], sizes) and not boxes[:, :2].any()
+
+
+def test_plain_shard_worker_without_ray_writes_the_same_bytes(extracted, tmp_path, job_teachers):
+    out, _, _ = extracted
+    again = tmp_path / "again"
+    plan = prepare(three_family_job(again, out, job_teachers))  # copies the manifest, creates the views
+    assert sorted(plan.todo) == [0, 1, 2]
+    worker = ShardWorker(str(again), [t.to_dict() for t in plan.teachers], [v.to_dict() for v in plan.views],
+                         batch_size=3)
+    for shard in plan.todo:
+        worker.process(shard, prefetch=shard + 1 if shard + 1 in plan.todo else None)
+    worker.close()
+    for key in VIEWS:
+        a, b = stored(out, key), stored(again, key)
+        assert all(np.array_equal(a[n], b[n]) for n in a), key
+
+
+def test_rerun_skips_committed_shards_and_says_so(extracted, job_teachers):
+    out, _, _ = extracted
+    log = io.StringIO()
+    result = run(three_family_job(out, out, job_teachers), stream=log)
+    assert result.exit_code == 0 and result.skipped == 3 and result.processed == 0
+    assert "resuming: 3 of 3 shards already committed in every view, 0 to do" in log.getvalue()
+    runs = featcache.open_cache(str(out)).root.join("runs")
+    assert len(runs.fs.ls(runs.path)) == 2  # one run record per job
+
+
+def test_a_data_changing_config_is_refused(extracted, job_teachers, capsys):
+    out, _, _ = extracted
+    code = main(["extract", "--source", str(out), "--out", str(out),
+                 "--teacher", f"family=dinov3,source={job_teachers['dinov3']},resolutions=64,dtype=float16"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("featcache: error: view dinov3@64 already exists with other settings (dtype: "
+                             "'float32' -> 'float16'")
+    code = main(["extract", "--source", str(out), "--out", str(out), "--view-policy", "center",
+                 "--teacher", f"family=siglip2,source={job_teachers['siglip2']},dtype=float32"])
+    assert code == 2 and "view_policy: 'squash' -> 'center'" in capsys.readouterr().err
+
+
+def test_errors_table_is_empty_and_manifest_untouched(extracted, photos_dir):
+    out, _, _ = extracted
+    cache = featcache.open_cache(str(out))
+    assert tables.read_errors(cache.root).num_rows == 0
+    assert cache.manifest.num_rows == 10
