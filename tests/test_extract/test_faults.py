@@ -1,0 +1,119 @@
+"""Faults: a worker killed with SIGKILL mid-job (at several moments), and a killed driver rerun.
+
+Each time the final cache must pass verify and be byte-identical to an uninterrupted run: the same
+objects with the same bytes in features.zarr, one commit per (view, shard), every row valid.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import featcache
+from pipelines.extract import run
+from tests.support.processes import descendants, kill_all, wait_for
+from tests.test_extract.conftest import three_family_job
+
+pytestmark = pytest.mark.slow
+SHARDS = 5  # 10 photos, 2 per shard
+
+
+def _job(out, source, teachers):
+    return three_family_job(out, source, teachers, shard_size=2, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, photos_dir, job_teachers):
+    out = tmp_path_factory.mktemp("baseline") / "cache"
+    assert run(_job(out, photos_dir, job_teachers), stream=io.StringIO()).exit_code == 0
+    return out
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    base = root / "features.zarr"
+    return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()}
+
+
+def _commits(root: Path) -> list[Path]:
+    return sorted((root / "_commits").glob("*/*.json"))
+
+
+def _assert_same_as_baseline(out: Path, baseline: Path) -> None:
+    assert featcache.verify(str(out)).ok
+    assert [p.relative_to(out) for p in _commits(out)] == [p.relative_to(baseline) for p in _commits(baseline)]
+    assert len(_commits(out)) == 4 * SHARDS
+    got, want = _tree(out), _tree(baseline)
+    assert sorted(got) == sorted(want)
+    different = [k for k in want if got[k] != want[k]]
+    assert not different, different[:5]
+
+
+def _start_driver(tmp_path: Path, out: Path, source, teachers) -> subprocess.Popen:
+    config = _job(out, source, teachers).to_dict()
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config))
+    script = "import sys; from featcache.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen([sys.executable, "-c", script, "extract", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _actor_pids(driver: int) -> list[int]:
+    return [pid for pid, title in descendants(driver).items() if title.startswith("ray::ExtractActor")]
+
+
+@pytest.mark.parametrize("moment", ["before the first commit", "right after the first commit",
+                                    "0.3 s after the second commit"])
+def test_worker_killed_mid_job(moment, tmp_path, photos_dir, job_teachers, baseline):
+    out = tmp_path / "cache"
+    driver = _start_driver(tmp_path, out, photos_dir, job_teachers)
+    try:
+        if moment == "before the first commit":
+            wait_for(lambda: [p for p, t in descendants(driver.pid).items() if t.startswith("ray::ExtractActor.process")],
+                     120, what="a worker running a shard")
+        else:
+            need = 1 if moment == "right after the first commit" else 2
+            wait_for(lambda: len(_commits(out)) >= need, 120, what=f"{need} commits")
+            if need == 2:
+                time.sleep(0.3)
+        victims = _actor_pids(driver.pid)
+        assert victims, "no worker process found"
+        committed_before = len(_commits(out))
+        kill_all(victims)
+        output, _ = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            kill_all(descendants(driver.pid))
+            driver.kill()
+    assert driver.returncode == 0, output
+    assert committed_before < 4 * SHARDS  # the kill really happened mid-job
+    assert "attempt 1 failed (worker died" in output
+    _assert_same_as_baseline(out, baseline)
+
+
+def test_driver_killed_then_rerun(tmp_path, photos_dir, job_teachers, baseline):
+    out = tmp_path / "cache"
+    driver = _start_driver(tmp_path, out, photos_dir, job_teachers)
+    try:
+        wait_for(lambda: len(_commits(out)) >= 3, 120, what="3 commits")
+        children = descendants(driver.pid)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        kill_all(descendants(driver.pid))
+    kill_all(children)  # the embedded Ray's processes, should any outlive their driver
+    done = len(_commits(out))
+    assert done < 4 * SHARDS
+    log = io.StringIO()
+    result = run(_job(out, photos_dir, job_teachers), stream=log)
+    assert result.exit_code == 0 and result.skipped + result.processed == SHARDS
+    if result.skipped:
+        assert f"resuming: {result.skipped} of {SHARDS} shards already committed" in log.getvalue()
+    _assert_same_as_baseline(out, baseline)
