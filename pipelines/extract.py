@@ -213,7 +213,7 @@ class Scheduler:
                 raise UsageError(f"a worker could not start: {_first_line(cause or e)}") from None
             self.worker_summary[str(slot.identity["pid"])] = slot.identity
         ids = sorted({s.identity["node"][:8] for s in slots})
-        print(f"{len(slots)} workers ({self.device}, {self.threads} threads each) on {len(ids)} node(s)",
+        print(f"{len(slots)} workers ({self.device}, {self.threads} torch threads each) on {len(ids)} node(s)",
               file=self.stream, flush=True)
         return slots
 

@@ -1,0 +1,89 @@
+"""A two-node Ray cluster on this machine (``ray start --head`` + ``ray start --address``, one CPU
+each): extract with ``--ray-address`` processes shards on both nodes and equals the embedded run."""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import featcache
+from featcache.cli import main
+from pipelines.extract import run
+from tests.support.seaweed import free_ports
+from tests.test_extract.conftest import stored, three_family_job
+
+pytestmark = pytest.mark.slow
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _cluster_processes(temp_dir: str) -> list[int]:
+    """Every process of the cluster: its command line names the cluster's own temp dir, or it is a
+    child of one that does (Ray's worker processes)."""
+    from tests.support.processes import descendants
+
+    roots = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if temp_dir.encode() in f.read():
+                    roots.append(int(name))
+        except (OSError, ValueError):
+            continue
+    return sorted({p for r in roots for p in [r, *descendants(r)]})
+
+
+@pytest.fixture
+def two_node_cluster(tmp_path, monkeypatch):
+    temp_dir = f"/tmp/featcache-ray-{secrets.token_hex(4)}"  # short: Ray's socket paths have a length limit
+    token = tmp_path / "ray-token"
+    token.write_text(secrets.token_hex(32))
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    port = free_ports(1)[0]
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    try:
+        subprocess.run([RAY, "start", "--head", "--port", str(port), "--include-dashboard", "false",
+                        "--temp-dir", temp_dir, *common], check=True, capture_output=True, timeout=120)
+        subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", *common], check=True, capture_output=True,
+                       timeout=120)
+        yield f"127.0.0.1:{port}"
+    finally:
+        for pid in _cluster_processes(temp_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        subprocess.run(["rm", "-rf", temp_dir])
+
+
+def test_two_node_cluster_equals_the_embedded_run(two_node_cluster, tmp_path, photos_dir, job_teachers, capsys):
+    embedded = tmp_path / "embedded"
+    assert run(three_family_job(embedded, photos_dir, job_teachers, shard_size=2), stream=io.StringIO()).exit_code == 0
+
+    clustered = tmp_path / "clustered"
+    config = tmp_path / "job.toml"
+    teachers = "\n".join(f'[[teachers]]\nfamily = "{f}"\nsource = "{job_teachers[f]}"\ndtype = "float32"\n' + extra
+                         for f, extra in (("siglip2", ""), ("dinov3", "resolutions = [64, 96]\n"),
+                                          ("sam3", "mosaic = 2\n")))
+    config.write_text(f'source = "{photos_dir}"\noutput = "{clustered}"\nshard_size = 2\nbatch_size = 3\n'
+                      f'cpu_workers = 2\n\n{teachers}')
+    code = main(["extract", str(config), "--ray-address", two_node_cluster])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "2 workers (cpu, 1 torch threads each) on 2 node(s)" in err
+    assert featcache.verify(str(clustered)).ok
+    cache = featcache.open_cache(str(clustered))
+    nodes = {cache.view("dinov3@64").commit_record(s).info["node"] for s in range(5)}
+    assert len(nodes) == 2  # shards were committed by workers on both nodes
+    for key in ("siglip2@64", "dinov3@64", "dinov3@96", "sam3-mosaic2@56"):
+        a, b = stored(embedded, key), stored(clustered, key)
+        assert all(np.array_equal(a[n], b[n]) for n in a), key
