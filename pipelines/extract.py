@@ -88,6 +88,7 @@ def run(config: ExtractConfig, stream=None) -> ExtractResult:
         "images": {"processed": images, "failed": n_failed},
         "seconds": {"wall": round(seconds, 3), "worker_busy": round(compute, 3)},
         "images_per_second": round(result.images_per_second, 3), "workers": workers,
+        "shard_records": sorted(records, key=lambda r: r["shard"]),
         "stats": "not run: featcache stats is not built in this version" if config.stats else "off",
         "exit_code": result.exit_code})
     return result
@@ -109,7 +110,9 @@ def ray_session(config: ExtractConfig):
         if config.ray_address:
             ray.init(address=config.ray_address, **quiet)
         else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
+            # Ray lowers its workers' priority (niceness 15) by default; here the workers are the job.
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _system_config={"worker_niceness": 0},
+                     **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = config.ray_address or "a local Ray"
         raise UsageError(f"cannot start or reach {where}: {str(e).strip().splitlines()[0]}") from None

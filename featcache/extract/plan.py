@@ -65,10 +65,10 @@ class Plan:
 def prepare(config: ExtractConfig) -> Plan:
     """Manifest, teacher specs, views and the list of work for ``config`` (driver side)."""
     config = config.checked()
-    note = ensure_manifest(config)
+    specs = [describe_teacher(t.family, t.source, t.revision, name=t.name) for t in config.teachers]
+    note = ensure_manifest(config)  # after the teachers: a bad teacher fails before any indexing
     cache = Cache.open(config.output)
     shard_size = config.shard_size or cache.shard_size or DEFAULT_SHARD_SIZE
-    specs = [describe_teacher(t.family, t.source, t.revision, name=t.name) for t in config.teachers]
     views: list[ViewTask] = []
     for i, (t, spec) in enumerate(zip(config.teachers, specs)):
         for task, view_spec in view_specs(i, t, spec, config):

@@ -119,7 +119,7 @@ class ShardWorker:
             self.cache_views[task.key].write_shard(start, dense, summary, box, errors={**failed, **errors},
                                                    info={**self.info, "seconds": round(t2 - t1, 3)})
             compute, write = compute + t2 - t1, write + time.perf_counter() - t2
-        return {"shard": shard, "views": sorted(wanted), "images": stop - start, "failed": len(failed),
+        return {"shard": shard, "views": sorted(wanted), "images": stop - start, "failed": len(failed), "pid": os.getpid(),
                 "seconds": {"decode_wait": round(t_decoded - t0, 3), "compute": round(compute, 3),
                             "write": round(write, 3), "total": round(time.perf_counter() - t0, 3)},
                 **self.info}

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 import featcache
-from featcache.cli import main
 from pipelines.extract import run
 from tests.support.seaweed import free_ports
 from tests.test_extract.conftest import stored, three_family_job
@@ -41,21 +40,29 @@ def _cluster_processes(temp_dir: str) -> list[int]:
 
 
 @pytest.fixture
-def two_node_cluster(tmp_path, monkeypatch):
+def embedded(tmp_path, photos_dir, job_teachers):
+    """The same job on the embedded Ray, run first (in this process, before the cluster exists)."""
+    out = tmp_path / "embedded"
+    assert run(three_family_job(out, photos_dir, job_teachers, shard_size=2), stream=io.StringIO()).exit_code == 0
+    return out
+
+
+@pytest.fixture
+def two_node_cluster(tmp_path):
+    """(address, environment for processes that join it). The cluster has its own auth token; only
+    subprocesses see it (Ray keeps the token of its first session for the life of a process)."""
     temp_dir = f"/tmp/featcache-ray-{secrets.token_hex(4)}"  # short: Ray's socket paths have a length limit
     token = tmp_path / "ray-token"
     token.write_text(secrets.token_hex(32))
-    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
     port = free_ports(1)[0]
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
     try:
         subprocess.run([RAY, "start", "--head", "--port", str(port), "--include-dashboard", "false",
-                        "--temp-dir", temp_dir, *common], check=True, capture_output=True, timeout=120)
+                        "--temp-dir", temp_dir, *common], check=True, capture_output=True, timeout=120, env=env)
         subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", *common], check=True, capture_output=True,
-                       timeout=120)
-        yield f"127.0.0.1:{port}"
+                       timeout=120, env=env)
+        yield f"127.0.0.1:{port}", env
     finally:
         for pid in _cluster_processes(temp_dir):
             try:
@@ -65,9 +72,8 @@ def two_node_cluster(tmp_path, monkeypatch):
         subprocess.run(["rm", "-rf", temp_dir])
 
 
-def test_two_node_cluster_equals_the_embedded_run(two_node_cluster, tmp_path, photos_dir, job_teachers, capsys):
-    embedded = tmp_path / "embedded"
-    assert run(three_family_job(embedded, photos_dir, job_teachers, shard_size=2), stream=io.StringIO()).exit_code == 0
+def test_two_node_cluster_equals_the_embedded_run(embedded, two_node_cluster, tmp_path, photos_dir, job_teachers):
+    address, env = two_node_cluster
 
     clustered = tmp_path / "clustered"
     config = tmp_path / "job.toml"
@@ -76,9 +82,11 @@ def test_two_node_cluster_equals_the_embedded_run(two_node_cluster, tmp_path, ph
                                           ("sam3", "mosaic = 2\n")))
     config.write_text(f'source = "{photos_dir}"\noutput = "{clustered}"\nshard_size = 2\nbatch_size = 3\n'
                       f'cpu_workers = 2\n\n{teachers}')
-    code = main(["extract", str(config), "--ray-address", two_node_cluster])
-    err = capsys.readouterr().err
-    assert code == 0, err
+    proc = subprocess.run([sys.executable, "-c", "import sys; from featcache.cli import main; "
+                           "sys.exit(main(sys.argv[1:]))", "extract", str(config), "--ray-address", address],
+                          capture_output=True, text=True, env=env, timeout=600)
+    err = proc.stderr
+    assert proc.returncode == 0, err
     assert "2 workers (cpu, 1 torch threads each) on 2 node(s)" in err
     assert featcache.verify(str(clustered)).ok
     cache = featcache.open_cache(str(clustered))
