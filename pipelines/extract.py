@@ -138,13 +138,21 @@ def _actor_class():
             ctx = ray.get_runtime_context()
             info = {"node": ctx.get_node_id(), "host": socket.gethostname()}
             os.environ["FEATCACHE_NODE_ID"] = info["node"]
-            self.worker = ShardWorker(**kwargs, info=info)
-            self.identity = {**info, "pid": os.getpid(), "threads": threads, "device": str(self.worker.device)}
+            self.identity = {**info, "pid": os.getpid(), "threads": threads}
+            self.worker = None
+            try:
+                self.worker = ShardWorker(**kwargs, info=info)
+            except FeatcacheError as e:  # a user's problem (e.g. weights that do not load): say it, stop the job
+                self.identity["error"] = str(e)
+            else:
+                self.identity["device"] = str(self.worker.device)
 
         def ready(self) -> dict:
             return self.identity
 
         def process(self, shard: int, views: list[str], prefetch: int | None) -> dict:
+            if self.worker is None:
+                raise FeatcacheError(self.identity["error"])
             return self.worker.process(shard, views, prefetch)
 
     return ExtractActor
@@ -210,10 +218,10 @@ class Scheduler:
             try:
                 slot.identity = self.ray.get(slot.actor.ready.remote())
             except self.ray.exceptions.RayActorError as e:
-                cause = _cause(e)
-                if isinstance(cause, FeatcacheError):
-                    raise type(cause)(*cause.args) if not hasattr(cause, "uri") else cause from None
-                raise UsageError(f"a worker could not start: {_first_line(cause or e)}") from None
+                lines = [x for x in str(e).strip().splitlines() if x.strip()]
+                raise UsageError(f"a worker could not start: {lines[-1] if lines else type(e).__name__}") from None
+            if "error" in slot.identity:
+                raise FeatcacheError(slot.identity["error"])
             self.worker_summary[str(slot.identity["pid"])] = slot.identity
         ids = sorted({s.identity["node"][:8] for s in slots})
         print(f"{len(slots)} workers ({self.device}, {self.threads} torch threads each) on {len(ids)} node(s)",

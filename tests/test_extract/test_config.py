@@ -111,3 +111,15 @@ def test_missing_teacher_directory_is_a_one_line_error(tmp_path, photos_dir, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1] == f"featcache: error: no such model directory: {tmp_path / 'no-model'}"
     assert not (tmp_path / "c").exists()  # refused before indexing anything
+
+
+def test_weights_that_fail_to_load_on_a_worker_stop_the_job_with_one_line(tmp_path, photos_dir, capsys):
+    from tests.support.teachers import save_dinov3
+
+    folder, _ = save_dinov3(tmp_path / "dino")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # the driver only hashes the bytes
+    code = main(["extract", "--source", str(photos_dir), "--out", str(tmp_path / "c"),
+                 "--teacher", f"family=dinov3,source={folder}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"featcache: error: cannot load weights from {folder}")
