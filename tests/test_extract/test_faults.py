@@ -117,3 +117,25 @@ def test_driver_killed_then_rerun(tmp_path, photos_dir, job_teachers, baseline):
     if result.skipped:
         assert f"resuming: {result.skipped} of {SHARDS} shards already committed" in log.getvalue()
     _assert_same_as_baseline(out, baseline)
+
+
+def test_a_shard_that_keeps_failing_is_recorded_and_a_rerun_finishes_it(tmp_path, photos_dir, job_teachers):
+    from featcache.extract.config import from_dict
+
+    out = tmp_path / "cache"
+    job = from_dict({"source": str(photos_dir), "output": str(out), "shard_size": 4, "max_retries": 1,
+                     "teachers": [{"family": "dinov3", "source": job_teachers["dinov3"]}]})
+    featcache.index(str(photos_dir), str(out))
+    blocker = out / "features.zarr" / "dinov3@64" / "dense" / "c" / "1" / "0" / "0" / "0"
+    blocker.mkdir(parents=True)  # a directory where shard 1's object must go: every write of it fails
+    log = io.StringIO()
+    result = run(job, stream=log)
+    assert result.exit_code == 1 and list(result.failed_shards) == [1]
+    assert "shard 1: attempt 1 failed" in log.getvalue() and "shard 1 failed after 2 attempts" in log.getvalue()
+    assert sorted(p.name for p in (out / "_commits" / "dinov3@64").iterdir()) == ["0.json", "2.json"]
+    assert featcache.verify(str(out)).ok  # the failed shard is simply not there for readers
+    blocker.rmdir()
+    log = io.StringIO()
+    again = run(job, stream=log)
+    assert again.exit_code == 0 and again.skipped == 2 and again.processed == 1
+    assert "resuming: 2 of 3 shards already committed in every view, 1 to do" in log.getvalue()
