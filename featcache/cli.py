@@ -194,6 +194,26 @@ def _run_extract(cfg) -> None:
         raise typer.Exit(result.exit_code)
 
 
+@app.command("stats")
+@user_errors
+def stats_cmd(
+    root: str = typer.Argument(..., help="Cache root (local directory or fsspec URL)."),
+    views: Optional[list[str]] = typer.Option(None, "--views", "--view", help="Only these views (repeatable)."),
+    token_budget: Optional[int] = typer.Option(None, "--token-budget", help="Patch tokens per view, a seeded "
+                                                                            "uniform sample [all]."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the token sample (and of a fallback rotation)."),
+    recompute: bool = typer.Option(False, "--recompute", help="Overwrite frozen statistics."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="'auto' or ray://host:port "
+                                                                          "[embedded local Ray]."),
+) -> None:
+    """PHI-S (mean, rotation, eigenvalues, alpha) and summary dispersion of each view, from the cache."""
+    from pipelines import stats  # the Ray job; the library below it does not import pipelines
+
+    rows = stats.run(root, views, token_budget=token_budget, seed=seed, recompute=recompute,
+                     ray_address=ray_address)
+    typer.echo(stats.table(rows))
+
+
 @app.command("demo")
 @user_errors
 def demo_cmd(out: str = typer.Option("demo-cache", "--out", "-o", help="Cache root for the demo.")) -> None:

@@ -16,13 +16,12 @@ uncommitted, so the next run picks it up. Resume = run the same command again.
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 import os
 import socket
 import sys
 import time
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from featcache.errors import FeatcacheError, UsageError
@@ -30,6 +29,7 @@ from featcache.extract.config import ExtractConfig
 from featcache.extract.finalize import failed_images, rebuild_errors, write_run_record
 from featcache.extract.plan import Plan, prepare
 from featcache.extract.progress import Progress
+from pipelines.ray_session import ray_session
 
 
 @dataclass
@@ -65,12 +65,15 @@ def run(config: ExtractConfig, stream=None) -> ExtractResult:
         say(f"resuming: {plan.done_shards} of {plan.num_shards} shards already committed in every view, "
             f"{len(plan.todo)} to do")
     records, failed_shards, workers = [], {}, {}
+    keys = [v.key for v in plan.views]
     if plan.todo:
-        with ray_session(config):
+        with ray_session(config.ray_address):
             scheduler = Scheduler(plan, stream)
             records, failed_shards = scheduler.run()
             workers = scheduler.worker_summary
-    keys = [v.key for v in plan.views]
+            stats_rows = _stats(config, keys, stream)  # on the same Ray runtime
+    else:
+        stats_rows = _stats(config, keys, stream)
     rows = rebuild_errors(plan.cache, keys)
     n_failed, reasons = failed_images(plan.cache, rows)
     seconds = time.perf_counter() - t0
@@ -89,37 +92,23 @@ def run(config: ExtractConfig, stream=None) -> ExtractResult:
         "seconds": {"wall": round(seconds, 3), "worker_busy": round(compute, 3)},
         "images_per_second": round(result.images_per_second, 3), "workers": workers,
         "shard_records": sorted(records, key=lambda r: r["shard"]),
-        "stats": "not run: featcache stats is not built in this version" if config.stats else "off",
+        "stats": [dataclasses.asdict(r) for r in stats_rows] if config.stats else "off",
         "exit_code": result.exit_code})
     return result
 
 
+def _stats(config: ExtractConfig, keys: list[str], stream) -> list:
+    """PHI-S and dispersion of the job's fully committed views (frozen ones are kept)."""
+    if not config.stats:
+        return []
+    from pipelines import stats
+
+    rows = stats.run(config.output, keys, ray_address=config.ray_address, complete_only=True)
+    print(stats.table(rows), file=stream, flush=True)
+    return rows
+
+
 # ---- Ray ------------------------------------------------------------------------------------
-
-
-@contextmanager
-def ray_session(config: ExtractConfig):
-    """Join the cluster at ``config.ray_address``, or start an embedded local Ray (and stop it after)."""
-    import ray
-
-    if ray.is_initialized():  # a caller (e.g. a notebook or a test session) owns the Ray runtime
-        yield
-        return
-    quiet = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
-    try:
-        if config.ray_address:
-            ray.init(address=config.ray_address, **quiet)
-        else:
-            # Ray lowers its workers' priority (niceness 15) by default; here the workers are the job.
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _system_config={"worker_niceness": 0},
-                     **quiet)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        where = config.ray_address or "a local Ray"
-        raise UsageError(f"cannot start or reach {where}: {str(e).strip().splitlines()[0]}") from None
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def _actor_class():

@@ -76,7 +76,7 @@ class ExtractConfig:
     decode_threads: int = 4
     max_retries: int = 3  # attempts after the first, per shard
     max_pixels: int = DEFAULT_MAX_PIXELS
-    stats: bool = True
+    stats: bool = True  # PHI-S and dispersion of each fully committed view at the end
     progress_interval: float = 10.0  # seconds between log lines when stderr is not a terminal
 
     def __post_init__(self):

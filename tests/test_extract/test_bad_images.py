@@ -30,7 +30,8 @@ def job(tmp_path_factory, job_teachers):
     write_header_cases(src)
     shutil.copyfile(photo("astronaut"), src / "astronaut.png")
     out = tmp_path_factory.mktemp("bad_job") / "cache"
-    config = from_dict({"source": str(src), "output": str(out), "shard_size": 4, "batch_size": 4, "teachers": [
+    config = from_dict({"source": str(src), "output": str(out), "shard_size": 4, "batch_size": 4, "stats": False,
+                        "teachers": [
         {"family": "dinov3", "source": job_teachers["dinov3"], "dtype": "float32"}]})
     log = io.StringIO()
     return out, run(config, stream=log), log.getvalue()
@@ -41,6 +42,7 @@ def test_job_finishes_with_exit_code_1_and_verifies(job):
     assert result.exit_code == 1 and not result.failed_shards
     assert result.failed_images == len(DECODE_FAILS) + len(INDEX_FAILS)
     assert featcache.verify(str(out)).ok
+    assert featcache.open_cache(str(out)).view("dinov3@64").stats is None  # stats: false
 
 
 def test_bad_images_are_in_the_errors_table_with_reasons(job):

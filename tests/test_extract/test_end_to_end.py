@@ -38,6 +38,9 @@ def test_job_completes_and_verifies(extracted):
     cache = featcache.open_cache(str(out))
     assert set(cache.views) == set(VIEWS)
     assert cache.view("sam3-mosaic2@56").spec.mosaic == 2
+    # stats ran at the end: every view fully committed, so frozen, and the table was printed
+    assert all(cache.view(k).stats["frozen"] and cache.view(k).stats["tokens"] > 0 for k in VIEWS)
+    assert "summary dispersion" in log and all(k in log.split("summary dispersion")[1] for k in VIEWS)
 
 
 @pytest.mark.parametrize("key", VIEWS)

@@ -1,0 +1,172 @@
+"""PHI-S and angular-dispersion statistics of a cached view, computed from its committed shards.
+
+The work splits into shard groups of fixed size (``GROUP``), each reduced to a partial result by a
+plain function (a Ray task in ``pipelines/stats.py``, or a loop here); partials are merged in group
+order, so the result does not depend on how many workers ran or in which order they finished:
+the same cache and seed give the same bytes.
+
+Dense statistics use patch tokens only (the cache never stores CLS or registers) of valid rows,
+all of them or a seeded uniform subsample when a token budget is given (each token kept with
+probability budget / total, decided by a generator seeded with (seed, shard)). Summary dispersion
+uses every valid summary vector, in two passes (mean direction, then angles).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from featcache.stats.dispersion import angles
+from featcache.stats.moments import Moments
+from featcache.stats.phis import PhiS
+from featcache.store.zarrio import open_root
+
+GROUP = 8  # shards per partial result
+STATS = "stats"
+
+
+@dataclass
+class Partial:
+    """One group's contribution: dense moments and the summary vectors' sum."""
+
+    dense: Moments
+    summary_sum: np.ndarray
+    summary_count: int
+
+    def merge(self, other: "Partial") -> "Partial":
+        self.dense.merge(other.dense)
+        self.summary_sum = self.summary_sum + other.summary_sum
+        self.summary_count += other.summary_count
+        return self
+
+    def to_dict(self) -> dict:
+        return {**self.dense.to_arrays(), "summary_sum": self.summary_sum, "summary_count": self.summary_count}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Partial":
+        return cls(Moments.from_arrays(d), np.asarray(d["summary_sum"]), int(d["summary_count"]))
+
+
+def groups(shards: list[int]) -> list[list[int]]:
+    shards = sorted(shards)
+    return [shards[i:i + GROUP] for i in range(0, len(shards), GROUP)]
+
+
+def _rows(view, shard: int) -> tuple[int, int, np.ndarray]:
+    start, stop = view.shard_range(shard)
+    return start, stop, view.group["valid"][start:stop].astype(bool)
+
+
+def partial(view, shards: list[int], fraction: float, seed: int) -> Partial:
+    """Pass 1 over ``shards``: dense moments of the (sampled) valid tokens, summary sum."""
+    spec = view.spec
+    out = Partial(Moments.empty(spec.channels), np.zeros(spec.summary_channels), 0)
+    for shard in shards:
+        start, stop, valid = _rows(view, shard)
+        if not valid.any():
+            continue
+        tokens = view.group["dense"][start:stop][valid].reshape(-1, spec.channels)
+        if fraction < 1.0:
+            tokens = tokens[np.random.default_rng([seed, shard]).random(len(tokens)) < fraction]
+        out.dense.merge(Moments.of(tokens))
+        summary = view.group["summary"][start:stop][valid].astype(np.float64)
+        out.summary_sum = out.summary_sum + summary.sum(axis=0)
+        out.summary_count += len(summary)
+    return out
+
+
+def angle_sums(view, shards: list[int], direction: np.ndarray) -> tuple[float, int]:
+    """Pass 2 over ``shards``: Σ Θ(y, μ)² and the count."""
+    total, count = 0.0, 0
+    for shard in shards:
+        start, stop, valid = _rows(view, shard)
+        if valid.any():
+            theta = angles(view.group["summary"][start:stop][valid], direction)
+            total += float((theta ** 2).sum())
+            count += len(theta)
+    return total, count
+
+
+def valid_tokens(view, shards: list[int]) -> int:
+    valid = view.group["valid"][:]
+    rows = sum(int(valid[slice(*view.shard_range(s))].sum()) for s in shards)
+    return rows * view.spec.grid[0] * view.spec.grid[1]
+
+
+def fraction_for(view, shards: list[int], token_budget: int | None) -> float:
+    total = valid_tokens(view, shards)
+    if not token_budget or token_budget >= total:
+        return 1.0
+    return token_budget / total
+
+
+@dataclass(frozen=True)
+class ViewStats:
+    key: str
+    channels: int
+    tokens: int
+    alpha: float
+    dispersion: float | None
+    hadamard: str
+    complete: bool
+
+
+def write(view, merged: Partial, angle_total: float, angle_count: int, direction: np.ndarray | None,
+          seed: int, token_budget: int | None, fraction: float) -> ViewStats:
+    """Fit PHI-S, write the ``stats/`` arrays and the attrs summary of ``view`` (driver only)."""
+    phis = PhiS.fit(merged.dense, seed=seed)
+    std = np.sqrt(np.diag(merged.dense.covariance))
+    arrays = {"mean": phis.mean, "rotation": phis.rotation.astype(np.float32),
+              "inverse": phis.inverse.astype(np.float32), "eigenvalues": phis.eigenvalues,
+              "channel_mean": merged.dense.mean, "channel_std": std}
+    if direction is not None:
+        arrays["summary_mean_direction"] = direction
+    if not phis.hadamard.is_hadamard:  # a random fallback cannot be rebuilt from a name: keep it
+        from featcache.stats.hadamard import hadamard
+
+        arrays["hadamard"] = hadamard(len(phis.mean), seed)[0]
+    dispersion = angle_total / angle_count if angle_count else None
+    shards = len(view.committed_shards())
+    complete = shards == view.num_shards
+    view_group = open_root(view.cache.features, mode="a")[view.key]
+    group = view_group.create_group(STATS, overwrite=True)
+    digest = hashlib.sha256()
+    for name, value in arrays.items():
+        a = group.create_array(name, shape=value.shape, dtype=value.dtype, chunks=value.shape)
+        a[...] = value
+        digest.update(name.encode() + np.ascontiguousarray(value).tobytes())
+    summary = {"alpha": phis.alpha, "dispersion": dispersion, "tokens": merged.dense.count,
+               "summary_vectors": merged.summary_count, "seed": seed, "token_budget": token_budget,
+               "sample_fraction": fraction, "hadamard": phis.hadamard.to_dict(), "frozen": complete,
+               "shards": [shards, view.num_shards],
+               "hash": "sha256:" + digest.hexdigest(), "arrays": sorted(arrays)}
+    attrs = dict(view_group.attrs["featcache"])
+    attrs["stats"] = summary
+    view_group.attrs["featcache"] = attrs
+    return ViewStats(view.key, view.spec.channels, merged.dense.count, phis.alpha, dispersion,
+                     phis.hadamard.describe(), complete)
+
+
+def compute_view(view, seed: int = 0, token_budget: int | None = None) -> ViewStats:
+    """The whole computation in this process (what the Ray job distributes)."""
+    shards = sorted(view.committed_shards())
+    fraction = fraction_for(view, shards, token_budget)
+    merged = None
+    for g in groups(shards):
+        p = partial(view, g, fraction, seed)
+        merged = p if merged is None else merged.merge(p)
+    if merged is None or merged.dense.count == 0:
+        raise ValueError(f"{view.key}: no committed valid rows to compute statistics from")
+    direction, total, count = _direction(merged), 0.0, 0
+    if direction is not None:
+        for g in groups(shards):
+            t, c = angle_sums(view, g, direction)
+            total, count = total + t, count + c
+    return write(view, merged, total, count, direction, seed, token_budget, fraction)
+
+
+def _direction(merged: Partial) -> np.ndarray | None:
+    norm = np.linalg.norm(merged.summary_sum)
+    return merged.summary_sum / norm if merged.summary_count and norm > 0 else None

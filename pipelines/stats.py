@@ -1,0 +1,115 @@
+"""``featcache stats`` as a Ray job: PHI-S and angular dispersion of every view, from the cache.
+
+    featcache stats ROOT [--views K ...] [--token-budget N] [--seed S] [--recompute]
+
+Each Ray task reduces a fixed group of shards to a partial result (float64 moments of the sampled
+patch tokens, the summary vectors' sum; then, in a second pass, the summed squared angles); the
+driver merges the partials in group order, fits PHI-S (eigh in float64) and writes ``stats/`` and
+the attrs summary of each view. Frozen statistics are kept unless ``recompute``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from featcache.errors import UsageError
+from featcache.stats import compute
+from featcache.store.cache import Cache
+from pipelines.ray_session import ray_session
+
+
+@dataclass(frozen=True)
+class StatsRow:
+    key: str
+    channels: int
+    tokens: int | None
+    alpha: float | None
+    dispersion: float | None
+    note: str = ""
+
+
+def run(root: str, views: list[str] | None = None, token_budget: int | None = None, seed: int = 0,
+        recompute: bool = False, ray_address: str | None = None, complete_only: bool = False) -> list[StatsRow]:
+    """Compute the statistics of ``views`` (all by default) of the cache at ``root``.
+
+    Statistics of a view whose shards are all committed are frozen: kept by later runs unless
+    ``recompute``. Those of a partly committed view are written but not frozen; ``complete_only``
+    (what ``extract`` asks) leaves such views alone instead.
+    """
+    if token_budget is not None and token_budget < 1:
+        raise UsageError(f"token budget must be >= 1, not {token_budget}")
+    cache = Cache.open(root)
+    keys = views or list(cache.views)
+    unknown = [k for k in keys if k not in cache.views]
+    if unknown:
+        raise UsageError(f"no view {unknown[0]!r} in {cache.root.uri}; views: {', '.join(cache.views) or 'none'}")
+    rows, todo = [], []
+    for key in keys:
+        view = cache.view(key)
+        committed = len(view.committed_shards())
+        if view.stats and view.stats.get("frozen") and not recompute:
+            s = view.stats
+            rows.append(StatsRow(key, view.spec.channels, s["tokens"], s["alpha"], s["dispersion"],
+                                 "frozen (--recompute to overwrite)"))
+        elif not committed or (complete_only and committed < view.num_shards):
+            rows.append(StatsRow(key, view.spec.channels, None, None, None,
+                                 f"not computed: {committed} of {view.num_shards} shards committed"))
+        else:
+            todo.append(key)
+    if todo:
+        with ray_session(ray_address):
+            done = {key: _compute(cache.view(key), token_budget, seed) for key in todo}
+        rows = [done.get(r.key, r) for r in rows] + [done[k] for k in todo]
+    order = {k: i for i, k in enumerate(keys)}
+    return sorted(rows, key=lambda r: order[r.key])
+
+
+def _compute(view, token_budget: int | None, seed: int) -> StatsRow:
+    import ray
+
+    partial_task, angles_task = _tasks()
+    shards = sorted(view.committed_shards())
+    fraction = compute.fraction_for(view, shards, token_budget)
+    root, key = view.cache.root.uri, view.key
+    first = ray.get([partial_task.remote(root, key, g, fraction, seed) for g in compute.groups(shards)])
+    merged = compute.Partial.from_dict(first[0])
+    for p in first[1:]:
+        merged.merge(compute.Partial.from_dict(p))
+    if merged.dense.count == 0:
+        return StatsRow(key, view.spec.channels, 0, None, None, "no valid rows")
+    direction = compute._direction(merged)
+    total = count = 0
+    if direction is not None:
+        for t, c in ray.get([angles_task.remote(root, key, g, direction) for g in compute.groups(shards)]):
+            total, count = total + t, count + c
+    s = compute.write(view, merged, total, count, direction, seed, token_budget, fraction)
+    note = s.hadamard if s.complete else f"{s.hadamard}; {len(shards)} of {view.num_shards} shards (not frozen)"
+    return StatsRow(key, s.channels, s.tokens, s.alpha, s.dispersion, note)
+
+
+@functools.cache
+def _tasks():
+    """The Ray tasks (defined on first use: importing this module does not import Ray)."""
+    import ray
+
+    return ray.remote(num_cpus=1)(_partial_fn), ray.remote(num_cpus=1)(_angles_fn)
+
+
+def _partial_fn(root: str, key: str, shards: list[int], fraction: float, seed: int) -> dict:
+    return compute.partial(Cache.open(root).view(key), shards, fraction, seed).to_dict()
+
+
+def _angles_fn(root: str, key: str, shards: list[int], direction) -> tuple[float, int]:
+    return compute.angle_sums(Cache.open(root).view(key), shards, direction)
+
+
+def table(rows: list[StatsRow]) -> str:
+    """The rows in the shape of Table 3 of the C-RADIOv4 report."""
+    lines = [f"{'view':28s} {'channels':>8s} {'tokens':>10s} {'alpha':>9s} {'summary dispersion':>19s}  note"]
+    for r in rows:
+        tokens = "-" if r.tokens is None else f"{r.tokens:d}"
+        alpha = "-" if r.alpha is None else f"{r.alpha:.4g}"
+        disp = "-" if r.dispersion is None else f"{r.dispersion:.3f}"
+        lines.append(f"{r.key:28s} {r.channels:>8d} {tokens:>10s} {alpha:>9s} {disp:>19s}  {r.note}")
+    return "\n".join(lines)
