@@ -16,7 +16,7 @@ import functools
 import typer
 
 import featcache
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run vision teachers once over an image dataset and cache what they see.")
@@ -212,6 +212,37 @@ def stats_cmd(
     rows = stats.run(root, views, token_budget=token_budget, seed=seed, recompute=recompute,
                      ray_address=ray_address)
     typer.echo(stats.table(rows))
+
+
+@app.command("viz")
+@user_errors
+def viz_cmd(
+    root: str = typer.Argument(..., help="Cache root (local directory or fsspec URL)."),
+    image: str = typer.Option(..., "--image", help="The image's image_id (manifest column)."),
+    out: str = typer.Option(..., "--out", "-o", help="PNG file to write."),
+    views: Optional[list[str]] = typer.Option(None, "--views", "--view", help="Views to show (repeatable) "
+                                                                              "[all]."),
+    error: Optional[list[str]] = typer.Option(None, "--error", help="Error heatmap instead: --error A "
+                                                                   "--error B (two views), or one view with "
+                                                                   "--against."),
+    against: Optional[str] = typer.Option(None, "--against", help="A second cache root to compare with."),
+) -> None:
+    """PCA of each view's dense features as RGB beside the image; or an error heatmap."""
+    from featcache import viz
+
+    if not out.lower().endswith(".png"):
+        raise UsageError(f"--out {out!r}: viz writes PNG files (name it .png)")
+    cache = featcache.open_cache(root)
+    if error or against:
+        keys = error or views or []
+        if not keys or len(keys) > 2:
+            raise UsageError("give --error VIEW (with --against ROOT) or --error A --error B")
+        other = featcache.open_cache(against) if against else None
+        picture = viz.render_error(cache, image, keys[0], keys[1] if len(keys) > 1 else None, other)
+    else:
+        picture = viz.render(cache, image, views)
+    picture.save(out, format="PNG")
+    typer.echo(f"wrote {out} ({picture.width}x{picture.height})")
 
 
 @app.command("demo")

@@ -104,3 +104,36 @@ def test_errors_table_is_empty_and_manifest_untouched(extracted, photos_dir):
     cache = featcache.open_cache(str(out))
     assert tables.read_errors(cache.root).num_rows == 0
     assert cache.manifest.num_rows == 10
+
+
+def test_viz_writes_a_pca_picture_of_every_view(extracted, tmp_path, capsys):
+    from PIL import Image
+
+    out, _, _ = extracted
+    png = tmp_path / "astronaut.png"
+    assert main(["viz", str(out), "--image", "astronaut.png", "--out", str(png)]) == 0
+    picture = np.asarray(Image.open(png).convert("RGB")).astype(np.float64)
+    # the image and four views side by side, each panel 256 px high plus an 18 px label
+    assert picture.shape[0] == 274 and picture.shape[1] > 5 * 256
+    assert picture.std() > 30  # not blank
+    panel = picture[18:, -256:]  # the last view's PCA panel: its 4x4 cells take several colours
+    assert len(np.unique(panel.reshape(-1, 3), axis=0)) >= 8
+
+
+def test_viz_error_heatmap_between_two_resolutions(extracted, tmp_path):
+    from PIL import Image
+
+    out, _, _ = extracted
+    png = tmp_path / "error.png"
+    assert main(["viz", str(out), "--image", "coffee.png", "--error", "dinov3@64", "--error", "dinov3@96",
+                 "--out", str(png)]) == 0
+    picture = np.asarray(Image.open(png).convert("RGB"))
+    assert picture.shape[0] == 274 and picture[18:, -100:].std() > 10
+
+
+def test_viz_bad_arguments(extracted, tmp_path, capsys):
+    out, _, _ = extracted
+    assert main(["viz", str(out), "--image", "nope.png", "--out", str(tmp_path / "x.png")]) == 2
+    assert "no image 'nope.png'" in capsys.readouterr().err
+    assert main(["viz", str(out), "--image", "coffee.png", "--out", str(tmp_path / "x.jpg")]) == 2
+    assert "viz writes PNG files" in capsys.readouterr().err

@@ -1,0 +1,135 @@
+"""Pictures of cached features: PCA to RGB beside the image, and error heatmaps.
+
+``render(cache, image_id, views)``: the source image (as decoded for extraction), then one column
+per view: the first three principal components of that image's dense features (fitted per view on
+its own tokens), each scaled to its 1st–99th percentile, shown as RGB at the view's grid, enlarged
+with nearest-neighbour so cells stay visible. ``render_error``: per-cell relative error
+‖a − b‖ / ‖b‖ between two views of one cache (the coarser map resampled bilinearly to the finer
+grid) or between one view of two caches, as a black → red → yellow heatmap with its scale.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from featcache.decode import decode
+from featcache.errors import UsageError
+from featcache.fsio import locate
+
+HEIGHT = 256  # pixels of each panel
+LABEL = 18
+
+
+def _row(cache, image_id: str) -> int:
+    ids = cache.manifest.column("image_id").to_pylist()
+    try:
+        return ids.index(image_id)
+    except ValueError:
+        raise UsageError(f"no image {image_id!r} in {cache.root.uri} (image ids are the manifest's "
+                         f"image_id column, e.g. {ids[0]!r})") from None
+
+
+def _dense(cache, key: str, row: int) -> np.ndarray:
+    if key not in cache.views:
+        raise UsageError(f"no view {key!r} in {cache.root.uri}; views: {', '.join(cache.views) or 'none'}")
+    view = cache.view(key)
+    if row // view.shard_size not in view.committed_shards():
+        raise UsageError(f"{key}: the shard holding image row {row} is not committed yet")
+    with view.reader() as reader:
+        sample = reader.read(row)
+    if not sample.valid:
+        raise UsageError(f"{key}: image row {row} failed at extraction (see errors.parquet)")
+    return np.asarray(sample.dense, dtype=np.float32)
+
+
+def pca_rgb(dense: np.ndarray) -> np.ndarray:
+    """(h, w, C) features → (h, w, 3) uint8: the first three principal components, each scaled to
+    its 1st–99th percentile."""
+    h, w, c = dense.shape
+    x = dense.reshape(-1, c).astype(np.float64)
+    x = x - x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    comps = x @ vt[:3].T
+    if comps.shape[1] < 3:
+        comps = np.pad(comps, ((0, 0), (0, 3 - comps.shape[1])))
+    lo, hi = np.percentile(comps, 1, axis=0), np.percentile(comps, 99, axis=0)
+    rgb = np.clip((comps - lo) / np.where(hi > lo, hi - lo, 1.0), 0, 1)
+    return (rgb.reshape(h, w, 3) * 255).round().astype(np.uint8)
+
+
+def heat(values: np.ndarray, vmax: float) -> np.ndarray:
+    """(h, w) values in [0, vmax] → black → red → yellow uint8 RGB."""
+    t = np.clip(values / vmax if vmax > 0 else values * 0, 0, 1)
+    rgb = np.stack([np.clip(2 * t, 0, 1), np.clip(2 * t - 1, 0, 1), np.zeros_like(t)], axis=-1)
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def _panel(rgb: np.ndarray, label: str, width: int | None = None) -> Image.Image:
+    h, w = rgb.shape[:2]
+    width = width or max(1, round(HEIGHT * w / h))
+    body = Image.fromarray(rgb).resize((width, HEIGHT), Image.NEAREST)
+    out = Image.new("RGB", (width, HEIGHT + LABEL), (255, 255, 255))
+    out.paste(body, (0, LABEL))
+    ImageDraw.Draw(out).text((2, 2), label, fill=(0, 0, 0))
+    return out
+
+
+def _image_panel(cache, row: int) -> Image.Image:
+    uri = cache.manifest.column("uri")[row].as_py()
+    pixels = decode(locate(uri).read_bytes(), uri).permute(1, 2, 0).numpy()
+    h, w = pixels.shape[:2]
+    width = max(1, round(HEIGHT * w / h))
+    return _panel(np.asarray(Image.fromarray(pixels).resize((width, HEIGHT), Image.BILINEAR)), "image", width)
+
+
+def _strip(panels: list[Image.Image]) -> Image.Image:
+    gap = 4
+    out = Image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), HEIGHT + LABEL),
+                    (255, 255, 255))
+    x = 0
+    for p in panels:
+        out.paste(p, (x, 0))
+        x += p.width + gap
+    return out
+
+
+def render(cache, image_id: str, views: list[str] | None = None) -> Image.Image:
+    row = _row(cache, image_id)
+    keys = views or list(cache.views)
+    panels = [_image_panel(cache, row)]
+    for key in keys:
+        panels.append(_panel(pca_rgb(_dense(cache, key, row)), key))
+    return _strip(panels)
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-cell ‖a − b‖ / ‖b‖ after resampling both to the finer of the two grids."""
+    if a.shape[-1] != b.shape[-1]:
+        raise UsageError(f"cannot compare {a.shape[-1]} channels with {b.shape[-1]}")
+    size = max(a.shape[:2], b.shape[:2])
+
+    def resample(x):
+        t = torch.from_numpy(np.array(x, dtype=np.float32)).permute(2, 0, 1)[None]
+        return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
+
+    a, b = resample(a), resample(b)
+    return np.linalg.norm(a - b, axis=-1) / np.maximum(np.linalg.norm(b, axis=-1), 1e-12)
+
+
+def render_error(cache, image_id: str, view_a: str, view_b: str | None = None, other=None) -> Image.Image:
+    """Heatmap of the error of ``view_a`` against ``view_b`` (same cache) or against the same view
+    of the cache ``other``."""
+    row = _row(cache, image_id)
+    a = _dense(cache, view_a, row)
+    if other is not None:
+        b, label = _dense(other, view_b or view_a, _row(other, image_id)), f"{view_a} vs {other.root.uri}"
+    elif view_b:
+        b, label = _dense(cache, view_b, row), f"{view_a} vs {view_b}"
+    else:
+        raise UsageError("an error map needs a second view or a second cache")
+    err = relative_error(a, b)
+    vmax = float(np.percentile(err, 99)) or float(err.max())
+    return _strip([_image_panel(cache, row), _panel(heat(err, vmax), f"{label}: rel. error, max {vmax:.3g}")])
