@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import crc32c
 import numpy as np
+import zarr
 
 from featcache.errors import CacheFormatError, UsageError
 
@@ -122,6 +123,7 @@ class ViewReader:
         self._dtypes = {name: np.dtype(a.dtype).newbyteorder("<") for name, a in self._arrays.items()}
         self._fast = all(_fast_layout(a.metadata.to_dict()) for a in self._arrays.values())
         self._keys = {name: a.metadata for name, a in self._arrays.items()}
+        self._phis_arrays: tuple[np.ndarray, np.ndarray] | None = None
         self.refresh()
 
     def refresh(self) -> None:
@@ -139,16 +141,34 @@ class ViewReader:
 
     # ---- public reads -------------------------------------------------------------------
 
-    def read(self, i: int, window: tuple[int, int, int, int] | None = None) -> Sample:
-        """Image ``i``: dense window (r0, r1, c0, c1) (whole grid by default), summary, box, valid."""
+    def read(self, i: int, window: tuple[int, int, int, int] | None = None, space: str = "raw") -> Sample:
+        """Image ``i``: dense window (r0, r1, c0, c1) (whole grid by default), summary, box, valid.
+        ``space="phis"`` returns the dense features in the view's PHI-S space (float32)."""
         shard = self._shard_of(i)
         if shard not in self.committed:
             return self._empty(i, window)
-        return Sample(index=i, dense=self.read_dense(i, window), summary=self._row("summary", i),
+        return Sample(index=i, dense=self.read_dense(i, window, space), summary=self._row("summary", i),
                       box=self._row("box", i), valid=bool(self._row("valid", i)[()]))
 
-    def read_dense(self, i: int, window: tuple[int, int, int, int] | None = None) -> np.ndarray:
-        """``dense[i, r0:r1, c0:c1]`` reading only the tiles that cover the window."""
+    def read_dense(self, i: int, window: tuple[int, int, int, int] | None = None, space: str = "raw") -> np.ndarray:
+        """``dense[i, r0:r1, c0:c1]`` reading only the tiles that cover the window; ``space="phis"``:
+        mapped to PHI-S space, ``(x − μ) Rᵀ`` with the view's frozen statistics."""
+        if space == "raw":
+            return self._read_dense(i, window)
+        if space != "phis":
+            raise UsageError(f"space {space!r} is not 'raw' or 'phis'")
+        mean, rotation = self._phis()
+        return (self._read_dense(i, window).astype(np.float32) - mean) @ rotation.T
+
+    def _phis(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._phis_arrays is None:
+            if not self.view.stats:
+                raise UsageError(f"{self.view.key} has no statistics yet: run 'featcache stats' first")
+            group = zarr.open_group(self.view.group.store, path=f"{self.view.group.path}/stats", mode="r")
+            self._phis_arrays = (group["mean"][:].astype(np.float32), group["rotation"][:].astype(np.float32))
+        return self._phis_arrays
+
+    def _read_dense(self, i: int, window: tuple[int, int, int, int] | None = None) -> np.ndarray:
         r0, r1, c0, c1 = self._window(window)
         if not self._fast:
             return np.asarray(self._arrays["dense"][i, r0:r1, c0:c1])

@@ -129,3 +129,24 @@ def test_bad_arguments_are_one_line(cache_root, args, message, capsys):
     assert main(["stats", str(cache_root), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_reader_returns_phis_space_on_request(cache_root, tmp_path):
+    root = _copy(cache_root, tmp_path / "c")
+    view = featcache.open_cache(root).view("dinov3@224")
+    with view.reader() as reader:
+        with pytest.raises(featcache.errors.UsageError, match="no statistics yet: run 'featcache stats'"):
+            reader.read(0, space="phis")
+    stats.run(root)  # all tokens: on exactly those tokens PHI-S gives mean 0, variance 1 per channel
+    view = featcache.open_cache(root).view("dinov3@224")
+    valid = [i for i in range(N) if i not in FAILED]
+    with view.reader() as reader:
+        y = np.stack([reader.read(i, space="phis").dense for i in valid]).reshape(-1, 24).astype(np.float64)
+        window = reader.read(5, window=(1, 3, 2, 5), space="phis").dense
+        raw = reader.read(5).dense
+    assert np.abs(y.mean(axis=0)).max() < 1e-5 and np.abs(y.var(axis=0) - 1).max() < 1e-4
+    group = zarr.open_group(root + "/features.zarr/dinov3@224/stats", mode="r")
+    expected = (raw[1:3, 2:5].astype(np.float64) - group["mean"][:]) @ group["rotation"][:].astype(np.float64).T
+    assert window.shape == (2, 3, 24) and np.abs(window - expected).max() < 1e-4
+    with pytest.raises(featcache.errors.UsageError, match="space 'pca' is not 'raw' or 'phis'"):
+        view.reader().read(0, space="pca")
