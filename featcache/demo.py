@@ -51,12 +51,9 @@ def save_sam3_video_layout(model, folder: Path, extra: dict | None = None) -> Pa
 
 def build(family: str, seed: int = 0):
     """A tiny random-weight model of ``family`` (seeded)."""
-    import transformers as t
+    from featcache.teachers.presets import model_classes
 
-    classes = {"siglip2": (t.SiglipVisionModel, t.SiglipVisionConfig),
-               "dinov3": (t.DINOv3ViTModel, t.DINOv3ViTConfig),
-               "sam3": (t.Sam3ViTModel, t.Sam3ViTConfig)}
-    model_cls, config_cls = classes[family]
+    model_cls, config_cls = model_classes(family)
     torch.manual_seed(seed)
     return model_cls(config_cls(**DEMO_CONFIGS[family])).eval()
 

@@ -45,7 +45,6 @@ class ExtractResult:
     reasons: list[str] = field(default_factory=list)
     seconds: float = 0.0
     images_per_second: float = 0.0
-    nodes: dict[int, str] = field(default_factory=dict)  # shard -> Ray node id that committed it
     record: str = ""
 
     @property
@@ -82,8 +81,7 @@ def run(config: ExtractConfig, stream=None) -> ExtractResult:
     result = ExtractResult(
         root=plan.cache.root.uri, views=keys, shards=plan.num_shards, skipped=plan.done_shards,
         processed=len(records), failed_shards=failed_shards, images=images, failed_images=n_failed,
-        reasons=reasons, seconds=seconds, images_per_second=images / seconds if seconds else 0.0,
-        nodes={r["shard"]: r.get("node", "") for r in records})
+        reasons=reasons, seconds=seconds, images_per_second=images / seconds if seconds else 0.0)
     result.record = write_run_record(plan.cache, {
         "config": config.to_dict(), "views": keys, "teachers": [t.to_dict() for t in plan.teachers],
         "shards": {"total": plan.num_shards, "skipped": plan.done_shards, "processed": len(records),
@@ -238,7 +236,8 @@ class Scheduler:
 
     def run(self) -> tuple[list[dict], dict[int, str]]:
         ray = self.ray
-        total = sum(self.plan.shard_range(s)[1] - self.plan.shard_range(s)[0] for s in self.queue)
+        view = self.plan.cache.view(self.plan.views[0].key)
+        total = sum(stop - start for start, stop in map(view.shard_range, self.queue))
         progress = Progress(total, self.stream, self.config.progress_interval)
         slots = self._start()
         for slot in slots:

@@ -66,42 +66,27 @@ def run(root: str, views: list[str] | None = None, token_budget: int | None = No
 
 
 def _compute(view, token_budget: int | None, seed: int) -> StatsRow:
-    import ray
-
-    partial_task, angles_task = _tasks()
-    shards = sorted(view.committed_shards())
-    fraction = compute.fraction_for(view, shards, token_budget)
-    root, key = view.cache.root.uri, view.key
-    first = ray.get([partial_task.remote(root, key, g, fraction, seed) for g in compute.groups(shards)])
-    merged = compute.Partial.from_dict(first[0])
-    for p in first[1:]:
-        merged.merge(compute.Partial.from_dict(p))
-    if merged.dense.count == 0:
-        return StatsRow(key, view.spec.channels, 0, None, None, "no valid rows")
-    direction = compute._direction(merged)
-    total = count = 0
-    if direction is not None:
-        for t, c in ray.get([angles_task.remote(root, key, g, direction) for g in compute.groups(shards)]):
-            total, count = total + t, count + c
-    s = compute.write(view, merged, total, count, direction, seed, token_budget, fraction)
-    note = s.hadamard if s.complete else f"{s.hadamard}; {len(shards)} of {view.num_shards} shards (not frozen)"
-    return StatsRow(key, s.channels, s.tokens, s.alpha, s.dispersion, note)
+    s = compute.compute_view(view, seed=seed, token_budget=token_budget, run=_ray_map)
+    if s is None:
+        return StatsRow(view.key, view.spec.channels, 0, None, None, "no valid rows")
+    note = s.hadamard if s.complete else f"{s.hadamard}; {s.shards} of {view.num_shards} shards (not frozen)"
+    return StatsRow(view.key, s.channels, s.tokens, s.alpha, s.dispersion, note)
 
 
 @functools.cache
-def _tasks():
-    """The Ray tasks (defined on first use: importing this module does not import Ray)."""
+def _task(fn):
+    """``fn`` as a Ray task (defined on first use: importing this module does not import Ray)."""
     import ray
 
-    return ray.remote(num_cpus=1)(_partial_fn), ray.remote(num_cpus=1)(_angles_fn)
+    return ray.remote(num_cpus=1)(fn)
 
 
-def _partial_fn(root: str, key: str, shards: list[int], fraction: float, seed: int) -> dict:
-    return compute.partial(Cache.open(root).view(key), shards, fraction, seed).to_dict()
+def _ray_map(fn, calls: list[tuple]) -> list:
+    """One Ray task per call, results in call order."""
+    import ray
 
-
-def _angles_fn(root: str, key: str, shards: list[int], direction) -> tuple[float, int]:
-    return compute.angle_sums(Cache.open(root).view(key), shards, direction)
+    task = _task(fn)
+    return ray.get([task.remote(*args) for args in calls])
 
 
 def table(rows: list[StatsRow]) -> str:

@@ -57,10 +57,6 @@ class Plan:
     def done_shards(self) -> int:
         return self.num_shards - len(self.todo)
 
-    def shard_range(self, shard: int) -> tuple[int, int]:
-        s = self.shard_size
-        return shard * s, min((shard + 1) * s, self.cache.num_images)
-
 
 def prepare(config: ExtractConfig) -> Plan:
     """Manifest, teacher specs, views and the list of work for ``config`` (driver side)."""

@@ -46,6 +46,7 @@ class ShardWorker:
         self.info = dict(info or {})
         self.views = [ViewTask.from_dict(v) for v in views]
         self.cache_views = {v.key: self.cache.view(v.key) for v in self.views}
+        self.shard_range = next(iter(self.cache_views.values())).shard_range  # every view shares the layout
         self.teachers = [self._load(TeacherSpec.from_dict(t)) for t in teachers]
         self.pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="prefetch")  # never waits on itself
@@ -66,10 +67,6 @@ class ShardWorker:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- decoding -------------------------------------------------------------------------
-
-    def shard_range(self, shard: int) -> tuple[int, int]:
-        s = self.cache.shard_size
-        return shard * s, min((shard + 1) * s, self.cache.num_images)
 
     def prefetch(self, shard: int | None) -> None:
         """Start decoding ``shard``'s images in the background."""

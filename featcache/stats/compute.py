@@ -21,6 +21,7 @@ import numpy as np
 from featcache.stats.dispersion import angles
 from featcache.stats.moments import Moments
 from featcache.stats.phis import PhiS
+from featcache.store.cache import Cache
 from featcache.store.zarrio import open_root
 
 GROUP = 8  # shards per partial result
@@ -111,10 +112,11 @@ class ViewStats:
     dispersion: float | None
     hadamard: str
     complete: bool
+    shards: int  # committed shards the statistics were computed from
 
 
 def write(view, merged: Partial, angle_total: float, angle_count: int, direction: np.ndarray | None,
-          seed: int, token_budget: int | None, fraction: float) -> ViewStats:
+          seed: int, token_budget: int | None, fraction: float, shards: int) -> ViewStats:
     """Fit PHI-S, write the ``stats/`` arrays and the attrs summary of ``view`` (driver only)."""
     phis = PhiS.fit(merged.dense, seed=seed)
     std = np.sqrt(np.diag(merged.dense.covariance))
@@ -128,7 +130,6 @@ def write(view, merged: Partial, angle_total: float, angle_count: int, direction
 
         arrays["hadamard"] = hadamard(len(phis.mean), seed)[0]
     dispersion = angle_total / angle_count if angle_count else None
-    shards = len(view.committed_shards())
     complete = shards == view.num_shards
     view_group = open_root(view.cache.features, mode="a")[view.key]
     group = view_group.create_group(STATS, overwrite=True)
@@ -146,27 +147,42 @@ def write(view, merged: Partial, angle_total: float, angle_count: int, direction
     attrs["stats"] = summary
     view_group.attrs["featcache"] = attrs
     return ViewStats(view.key, view.spec.channels, merged.dense.count, phis.alpha, dispersion,
-                     phis.hadamard.describe(), complete)
+                     phis.hadamard.describe(), complete, shards)
 
 
-def compute_view(view, seed: int = 0, token_budget: int | None = None) -> ViewStats:
-    """The whole computation in this process (what the Ray job distributes)."""
+def group_partial(root: str, key: str, shards: list[int], fraction: float, seed: int) -> dict:
+    """Pass 1 of one shard group, from a cache root (what a worker task runs)."""
+    return partial(Cache.open(root).view(key), shards, fraction, seed).to_dict()
+
+
+def group_angles(root: str, key: str, shards: list[int], direction: np.ndarray) -> tuple[float, int]:
+    """Pass 2 of one shard group, from a cache root (what a worker task runs)."""
+    return angle_sums(Cache.open(root).view(key), shards, direction)
+
+
+def _local_map(fn, calls: list[tuple]) -> list:
+    return [fn(*args) for args in calls]
+
+
+def compute_view(view, seed: int = 0, token_budget: int | None = None, run=_local_map) -> ViewStats | None:
+    """Statistics of ``view`` from its committed shards, written into the view; None when no row is valid.
+
+    ``run(fn, calls)`` returns ``[fn(*args) for args in calls]``: a loop in this process by default,
+    Ray tasks in ``pipelines/stats.py``. Results are merged in group order whatever ``run`` does.
+    """
     shards = sorted(view.committed_shards())
     fraction = fraction_for(view, shards, token_budget)
+    root, key = view.cache.root.uri, view.key
     merged = None
-    for g in groups(shards):
-        p = partial(view, g, fraction, seed)
+    for d in run(group_partial, [(root, key, g, fraction, seed) for g in groups(shards)]):
+        p = Partial.from_dict(d)
         merged = p if merged is None else merged.merge(p)
     if merged is None or merged.dense.count == 0:
-        raise ValueError(f"{view.key}: no committed valid rows to compute statistics from")
-    direction, total, count = _direction(merged), 0.0, 0
-    if direction is not None:
-        for g in groups(shards):
-            t, c = angle_sums(view, g, direction)
-            total, count = total + t, count + c
-    return write(view, merged, total, count, direction, seed, token_budget, fraction)
-
-
-def _direction(merged: Partial) -> np.ndarray | None:
+        return None
     norm = np.linalg.norm(merged.summary_sum)
-    return merged.summary_sum / norm if merged.summary_count and norm > 0 else None
+    direction = merged.summary_sum / norm if merged.summary_count and norm > 0 else None
+    total, count = 0.0, 0
+    if direction is not None:
+        for t, c in run(group_angles, [(root, key, g, direction) for g in groups(shards)]):
+            total, count = total + t, count + c
+    return write(view, merged, total, count, direction, seed, token_budget, fraction, len(shards))

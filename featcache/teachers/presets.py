@@ -44,7 +44,7 @@ class Preset:
         from featcache.teachers.base import family_class
         from featcache.teachers.spec import TeacherSpec
 
-        cls, config_cls = _classes(self.family)
+        cls, config_cls = model_classes(self.family)
         with torch.device(device):
             model = cls(config_cls(**self.config)).eval()
         teacher_cls = family_class(self.family)
@@ -55,12 +55,13 @@ class Preset:
 
     def build_meta(self) -> torch.nn.Module:
         """The full-size model on the meta device: real shapes, no memory, no weights."""
-        cls, config_cls = _classes(self.family)
+        cls, config_cls = model_classes(self.family)
         with torch.device("meta"):
             return cls(config_cls(**self.config)).eval()
 
 
-def _classes(family: str):
+def model_classes(family: str):
+    """The transformers (model class, config class) of a report family."""
     import transformers as t
 
     return {"siglip2": (t.SiglipVisionModel, t.SiglipVisionConfig),
