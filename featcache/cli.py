@@ -91,7 +91,9 @@ def _inspect_text(info: dict) -> str:
         lines.append("  no views yet (run 'featcache extract')")
     for key, v in info["views"].items():
         dense = v["arrays"]["dense"]
-        lines.append(f"  {key:28s} dense {tuple(dense['shape'])} {dense['dtype']}  summary "
+        codec = v["codec"] if v["codec"] != "int8-phis" else f"int8-phis (scale {v['quantization']['scale']:.3g})" \
+            if v.get("quantization") else "int8-phis (not calibrated)"
+        lines.append(f"  {key:28s} dense {tuple(dense['shape'])} {codec}  summary "
                      f"{tuple(v['arrays']['summary']['shape'])}  shards {v['shards']['committed']}/"
                      f"{v['shards']['total']}  {_human(v['bytes_stored'])}  stats {'yes' if v['stats'] else 'no'}")
     return "\n".join(lines)
@@ -151,7 +153,7 @@ def extract_cmd(
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Cache root (local directory or s3://...)."),
     teacher: Optional[list[str]] = typer.Option(
         None, "--teacher", "-t", help="Repeatable: family=dinov3,source=DIR_OR_HF_ID[,resolutions=224+512]"
-                                      "[,mosaic=K][,dtype=float32][,name=N], or preset=sam3[,mosaic=3]. "
+                                      "[,mosaic=K][,codec=f32|int8-phis][,name=N], or preset=sam3[,mosaic=3]. "
                                       "Replaces the config's teachers."),
     view_policy: Optional[str] = typer.Option(None, "--view-policy", help="squash (default) or center."),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Images per shard [64]."),

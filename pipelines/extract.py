@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from featcache.errors import FeatcacheError, UsageError
+from featcache.extract.calibration import pending, sample_rows, store_calibration
 from featcache.extract.config import ExtractConfig
 from featcache.extract.finalize import failed_images, rebuild_errors, write_run_record
 from featcache.extract.plan import Plan, prepare
@@ -101,7 +102,7 @@ def _stats(config: ExtractConfig, keys: list[str], stream) -> list:
         return []
     from pipelines import stats
 
-    rows = stats.run(config.output, keys, ray_address=config.ray_address, complete_only=True)
+    rows = stats.run(config.output, keys, seed=config.seed, ray_address=config.ray_address, complete_only=True)
     print(stats.table(rows), file=stream, flush=True)
     return rows
 
@@ -141,6 +142,9 @@ def _actor_class():
             if self.worker is None:
                 raise FeatcacheError(self.identity["error"])
             return self.worker.process(shard, views, prefetch)
+
+        def calibrate(self, key: str, rows: list[int], seed: int) -> dict:
+            return self.worker.calibrate(key, rows, seed)
 
     return ExtractActor
 
@@ -240,6 +244,7 @@ class Scheduler:
         total = sum(stop - start for start, stop in map(view.shard_range, self.queue))
         progress = Progress(total, self.stream, self.config.progress_interval)
         slots = self._start()
+        self._calibrate(slots)
         for slot in slots:
             self._submit(slot)
         while any(s.ref is not None for s in slots) or self.queue:
@@ -278,6 +283,27 @@ class Scheduler:
                     self._submit(slot)
         progress.close()
         return self.records, self.failed
+
+    def _calibrate(self, slots: list[_Slot]) -> None:
+        """Fit each pending int8-phis view's statistics and scale on one actor each (in parallel),
+        and store them before any of its shards is written. A failure stops the job."""
+        keys = pending(self.plan.cache, [v.key for v in self.plan.views])
+        if not keys:
+            return
+        rows = sample_rows(self.plan.cache.num_images, self.config.calibration_images, self.config.seed)
+        say = lambda text: print(text, file=self.stream, flush=True)  # noqa: E731
+        say(f"calibrating int8-phis for {', '.join(keys)} on {len(rows)} images")
+        refs = {key: slots[i % len(slots)].actor.calibrate.remote(key, rows, self.config.seed)
+                for i, key in enumerate(keys)}
+        for key, ref in refs.items():
+            try:
+                result = self.ray.get(ref)
+            except (self.ray.exceptions.RayActorError, self.ray.exceptions.RayTaskError) as e:
+                raise FeatcacheError(f"calibration of {key} failed: {_first_line(_cause(e) or e)}") from None
+            digest = store_calibration(self.plan.cache.view(key), result)
+            q = result["quantization"]
+            say(f"{key}: scale {q['scale']:.4g}, relative MSE {q['relative_mse']:.2e} in PHI-S space on "
+                f"{q['calibration']['scale_tokens']} tokens, statistics {digest[:15]}")
 
     def _retry(self, shard: int, reason: str, delay: bool) -> None:
         n = self.attempts[shard] = self.attempts.get(shard, 0) + 1

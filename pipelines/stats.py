@@ -48,7 +48,9 @@ def run(root: str, views: list[str] | None = None, token_budget: int | None = No
     for key in keys:
         view = cache.view(key)
         committed = len(view.committed_shards())
-        if view.stats and view.stats.get("frozen") and not recompute:
+        if view.spec.codec == "int8-phis":  # its codes are stored in the PHI-S space of these statistics
+            rows.append(_calibrated(view))
+        elif view.stats and view.stats.get("frozen") and not recompute:
             s = view.stats
             rows.append(StatsRow(key, view.spec.channels, s["tokens"], s["alpha"], s["dispersion"],
                                  "frozen (--recompute to overwrite)"))
@@ -63,6 +65,15 @@ def run(root: str, views: list[str] | None = None, token_budget: int | None = No
         rows = [done.get(r.key, r) for r in rows] + [done[k] for k in todo]
     order = {k: i for i, k in enumerate(keys)}
     return sorted(rows, key=lambda r: order[r.key])
+
+
+def _calibrated(view) -> StatsRow:
+    s = view.stats
+    if not s:
+        return StatsRow(view.key, view.spec.channels, None, None, None,
+                        "not computed: an int8-phis view's statistics come from extract's calibration")
+    return StatsRow(view.key, view.spec.channels, s["tokens"], s["alpha"], s["dispersion"],
+                    f"int8-phis calibration on {s.get('images')} images (frozen: its codes depend on it)")
 
 
 def _compute(view, token_budget: int | None, seed: int) -> StatsRow:

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from featcache.decode import DEFAULT_MAX_PIXELS
 from featcache.errors import UsageError
 from featcache.geometry import POLICIES
+from featcache.store.codec import CODECS
 
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_SHARD_SIZE = 64
-STORED_DTYPES = ("float16", "float32")  # the int8-phis codec comes with `featcache stats`
 
 
 @dataclass(frozen=True)
@@ -40,15 +40,15 @@ class TeacherConfig:
     name: str | None = None  # the view-key prefix; the family by default
     revision: str | None = None
     resolutions: tuple[int, ...] = ()  # square input sizes; the teacher's native size when empty
-    dtype: str = "float16"  # stored dtype of dense and summary
+    codec: str = "f16"  # how dense features are stored: f16, f32, or int8-phis (PHI-S space, int8)
     mosaic: int = 1
     upsampler: dict | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "resolutions", tuple(self.resolutions))
         where = f"teacher {self.name or self.family}"
-        if self.dtype not in STORED_DTYPES:
-            raise UsageError(f"{where}: dtype {self.dtype!r} is not one of {', '.join(STORED_DTYPES)}")
+        if self.codec not in CODECS:
+            raise UsageError(f"{where}: codec {self.codec!r} is not one of {', '.join(CODECS)}")
         if self.mosaic < 1:
             raise UsageError(f"{where}: mosaic must be >= 1, not {self.mosaic}")
         if self.mosaic > 1 and self.resolutions:
@@ -77,6 +77,8 @@ class ExtractConfig:
     max_retries: int = 3  # attempts after the first, per shard
     max_pixels: int = DEFAULT_MAX_PIXELS
     stats: bool = True  # PHI-S and dispersion of each fully committed view at the end
+    seed: int = 0  # the int8-phis calibration sample and the statistics' token sampling
+    calibration_images: int = 256  # images an int8-phis view's PHI-S and scale are fitted on
     progress_interval: float = 10.0  # seconds between log lines when stderr is not a terminal
 
     def __post_init__(self):
@@ -85,7 +87,7 @@ class ExtractConfig:
             raise UsageError(f"view_policy {self.view_policy!r} is not one of {', '.join(POLICIES)}")
         if self.device not in DEVICES:
             raise UsageError(f"device {self.device!r} is not one of {', '.join(DEVICES)}")
-        for name in ("batch_size", "workers_per_gpu", "decode_threads", "max_pixels"):
+        for name in ("batch_size", "workers_per_gpu", "decode_threads", "max_pixels", "calibration_images"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be >= 1, not {getattr(self, name)}")
         for name in ("shard_size", "cpu_workers", "threads_per_worker"):

@@ -4,7 +4,7 @@
 own manifest, or copying an existing cache's), describes every teacher from its config alone
 (meta device: no weights loaded on the driver), creates every view at its final shape, and lists
 the work: per shard, the views not yet committed. A view that already exists with other data
-settings (model, weights, resolution, dtype, view policy, mosaic) is refused with the reason.
+settings (model, weights, resolution, codec, view policy, mosaic) is refused with the reason.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def view_specs(index: int, t: TeacherConfig, spec: TeacherSpec, config: ExtractC
         summary = dataclasses.replace(spec, summary_kind="mean") if t.mosaic > 1 else spec
         yield (ViewTask(key, index, size, t.mosaic),
                ViewSpec(key=key, grid=grid, channels=spec.channels, summary_channels=spec.summary_channels,
-                        input_size=size, dtype=t.dtype, codec="f16" if t.dtype == "float16" else t.dtype,
+                        input_size=size, codec=t.codec,
                         view_policy=config.view_policy, teacher=summary.to_dict(), mosaic=t.mosaic))
 
 

@@ -20,11 +20,13 @@ import numpy as np
 import torch
 
 from featcache.decode import decode
-from featcache.errors import ImageError, UsageError
+from featcache.errors import FeatcacheError, ImageError, UsageError
 from featcache.extract.plan import ViewTask
 from featcache.fsio import locate
 from featcache.geometry import make_views
+from featcache.stats.calibrate import Calibration
 from featcache.store.cache import Cache
+from featcache.store.codec import Int8Phis, load_int8_phis
 from featcache.store.zarrio import as_dtype
 from featcache.teachers import TeacherSpec, create_teacher
 
@@ -51,6 +53,7 @@ class ShardWorker:
         self.pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="prefetch")  # never waits on itself
         self._prefetched: dict[int, Future] = {}
+        self._codecs: dict[str, Int8Phis] = {}
 
     def _load(self, expected: TeacherSpec):
         teacher = create_teacher(expected.family, expected.source, expected.revision, device=str(self.device),
@@ -121,28 +124,63 @@ class ShardWorker:
                             "write": round(write, 3), "total": round(time.perf_counter() - t0, 3)},
                 **self.info}
 
-    def _compute(self, task: ViewTask, images: list, good: list[int], start: int, stop: int):
-        view = self.cache_views[task.key]
-        spec, teacher = view.spec, self.teachers[task.teacher]
-        n = stop - start
-        dtype = view.group["dense"].dtype
-        dense = np.zeros((n, *spec.grid, spec.channels), dtype=dtype)
-        summary = np.zeros((n, spec.summary_channels), dtype=view.group["summary"].dtype)
-        box = np.zeros((n, 4), dtype=np.float32)
-        errors: dict[int, str] = {}
+    def _features(self, task: ViewTask, images: list, good: list[int]):
+        """(rows, dense, summary, boxes) per batch of ``good`` images: the teacher's float outputs
+        as tensors on the teacher's device."""
+        teacher = self.teachers[task.teacher]
         per_batch = self.batch_size * task.mosaic ** 2
         for b in range(0, len(good), per_batch):
             rows = good[b:b + per_batch]
             pixels, boxes = make_views([images[j] for j in rows], teacher.spec, size=task.size,
                                        policy=self.policy, device=self.device, mosaic=task.mosaic)
-            if task.mosaic > 1:
-                out = teacher.extract_mosaic(pixels, task.mosaic)
+            out = teacher.extract_mosaic(pixels, task.mosaic) if task.mosaic > 1 else teacher.extract(pixels)
+            yield rows, out.dense, out.summary, boxes
+
+    def _compute(self, task: ViewTask, images: list, good: list[int], start: int, stop: int):
+        view = self.cache_views[task.key]
+        spec, n = view.spec, stop - start
+        codec = self._codec(task.key) if spec.codec == "int8-phis" else None
+        dtype = view.group["dense"].dtype
+        dense = np.zeros((n, *spec.grid, spec.channels), dtype=dtype)
+        summary = np.zeros((n, spec.summary_channels), dtype=view.group["summary"].dtype)
+        box = np.zeros((n, 4), dtype=np.float32)
+        errors: dict[int, str] = {}
+        for rows, d, s, boxes in self._features(task, images, good):
+            finite = (torch.isfinite(d).reshape(len(rows), -1).all(dim=1) & torch.isfinite(s).all(dim=1)).cpu().numpy()
+            if codec is not None:
+                dense[rows] = codec.encode(torch.nan_to_num(d)).cpu().numpy()
             else:
-                out = teacher.extract(pixels)
-            d, s = out.dense.cpu().numpy(), out.summary.cpu().numpy()
-            finite = np.isfinite(d).reshape(len(rows), -1).all(axis=1) & np.isfinite(s).all(axis=1)
-            dense[rows], summary[rows], box[rows] = as_dtype(d, dtype), as_dtype(s, summary.dtype), boxes.numpy()
+                dense[rows] = as_dtype(d.cpu().numpy(), dtype)
+            summary[rows], box[rows] = as_dtype(s.cpu().numpy(), summary.dtype), boxes.numpy()
             for r, ok in zip(rows, finite):
                 if not ok:
                     errors[start + r] = "teacher: non-finite features"
         return dense, summary, box, errors
+
+    def _codec(self, key: str) -> Int8Phis:
+        """The view's int8-phis transform, read once its calibration is in the cache."""
+        if key not in self._codecs:
+            self._codecs[key] = load_int8_phis(self.cache_views[key])
+        return self._codecs[key]
+
+    # ---- int8-phis calibration ------------------------------------------------------------
+
+    def calibrate(self, key: str, rows: list[int], seed: int = 0) -> dict:
+        """Fit the PHI-S statistics and int8 scale of view ``key`` on the images ``rows`` (float
+        features, nothing written); the driver stores the result with ``store_calibration``."""
+        task = next(v for v in self.views if v.key == key)
+        spec = self.cache_views[key].spec
+        t0 = time.perf_counter()
+        images = list(self.pool.map(self._decode_one, rows))
+        good = [j for j, im in enumerate(images) if not isinstance(im, ImageError)]
+        calibration = Calibration(spec.channels, len(good) * spec.grid[0] * spec.grid[1], seed)
+        for _, d, s, _ in self._features(task, images, good):
+            d, s = d.float().cpu().numpy(), s.float().cpu().numpy()
+            ok = np.isfinite(d).reshape(len(d), -1).all(axis=1) & np.isfinite(s).all(axis=1)
+            if ok.any():
+                calibration.add(d[ok], s[ok])
+        if calibration.images == 0:
+            raise FeatcacheError(f"{key}: none of the {len(rows)} calibration images could be used")
+        result = calibration.finish()
+        result["quantization"]["calibration"]["seconds"] = round(time.perf_counter() - t0, 3)
+        return result

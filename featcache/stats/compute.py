@@ -13,7 +13,6 @@ uses every valid summary vector, in two passes (mean direction, then angles).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,11 +20,12 @@ import numpy as np
 from featcache.stats.dispersion import angles
 from featcache.stats.moments import Moments
 from featcache.stats.phis import PhiS
+from featcache.errors import UsageError
 from featcache.store.cache import Cache
+from featcache.store.codec import QUANTIZATION, STATS, stats_digest
 from featcache.store.zarrio import open_root
 
 GROUP = 8  # shards per partial result
-STATS = "stats"
 
 
 @dataclass
@@ -115,37 +115,54 @@ class ViewStats:
     shards: int  # committed shards the statistics were computed from
 
 
-def write(view, merged: Partial, angle_total: float, angle_count: int, direction: np.ndarray | None,
-          seed: int, token_budget: int | None, fraction: float, shards: int) -> ViewStats:
-    """Fit PHI-S, write the ``stats/`` arrays and the attrs summary of ``view`` (driver only)."""
-    phis = PhiS.fit(merged.dense, seed=seed)
-    std = np.sqrt(np.diag(merged.dense.covariance))
+def stats_arrays(phis: PhiS, moments: Moments, direction: np.ndarray | None, seed: int) -> dict[str, np.ndarray]:
+    """The arrays ``stats/`` holds for a fitted PHI-S (R and R⁻¹ in float32, as ALGORITHMS.md §1 says)."""
     arrays = {"mean": phis.mean, "rotation": phis.rotation.astype(np.float32),
               "inverse": phis.inverse.astype(np.float32), "eigenvalues": phis.eigenvalues,
-              "channel_mean": merged.dense.mean, "channel_std": std}
+              "channel_mean": moments.mean, "channel_std": np.sqrt(np.diag(moments.covariance))}
     if direction is not None:
         arrays["summary_mean_direction"] = direction
     if not phis.hadamard.is_hadamard:  # a random fallback cannot be rebuilt from a name: keep it
         from featcache.stats.hadamard import hadamard
 
         arrays["hadamard"] = hadamard(len(phis.mean), seed)[0]
-    dispersion = angle_total / angle_count if angle_count else None
-    complete = shards == view.num_shards
+    return arrays
+
+
+def store(view, arrays: dict[str, np.ndarray], summary: dict, quantization: dict | None = None) -> str:
+    """Write ``stats/`` and the attrs summary of ``view`` (driver only); returns the stats hash.
+
+    ``quantization`` (the int8-phis scale) is recorded in the same attrs write, referencing the hash,
+    so a reader never sees codes without the statistics they were written with.
+    """
     view_group = open_root(view.cache.features, mode="a")[view.key]
     group = view_group.create_group(STATS, overwrite=True)
-    digest = hashlib.sha256()
     for name, value in arrays.items():
         a = group.create_array(name, shape=value.shape, dtype=value.dtype, chunks=value.shape)
         a[...] = value
-        digest.update(name.encode() + np.ascontiguousarray(value).tobytes())
+    digest = stats_digest(arrays)
+    attrs = dict(view_group.attrs["featcache"])
+    attrs["stats"] = {**summary, "hash": digest, "arrays": sorted(arrays)}
+    if quantization is not None:
+        attrs[QUANTIZATION] = {**quantization, "stats_hash": digest}
+    view_group.attrs["featcache"] = attrs
+    return digest
+
+
+def write(view, merged: Partial, angle_total: float, angle_count: int, direction: np.ndarray | None,
+          seed: int, token_budget: int | None, fraction: float, shards: int) -> ViewStats:
+    """Fit PHI-S, write the ``stats/`` arrays and the attrs summary of ``view`` (driver only)."""
+    if view.spec.codec == "int8-phis":
+        raise UsageError(f"{view.key} stores int8 codes in the PHI-S space of its calibration statistics: "
+                         "they cannot be recomputed (extract into a new view to change them)")
+    phis = PhiS.fit(merged.dense, seed=seed)
+    dispersion = angle_total / angle_count if angle_count else None
+    complete = shards == view.num_shards
     summary = {"alpha": phis.alpha, "dispersion": dispersion, "tokens": merged.dense.count,
                "summary_vectors": merged.summary_count, "seed": seed, "token_budget": token_budget,
                "sample_fraction": fraction, "hadamard": phis.hadamard.to_dict(), "frozen": complete,
-               "shards": [shards, view.num_shards],
-               "hash": "sha256:" + digest.hexdigest(), "arrays": sorted(arrays)}
-    attrs = dict(view_group.attrs["featcache"])
-    attrs["stats"] = summary
-    view_group.attrs["featcache"] = attrs
+               "shards": [shards, view.num_shards], "source": "cache"}
+    store(view, stats_arrays(phis, merged.dense, direction, seed), summary)
     return ViewStats(view.key, view.spec.channels, merged.dense.count, phis.alpha, dispersion,
                      phis.hadamard.describe(), complete, shards)
 

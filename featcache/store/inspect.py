@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from featcache.store.cache import Cache, View
+from featcache.store.codec import QUANTIZATION
 
 
 def summarize(cache: Cache) -> dict:
@@ -36,6 +37,7 @@ def _view_summary(view: View) -> dict:
         "shards": {"committed": len(committed), "total": view.num_shards},
         "images_committed": images_committed,
         "stats": view.stats is not None,
+        "quantization": view.group.attrs["featcache"].get(QUANTIZATION),
     }
 
 

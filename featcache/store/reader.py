@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 import crc32c
 import numpy as np
-import zarr
 
 from featcache.errors import CacheFormatError, UsageError
+from featcache.store.codec import Int8Phis, load_int8_phis, read_stats
 
+SPACES = ("raw", "phis", "stored")
 _EMPTY = np.uint64(2**64 - 1)
 _CRC = 4
 
@@ -124,6 +125,7 @@ class ViewReader:
         self._fast = all(_fast_layout(a.metadata.to_dict()) for a in self._arrays.values())
         self._keys = {name: a.metadata for name, a in self._arrays.items()}
         self._phis_arrays: tuple[np.ndarray, np.ndarray] | None = None
+        self._codec: Int8Phis | None = None
         self.refresh()
 
     def refresh(self) -> None:
@@ -142,30 +144,47 @@ class ViewReader:
     # ---- public reads -------------------------------------------------------------------
 
     def read(self, i: int, window: tuple[int, int, int, int] | None = None, space: str = "raw") -> Sample:
-        """Image ``i``: dense window (r0, r1, c0, c1) (whole grid by default), summary, box, valid.
-        ``space="phis"`` returns the dense features in the view's PHI-S space (float32)."""
+        """Image ``i``: dense window (r0, r1, c0, c1) (whole grid by default), summary, box, valid;
+        the dense features in ``space`` (see :meth:`read_dense`)."""
         shard = self._shard_of(i)
         if shard not in self.committed:
-            return self._empty(i, window)
+            return self._empty(i, window, space)
         return Sample(index=i, dense=self.read_dense(i, window, space), summary=self._row("summary", i),
                       box=self._row("box", i), valid=bool(self._row("valid", i)[()]))
 
     def read_dense(self, i: int, window: tuple[int, int, int, int] | None = None, space: str = "raw") -> np.ndarray:
-        """``dense[i, r0:r1, c0:c1]`` reading only the tiles that cover the window; ``space="phis"``:
-        mapped to PHI-S space, ``(x − μ) Rᵀ`` with the view's frozen statistics."""
+        """``dense[i, r0:r1, c0:c1]`` reading only the tiles that cover the window, in ``space``:
+
+        - ``raw``: the teacher's features (float32 decoded from int8-phis codes; f16/f32 as stored);
+        - ``phis``: float32 in the view's PHI-S space, ``(x − μ) Rᵀ`` with its frozen statistics
+          (for int8-phis: the codes times the scale, no matrix product);
+        - ``stored``: the stored values as they are (float16, float32 or int8 codes).
+        """
+        if space not in SPACES:
+            raise UsageError(f"space {space!r} is not one of {', '.join(SPACES)}")
+        x = self._read_dense(i, window)
+        if space == "stored":
+            return x
+        if self.spec.codec == "int8-phis":
+            return self.codec.to_phis(x) if space == "phis" else self.codec.decode(x)
         if space == "raw":
-            return self._read_dense(i, window)
-        if space != "phis":
-            raise UsageError(f"space {space!r} is not 'raw' or 'phis'")
+            return x
         mean, rotation = self._phis()
-        return (self._read_dense(i, window).astype(np.float32) - mean) @ rotation.T
+        return (x.astype(np.float32) - mean) @ rotation.T
+
+    @property
+    def codec(self) -> Int8Phis:
+        """The int8-phis transform (checked against the statistics hash once, on first use)."""
+        if self._codec is None:
+            self._codec = load_int8_phis(self.view)
+        return self._codec
 
     def _phis(self) -> tuple[np.ndarray, np.ndarray]:
         if self._phis_arrays is None:
             if not self.view.stats:
                 raise UsageError(f"{self.view.key} has no statistics yet: run 'featcache stats' first")
-            group = zarr.open_group(self.view.group.store, path=f"{self.view.group.path}/stats", mode="r")
-            self._phis_arrays = (group["mean"][:].astype(np.float32), group["rotation"][:].astype(np.float32))
+            stats = read_stats(self.view)
+            self._phis_arrays = (stats["mean"].astype(np.float32), stats["rotation"].astype(np.float32))
         return self._phis_arrays
 
     def _read_dense(self, i: int, window: tuple[int, int, int, int] | None = None) -> np.ndarray:
@@ -253,9 +272,11 @@ class ViewReader:
         raw = self._ranges.read(path, local * row_bytes, row_bytes)
         return np.frombuffer(raw, dtype=dtype).reshape(row_shape)
 
-    def _empty(self, i: int, window) -> Sample:
+    def _empty(self, i: int, window, space: str) -> Sample:
         r0, r1, c0, c1 = self._window(window)
-        return Sample(index=i, dense=np.zeros((r1 - r0, c1 - c0, self.spec.channels), self._dtypes["dense"]),
+        stored = space == "stored" or (space == "raw" and self.spec.codec != "int8-phis")
+        dtype = self._dtypes["dense"] if stored else np.float32
+        return Sample(index=i, dense=np.zeros((r1 - r0, c1 - c0, self.spec.channels), dtype),
                       summary=np.zeros(self.spec.summary_channels, self._dtypes["summary"]),
                       box=np.zeros(4, np.float32), valid=False)
 

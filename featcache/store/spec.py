@@ -11,12 +11,12 @@ import re
 from dataclasses import dataclass, field
 
 from featcache.errors import CacheFormatError, UsageError
+from featcache.store.codec import CODECS
 
 FORMAT_VERSION = 1
-DTYPES = ("float16", "float32", "bfloat16", "int8")
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*@[0-9]+(x[0-9]+)?$")
 #: Keys of a view's attrs["featcache"] that are annotations added later, not part of the spec.
-ANNOTATIONS = ("format", "stats")
+ANNOTATIONS = ("format", "stats", "quantization")
 
 
 def check_view_key(key: str) -> str:
@@ -39,7 +39,7 @@ class ViewSpec:
     channels: int
     summary_channels: int
     input_size: tuple[int, int] | None = None
-    dtype: str = "float16"
+    dtype: str | None = None  # the dense array's stored dtype, set by the codec
     codec: str = "f16"
     tile: tuple[int, int] | None = None
     view_policy: str = "squash"
@@ -55,13 +55,16 @@ class ViewSpec:
                 object.__setattr__(self, name, _pair(name, value))
         if self.tile is None:
             object.__setattr__(self, "tile", self.grid)
+        if self.dtype is None and self.codec in CODECS:
+            object.__setattr__(self, "dtype", CODECS[self.codec])
         self._validate()
 
     def _validate(self) -> None:
         if self.channels < 1 or self.summary_channels < 0:
             raise UsageError(f"view {self.key}: channels must be >= 1 and summary_channels >= 0")
-        if self.dtype not in DTYPES:
-            raise UsageError(f"view {self.key}: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.codec not in CODECS or CODECS[self.codec] != self.dtype:
+            raise UsageError(f"view {self.key}: codec {self.codec!r} with dtype {self.dtype!r}; codecs: "
+                             + ", ".join(f"{c} ({d})" for c, d in CODECS.items()))
         if self.mosaic < 1:
             raise UsageError(f"view {self.key}: mosaic must be >= 1")
         if any(g % t for g, t in zip(self.grid, self.tile)):

@@ -4,7 +4,8 @@ For each committed shard: the marker is readable and covers the right rows; ever
 shard wrote exists and has the checksum the writer recorded; the data decodes through zarr (which
 checks each chunk's crc32c); ``valid`` is 1 exactly for the rows the commit did not list as
 failed; no valid row holds NaN or Inf. Per view: array shapes and dtypes match the attrs, and
-``errors.parquet`` agrees with the commits. Shards without a marker are invisible to readers and
+``errors.parquet`` agrees with the commits; an int8-phis view's statistics still have the hash its
+codes were written with. Shards without a marker are invisible to readers and
 are reported as notes, not problems.
 """
 
@@ -15,8 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from featcache.errors import CacheFormatError
+from featcache.errors import CacheFormatError, UsageError
 from featcache.store.cache import Cache, View
+from featcache.store.codec import load_int8_phis
 from featcache.store.zarrio import array_layouts, object_checksum, shard_object_keys
 
 _ROWS_PER_READ = 32
@@ -28,7 +30,7 @@ class Problem:
 
     view: str
     shard: int | None
-    kind: str  # shape, commit, missing, checksum, decode, nonfinite, valid, errors-table
+    kind: str  # shape, codec, commit, missing, checksum, decode, nonfinite, valid, errors-table
     message: str
 
     def __str__(self) -> str:
@@ -56,6 +58,8 @@ def verify(cache: Cache, views: list[str] | None = None, workers: int = 4) -> Re
         view = cache.view(key)
         report.problems += _check_shapes(view)
         committed = sorted(view.committed_shards())
+        if committed and view.spec.codec == "int8-phis":
+            report.problems += _check_codec(view)
         with ThreadPoolExecutor(workers) as pool:
             for found in pool.map(lambda k: _check_shard(view, k), committed):
                 report.problems += found
@@ -74,6 +78,15 @@ def _check_shapes(view: View) -> list[Problem]:
             found.append(Problem(view.key, None, "shape", f"{name} is {arr.shape} {arr.dtype}, the attrs say "
                                                          f"{layout['shape']} {layout['dtype']}"))
     return found
+
+
+def _check_codec(view: View) -> list[Problem]:
+    """int8-phis codes decode only with the statistics they were written with (matched by hash)."""
+    try:
+        load_int8_phis(view)
+    except (CacheFormatError, UsageError) as e:
+        return [Problem(view.key, None, "codec", str(e))]
+    return []
 
 
 def _check_shard(view: View, shard: int) -> list[Problem]:

@@ -7,6 +7,7 @@ import pyarrow as pa
 
 from featcache.fsio import locate
 from featcache.store import Cache, ViewSpec, tables
+from featcache.store.codec import CODECS
 
 
 def write_manifest(root: str, n: int) -> None:
@@ -22,8 +23,9 @@ def write_manifest(root: str, n: int) -> None:
 
 
 def spec(key: str = "dinov3@224", grid=(4, 6), channels: int = 8, tile=None, dtype="float16") -> ViewSpec:
+    codec = {d: c for c, d in CODECS.items()}[dtype]
     return ViewSpec(key=key, grid=grid, channels=channels, summary_channels=5, input_size=(64, 96), tile=tile,
-                    dtype=dtype, teacher={"family": "test", "source": "none"})
+                    codec=codec, teacher={"family": "test", "source": "none"})
 
 
 def shard_data(view, shard: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -42,9 +42,9 @@ def photos_dir(tmp_path_factory):
 def three_family_job(out, source, teachers: dict, **overrides):
     """index -> extract job: three families, DINOv3 at two resolutions, SAM3 as a 2x2 mosaic, float32."""
     d = {"source": str(source), "output": str(out), "shard_size": 4, "batch_size": 3, "teachers": [
-        {"family": "siglip2", "source": teachers["siglip2"], "dtype": "float32"},
-        {"family": "dinov3", "source": teachers["dinov3"], "resolutions": [64, 96], "dtype": "float32"},
-        {"family": "sam3", "source": teachers["sam3"], "mosaic": 2, "dtype": "float32"}]}
+        {"family": "siglip2", "source": teachers["siglip2"], "codec": "f32"},
+        {"family": "dinov3", "source": teachers["dinov3"], "resolutions": [64, 96], "codec": "f32"},
+        {"family": "sam3", "source": teachers["sam3"], "mosaic": 2, "codec": "f32"}]}
     d.update(overrides)
     return from_dict(d, "test job")
 

@@ -32,7 +32,7 @@ def job(tmp_path_factory, job_teachers):
     out = tmp_path_factory.mktemp("bad_job") / "cache"
     config = from_dict({"source": str(src), "output": str(out), "shard_size": 4, "batch_size": 4, "stats": False,
                         "teachers": [
-        {"family": "dinov3", "source": job_teachers["dinov3"], "dtype": "float32"}]})
+        {"family": "dinov3", "source": job_teachers["dinov3"], "codec": "f32"}]})
     log = io.StringIO()
     return out, run(config, stream=log), log.getvalue()
 

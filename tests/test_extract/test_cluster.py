@@ -77,7 +77,7 @@ def test_two_node_cluster_equals_the_embedded_run(embedded, two_node_cluster, tm
 
     clustered = tmp_path / "clustered"
     config = tmp_path / "job.toml"
-    teachers = "\n".join(f'[[teachers]]\nfamily = "{f}"\nsource = "{job_teachers[f]}"\ndtype = "float32"\n' + extra
+    teachers = "\n".join(f'[[teachers]]\nfamily = "{f}"\nsource = "{job_teachers[f]}"\ncodec = "f32"\n' + extra
                          for f, extra in (("siglip2", ""), ("dinov3", "resolutions = [64, 96]\n"),
                                           ("sam3", "mosaic = 2\n")))
     config.write_text(f'source = "{photos_dir}"\noutput = "{clustered}"\nshard_size = 2\nbatch_size = 3\n'

@@ -42,9 +42,9 @@ def test_toml_and_yaml_give_the_same_config(tmp_path):
 def test_flags_override_the_file(tmp_path):
     (tmp_path / "job.toml").write_text(TOML)
     cfg = load(str(tmp_path / "job.toml"), output="s3://b/c", batch_size=4, shard_size=None,
-               teachers=[parse_teacher_flag("family=vit,source=/m/vit,dtype=float32")])
+               teachers=[parse_teacher_flag("family=vit,source=/m/vit,codec=f32")])
     assert cfg.output == "s3://b/c" and cfg.batch_size == 4 and cfg.shard_size == 32
-    assert [t.family for t in cfg.teachers] == ["vit"] and cfg.teachers[0].dtype == "float32"
+    assert [t.family for t in cfg.teachers] == ["vit"] and cfg.teachers[0].codec == "f32"
 
 
 def test_teacher_flag_syntax():
@@ -67,7 +67,7 @@ def test_teacher_flag_syntax():
     ({"stats": "yes"}, "stats must be a bool"),
     ({"view_policy": "crop"}, "view_policy 'crop' is not one of squash, center"),
     ({"teachers": {"family": "dinov3"}}, "'teachers' must be a list"),
-    ({"teachers": [{"family": "dinov3", "source": "/x", "dtype": "int8"}]}, "dtype 'int8' is not one of float16"),
+    ({"teachers": [{"family": "dinov3", "source": "/x", "codec": "int8"}]}, "codec 'int8' is not one of f16, f32, int8-phis"),
     ({"teachers": [{"family": "sam3", "source": "/x", "mosaic": 2, "resolutions": [504]}]},
      "a mosaic view's size is the native size / mosaic"),
     ({"teachers": [{"family": "siglip2", "source": "/x", "upsampler": {"kind": "featsharp"}}]},

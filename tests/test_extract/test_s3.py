@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.s3, pytest.mark.slow]
 def _job(root, source, teachers):
     return from_dict({"source": str(source), "output": root, "shard_size": 1, "batch_size": 1, "max_retries": 4,
                       "teachers": [{"family": "dinov3", "source": teachers["dinov3"], "resolutions": [64, 96],
-                                    "dtype": "float32"}]}, "s3 job")
+                                    "codec": "f32"}]}, "s3 job")
 
 
 def test_s3_output_survives_a_server_restart(private_s3_server, monkeypatch, photos_dir,  # noqa: F811

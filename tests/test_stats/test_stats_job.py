@@ -148,5 +148,5 @@ def test_reader_returns_phis_space_on_request(cache_root, tmp_path):
     group = zarr.open_group(root + "/features.zarr/dinov3@224/stats", mode="r")
     expected = (raw[1:3, 2:5].astype(np.float64) - group["mean"][:]) @ group["rotation"][:].astype(np.float64).T
     assert window.shape == (2, 3, 24) and np.abs(window - expected).max() < 1e-4
-    with pytest.raises(featcache.errors.UsageError, match="space 'pca' is not 'raw' or 'phis'"):
+    with pytest.raises(featcache.errors.UsageError, match="space 'pca' is not one of raw, phis, stored"):
         view.reader().read(0, space="pca")

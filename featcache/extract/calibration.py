@@ -1,0 +1,41 @@
+"""Driver side of the ``int8-phis`` calibration: which views need it, on which images, and storing
+what a worker fitted (``ShardWorker.calibrate``) before any shard of the view is written."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from featcache.stats.compute import store
+from featcache.store.codec import QUANTIZATION
+
+
+def pending(cache, keys: list[str]) -> list[str]:
+    """The int8-phis views among ``keys`` that have no calibration yet."""
+    out = []
+    for key in keys:
+        view = cache.view(key)
+        if view.spec.codec == "int8-phis" and QUANTIZATION not in view.group.attrs["featcache"]:
+            out.append(key)
+    return out
+
+
+def sample_rows(num_images: int, count: int, seed: int) -> list[int]:
+    """A seeded uniform sample of ``count`` image rows (all rows when there are fewer), in order."""
+    if count >= num_images:
+        return list(range(num_images))
+    rng = np.random.default_rng([seed, 0])
+    return sorted(int(i) for i in rng.choice(num_images, count, replace=False))
+
+
+def store_calibration(view, result: dict) -> str:
+    """Write a worker's calibration (stats arrays, summary, scale) into ``view``; returns the stats hash."""
+    return store(view, result["arrays"], result["summary"], result["quantization"])
+
+
+def calibrate_locally(plan, worker) -> list[str]:
+    """Calibrate every pending view of ``plan`` with a plain ``ShardWorker`` (no Ray)."""
+    keys = pending(plan.cache, [v.key for v in plan.views])
+    rows = sample_rows(plan.cache.num_images, plan.config.calibration_images, plan.config.seed)
+    for key in keys:
+        store_calibration(plan.cache.view(key), worker.calibrate(key, rows, plan.config.seed))
+    return keys

@@ -1,0 +1,151 @@
+"""The int8-phis codec end to end: calibration inside the Ray job, codes written by the workers,
+read back as PHI-S or raw floats and compared with the teacher's float outputs computed directly."""
+
+from __future__ import annotations
+
+import io
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+
+import featcache
+from featcache.errors import CacheFormatError, UsageError
+from featcache.extract.calibration import calibrate_locally
+from featcache.extract.config import from_dict
+from featcache.extract.plan import prepare
+from featcache.extract.worker import ShardWorker
+from featcache.store.codec import stats_digest
+from pipelines import stats as stats_job
+from pipelines.extract import run
+from tests.test_extract.conftest import direct, stored
+
+INT8 = ["siglip2@64", "dinov3@64", "dinov3@96", "sam3-mosaic2@56"]
+F16 = ["dinov3f16@64", "dinov3f16@96"]
+
+
+def job(out, source, teachers: dict):
+    return from_dict({"source": str(source), "output": str(out), "shard_size": 4, "batch_size": 3, "teachers": [
+        {"family": "siglip2", "source": teachers["siglip2"], "codec": "int8-phis"},
+        {"family": "dinov3", "source": teachers["dinov3"], "resolutions": [64, 96], "codec": "int8-phis"},
+        {"family": "sam3", "source": teachers["sam3"], "mosaic": 2, "codec": "int8-phis"},
+        {"family": "dinov3", "name": "dinov3f16", "source": teachers["dinov3"], "resolutions": [64, 96]}]},
+        "int8 job")
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, photos_dir, job_teachers):
+    out = tmp_path_factory.mktemp("int8") / "cache"
+    log = io.StringIO()
+    result = run(job(out, photos_dir, job_teachers), stream=log)
+    return out, result, log.getvalue()
+
+
+def _phis_truth(cache, key):
+    """The teacher's float outputs (computed directly, image by image) mapped with the view's PHI-S."""
+    x = direct(cache, key)["dense"].astype(np.float64)
+    group = zarr.open_group(str(cache.root.path) + f"/features.zarr/{key}/stats", mode="r")
+    return x, (x - group["mean"][:]) @ group["rotation"][:].astype(np.float64).T
+
+
+def test_job_calibrates_then_writes_and_verifies(extracted):
+    out, result, log = extracted
+    assert result.exit_code == 0 and result.processed == 3
+    assert f"calibrating int8-phis for {', '.join(INT8)} on 10 images" in log
+    assert featcache.verify(str(out)).ok
+    cache = featcache.open_cache(str(out))
+    for key in INT8:
+        view = cache.view(key)
+        q, s = view.group.attrs["featcache"]["quantization"], view.stats
+        assert view.group["dense"].dtype == np.int8 and view.group["summary"].dtype == np.float16
+        assert q["stats_hash"] == s["hash"] and s["frozen"] and s["source"] == "calibration"
+        assert q["calibration"]["images"] == 10 and s["tokens"] == 10 * view.spec.grid[0] * view.spec.grid[1]
+        assert q["relative_mse"] <= 1e-3
+    # the f16 twins got their statistics from the cache at the end of the job, as before
+    assert all(cache.view(k).stats["source"] == "cache" for k in F16)
+
+
+@pytest.mark.parametrize("key", INT8)
+def test_phis_space_error_is_within_1e3_of_the_teachers_floats(extracted, key):
+    out, _, _ = extracted
+    cache = featcache.open_cache(str(out))
+    x, y = _phis_truth(cache, key)
+    with cache.view(key).reader() as reader:
+        got = np.stack([reader.read_dense(i, space="phis") for i in range(10)]).astype(np.float64)
+        raw = np.stack([reader.read(i).dense for i in range(10)])
+        codes = np.stack([reader.read_dense(i, space="stored") for i in range(10)])
+    relative = ((got - y) ** 2).sum() / (y ** 2).sum()
+    assert relative <= 1e-3, relative
+    assert codes.dtype == np.int8 and np.array_equal(codes, stored(out, key)["dense"])
+    assert raw.dtype == np.float32 and ((raw - x) ** 2).sum() / ((x - x.mean(axis=(0, 1, 2))) ** 2).sum() <= 1e-3
+    # PHI-S space has unit variance per channel on the (calibration = every) image
+    assert np.abs(y.reshape(-1, y.shape[-1]).var(axis=0) - 1).max() < 1e-3
+
+
+def test_int8_dense_takes_at_most_052_of_f16_bytes(extracted):
+    """Bytes of the stored dense shards (chunk checksums and shard indices included; the array's
+    metadata file, the same size for every codec, is not)."""
+    out, _, _ = extracted
+    sizes = {}
+    for key in ("dinov3@64", "dinov3f16@64", "dinov3@96", "dinov3f16@96"):
+        sizes[key] = sum(p.stat().st_size for p in (out / "features.zarr" / key / "dense" / "c").rglob("*")
+                         if p.is_file())
+    for res in (64, 96):
+        ratio = sizes[f"dinov3@{res}"] / sizes[f"dinov3f16@{res}"]
+        assert ratio <= 0.52, (res, ratio, sizes)
+
+
+def test_stats_job_keeps_the_calibration_statistics(extracted):
+    out, _, _ = extracted
+    cache = featcache.open_cache(str(out))
+    before = {k: cache.view(k).stats["hash"] for k in INT8 + F16}
+    rows = stats_job.run(str(out), INT8 + F16[:1], recompute=True)
+    notes = {r.key: r.note for r in rows}
+    assert all("int8-phis calibration on 10 images" in notes[k] for k in INT8)
+    cache = featcache.open_cache(str(out))
+    assert {k: cache.view(k).stats["hash"] for k in INT8} == {k: before[k] for k in INT8}
+    assert "frozen" not in notes[F16[0]] and cache.view(F16[0]).stats["hash"] == before[F16[0]]  # same data, same seed
+
+
+def test_rerun_does_not_calibrate_again(extracted, job_teachers, photos_dir):
+    out, _, _ = extracted
+    attrs = {k: featcache.open_cache(str(out)).view(k).group.attrs["featcache"]["quantization"] for k in INT8}
+    log = io.StringIO()
+    result = run(job(out, photos_dir, job_teachers), stream=log)
+    assert result.exit_code == 0 and result.processed == 0 and "calibrating" not in log.getvalue()
+    assert {k: featcache.open_cache(str(out)).view(k).group.attrs["featcache"]["quantization"] for k in INT8} == attrs
+
+
+def test_plain_worker_calibrates_and_writes_the_same_codes(extracted, tmp_path, job_teachers):
+    out, _, _ = extracted
+    again = tmp_path / "again"
+    plan = prepare(job(again, out, job_teachers))
+    worker = ShardWorker(str(again), [t.to_dict() for t in plan.teachers], [v.to_dict() for v in plan.views],
+                         batch_size=3)
+    with pytest.raises(UsageError, match="has no calibration yet"):
+        worker.process(0)
+    assert calibrate_locally(plan, worker) == INT8
+    for shard in plan.todo:
+        worker.process(shard)
+    worker.close()
+    a, b = featcache.open_cache(str(out)), featcache.open_cache(str(again))
+    for key in INT8:
+        assert a.view(key).stats["hash"] == b.view(key).stats["hash"], key
+        assert np.array_equal(stored(out, key)["dense"], stored(again, key)["dense"]), key
+
+
+def test_codes_refuse_to_decode_with_other_statistics(extracted, tmp_path):
+    out, _, _ = extracted
+    copy = tmp_path / "tampered"
+    shutil.copytree(out, copy)
+    mean = zarr.open_array(str(copy / "features.zarr" / "dinov3@64" / "stats" / "mean"), mode="r+")
+    mean[0] = mean[0] + 1.0
+    report = featcache.verify(str(copy))
+    assert [p.kind for p in report.problems] == ["codec"] and "do not match their recorded hash" in str(report.problems[0])
+    with featcache.open_cache(str(copy)).view("dinov3@64").reader() as reader:
+        with pytest.raises(CacheFormatError, match="cannot be decoded"):
+            reader.read(0)
+        assert reader.read_dense(0, space="stored").dtype == np.int8  # the codes themselves stay readable
+    arrays = {n: a[...] for n, a in zarr.open_group(str(out / "features.zarr" / "dinov3@64" / "stats")).arrays()}
+    assert stats_digest(arrays) == featcache.open_cache(str(out)).view("dinov3@64").stats["hash"]
