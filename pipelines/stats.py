@@ -5,7 +5,8 @@
 Each Ray task reduces a fixed group of shards to a partial result (float64 moments of the sampled
 patch tokens, the summary vectors' sum; then, in a second pass, the summed squared angles); the
 driver merges the partials in group order, fits PHI-S (eigh in float64) and writes ``stats/`` and
-the attrs summary of each view. Frozen statistics are kept unless ``recompute``.
+the attrs summary of each view. Frozen statistics are kept unless ``recompute``; those of an
+int8-phis view come from its calibration (``extract`` fits them before writing) and are always kept.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ saves under ``runs/``. Example (YAML)::
     output: s3://bucket/cache1
     teachers:
       - {preset: siglip2-g-384}
-      - {family: dinov3, source: facebook/dinov3-vit7b16-pretrain-lvd1689m, resolutions: [224, 512]}
+      - {family: dinov3, source: facebook/dinov3-vit7b16-pretrain-lvd1689m, resolutions: [224, 512],
+         codec: int8-phis}
       - {preset: sam3, mosaic: 3}
     shard_size: 64
     batch_size: 16

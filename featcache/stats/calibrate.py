@@ -38,9 +38,10 @@ def fit_quantizer(y: np.ndarray, seed: int = 0) -> tuple[float, float | None, fl
     largest code's value is searched from 16 to 64 times max |y| (log grid, then refined); the pair
     with the least measured error wins. The headroom matters for heavy tails: a token more extreme
     than any in the sample would otherwise be clipped, and one such token can outweigh the rest."""
-    v = np.asarray(y, np.float64).ravel()
+    v = np.asarray(y).ravel()
     if v.size > MAX_VALUES:
         v = v[np.random.default_rng([seed, 2]).choice(v.size, MAX_VALUES, replace=False)]
+    v = v.astype(np.float64)
     power = float(np.mean(v ** 2)) if v.size else 0.0
     top = float(np.abs(v).max()) if v.size else 0.0
     if power == 0.0:

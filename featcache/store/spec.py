@@ -82,12 +82,15 @@ class ViewSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ViewSpec":
-        """Rebuild a spec from attrs; annotations (stats, format) are ignored, unknown keys refused."""
+        """Rebuild a spec from attrs; annotations (stats, format, quantization) are ignored, unknown keys refused."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names - set(ANNOTATIONS)
         if unknown:
             raise CacheFormatError(f"view attrs hold unknown keys {sorted(unknown)}: written by a newer featcache?")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        d = {k: v for k, v in d.items() if k in names}
+        if d.get("codec") == "float32":  # written by featcache before 'codec' was a job setting
+            d["codec"] = "f32"
+        return cls(**d)
 
 
 def _pair(name: str, value) -> tuple[int, int]:
