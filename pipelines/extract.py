@@ -302,7 +302,7 @@ class Scheduler:
                 raise FeatcacheError(f"calibration of {key} failed: {_first_line(_cause(e) or e)}") from None
             digest = store_calibration(self.plan.cache.view(key), result)
             q = result["quantization"]
-            say(f"{key}: scale {q['scale']:.4g}, relative MSE {q['relative_mse']:.2e} in PHI-S space on "
+            say(f"{key}: scale {q['scale']:.4g}, knee {q['knee']}, relative MSE {q['relative_mse']:.2e} in PHI-S space on "
                 f"{q['calibration']['scale_tokens']} tokens, statistics {digest[:15]}")
 
     def _retry(self, shard: int, reason: str, delay: bool) -> None:

@@ -171,14 +171,16 @@ class ShardWorker:
         task = next(v for v in self.views if v.key == key)
         spec = self.cache_views[key].spec
         t0 = time.perf_counter()
-        images = list(self.pool.map(self._decode_one, rows))
-        good = [j for j, im in enumerate(images) if not isinstance(im, ImageError)]
-        calibration = Calibration(spec.channels, len(good) * spec.grid[0] * spec.grid[1], seed)
-        for _, d, s, _ in self._features(task, images, good):
-            d, s = d.float().cpu().numpy(), s.float().cpu().numpy()
-            ok = np.isfinite(d).reshape(len(d), -1).all(axis=1) & np.isfinite(s).all(axis=1)
-            if ok.any():
-                calibration.add(d[ok], s[ok])
+        calibration = Calibration(spec.channels, len(rows) * spec.grid[0] * spec.grid[1], seed)
+        per_batch = self.batch_size * task.mosaic ** 2
+        for b in range(0, len(rows), per_batch):  # one batch of images decoded at a time
+            images = list(self.pool.map(self._decode_one, rows[b:b + per_batch]))
+            good = [j for j, im in enumerate(images) if not isinstance(im, ImageError)]
+            for _, d, s, _ in self._features(task, images, good):
+                d, s = d.float().cpu().numpy(), s.float().cpu().numpy()
+                ok = np.isfinite(d).reshape(len(d), -1).all(axis=1) & np.isfinite(s).all(axis=1)
+                if ok.any():
+                    calibration.add(d[ok], s[ok])
         if calibration.images == 0:
             raise FeatcacheError(f"{key}: none of the {len(rows)} calibration images could be used")
         result = calibration.finish()

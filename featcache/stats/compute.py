@@ -152,9 +152,6 @@ def store(view, arrays: dict[str, np.ndarray], summary: dict, quantization: dict
 def write(view, merged: Partial, angle_total: float, angle_count: int, direction: np.ndarray | None,
           seed: int, token_budget: int | None, fraction: float, shards: int) -> ViewStats:
     """Fit PHI-S, write the ``stats/`` arrays and the attrs summary of ``view`` (driver only)."""
-    if view.spec.codec == "int8-phis":
-        raise UsageError(f"{view.key} stores int8 codes in the PHI-S space of its calibration statistics: "
-                         "they cannot be recomputed (extract into a new view to change them)")
     phis = PhiS.fit(merged.dense, seed=seed)
     dispersion = angle_total / angle_count if angle_count else None
     complete = shards == view.num_shards
@@ -187,6 +184,9 @@ def compute_view(view, seed: int = 0, token_budget: int | None = None, run=_loca
     ``run(fn, calls)`` returns ``[fn(*args) for args in calls]``: a loop in this process by default,
     Ray tasks in ``pipelines/stats.py``. Results are merged in group order whatever ``run`` does.
     """
+    if view.spec.codec == "int8-phis":
+        raise UsageError(f"{view.key} stores int8 codes in the PHI-S space of its calibration statistics: "
+                         "they cannot be recomputed (extract into a new view to change them)")
     shards = sorted(view.committed_shards())
     fraction = fraction_for(view, shards, token_budget)
     root, key = view.cache.root.uri, view.key

@@ -16,6 +16,7 @@ from featcache.extract.calibration import calibrate_locally
 from featcache.extract.config import from_dict
 from featcache.extract.plan import prepare
 from featcache.extract.worker import ShardWorker
+from featcache.stats import compute
 from featcache.store.codec import stats_digest
 from pipelines import stats as stats_job
 from pipelines.extract import run
@@ -106,6 +107,8 @@ def test_stats_job_keeps_the_calibration_statistics(extracted):
     cache = featcache.open_cache(str(out))
     assert {k: cache.view(k).stats["hash"] for k in INT8} == {k: before[k] for k in INT8}
     assert "frozen" not in notes[F16[0]] and cache.view(F16[0]).stats["hash"] == before[F16[0]]  # same data, same seed
+    with pytest.raises(UsageError, match="cannot be recomputed"):
+        compute.compute_view(cache.view("dinov3@64"))
 
 
 def test_rerun_does_not_calibrate_again(extracted, job_teachers, photos_dir):
