@@ -166,6 +166,10 @@ def extract_cmd(
                                                                                         "CPU worker."),
     workers_per_gpu: Optional[int] = typer.Option(None, "--workers-per-gpu", help="Worker actors per GPU [1]."),
     stats: Optional[bool] = typer.Option(None, "--stats/--no-stats", help="Run stats at the end."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the int8-phis calibration sample and of "
+                                                            "the statistics' token sampling [0]."),
+    calibration_images: Optional[int] = typer.Option(None, "--calibration-images", help="Images each int8-phis "
+                                                     "view is calibrated on before its first shard [256]."),
 ) -> None:
     """Run the teachers over every image and write the cache; the same command again resumes."""
     from featcache.extract import config as job
@@ -174,7 +178,7 @@ def extract_cmd(
     cfg = job.load(config, source=source, output=out, teachers=teachers, view_policy=view_policy,
                    shard_size=shard_size, batch_size=batch_size, ray_address=ray_address, device=device,
                    cpu_workers=cpu_workers, threads_per_worker=threads_per_worker, workers_per_gpu=workers_per_gpu,
-                   stats=stats)
+                   stats=stats, seed=seed, calibration_images=calibration_images)
     _run_extract(cfg)
 
 

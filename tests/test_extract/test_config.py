@@ -68,6 +68,9 @@ def test_teacher_flag_syntax():
     ({"view_policy": "crop"}, "view_policy 'crop' is not one of squash, center"),
     ({"teachers": {"family": "dinov3"}}, "'teachers' must be a list"),
     ({"teachers": [{"family": "dinov3", "source": "/x", "codec": "int8"}]}, "codec 'int8' is not one of f16, f32, int8-phis"),
+    ({"teachers": [{"family": "dinov3", "source": "/x", "dtype": "float32"}]},
+     r"teachers\[0\]: unknown key 'dtype'; known keys: .*codec"),
+    ({"calibration_images": 0}, "calibration_images must be >= 1, not 0"),
     ({"teachers": [{"family": "sam3", "source": "/x", "mosaic": 2, "resolutions": [504]}]},
      "a mosaic view's size is the native size / mosaic"),
     ({"teachers": [{"family": "siglip2", "source": "/x", "upsampler": {"kind": "featsharp"}}]},
@@ -97,7 +100,11 @@ def test_cli_config_errors_are_one_line_and_exit_2(tmp_path):
     for args, message in [([str(tmp_path / "job.yaml")], "unknown key 'batch'"),
                           ([str(tmp_path / "nope.yaml")], "no such config file"),
                           (["--out", str(tmp_path / "c")], "no teachers: give 'teachers' in the config or --teacher"),
-                          (["--teacher", "family=dinov3,source=/x"], "no output root")]:
+                          (["--teacher", "family=dinov3,source=/x"], "no output root"),
+                          (["--out", str(tmp_path / "c"), "--teacher", "family=dinov3,source=/x,codec=int4"],
+                           "codec 'int4' is not one of f16, f32, int8-phis"),
+                          (["--out", str(tmp_path / "c"), "--teacher", "family=dinov3,source=/x",
+                            "--calibration-images", "0"], "calibration_images must be >= 1")]:
         proc = subprocess.run([sys.executable, "-c", "import sys; from featcache.cli import main; "
                                "sys.exit(main(sys.argv[1:]))", "extract", *args], capture_output=True, text=True)
         assert proc.returncode == 2, proc.stderr
