@@ -30,6 +30,7 @@ from featcache.extract.config import ExtractConfig
 from featcache.extract.finalize import failed_images, rebuild_errors, write_run_record
 from featcache.extract.plan import Plan, prepare
 from featcache.extract.progress import Progress
+from featcache.store.codec import load_int8_phis
 from pipelines.ray_session import ray_session
 
 
@@ -287,7 +288,12 @@ class Scheduler:
     def _calibrate(self, slots: list[_Slot]) -> None:
         """Fit each pending int8-phis view's statistics and scale on one actor each (in parallel),
         and store them before any of its shards is written. A failure stops the job."""
-        keys = pending(self.plan.cache, [v.key for v in self.plan.views])
+        all_keys = [v.key for v in self.plan.views]
+        keys = pending(self.plan.cache, all_keys)
+        for key in all_keys:  # calibrated earlier: its statistics must still be the ones recorded
+            view = self.plan.cache.view(key)
+            if view.spec.codec == "int8-phis" and key not in keys:
+                load_int8_phis(view)
         if not keys:
             return
         rows = sample_rows(self.plan.cache.num_images, self.config.calibration_images, self.config.seed)
@@ -300,7 +306,10 @@ class Scheduler:
                 result = self.ray.get(ref)
             except (self.ray.exceptions.RayActorError, self.ray.exceptions.RayTaskError) as e:
                 raise FeatcacheError(f"calibration of {key} failed: {_first_line(_cause(e) or e)}") from None
-            digest = store_calibration(self.plan.cache.view(key), result)
+            digest, stored = store_calibration(self.plan.cache.view(key), result)
+            if not stored:
+                say(f"{key}: another job stored its calibration first ({digest[:15]}); keeping that one")
+                continue
             q = result["quantization"]
             say(f"{key}: scale {q['scale']:.4g}, knee {q['knee']}, relative MSE {q['relative_mse']:.2e} in PHI-S space on "
                 f"{q['calibration']['scale_tokens']} tokens, statistics {digest[:15]}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from featcache.stats.compute import store
-from featcache.store.codec import QUANTIZATION
+from featcache.store.codec import QUANTIZATION, view_attrs
 
 
 def pending(cache, keys: list[str]) -> list[str]:
@@ -27,9 +27,14 @@ def sample_rows(num_images: int, count: int, seed: int) -> list[int]:
     return sorted(int(i) for i in rng.choice(num_images, count, replace=False))
 
 
-def store_calibration(view, result: dict) -> str:
-    """Write a worker's calibration (stats arrays, summary, scale) into ``view``; returns the stats hash."""
-    return store(view, result["arrays"], result["summary"], result["quantization"])
+def store_calibration(view, result: dict) -> tuple[str, bool]:
+    """Write a worker's calibration (stats arrays, summary, scale) into ``view`` unless one is there
+    already (another job got there first: its codes may be written, so it stays). Returns the
+    view's stats hash and whether this result was stored."""
+    existing = view_attrs(view).get(QUANTIZATION)
+    if existing is not None:
+        return existing["stats_hash"], False
+    return store(view, result["arrays"], result["summary"], result["quantization"]), True
 
 
 def calibrate_locally(plan, worker) -> list[str]:

@@ -94,6 +94,8 @@ class ExtractConfig:
         for name in ("shard_size", "cpu_workers", "threads_per_worker"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"{name} must be >= 1, not {getattr(self, name)}")
+        if self.seed < 0:
+            raise UsageError(f"seed must be >= 0, not {self.seed}")
         if self.max_retries < 0:
             raise UsageError(f"max_retries must be >= 0, not {self.max_retries}")
         names = [v for t in self.teachers for v in [t.name or t.family]]
@@ -151,6 +153,8 @@ def teacher_from_dict(d, where: str) -> TeacherConfig:
     for key in ("family", "source"):
         if key not in d:
             raise UsageError(f"{where}: missing {key!r} (or give 'preset')")
+    if "dtype" in d:
+        raise UsageError(f"{where}: 'dtype' is now 'codec': f16 (float16), f32 (float32) or int8-phis")
     if isinstance(d.get("resolutions"), int):
         d["resolutions"] = [d["resolutions"]]
     return _build(TeacherConfig, d, where)

@@ -116,8 +116,11 @@ class ShardWorker:
             t1 = time.perf_counter()
             dense, summary, box, errors = self._compute(task, images, good, start, stop)
             t2 = time.perf_counter()
+            info = {**self.info, "seconds": round(t2 - t1, 3)}
+            if task.key in self._codecs:  # which statistics the codes were written with
+                info["stats_hash"] = self._codecs[task.key].stats_hash
             self.cache_views[task.key].write_shard(start, dense, summary, box, errors={**failed, **errors},
-                                                   info={**self.info, "seconds": round(t2 - t1, 3)})
+                                                   info=info)
             compute, write = compute + t2 - t1, write + time.perf_counter() - t2
         return {"shard": shard, "views": sorted(wanted), "images": stop - start, "failed": len(failed), "pid": os.getpid(),
                 "seconds": {"decode_wait": round(t_decoded - t0, 3), "compute": round(compute, 3),

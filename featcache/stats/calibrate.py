@@ -33,8 +33,8 @@ def quantization_error(v: np.ndarray, scale: float, knee: float | None, g: np.nd
     return float(np.mean((table[codes + LEVELS] - v) ** 2, dtype=np.float64))
 
 
-def fit_quantizer(y: np.ndarray, seed: int = 0) -> tuple[float, float | None, float]:
-    """(scale, knee, relative MSE) of int8 codes for the PHI-S-space sample ``y``: for each knee, the
+def fit_quantizer(y: np.ndarray, seed: int = 0) -> tuple[float, float | None, float, float]:
+    """(scale, knee, relative MSE, fraction of values clipped) of int8 codes for the PHI-S-space sample ``y``: for each knee, the
     largest code's value is searched from 16 to 64 times max |y| (log grid, then refined); the pair
     with the least measured error wins. The headroom matters for heavy tails: a token more extreme
     than any in the sample would otherwise be clipped, and one such token can outweigh the rest."""
@@ -45,7 +45,7 @@ def fit_quantizer(y: np.ndarray, seed: int = 0) -> tuple[float, float | None, fl
     power = float(np.mean(v ** 2)) if v.size else 0.0
     top = float(np.abs(v).max()) if v.size else 0.0
     if power == 0.0:
-        return 1.0, None, 0.0
+        return 1.0, None, 0.0, 0.0
     best = (np.inf, 1.0, None)
     for knee in KNEES:
         g = compand(v, knee)
@@ -57,7 +57,8 @@ def fit_quantizer(y: np.ndarray, seed: int = 0) -> tuple[float, float | None, fl
             if e < best[0]:
                 best = (e, float(s), knee)
     error, scale, knee = best
-    return scale, knee, error / power
+    clipped = float(np.mean(np.abs(compand(v, knee)) > (LEVELS + 0.5) * scale))
+    return scale, knee, error / power, clipped
 
 
 class Calibration:
@@ -93,9 +94,10 @@ class Calibration:
             dispersion = float(np.mean(angles(summaries, direction) ** 2))
         arrays = stats_arrays(phis, self.moments, direction, self.seed)
         # the scale is fitted on the transform as stored (float32 R), the one the workers encode with
-        y = (np.concatenate(self._sample) - arrays["mean"].astype(np.float32)) @ arrays["rotation"].T
-        scale, knee, relative_mse = fit_quantizer(y, self.seed)
-        clipped = float(np.mean(np.abs(compand(y, knee)) > (LEVELS + 0.5) * scale)) if y.size else 0.0
+        sample, self._sample = np.concatenate(self._sample), []
+        y = (sample - arrays["mean"].astype(np.float32)) @ arrays["rotation"].T
+        del sample
+        scale, knee, relative_mse, clipped = fit_quantizer(y, self.seed)
         summary = {"alpha": phis.alpha, "dispersion": dispersion, "tokens": self.moments.count,
                    "summary_vectors": len(summaries), "seed": self.seed, "token_budget": None,
                    "sample_fraction": 1.0, "hadamard": phis.hadamard.to_dict(), "frozen": True,

@@ -138,7 +138,7 @@ def _check_root_attrs(attrs: dict, num_images: int, shard_size: int | None) -> N
 
 
 def _diff(old: ViewSpec, new: ViewSpec) -> str:
-    fields = [f.name for f in dataclasses.fields(ViewSpec)]
+    fields = [f.name for f in dataclasses.fields(ViewSpec) if f.name != "dtype"]  # dtype follows the codec
     return "; ".join(f"{n}: {getattr(old, n)!r} -> {getattr(new, n)!r}"
                      for n in fields if getattr(old, n) != getattr(new, n))
 

@@ -81,14 +81,17 @@ class Int8Phis:
     inverse: np.ndarray  # R⁻¹ (C, C): x = y R⁻ᵀ + μ
     scale: float  # PHI-S units per code step near zero
     knee: float | None = None  # None: linear codes; b: logarithmic beyond about |y| = b
+    stats_hash: str | None = None  # the statistics μ, R, R⁻¹ came from (recorded in each commit)
 
     def encode(self, x):
         """Raw features (..., C), a torch tensor on any device → int8 codes (same device)."""
         import torch
 
         x = x.float()
-        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=x.device)
-        rotation = torch.as_tensor(self.rotation, dtype=torch.float32, device=x.device)
+        if x.device not in self._on_device:  # moved to the device once, not per batch
+            self._on_device[x.device] = (torch.as_tensor(self.mean, dtype=torch.float32, device=x.device),
+                                         torch.as_tensor(self.rotation, dtype=torch.float32, device=x.device))
+        mean, rotation = self._on_device[x.device]
         return self.codes((x - mean) @ rotation.T)
 
     def codes(self, y):
@@ -119,6 +122,7 @@ class Int8Phis:
 
     def __post_init__(self):
         object.__setattr__(self, "_table", self.table)
+        object.__setattr__(self, "_on_device", {})
 
 
 def view_attrs(view) -> dict:
@@ -155,4 +159,5 @@ def load_int8_phis(view) -> Int8Phis:
     if stats_digest(arrays) != quant["stats_hash"]:
         raise CacheFormatError(f"{view.key}: the stats/ arrays do not match their recorded hash "
                                f"{quant['stats_hash']}: the int8 codes cannot be decoded")
-    return Int8Phis(arrays["mean"], arrays["rotation"], arrays["inverse"], float(quant["scale"]), quant.get("knee"))
+    return Int8Phis(arrays["mean"], arrays["rotation"], arrays["inverse"], float(quant["scale"]), quant.get("knee"),
+                    quant["stats_hash"])

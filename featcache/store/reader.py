@@ -126,6 +126,7 @@ class ViewReader:
         self._keys = {name: a.metadata for name, a in self._arrays.items()}
         self._phis_arrays: tuple[np.ndarray, np.ndarray] | None = None
         self._codec: Int8Phis | None = None
+        self._lock = threading.Lock()
         self.refresh()
 
     def refresh(self) -> None:
@@ -175,8 +176,9 @@ class ViewReader:
     @property
     def codec(self) -> Int8Phis:
         """The int8-phis transform (checked against the statistics hash once, on first use)."""
-        if self._codec is None:
-            self._codec = load_int8_phis(self.view)
+        with self._lock:
+            if self._codec is None:
+                self._codec = load_int8_phis(self.view)
         return self._codec
 
     def _phis(self) -> tuple[np.ndarray, np.ndarray]:

@@ -58,10 +58,12 @@ def verify(cache: Cache, views: list[str] | None = None, workers: int = 4) -> Re
         view = cache.view(key)
         report.problems += _check_shapes(view)
         committed = sorted(view.committed_shards())
+        stats_hash = None
         if committed and view.spec.codec == "int8-phis":
-            report.problems += _check_codec(view)
+            problems, stats_hash = _check_codec(view)
+            report.problems += problems
         with ThreadPoolExecutor(workers) as pool:
-            for found in pool.map(lambda k: _check_shard(view, k), committed):
+            for found in pool.map(lambda k: _check_shard(view, k, stats_hash), committed):
                 report.problems += found
         report.shards_checked += len(committed)
         report.problems += _check_errors_table(cache, view, set(committed))
@@ -80,16 +82,15 @@ def _check_shapes(view: View) -> list[Problem]:
     return found
 
 
-def _check_codec(view: View) -> list[Problem]:
+def _check_codec(view: View) -> tuple[list[Problem], str | None]:
     """int8-phis codes decode only with the statistics they were written with (matched by hash)."""
     try:
-        load_int8_phis(view)
+        return [], load_int8_phis(view).stats_hash
     except (CacheFormatError, UsageError) as e:
-        return [Problem(view.key, None, "codec", str(e))]
-    return []
+        return [Problem(view.key, None, "codec", str(e))], None
 
 
-def _check_shard(view: View, shard: int) -> list[Problem]:
+def _check_shard(view: View, shard: int, stats_hash: str | None = None) -> list[Problem]:
     try:
         commit = view.commit_record(shard)
     except CacheFormatError as e:
@@ -100,6 +101,10 @@ def _check_shard(view: View, shard: int) -> list[Problem]:
     if (commit.start, commit.stop) != (start, stop):
         return [Problem(view.key, shard, "commit", f"marker covers [{commit.start}, {commit.stop}), "
                                                    f"the shard is [{start}, {stop})")]
+    written_with = commit.info.get("stats_hash")
+    if stats_hash is not None and written_with != stats_hash:
+        return [Problem(view.key, shard, "codec", f"codes written with statistics {written_with}, the view's "
+                                                  f"are {stats_hash}: they cannot be decoded")]
     found = _check_objects(view, shard, commit.checksums)
     if not found:
         found = _check_values(view, start, stop, commit.errors, shard)

@@ -15,6 +15,7 @@ from zarr.codecs import Crc32cCodec
 from zarr.core.buffer import Buffer
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
+from featcache.errors import UsageError
 from featcache.fsio import Location, storage_options
 from featcache.store.spec import ViewSpec
 
@@ -93,5 +94,6 @@ def open_root(loc: Location, mode: str = "r") -> zarr.Group:
 def as_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
     """Cast to a stored dtype, refusing silent overflow for integer codecs."""
     if np.dtype(dtype).kind == "i" and x.dtype.kind == "f":
-        raise ValueError(f"cannot store floats as {dtype} without a codec")
+        raise UsageError(f"cannot store floats as {dtype}: an int8-phis view takes int8 codes "
+                         "(featcache.store.codec.Int8Phis.encode)")
     return np.ascontiguousarray(x, dtype=dtype)

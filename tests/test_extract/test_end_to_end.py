@@ -92,8 +92,8 @@ def test_a_data_changing_config_is_refused(extracted, job_teachers, capsys):
                  "--teacher", f"family=dinov3,source={job_teachers['dinov3']},resolutions=64,codec=f16"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
-    assert err[0].startswith("featcache: error: view dinov3@64 already exists with other settings (dtype: "
-                             "'float32' -> 'float16'")
+    assert err[0].startswith("featcache: error: view dinov3@64 already exists with other settings (codec: "
+                             "'f32' -> 'f16'")
     code = main(["extract", "--source", str(out), "--out", str(out), "--view-policy", "center",
                  "--teacher", f"family=siglip2,source={job_teachers['siglip2']},codec=f32"])
     assert code == 2 and "view_policy: 'squash' -> 'center'" in capsys.readouterr().err

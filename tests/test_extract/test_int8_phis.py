@@ -12,7 +12,7 @@ import zarr
 
 import featcache
 from featcache.errors import CacheFormatError, UsageError
-from featcache.extract.calibration import calibrate_locally
+from featcache.extract.calibration import calibrate_locally, sample_rows
 from featcache.extract.config import from_dict
 from featcache.extract.plan import prepare
 from featcache.extract.worker import ShardWorker
@@ -26,8 +26,13 @@ INT8 = ["siglip2@64", "dinov3@64", "dinov3@96", "sam3-mosaic2@56"]
 F16 = ["dinov3f16@64", "dinov3f16@96"]
 
 
+CALIBRATION = sample_rows(10, 5, 0)  # the 5 of the 10 photos the job calibrates on (seed 0)
+HELD_OUT = [i for i in range(10) if i not in CALIBRATION]
+
+
 def job(out, source, teachers: dict):
-    return from_dict({"source": str(source), "output": str(out), "shard_size": 4, "batch_size": 3, "teachers": [
+    return from_dict({"source": str(source), "output": str(out), "shard_size": 4, "batch_size": 3,
+                      "calibration_images": 5, "teachers": [
         {"family": "siglip2", "source": teachers["siglip2"], "codec": "int8-phis"},
         {"family": "dinov3", "source": teachers["dinov3"], "resolutions": [64, 96], "codec": "int8-phis"},
         {"family": "sam3", "source": teachers["sam3"], "mosaic": 2, "codec": "int8-phis"},
@@ -53,7 +58,7 @@ def _phis_truth(cache, key):
 def test_job_calibrates_then_writes_and_verifies(extracted):
     out, result, log = extracted
     assert result.exit_code == 0 and result.processed == 3
-    assert f"calibrating int8-phis for {', '.join(INT8)} on 10 images" in log
+    assert f"calibrating int8-phis for {', '.join(INT8)} on 5 images" in log
     assert featcache.verify(str(out)).ok
     cache = featcache.open_cache(str(out))
     for key in INT8:
@@ -61,7 +66,7 @@ def test_job_calibrates_then_writes_and_verifies(extracted):
         q, s = view.group.attrs["featcache"]["quantization"], view.stats
         assert view.group["dense"].dtype == np.int8 and view.group["summary"].dtype == np.float16
         assert q["stats_hash"] == s["hash"] and s["frozen"] and s["source"] == "calibration"
-        assert q["calibration"]["images"] == 10 and s["tokens"] == 10 * view.spec.grid[0] * view.spec.grid[1]
+        assert q["calibration"]["images"] == 5 and s["tokens"] == 5 * view.spec.grid[0] * view.spec.grid[1]
         assert q["relative_mse"] <= 1e-3
     # the f16 twins got their statistics from the cache at the end of the job, as before
     assert all(cache.view(k).stats["source"] == "cache" for k in F16)
@@ -76,12 +81,15 @@ def test_phis_space_error_is_within_1e3_of_the_teachers_floats(extracted, key):
         got = np.stack([reader.read_dense(i, space="phis") for i in range(10)]).astype(np.float64)
         raw = np.stack([reader.read(i).dense for i in range(10)])
         codes = np.stack([reader.read_dense(i, space="stored") for i in range(10)])
-    relative = ((got - y) ** 2).sum() / (y ** 2).sum()
-    assert relative <= 1e-3, relative
+    for rows in (CALIBRATION, HELD_OUT, list(range(10))):  # held out: images the calibration never saw
+        relative = ((got[rows] - y[rows]) ** 2).sum() / (y[rows] ** 2).sum()
+        assert relative <= 1e-3, (rows, relative)
     assert codes.dtype == np.int8 and np.array_equal(codes, stored(out, key)["dense"])
     assert raw.dtype == np.float32 and ((raw - x) ** 2).sum() / ((x - x.mean(axis=(0, 1, 2))) ** 2).sum() <= 1e-3
-    # PHI-S space has unit variance per channel on the (calibration = every) image
-    assert np.abs(y.reshape(-1, y.shape[-1]).var(axis=0) - 1).max() < 1e-3
+    # the statistics are those of the calibration images: unit variance per channel there (not for a
+    # mosaic view: its calibration composed other mosaics than the shards, and SAM3 tiles see each other)
+    if "mosaic" not in key:
+        assert np.abs(y[CALIBRATION].reshape(-1, y.shape[-1]).var(axis=0) - 1).max() < 1e-3
 
 
 def test_int8_dense_takes_at_most_052_of_f16_bytes(extracted):
@@ -103,7 +111,7 @@ def test_stats_job_keeps_the_calibration_statistics(extracted):
     before = {k: cache.view(k).stats["hash"] for k in INT8 + F16}
     rows = stats_job.run(str(out), INT8 + F16[:1], recompute=True)
     notes = {r.key: r.note for r in rows}
-    assert all("int8-phis calibration on 10 images" in notes[k] for k in INT8)
+    assert all("int8-phis calibration on 5 images" in notes[k] for k in INT8)
     cache = featcache.open_cache(str(out))
     assert {k: cache.view(k).stats["hash"] for k in INT8} == {k: before[k] for k in INT8}
     assert "frozen" not in notes[F16[0]] and cache.view(F16[0]).stats["hash"] == before[F16[0]]  # same data, same seed
@@ -152,3 +160,33 @@ def test_codes_refuse_to_decode_with_other_statistics(extracted, tmp_path):
         assert reader.read_dense(0, space="stored").dtype == np.int8  # the codes themselves stay readable
     arrays = {n: a[...] for n, a in zarr.open_group(str(out / "features.zarr" / "dinov3@64" / "stats")).arrays()}
     assert stats_digest(arrays) == featcache.open_cache(str(out)).view("dinov3@64").stats["hash"]
+
+
+def test_codes_and_commits_name_their_statistics(extracted, tmp_path):
+    out, _, _ = extracted
+    copy = tmp_path / "renamed"
+    shutil.copytree(out, copy)
+    view = featcache.open_cache(str(copy)).view("dinov3@96")
+    recorded = view.group.attrs["featcache"]["quantization"]["stats_hash"]
+    assert all(view.commit_record(k).info["stats_hash"] == recorded for k in range(3))
+    marker = copy / "_commits" / "dinov3@96" / "1.json"  # a shard written under other statistics
+    marker.write_text(marker.read_text().replace(recorded, "sha256:" + "0" * 64))
+    assert [(p.kind, p.shard) for p in featcache.verify(str(copy)).problems] == [("codec", 1)]
+    attrs = dict(view.group.attrs["featcache"])
+    attrs["quantization"] = {**attrs["quantization"], "stats_hash": "sha256:" + "1" * 64}
+    zarr.open_group(str(copy / "features.zarr" / "dinov3@96"), mode="r+").attrs["featcache"] = attrs
+    with featcache.open_cache(str(copy)).view("dinov3@96").reader() as reader:
+        with pytest.raises(CacheFormatError, match="were written with statistics sha256:1111"):
+            reader.read_dense(0, space="phis")
+
+
+def test_uncommitted_rows_read_as_zeros_in_every_space(extracted, tmp_path):
+    out, _, _ = extracted
+    copy = tmp_path / "uncommitted"
+    shutil.copytree(out, copy)
+    (copy / "_commits" / "dinov3@64" / "2.json").unlink()
+    with featcache.open_cache(str(copy)).view("dinov3@64").reader() as reader:
+        for space, dtype in (("raw", np.float32), ("phis", np.float32), ("stored", np.int8)):
+            sample = reader.read(9, space=space)
+            assert not sample.valid and sample.dense.dtype == dtype and not sample.dense.any()
+        assert reader.read(0).valid and reader.read(0).dense.any()
