@@ -25,12 +25,11 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from featcache.errors import FeatcacheError, UsageError
-from featcache.extract.calibration import pending, sample_rows, store_calibration
+from featcache.extract import calibration
 from featcache.extract.config import ExtractConfig
 from featcache.extract.finalize import failed_images, rebuild_errors, write_run_record
 from featcache.extract.plan import Plan, prepare
 from featcache.extract.progress import Progress
-from featcache.store.codec import load_int8_phis
 from pipelines.ray_session import ray_session
 
 
@@ -288,15 +287,9 @@ class Scheduler:
     def _calibrate(self, slots: list[_Slot]) -> None:
         """Fit each pending int8-phis view's statistics and scale on one actor each (in parallel),
         and store them before any of its shards is written. A failure stops the job."""
-        all_keys = [v.key for v in self.plan.views]
-        keys = pending(self.plan.cache, all_keys)
-        for key in all_keys:  # calibrated earlier: its statistics must still be the ones recorded
-            view = self.plan.cache.view(key)
-            if view.spec.codec == "int8-phis" and key not in keys:
-                load_int8_phis(view)
+        keys, rows = calibration.todo(self.plan)
         if not keys:
             return
-        rows = sample_rows(self.plan.cache.num_images, self.config.calibration_images, self.config.seed)
         say = lambda text: print(text, file=self.stream, flush=True)  # noqa: E731
         say(f"calibrating int8-phis for {', '.join(keys)} on {len(rows)} images")
         refs = {key: slots[i % len(slots)].actor.calibrate.remote(key, rows, self.config.seed)
@@ -306,7 +299,7 @@ class Scheduler:
                 result = self.ray.get(ref)
             except (self.ray.exceptions.RayActorError, self.ray.exceptions.RayTaskError) as e:
                 raise FeatcacheError(f"calibration of {key} failed: {_first_line(_cause(e) or e)}") from None
-            digest, stored = store_calibration(self.plan.cache.view(key), result)
+            digest, stored = calibration.store_calibration(self.plan.cache.view(key), result)
             if not stored:
                 say(f"{key}: another job stored its calibration first ({digest[:15]}); keeping that one")
                 continue

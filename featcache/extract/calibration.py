@@ -6,17 +6,23 @@ from __future__ import annotations
 import numpy as np
 
 from featcache.stats.compute import store
-from featcache.store.codec import QUANTIZATION, view_attrs
+from featcache.store.codec import QUANTIZATION, load_int8_phis, view_attrs
 
 
-def pending(cache, keys: list[str]) -> list[str]:
-    """The int8-phis views among ``keys`` that have no calibration yet."""
-    out = []
-    for key in keys:
-        view = cache.view(key)
-        if view.spec.codec == "int8-phis" and QUANTIZATION not in view.group.attrs["featcache"]:
-            out.append(key)
-    return out
+def todo(plan) -> tuple[list[str], list[int]]:
+    """The int8-phis views of ``plan`` that have no calibration yet, and the image rows to calibrate
+    them on. A view calibrated earlier is checked first: codes whose statistics no longer match the
+    recorded hash stop the job here, with one line, instead of failing every shard."""
+    keys = []
+    for task in plan.views:
+        view = plan.cache.view(task.key)
+        if view.spec.codec != "int8-phis":
+            continue
+        if QUANTIZATION in view.group.attrs["featcache"]:
+            load_int8_phis(view)
+        else:
+            keys.append(task.key)
+    return keys, sample_rows(plan.cache.num_images, plan.config.calibration_images, plan.config.seed)
 
 
 def sample_rows(num_images: int, count: int, seed: int) -> list[int]:
@@ -39,8 +45,7 @@ def store_calibration(view, result: dict) -> tuple[str, bool]:
 
 def calibrate_locally(plan, worker) -> list[str]:
     """Calibrate every pending view of ``plan`` with a plain ``ShardWorker`` (no Ray)."""
-    keys = pending(plan.cache, [v.key for v in plan.views])
-    rows = sample_rows(plan.cache.num_images, plan.config.calibration_images, plan.config.seed)
+    keys, rows = todo(plan)
     for key in keys:
         store_calibration(plan.cache.view(key), worker.calibrate(key, rows, plan.config.seed))
     return keys

@@ -21,7 +21,7 @@ import dataclasses
 import json
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from featcache.decode import DEFAULT_MAX_PIXELS
 from featcache.errors import UsageError

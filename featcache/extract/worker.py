@@ -149,7 +149,7 @@ class ShardWorker:
         box = np.zeros((n, 4), dtype=np.float32)
         errors: dict[int, str] = {}
         for rows, d, s, boxes in self._features(task, images, good):
-            finite = (torch.isfinite(d).reshape(len(rows), -1).all(dim=1) & torch.isfinite(s).all(dim=1)).cpu().numpy()
+            finite = _finite_rows(d, s)
             if codec is not None:
                 dense[rows] = codec.encode(torch.nan_to_num(d)).cpu().numpy()
             else:
@@ -180,12 +180,16 @@ class ShardWorker:
             images = list(self.pool.map(self._decode_one, rows[b:b + per_batch]))
             good = [j for j, im in enumerate(images) if not isinstance(im, ImageError)]
             for _, d, s, _ in self._features(task, images, good):
-                d, s = d.float().cpu().numpy(), s.float().cpu().numpy()
-                ok = np.isfinite(d).reshape(len(d), -1).all(axis=1) & np.isfinite(s).all(axis=1)
+                ok = _finite_rows(d, s)
                 if ok.any():
-                    calibration.add(d[ok], s[ok])
+                    calibration.add(d.cpu().numpy()[ok], s.cpu().numpy()[ok])
         if calibration.images == 0:
             raise FeatcacheError(f"{key}: none of the {len(rows)} calibration images could be used")
         result = calibration.finish()
         result["quantization"]["calibration"]["seconds"] = round(time.perf_counter() - t0, 3)
         return result
+
+
+def _finite_rows(dense: torch.Tensor, summary: torch.Tensor) -> np.ndarray:
+    """Per image row: True when its dense and summary features are all finite."""
+    return (torch.isfinite(dense).flatten(1).all(dim=1) & torch.isfinite(summary).all(dim=1)).cpu().numpy()

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.stats.compute import stats_arrays
-from featcache.stats.dispersion import angles
+from featcache.stats.compute import stats_arrays, stats_summary
+from featcache.stats.dispersion import dispersion
 from featcache.stats.moments import Moments
 from featcache.stats.phis import PhiS
 from featcache.store.codec import LEVELS, compand, expand
@@ -87,21 +87,18 @@ class Calibration:
             raise ValueError("no calibration image could be used")
         phis = PhiS.fit(self.moments, seed=self.seed)
         summaries = np.concatenate(self._summaries)
-        direction, dispersion = None, None
-        total = summaries.sum(axis=0)
-        if summaries.shape[1] and np.linalg.norm(total) > 0:
-            direction = total / np.linalg.norm(total)
-            dispersion = float(np.mean(angles(summaries, direction) ** 2))
+        try:
+            disp, direction = dispersion(lambda: [summaries])
+        except ValueError:  # no summary channels, or a zero mean: the direction is undefined
+            disp, direction = None, None
         arrays = stats_arrays(phis, self.moments, direction, self.seed)
         # the scale is fitted on the transform as stored (float32 R), the one the workers encode with
         sample, self._sample = np.concatenate(self._sample), []
         y = (sample - arrays["mean"].astype(np.float32)) @ arrays["rotation"].T
         del sample
         scale, knee, relative_mse, clipped = fit_quantizer(y, self.seed)
-        summary = {"alpha": phis.alpha, "dispersion": dispersion, "tokens": self.moments.count,
-                   "summary_vectors": len(summaries), "seed": self.seed, "token_budget": None,
-                   "sample_fraction": 1.0, "hadamard": phis.hadamard.to_dict(), "frozen": True,
-                   "source": "calibration", "images": self.images}
+        summary = stats_summary(phis, self.moments, disp, len(summaries), self.seed, token_budget=None,
+                                sample_fraction=1.0, frozen=True, source="calibration", images=self.images)
         quantization = {"codec": "int8-phis", "scale": scale, "knee": knee, "levels": LEVELS,
                         "relative_mse": relative_mse, "clipped_fraction": clipped,
                         "calibration": {"images": self.images, "tokens": self.moments.count,

@@ -129,6 +129,13 @@ def stats_arrays(phis: PhiS, moments: Moments, direction: np.ndarray | None, see
     return arrays
 
 
+def stats_summary(phis: PhiS, moments: Moments, dispersion: float | None, summary_vectors: int, seed: int,
+                  **extra) -> dict:
+    """The attrs summary of a view's statistics (``extra``: how they were sampled, frozen, source)."""
+    return {"alpha": phis.alpha, "dispersion": dispersion, "tokens": moments.count,
+            "summary_vectors": summary_vectors, "seed": seed, "hadamard": phis.hadamard.to_dict(), **extra}
+
+
 def store(view, arrays: dict[str, np.ndarray], summary: dict, quantization: dict | None = None) -> str:
     """Write ``stats/`` and the attrs summary of ``view`` (driver only); returns the stats hash.
 
@@ -155,10 +162,9 @@ def write(view, merged: Partial, angle_total: float, angle_count: int, direction
     phis = PhiS.fit(merged.dense, seed=seed)
     dispersion = angle_total / angle_count if angle_count else None
     complete = shards == view.num_shards
-    summary = {"alpha": phis.alpha, "dispersion": dispersion, "tokens": merged.dense.count,
-               "summary_vectors": merged.summary_count, "seed": seed, "token_budget": token_budget,
-               "sample_fraction": fraction, "hadamard": phis.hadamard.to_dict(), "frozen": complete,
-               "shards": [shards, view.num_shards], "source": "cache"}
+    summary = stats_summary(phis, merged.dense, dispersion, merged.summary_count, seed, token_budget=token_budget,
+                            sample_fraction=fraction, frozen=complete, shards=[shards, view.num_shards],
+                            source="cache")
     store(view, stats_arrays(phis, merged.dense, direction, seed), summary)
     return ViewStats(view.key, view.spec.channels, merged.dense.count, phis.alpha, dispersion,
                      phis.hadamard.describe(), complete, shards)

@@ -33,12 +33,6 @@ STATS = "stats"
 QUANTIZATION = "quantization"  # the attrs key holding the int8-phis scale and the stats hash
 
 
-def check_codec(codec: str) -> str:
-    if codec not in CODECS:
-        raise UsageError(f"codec {codec!r} is not one of {', '.join(CODECS)}")
-    return codec
-
-
 def stats_digest(arrays: dict[str, np.ndarray]) -> str:
     """The hash that names a view's statistics: sha256 over the arrays' names and bytes, by name."""
     digest = hashlib.sha256()

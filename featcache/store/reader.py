@@ -158,7 +158,7 @@ class ViewReader:
 
         - ``raw``: the teacher's features (float32 decoded from int8-phis codes; f16/f32 as stored);
         - ``phis``: float32 in the view's PHI-S space, ``(x − μ) Rᵀ`` with its frozen statistics
-          (for int8-phis: the codes times the scale, no matrix product);
+          (for int8-phis: one table lookup per code, no matrix product);
         - ``stored``: the stored values as they are (float16, float32 or int8 codes).
         """
         if space not in SPACES:
