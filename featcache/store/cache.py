@@ -199,7 +199,9 @@ class View:
         store = ChecksumStore(zarr_store(self.cache.features))
         group = zarr.open_group(store, path=self.key, mode="r+", zarr_format=3)
         for name in ARRAYS:
-            group[name][start:stop] = data[name]
+            # write_empty_chunks is not stored with the array: without it, zarr skips (or deletes)
+            # all-zero chunks, and an all-failed shard would lack the objects its marker records.
+            group[name].with_config({"write_empty_chunks": True})[start:stop] = data[name]
         prefix = self.key + "/"
         checksums = {k[len(prefix):]: v for k, v in store.written.items() if k.startswith(prefix)}
         commit = commits.Commit(view=self.key, shard=shard, start=start, stop=stop, errors=errors,
