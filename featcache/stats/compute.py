@@ -193,6 +193,7 @@ def compute_view(view, seed: int = 0, token_budget: int | None = None, run=_loca
     if view.spec.codec == "int8-phis":
         raise UsageError(f"{view.key} stores int8 codes in the PHI-S space of its calibration statistics: "
                          "they cannot be recomputed (extract into a new view to change them)")
+    view.cache.check_manifest()
     shards = sorted(view.committed_shards())
     fraction = fraction_for(view, shards, token_budget)
     root, key = view.cache.root.uri, view.key

@@ -8,6 +8,7 @@ URLs go through the same code; ``Cache.capabilities`` says what the filesystem o
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -16,12 +17,14 @@ from importlib import metadata
 import numpy as np
 import pyarrow as pa
 import zarr
+from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from featcache.errors import CacheFormatError, MisalignedWriteError, SourceNotFoundError, UsageError
 from featcache.fsio import Location, locate
-from featcache.store import commits, tables
+from featcache.store import commits, fingerprint, tables
 from featcache.store.spec import FORMAT_VERSION, ViewSpec, check_view_key
-from featcache.store.zarrio import ARRAYS, ChecksumStore, array_layouts, as_dtype, open_root, zarr_store
+from featcache.store.zarrio import (ARRAYS, ChecksumStore, array_layouts, as_dtype, create_exclusive, open_root,
+                                    write_small_array, zarr_store)
 
 FEATURES = "features.zarr"
 
@@ -73,9 +76,14 @@ class Cache:
 
     def attrs(self) -> dict:
         """``features.zarr`` attrs["featcache"], or {} before the first view exists."""
-        if not self.features.join("zarr.json").exists():
+        loc = self.features.join("zarr.json")
+        try:
+            meta = json.loads(loc.read_bytes())
+        except FileNotFoundError:
             return {}
-        return dict(open_root(self.features).attrs.get("featcache", {}))
+        except ValueError as e:
+            raise CacheFormatError(f"{loc.uri} is not valid JSON ({e}): the cache's root metadata is damaged") from None
+        return dict(meta.get("attributes", {}).get("featcache", {}))
 
     @property
     def shard_size(self) -> int | None:
@@ -83,10 +91,38 @@ class Cache:
 
     @property
     def views(self) -> dict[str, "View"]:
-        """The views in creation order."""
+        """The readable views, in creation order (a damaged one raises; see :meth:`scan_views`)."""
+        views, broken = self.scan_views()
+        if broken:
+            key, reason = next(iter(broken.items()))
+            raise CacheFormatError(f"view {key} cannot be opened: {reason} (run 'featcache verify')")
+        return views
+
+    def scan_views(self) -> tuple[dict[str, "View"], dict[str, str]]:
+        """(readable views in creation order, {name: why} of the folders in features.zarr that are not).
+
+        Views are discovered from the groups themselves, never from a shared list that concurrent
+        creators would have to read-modify-write (such a list lost views in hostile trials).
+        """
         attrs = self.attrs()
-        group = open_root(self.features) if attrs else None
-        return {key: View(self, key, group[key]) for key in attrs.get("views", [])}
+        if not attrs:
+            return {}, {}
+        group = open_root(self.features)
+        views, broken = [], {}
+        for name in self._child_names():
+            try:
+                views.append(View(self, name, group[name]))
+            except (KeyError, ValueError, TypeError, CacheFormatError) as e:
+                broken[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        legacy = {k: i for i, k in enumerate(attrs.get("views", []))}  # caches written before discovery
+        views.sort(key=lambda v: (v.created, legacy.get(v.key, len(legacy)), v.key))
+        return {v.key: v for v in views}, broken
+
+    def _child_names(self) -> list[str]:
+        fs, path = self.features.fs, self.features.path
+        entries = fs.ls(path, detail=True, **({"refresh": True} if not self.root.is_local else {}))
+        names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory"]
+        return sorted(n for n in names if n != fingerprint.ARRAY)
 
     def view(self, key: str) -> "View":
         views = self.views
@@ -94,31 +130,77 @@ class Cache:
             raise SourceNotFoundError(f"no view {key!r} in {self.root.uri}; views: {', '.join(views) or 'none'}")
         return views[key]
 
+    def check_manifest(self) -> None:
+        """Refuse a manifest that is not the one the cache's rows were written for (DESIGN.md §2)."""
+        recorded = self.attrs().get("manifest")
+        if recorded is None:  # no features yet, or a cache written before fingerprints
+            return
+        hashes = fingerprint.row_hashes(self.manifest)
+        if fingerprint.digest(hashes) == recorded["sha256"]:
+            return
+        try:
+            stored = np.asarray(open_root(self.features)[fingerprint.ARRAY][:])
+        except (KeyError, FileNotFoundError):
+            stored = np.zeros(0, dtype="<u8")
+        if len(stored) == recorded["rows"]:
+            detail = fingerprint.first_difference(self.manifest, stored, hashes)
+        else:  # the row hashes are gone too: only the counts can be compared
+            detail = f"{self.manifest.num_rows} rows against {recorded['rows']} when the cache was created"
+        raise fingerprint.mismatch_error(self.root.uri, detail)
+
     def create_view(self, spec: ViewSpec, shard_size: int | None = None) -> "View":
-        """Create every array of a view at its final shape (driver only; idempotent for the same spec)."""
+        """Create every array of a view at its final shape (driver only; idempotent for the same spec).
+
+        Safe when several processes create views of one root at once: each view is its own group,
+        and the root is created once (first writer wins; the others check they agree with it).
+        """
         root = self._init_features(shard_size)
         if spec.key in root:
             return self._existing_view(root, spec)
-        shard = root.attrs["featcache"]["shard_size"]
-        group = root.create_group(spec.key, attributes={"featcache": {"format": FORMAT_VERSION, **spec.to_dict()}})
+        shard = self.attrs()["shard_size"]
+        attributes = {"featcache": {"format": FORMAT_VERSION, **spec.to_dict(), "created": time.time()}}
+        try:
+            group = root.create_group(spec.key, attributes=attributes)
+        except ContainsGroupError:  # another process created it since our check: it must hold the same spec
+            group = root[spec.key]
         for name, layout in array_layouts(spec, self.num_images, shard).items():
-            group.create_array(name, **layout)
-        attrs = dict(root.attrs["featcache"])
-        attrs["views"] = [*attrs["views"], spec.key]
-        root.attrs["featcache"] = attrs
-        return View(self, spec.key, group)
+            try:
+                group.create_array(name, **layout)
+            except ContainsArrayError:
+                pass  # created by that other process
+        return self._existing_view(root, spec)
 
     def _init_features(self, shard_size: int | None) -> zarr.Group:
-        root = open_root(self.features, mode="a")
-        attrs = root.attrs.get("featcache")
-        if attrs is None:
+        attrs = self.attrs()
+        if not attrs:
             if not shard_size or shard_size < 1:
                 raise UsageError("the first view of a cache needs a positive shard_size")
-            attrs = {"format": FORMAT_VERSION, "num_images": self.num_images, "shard_size": int(shard_size),
-                     "views": [], "created_with": versions()}
-            root.attrs["featcache"] = attrs
+            self._create_root(int(shard_size))
+            attrs = self.attrs()
+        if "manifest" not in attrs:
+            self.record_manifest()
+        self.check_manifest()
         _check_root_attrs(attrs, self.num_images, shard_size)
-        return root
+        return open_root(self.features, mode="a")
+
+    def _create_root(self, shard_size: int) -> None:
+        """Write ``features.zarr/zarr.json`` unless another process did first, then the row hashes."""
+        hashes = fingerprint.row_hashes(self.manifest)
+        attrs = {"format": FORMAT_VERSION, "num_images": self.num_images, "shard_size": shard_size,
+                 "manifest": {"sha256": fingerprint.digest(hashes), "rows": len(hashes)},
+                 "created_with": versions()}
+        meta = {"attributes": {"featcache": attrs}, "zarr_format": 3, "node_type": "group"}
+        create_exclusive(self.features.join("zarr.json"), json.dumps(meta, indent=2).encode())
+        write_small_array(self.features, fingerprint.ARRAY, hashes, ("image",))
+
+    def record_manifest(self) -> None:
+        """Record the fingerprint of the current manifest in a cache created before fingerprints (driver only)."""
+        hashes = fingerprint.row_hashes(self.manifest)
+        write_small_array(self.features, fingerprint.ARRAY, hashes, ("image",))
+        root = open_root(self.features, mode="a")
+        attrs = dict(root.attrs["featcache"])
+        attrs["manifest"] = {"sha256": fingerprint.digest(hashes), "rows": len(hashes)}
+        root.attrs["featcache"] = attrs
 
     def _existing_view(self, root: zarr.Group, spec: ViewSpec) -> "View":
         view = View(self, spec.key, root[spec.key])
@@ -152,6 +234,7 @@ class View:
         self.group = group
         self.loc = cache.features.join(key)
         self.spec = ViewSpec.from_dict(dict(group.attrs["featcache"]))
+        self.created = float(group.attrs["featcache"].get("created", 0.0))
 
     def __repr__(self) -> str:
         return f"View({self.key!r}, grid={self.spec.grid}, channels={self.spec.channels})"

@@ -16,7 +16,7 @@ from featcache.store.codec import CODECS
 FORMAT_VERSION = 1
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*@[0-9]+(x[0-9]+)?$")
 #: Keys of a view's attrs["featcache"] that are annotations added later, not part of the spec.
-ANNOTATIONS = ("format", "stats", "quantization")
+ANNOTATIONS = ("format", "stats", "quantization", "created")
 
 
 def check_view_key(key: str) -> str:

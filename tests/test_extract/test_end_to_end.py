@@ -137,3 +137,50 @@ def test_viz_bad_arguments(extracted, tmp_path, capsys):
     assert "no image 'nope.png'" in capsys.readouterr().err
     assert main(["viz", str(out), "--image", "coffee.png", "--out", str(tmp_path / "x.jpg")]) == 2
     assert "viz writes PNG files" in capsys.readouterr().err
+
+
+def _edited_copy(out, tmp_path, name: str, edit):
+    """A copy of the extracted cache with one shard uncommitted and its manifest edited by ``edit``."""
+    import shutil
+
+    import pyarrow as pa
+
+    root = tmp_path / name
+    shutil.copytree(out, root)
+    (root / "_commits" / "dinov3@64" / "1.json").unlink()  # a rerun would write shard 1 again
+    manifest = tables.read_manifest(featcache.open_cache(str(root)).root)
+    tables.write_table(featcache.open_cache(str(root)).root.join(tables.MANIFEST), edit(manifest, pa))
+    return root
+
+
+_EDITS = {
+    "reordered": lambda m, pa: m.take(list(reversed(range(m.num_rows)))),
+    "one row changed": lambda m, pa: m.set_column(2, "uri", pa.array(
+        [u if i != 5 else u + ".moved.png" for i, u in enumerate(m.column("uri").to_pylist())])),
+    "one row added": lambda m, pa: pa.concat_tables([m, m.slice(0, 1).set_column(
+        1, "image_id", pa.array(["extra.png"])).set_column(0, "index", pa.array([m.num_rows], pa.int64()))]),
+    "one row removed": lambda m, pa: m.slice(0, m.num_rows - 1),
+}
+
+
+@pytest.mark.parametrize("edit", list(_EDITS))
+def test_an_edited_manifest_is_refused_by_extract_stats_and_verify(extracted, job_teachers, tmp_path, capsys, edit):
+    """Rows are positions: after the manifest was reordered or edited, a rerun must not write other images'
+    features into the uncommitted shard; extract, stats and verify refuse with one line, exit 2."""
+    out, _, _ = extracted
+    root = _edited_copy(out, tmp_path, "edited", _EDITS[edit])
+    before = stored(root, "dinov3@64")
+    code = main(["extract", "--out", str(root), "--no-stats",
+                 "--teacher", f"family=dinov3,source={job_teachers['dinov3']},resolutions=64,codec=f32"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "manifest.parquet no longer matches the cache" in err[0], err
+    expected = {"reordered": "row 0 (image_id", "one row changed": "row 5 (image_id",
+                "one row added": "it has 11 rows, 1 more than the 10", "one row removed": "it has 9 rows, the last 1 of the 10"}[edit]
+    assert expected in err[0]
+    assert not (root / "_commits" / "dinov3@64" / "1.json").exists()
+    after = stored(root, "dinov3@64")
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    for argv in (["verify", str(root)], ["stats", str(root), "--recompute"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no longer matches" in err[0], (argv, err)

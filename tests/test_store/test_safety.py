@@ -29,3 +29,28 @@ def test_all_failed_shard_keeps_every_object_it_records(tmp_path):
     assert sorted(k.split("/")[0] for k in commit.checksums) == ["box", "dense", "summary", "valid"]
     with reopened.reader() as r:
         assert not r.read(5).valid and np.all(r.read_dense(5) == 0)
+
+
+def test_concurrent_view_creation_loses_no_view(cache_root):
+    """8 processes create 8 different views on one root at the same moment, 20 rounds: none is lost,
+    and every view can be written, committed and read back afterwards."""
+    from featcache.store import Cache
+    from tests.support.caches import write_manifest
+    from tests.support.concurrent import create_views_concurrently
+
+    processes, rounds = 8, 20
+    roots = [f"{cache_root}/r{i}" for i in range(rounds)]
+    for root in roots:
+        write_manifest(root, 6)
+    create_views_concurrently(roots, processes)
+    expected = {f"v{k}@224" for k in range(processes)}
+    for root in roots:
+        cache = Cache.open(root)
+        assert set(cache.views) == expected, root
+        assert cache.shard_size == 4
+    cache = Cache.open(roots[-1])
+    for view in cache.views.values():
+        view.write_shard(0, **shard_data(view, 0))
+    assert featcache.verify(roots[-1]).ok
+    with cache.view("v3@224").reader() as r:
+        np.testing.assert_array_equal(r.read_dense(2), shard_data(cache.view("v3@224"), 0)["dense"][2])
