@@ -20,9 +20,9 @@ import numpy as np
 from featcache.stats.dispersion import angles
 from featcache.stats.moments import Moments
 from featcache.stats.phis import PhiS
-from featcache.errors import UsageError
+from featcache.errors import CacheFormatError, UsageError
 from featcache.store.cache import Cache
-from featcache.store.codec import QUANTIZATION, STATS, stats_digest
+from featcache.store.codec import QUANTIZATION, STATS, read_stats_at, stats_digest, stats_path
 from featcache.store.zarrio import open_root
 
 GROUP = 8  # shards per partial result
@@ -137,23 +137,62 @@ def stats_summary(phis: PhiS, moments: Moments, dispersion: float | None, summar
 
 
 def store(view, arrays: dict[str, np.ndarray], summary: dict, quantization: dict | None = None) -> str:
-    """Write ``stats/`` and the attrs summary of ``view`` (driver only); returns the stats hash.
+    """Publish statistics into ``view`` atomically (driver only); returns the stats hash.
 
-    ``quantization`` (the int8-phis scale) is recorded in the same attrs write, referencing the hash,
-    so a reader never sees codes without the statistics they were written with.
+    The arrays go to a folder of their own (``stats/<hash>``), are read back and checked, and only
+    then do the view's attrs switch to them (with ``quantization``, the int8-phis scale, in the same
+    write, so codes never meet other statistics); older versions are removed last. A process killed
+    at any step leaves the old statistics or the new ones, complete.
     """
-    view_group = open_root(view.cache.features, mode="a")[view.key]
-    group = view_group.create_group(STATS, overwrite=True)
-    for name, value in arrays.items():
-        a = group.create_array(name, shape=value.shape, dtype=value.dtype, chunks=value.shape)
-        a[...] = value
     digest = stats_digest(arrays)
+    path = stats_path(digest)
+    view_group = open_root(view.cache.features, mode="a")[view.key]
+    if not _published(view, path, arrays, digest):
+        _write_arrays(view_group, path, arrays)
+        if not _published(view, path, arrays, digest):
+            raise CacheFormatError(f"{view.key}: the statistics written under {path} read back differently")
+    _switch_attrs(view_group, summary, digest, path, sorted(arrays), quantization)
+    _remove_other_versions(view, path)
+    return digest
+
+
+def _published(view, path: str, arrays: dict, digest: str) -> bool:
+    """True when ``path`` holds exactly ``arrays`` (a recompute with the same seed finds them there)."""
+    try:
+        return stats_digest(read_stats_at(view, path, sorted(arrays))) == digest
+    except (FileNotFoundError, KeyError):
+        return False
+
+
+def _write_arrays(view_group, path: str, arrays: dict[str, np.ndarray]) -> None:
+    group = view_group.create_group(path, overwrite=True)
+    for name, value in arrays.items():
+        _write_array(group, name, value)
+
+
+def _write_array(group, name: str, value: np.ndarray) -> None:
+    a = group.create_array(name, shape=value.shape, dtype=value.dtype, chunks=value.shape,
+                           dimension_names=[f"dim{i}" for i in range(value.ndim)])
+    a[...] = value
+
+
+def _switch_attrs(view_group, summary: dict, digest: str, path: str, names: list[str],
+                  quantization: dict | None) -> None:
     attrs = dict(view_group.attrs["featcache"])
-    attrs["stats"] = {**summary, "hash": digest, "arrays": sorted(arrays)}
+    attrs["stats"] = {**summary, "hash": digest, "arrays": names, "path": path}
     if quantization is not None:
         attrs[QUANTIZATION] = {**quantization, "stats_hash": digest}
     view_group.attrs["featcache"] = attrs
-    return digest
+
+
+def _remove_other_versions(view, keep: str) -> None:
+    """Everything in ``stats/`` but the published version (older versions, pre-versioning arrays)."""
+    folder = view.loc.join(STATS)
+    fs = folder.fs
+    for entry in fs.ls(folder.path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name != keep.rsplit("/", 1)[-1] and name != "zarr.json":
+            fs.rm(entry, recursive=True)
 
 
 def write(view, merged: Partial, angle_total: float, angle_count: int, direction: np.ndarray | None,

@@ -127,15 +127,41 @@ def view_attrs(view) -> dict:
     return dict(group.attrs["featcache"])
 
 
+def stats_path(digest: str) -> str:
+    """Where the statistics with hash ``digest`` live, relative to the view: one folder per version."""
+    return f"{STATS}/{digest.split(':', 1)[-1][:16]}"
+
+
 def read_stats(view) -> dict[str, np.ndarray]:
-    """Every array of the view's ``stats/`` group."""
+    """The statistics the view's attrs name, checked against their recorded hash.
+
+    Attrs that name arrays which are missing or differ raise a one-line ``CacheFormatError``
+    (statistics are published arrays-first, so this only happens to a damaged cache).
+    """
+    stats = view_attrs(view).get("stats")
+    if not stats:
+        raise UsageError(f"{view.key} has no statistics yet: run 'featcache stats' first")
+    path = stats.get("path", STATS)  # caches written before versioned statistics keep them in stats/
+    try:
+        arrays = read_stats_at(view, path, stats.get("arrays"))
+    except (FileNotFoundError, KeyError) as e:
+        raise CacheFormatError(f"{view.key}: its attrs name statistics {stats.get('hash')} under {path}, but "
+                               f"{e} is missing: run 'featcache stats --recompute' (or re-extract an int8-phis view)"
+                               ) from None
+    if stats_digest(arrays) != stats.get("hash"):
+        raise CacheFormatError(f"{view.key}: the statistics under {path} do not match their recorded hash "
+                               f"{stats.get('hash')} (run 'featcache verify')")
+    return arrays
+
+
+def read_stats_at(view, path: str, names: list[str] | None) -> dict[str, np.ndarray]:
+    """The arrays ``names`` (all when None) of the statistics folder ``path`` of ``view``."""
     import zarr
 
-    try:
-        group = zarr.open_group(view.group.store, path=f"{view.group.path}/{STATS}", mode="r")
-    except FileNotFoundError:
-        raise UsageError(f"{view.key} has no statistics yet: run 'featcache stats' first") from None
-    return {name: arr[...] for name, arr in group.arrays()}
+    group = zarr.open_group(view.group.store, path=f"{view.group.path}/{path}", mode="r")
+    if names is None:
+        return {name: arr[...] for name, arr in group.arrays()}
+    return {name: group[name][...] for name in names}
 
 
 def load_int8_phis(view) -> Int8Phis:
@@ -149,9 +175,9 @@ def load_int8_phis(view) -> Int8Phis:
         raise CacheFormatError(f"{view.key}: its int8 codes were written with statistics {quant['stats_hash']}, "
                                f"the view now holds {None if stats is None else stats.get('hash')}: "
                                "the codes cannot be decoded")
-    arrays = read_stats(view)
-    if stats_digest(arrays) != quant["stats_hash"]:
-        raise CacheFormatError(f"{view.key}: the stats/ arrays do not match their recorded hash "
-                               f"{quant['stats_hash']}: the int8 codes cannot be decoded")
+    try:
+        arrays = read_stats(view)
+    except CacheFormatError as e:
+        raise CacheFormatError(f"{e}: the int8 codes cannot be decoded") from None
     return Int8Phis(arrays["mean"], arrays["rotation"], arrays["inverse"], float(quant["scale"]), quant.get("knee"),
                     quant["stats_hash"])

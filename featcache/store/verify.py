@@ -18,7 +18,7 @@ import numpy as np
 
 from featcache.errors import CacheFormatError, UsageError
 from featcache.store.cache import Cache, View
-from featcache.store.codec import load_int8_phis
+from featcache.store.codec import load_int8_phis, read_stats
 from featcache.store.zarrio import array_layouts, object_checksum, shard_object_keys
 
 _ROWS_PER_READ = 32
@@ -30,7 +30,7 @@ class Problem:
 
     view: str
     shard: int | None
-    kind: str  # shape, codec, commit, missing, checksum, decode, nonfinite, valid, errors-table
+    kind: str  # shape, codec, stats, commit, missing, checksum, decode, nonfinite, valid, errors-table
     message: str
 
     def __str__(self) -> str:
@@ -63,6 +63,8 @@ def verify(cache: Cache, views: list[str] | None = None, workers: int = 4) -> Re
         if committed and view.spec.codec == "int8-phis":
             problems, stats_hash = _check_codec(view)
             report.problems += problems
+        elif view.stats:
+            report.problems += _check_stats(view)
         with ThreadPoolExecutor(workers) as pool:
             for found in pool.map(lambda k: _check_shard(view, k, stats_hash), committed):
                 report.problems += found
@@ -89,6 +91,15 @@ def _check_codec(view: View) -> tuple[list[Problem], str | None]:
         return [], load_int8_phis(view).stats_hash
     except (CacheFormatError, UsageError) as e:
         return [Problem(view.key, None, "codec", str(e))], None
+
+
+def _check_stats(view: View) -> list[Problem]:
+    """The statistics the attrs name exist and have the recorded hash (published arrays-first)."""
+    try:
+        read_stats(view)
+        return []
+    except (CacheFormatError, UsageError) as e:
+        return [Problem(view.key, None, "stats", str(e))]
 
 
 def _check_shard(view: View, shard: int, stats_hash: str | None = None) -> list[Problem]:

@@ -150,7 +150,8 @@ def test_codes_refuse_to_decode_with_other_statistics(extracted, tmp_path):
     out, _, _ = extracted
     copy = tmp_path / "tampered"
     shutil.copytree(out, copy)
-    mean = zarr.open_array(str(copy / "features.zarr" / "dinov3@64" / "stats" / "mean"), mode="r+")
+    path = featcache.open_cache(str(copy)).view("dinov3@64").stats["path"]
+    mean = zarr.open_array(str(copy / "features.zarr" / "dinov3@64" / path / "mean"), mode="r+")
     mean[0] = mean[0] + 1.0
     report = featcache.verify(str(copy))
     assert [p.kind for p in report.problems] == ["codec"] and "do not match their recorded hash" in str(report.problems[0])
@@ -158,7 +159,7 @@ def test_codes_refuse_to_decode_with_other_statistics(extracted, tmp_path):
         with pytest.raises(CacheFormatError, match="cannot be decoded"):
             reader.read(0)
         assert reader.read_dense(0, space="stored").dtype == np.int8  # the codes themselves stay readable
-    arrays = {n: a[...] for n, a in zarr.open_group(str(out / "features.zarr" / "dinov3@64" / "stats")).arrays()}
+    arrays = {n: a[...] for n, a in zarr.open_group(str(out / "features.zarr" / "dinov3@64" / path)).arrays()}
     assert stats_digest(arrays) == featcache.open_cache(str(out)).view("dinov3@64").stats["hash"]
 
 

@@ -57,7 +57,8 @@ def test_stats_equal_a_direct_computation(cache_root, tmp_path):
     mean, cov, disp, tokens = _direct(root)
     assert len(rows) == 1 and rows[0].tokens == tokens == (N - 2) * 24
     assert abs(rows[0].dispersion - disp) < 1e-9
-    group = zarr.open_group(root + "/features.zarr/dinov3@224/stats", mode="r")
+    path = featcache.open_cache(root).view("dinov3@224").stats["path"]  # stats/<hash>: one folder per version
+    group = zarr.open_group(f"{root}/features.zarr/dinov3@224/{path}", mode="r")
     assert np.allclose(group["mean"][:], mean, rtol=1e-10, atol=1e-12)
     lam = np.sort(np.linalg.eigvalsh(cov))[::-1]
     assert np.allclose(group["eigenvalues"][:], lam, rtol=1e-8, atol=1e-12)
@@ -118,7 +119,8 @@ def test_fallback_rotation_is_persisted(tmp_path):
     cache, view = make_cache(root, n=16, shard_size=8, grid=(4, 4), channels=92)  # 92: no construction
     write_all(view)
     stats.run(root, seed=5)
-    group = zarr.open_group(root + "/features.zarr/dinov3@224/stats", mode="r")
+    path = featcache.open_cache(root).view("dinov3@224").stats["path"]  # stats/<hash>: one folder per version
+    group = zarr.open_group(f"{root}/features.zarr/dinov3@224/{path}", mode="r")
     assert np.array_equal(group["hadamard"][:], hadamard(92, seed=5)[0])
     assert featcache.open_cache(root).view("dinov3@224").stats["hadamard"]["seed"] == 5
 
@@ -145,7 +147,8 @@ def test_reader_returns_phis_space_on_request(cache_root, tmp_path):
         window = reader.read(5, window=(1, 3, 2, 5), space="phis").dense
         raw = reader.read(5).dense
     assert np.abs(y.mean(axis=0)).max() < 1e-5 and np.abs(y.var(axis=0) - 1).max() < 1e-4
-    group = zarr.open_group(root + "/features.zarr/dinov3@224/stats", mode="r")
+    path = featcache.open_cache(root).view("dinov3@224").stats["path"]  # stats/<hash>: one folder per version
+    group = zarr.open_group(f"{root}/features.zarr/dinov3@224/{path}", mode="r")
     expected = (raw[1:3, 2:5].astype(np.float64) - group["mean"][:]) @ group["rotation"][:].astype(np.float64).T
     assert window.shape == (2, 3, 24) and np.abs(window - expected).max() < 1e-4
     with pytest.raises(featcache.errors.UsageError, match="space 'pca' is not one of raw, phis, stored"):

@@ -1,0 +1,106 @@
+"""Statistics are published atomically: a ``stats --recompute`` killed at any step leaves the old or the
+new statistics, complete, and PHI-S reads keep working (issue 10, defect 4)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import featcache
+from featcache.cli import main
+from featcache.errors import CacheFormatError
+from featcache.stats import compute
+from featcache.store.codec import read_stats, stats_digest
+from tests.support.caches import make_cache, write_all
+
+KEY = "dinov3@224"
+REPO = Path(__file__).resolve().parents[2]
+
+# In a child process: recompute with other settings and die (os._exit, as kill -9 would) at one step.
+_CHILD = """
+import os, sys
+import featcache
+from featcache.stats import compute
+step = sys.argv[2]
+die = lambda *a, **k: os._exit(9)
+if step == "before arrays":
+    compute._write_arrays = die
+elif step == "during arrays":
+    write, calls = compute._write_array, []
+    def _write_array(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            os._exit(9)
+        write(*a, **k)
+    compute._write_array = _write_array
+elif step == "before attrs":
+    compute._switch_attrs = die
+elif step == "before cleanup":
+    compute._remove_other_versions = die
+compute.compute_view(featcache.open_cache(sys.argv[1]).view("%s"), seed=5, token_budget=100)
+""" % KEY
+
+
+@pytest.fixture(scope="module")
+def with_stats(tmp_path_factory):
+    """A cache with statistics (seed 0, all tokens), and the hash a recompute with seed 5 gives."""
+    base = tmp_path_factory.mktemp("publish")
+    root = str(base / "cache")
+    _, view = make_cache(root, n=12, shard_size=4, grid=(4, 6), channels=24, dtype="float32")
+    write_all(view, seed=1)
+    old = compute.compute_view(featcache.open_cache(root).view(KEY))
+    assert old is not None
+    probe = str(base / "probe")
+    shutil.copytree(root, probe)
+    compute.compute_view(featcache.open_cache(probe).view(KEY), seed=5, token_budget=100)
+    return root, featcache.open_cache(root).view(KEY).stats["hash"], featcache.open_cache(probe).view(KEY).stats["hash"]
+
+
+def _check_complete(root: str) -> str:
+    view = featcache.open_cache(root).view(KEY)
+    arrays = read_stats(view)
+    assert stats_digest(arrays) == view.stats["hash"]
+    with view.reader() as r:
+        y = r.read_dense(0, space="phis")
+    x = r.read_dense(0).astype(np.float64)
+    expected = (x - arrays["mean"]) @ arrays["rotation"].astype(np.float64).T
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+    assert featcache.verify(root).ok
+    return view.stats["hash"]
+
+
+@pytest.mark.parametrize("step,survivor", [("before arrays", "old"), ("during arrays", "old"),
+                                           ("before attrs", "old"), ("before cleanup", "new")])
+def test_killed_recompute_leaves_old_or_new_statistics_complete(with_stats, tmp_path, step, survivor):
+    root, old, new = with_stats
+    copy = str(tmp_path / "c")
+    shutil.copytree(root, copy)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, copy, step], env=env, capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    assert _check_complete(copy) == {"old": old, "new": new}[survivor]
+    compute.compute_view(featcache.open_cache(copy).view(KEY), seed=5, token_budget=100)  # a rerun finishes it
+    assert _check_complete(copy) == new
+    versions = [p.name for p in (Path(copy) / "features.zarr" / KEY / "stats").iterdir() if p.is_dir()]
+    assert versions == [new.split(":")[1][:16]]  # older versions removed once the new one is published
+
+
+def test_attrs_naming_missing_statistics_are_a_problem_not_a_keyerror(with_stats, tmp_path, capsys):
+    root, old, _ = with_stats
+    copy = str(tmp_path / "c")
+    shutil.copytree(root, copy)
+    view = featcache.open_cache(copy).view(KEY)
+    shutil.rmtree(Path(view.loc.path) / view.stats["path"])
+    problems = featcache.verify(copy).problems
+    assert [(p.kind, p.view) for p in problems] == [("stats", KEY)] and "is missing" in problems[0].message
+    with view.reader() as r, pytest.raises(CacheFormatError, match="run 'featcache stats --recompute'"):
+        r.read_dense(0, space="phis")
+    assert main(["inspect", copy]) == 0
+    assert main(["stats", copy, "--recompute"]) == 0
+    assert _check_complete(copy) == old  # same settings as the first computation: same bytes again
