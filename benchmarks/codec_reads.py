@@ -28,6 +28,7 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.pagecache import evict
 from featcache.stats.calibrate import Calibration
 from featcache.stats.compute import store
 from featcache.store import Cache, ViewSpec
@@ -72,18 +73,6 @@ def build(root: str, n: int, shard: int) -> Cache:
         q8.write_shard(s, codec.encode(torch.from_numpy(x)).numpy(), summary, box)
     store(f16, result["arrays"], result["summary"])  # the same PHI-S for the f16 view's phis reads
     return cache
-
-
-def evict(view) -> None:
-    """Drop the view's shard files from the page cache (clean pages: no root needed)."""
-    for dirpath, _, files in os.walk(view.loc.path):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fdatasync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def epoch(reader, order, windows, space: str) -> float:

@@ -42,3 +42,32 @@ class ImageError(FeatcacheError, ValueError):
 
 class TeacherLoadError(FeatcacheError, OSError):
     """A teacher whose weights or config cannot be loaded as asked (missing, wrong model, corrupt)."""
+
+
+class ChecksumError(CacheFormatError):
+    """Stored bytes whose crc32c does not match: a damaged object (a flipped bit, a torn write)."""
+
+    exit_code = 1  # the command ran and found a damaged cache (README: exit codes)
+
+
+class StorageError(FeatcacheError, OSError):
+    """A write the storage refuses for good (full, read-only, not permitted): retrying cannot help.
+
+    ``errno`` is the original one (ENOSPC, EROFS, EACCES...); the message names the path and what to do.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
+
+    def __reduce__(self):  # keeps errno across processes (OSError would rebuild it from args alone)
+        return type(self), (str(self), self.errno)
+
+
+class ShardFailedError(FeatcacheError, RuntimeError):
+    """An error inside a shard that stopped the job (not retried): a featcache error, or an unexpected
+    one whose traceback is in the run record. ``__cause__`` is the original exception."""
+
+    exit_code = 1

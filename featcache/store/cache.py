@@ -324,8 +324,9 @@ class View:
         data["valid"] = valid
         return data
 
-    def reader(self, verify_checksums: bool = False):
-        """A fast random-access reader (see :mod:`featcache.store.reader`)."""
+    def reader(self, verify_checksums: bool = True):
+        """A fast random-access reader (see :mod:`featcache.store.reader`); every chunk's crc32c
+        is checked unless ``verify_checksums=False``."""
         from featcache.store.reader import ViewReader
 
         return ViewReader(self, verify_checksums=verify_checksums)

@@ -6,6 +6,14 @@ shard index on every call. For the layout featcache writes (sharded, inner codec
 shard's index in memory and fetches exactly the chunk bytes: ``os.pread`` on local files, one
 ranged GET through fsspec elsewhere. Other layouts fall back to zarr indexing. Only committed
 shards are read; rows of other shards come back with ``valid = False`` and zeros.
+
+Every chunk's crc32c is checked by default, as zarr-python does (a flipped byte raises
+:class:`~featcache.errors.ChecksumError` naming the row and the object, never returns silently
+wrong values). The check runs over the chunk and its stored crc together, against the crc32c
+residue, with no copy (hardware crc32c, ~27 GB/s here). The small arrays (summary, box, valid) are
+one chunk of S rows per shard: as DESIGN.md §5 asks of a training reader, a shard's three chunks are
+fetched and checked once and kept in a bounded LRU, so each further row of that shard is a lookup
+and an epoch issues one dense read per image.
 """
 
 from __future__ import annotations
@@ -18,12 +26,15 @@ from dataclasses import dataclass
 import crc32c
 import numpy as np
 
-from featcache.errors import CacheFormatError, UsageError
+from featcache.errors import CacheFormatError, ChecksumError, UsageError
 from featcache.store.codec import Int8Phis, load_int8_phis, read_stats
 
 SPACES = ("raw", "phis", "stored")
 _EMPTY = np.uint64(2**64 - 1)
 _CRC = 4
+#: crc32c of any message followed by its own crc32c (little-endian): one call checks a chunk.
+_RESIDUE = crc32c.crc32c(bytes(_CRC))
+_SMALL = ("summary", "box", "valid")
 
 
 @dataclass(frozen=True)
@@ -111,15 +122,19 @@ def _fast_layout(meta: dict) -> bool:
 
 
 class ViewReader:
-    """Random access to one view; thread-safe, holds shard indices and file handles."""
+    """Random access to one view; thread-safe, holds shard indices, file handles and the small
+    arrays of recently read shards (at most ``small_cache_bytes`` of them, one shard at least).
 
-    def __init__(self, view, verify_checksums: bool = False):
+    ``verify_checksums=False`` skips the crc32c check of the chunks read (shard indices are
+    always checked: their offsets steer every read)."""
+
+    def __init__(self, view, verify_checksums: bool = True, small_cache_bytes: int = 64 << 20):
         self.view = view
         self.spec = view.spec
         self.verify_checksums = verify_checksums
         self._ranges = _ranges_for(view)
         self._index_cache: dict[int, np.ndarray] = {}
-        self._paths: dict[tuple, str] = {}
+        self._objects: dict[tuple, object] = {}
         self._arrays = {name: view.group[name] for name in ("dense", "summary", "box", "valid")}
         self._dtypes = {name: np.dtype(a.dtype).newbyteorder("<") for name, a in self._arrays.items()}
         self._fast = all(_fast_layout(a.metadata.to_dict()) for a in self._arrays.values())
@@ -127,6 +142,7 @@ class ViewReader:
         self._phis_arrays: tuple[np.ndarray, np.ndarray] | None = None
         self._codec: Int8Phis | None = None
         self._lock = threading.Lock()
+        self._small = _ShardLRU(max(1, small_cache_bytes // self._small_bytes_per_shard()))
         self.refresh()
 
     def refresh(self) -> None:
@@ -228,51 +244,82 @@ class ViewReader:
             raise UsageError(f"image {i} is out of range: the cache holds {self.view.num_images} images")
         return i // self.view.shard_size
 
-    def _path(self, name: str, coords: tuple[int, ...]) -> str:
-        path = self._paths.get((name, coords))
-        if path is None:
-            path = self.view.loc.join(*f"{name}/{self._keys[name].encode_chunk_key(coords)}".split("/")).path
-            self._paths[(name, coords)] = path
-        return path
+    def _object(self, name: str, coords: tuple[int, ...]):
+        """The Location of the stored object holding chunk ``coords`` of array ``name``."""
+        loc = self._objects.get((name, coords))
+        if loc is None:
+            loc = self.view.loc.join(*f"{name}/{self._keys[name].encode_chunk_key(coords)}".split("/"))
+            self._objects[(name, coords)] = loc
+        return loc
 
-    def _shard_index(self, shard: int) -> np.ndarray:
+    def _path(self, name: str, coords: tuple[int, ...]) -> str:
+        return self._object(name, coords).path
+
+    def _check(self, raw: bytes, i: int, what: str, name: str, coords: tuple[int, ...]) -> None:
+        """Raise :class:`ChecksumError` naming row ``i``, ``what`` and the object unless ``raw``
+        (chunk bytes followed by their crc32c) checks out."""
+        if crc32c.crc32c(raw) != _RESIDUE:
+            raise ChecksumError(
+                f"{self.view.key}: image row {i}: {what} fails its crc32c check in "
+                f"{self._object(name, coords).uri}: the stored bytes are damaged; "
+                f"run 'featcache verify {self.view.cache.root.uri}'")
+
+    def _shard_index(self, shard: int, i: int | None = None) -> np.ndarray:
+        """The dense index of ``shard``, loaded and checked once (a mismatch names row ``i``,
+        by default the shard's first)."""
         idx = self._index_cache.get(shard)
         if idx is None:
-            idx = self._load_index(shard)
+            idx = self._load_index(shard * self.view.shard_size if i is None else i)
             self._index_cache[shard] = idx
         return idx
 
-    def _load_index(self, shard: int) -> np.ndarray:
+    def _load_index(self, i: int) -> np.ndarray:
         tr, tc = self.spec.tiles
         shape = (self.view.shard_size, tr, tc, 1, 2)
         nbytes = int(np.prod(shape)) * 8 + _CRC
-        path = self._path("dense", (shard, 0, 0, 0))
+        coords = (i // self.view.shard_size, 0, 0, 0)
+        path = self._path("dense", coords)
         raw = self._ranges.read(path, self._ranges.size(path) - nbytes, nbytes)
-        _check_crc(raw, path)
+        self._check(raw, i, "the dense shard index", "dense", coords)
         return np.frombuffer(raw, dtype="<u8", count=nbytes // 8).reshape(shape)
 
     def _tile(self, i: int, a: int, b: int) -> np.ndarray:
         shard, local = divmod(i, self.view.shard_size)
-        offset, nbytes = self._shard_index(shard)[local, a, b, 0]
+        offset, nbytes = self._shard_index(shard, i)[local, a, b, 0]
         (th, tw), c = self.spec.tile, self.spec.channels
         if offset == _EMPTY:
             return np.zeros((th, tw, c), dtype=self._dtypes["dense"])
-        path = self._path("dense", (shard, 0, 0, 0))
-        raw = self._ranges.read(path, int(offset), int(nbytes))
+        coords = (shard, 0, 0, 0)
+        raw = self._ranges.read(self._path("dense", coords), int(offset), int(nbytes))
         if self.verify_checksums:
-            _check_crc(raw, path)
+            self._check(raw, i, "dense" if self.spec.tiles == (1, 1) else f"dense tile {(a, b)}", "dense", coords)
         return np.frombuffer(raw, dtype=self._dtypes["dense"], count=th * tw * c).reshape(th, tw, c)
 
     def _row(self, name: str, i: int) -> np.ndarray:
-        arr = self._arrays[name]
         if not self._fast:
-            return np.asarray(arr[i])
+            return np.asarray(self._arrays[name][i])
         shard, local = divmod(i, self.view.shard_size)
-        row_shape, dtype = arr.shape[1:], self._dtypes[name]
-        row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
-        path = self._path(name, (shard,) + (0,) * len(row_shape))
-        raw = self._ranges.read(path, local * row_bytes, row_bytes)
-        return np.frombuffer(raw, dtype=dtype).reshape(row_shape)
+        arrays = self._small.get(shard)
+        if arrays is None:
+            arrays = {n: self._small_chunk(n, i) for n in _SMALL}
+            self._small.put(shard, arrays)
+        return arrays[name][local]
+
+    def _small_chunk(self, name: str, i: int) -> np.ndarray:
+        """The whole chunk (S rows) of small array ``name`` that holds row ``i``, checked once."""
+        arr, dtype = self._arrays[name], self._dtypes[name]
+        coords = (i // self.view.shard_size,) + (0,) * (arr.ndim - 1)
+        nbytes = self._small_row_bytes(name) * self.view.shard_size
+        raw = self._ranges.read(self._path(name, coords), 0, nbytes + _CRC)
+        if self.verify_checksums:
+            self._check(raw, i, name, name, coords)
+        return np.frombuffer(raw, dtype=dtype, count=nbytes // dtype.itemsize).reshape(-1, *arr.shape[1:])
+
+    def _small_row_bytes(self, name: str) -> int:
+        return int(np.prod(self._arrays[name].shape[1:], dtype=np.int64)) * self._dtypes[name].itemsize
+
+    def _small_bytes_per_shard(self) -> int:
+        return self.view.shard_size * sum(self._small_row_bytes(n) for n in _SMALL)
 
     def _empty(self, i: int, window, space: str) -> Sample:
         r0, r1, c0, c1 = self._window(window)
@@ -283,6 +330,28 @@ class ViewReader:
                       box=np.zeros(4, np.float32), valid=False)
 
 
-def _check_crc(raw: bytes, path: str) -> None:
-    if crc32c.crc32c(memoryview(raw)[:-_CRC]) != int.from_bytes(raw[-_CRC:], "little"):
-        raise CacheFormatError(f"checksum mismatch in {path}: run 'featcache verify'")
+class _ShardLRU:
+    """The small arrays of the ``max_shards`` most recently read shards; thread-safe.
+
+    Two threads missing the same shard both fetch it (the same bytes); neither waits for the
+    other's I/O under the lock.
+    """
+
+    def __init__(self, max_shards: int):
+        self.max_shards = max_shards
+        self._items: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, shard: int) -> dict[str, np.ndarray] | None:
+        with self._lock:
+            arrays = self._items.get(shard)
+            if arrays is not None:
+                self._items.move_to_end(shard)
+            return arrays
+
+    def put(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
+        with self._lock:
+            self._items[shard] = arrays
+            self._items.move_to_end(shard)
+            while len(self._items) > self.max_shards:
+                self._items.popitem(last=False)
