@@ -47,9 +47,14 @@ class Commit:
         try:
             d = json.loads(data)
             d["errors"] = {int(k): v for k, v in d.get("errors", {}).items()}
-            return cls(**d)
+            commit = cls(**d)
         except (ValueError, TypeError) as e:
             raise CacheFormatError(f"unreadable commit marker {where}: {e}") from e
+        outside = sorted(i for i in commit.errors if not commit.start <= i < commit.stop)
+        if outside:
+            raise CacheFormatError(f"commit marker {where} lists failed rows {outside[:10]} outside its rows "
+                                   f"[{commit.start}, {commit.stop})")
+        return commit
 
 
 def worker_identity() -> dict:

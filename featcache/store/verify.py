@@ -18,6 +18,7 @@ import numpy as np
 
 from featcache.errors import CacheFormatError, UsageError
 from featcache.store.cache import Cache, View
+from featcache.store.commits import Commit
 from featcache.store.codec import load_int8_phis, read_stats
 from featcache.store.zarrio import array_layouts, object_checksum, shard_object_keys
 
@@ -30,7 +31,7 @@ class Problem:
 
     view: str
     shard: int | None
-    kind: str  # shape, codec, stats, commit, missing, checksum, decode, nonfinite, valid, errors-table
+    kind: str  # metadata, shape, codec, stats, commit, missing, checksum, decode, nonfinite, valid, errors-table
     message: str
 
     def __str__(self) -> str:
@@ -55,23 +56,47 @@ def verify(cache: Cache, views: list[str] | None = None, workers: int = 4) -> Re
     """Check ``cache`` (all views, or the named ones) and return every problem found."""
     cache.check_manifest()  # rows are positions: against another manifest every check would mislead
     report = Report()
-    for key in views or list(cache.views):
-        view = cache.view(key)
-        report.problems += _check_shapes(view)
-        committed = sorted(view.committed_shards())
-        stats_hash = None
-        if committed and view.spec.codec == "int8-phis":
-            problems, stats_hash = _check_codec(view)
-            report.problems += problems
-        elif view.stats:
-            report.problems += _check_stats(view)
-        with ThreadPoolExecutor(workers) as pool:
-            for found in pool.map(lambda k: _check_shard(view, k, stats_hash), committed):
-                report.problems += found
-        report.shards_checked += len(committed)
-        report.problems += _check_errors_table(cache, view, set(committed))
-        report.notes += _partial_shards(view, set(committed))
+    report.problems += _check_root(cache)
+    found, broken = cache.scan_views()
+    for name, reason in broken.items():
+        if cache.features.join(name, "zarr.json").exists():
+            report.problems.append(Problem(name, None, "metadata", f"the view's zarr.json cannot be read: {reason}"))
+        else:
+            report.notes.append(f"features.zarr/{name}: a folder that is not a view (left alone)")
+    for key in views or list(found):
+        if key in broken:
+            continue
+        if key not in found:
+            cache.view(key)  # raises naming the views there are
+        _check_view(found[key], report, workers)
     return report
+
+
+def _check_root(cache: Cache) -> list[Problem]:
+    attrs = cache.attrs()
+    if attrs and attrs.get("num_images") != cache.num_images:
+        return [Problem("features.zarr", None, "metadata", f"the root attrs say {attrs.get('num_images')} images, "
+                                                           f"the manifest has {cache.num_images}")]
+    return []
+
+
+def _check_view(view: View, report: Report, workers: int) -> None:
+    report.problems += _check_shapes(view)
+    committed = sorted(view.committed_shards())
+    stats_hash = None
+    if committed and view.spec.codec == "int8-phis":
+        problems, stats_hash = _check_codec(view)
+        report.problems += problems
+    elif view.stats:
+        report.problems += _check_stats(view)
+    commits = {}
+    with ThreadPoolExecutor(workers) as pool:
+        for shard, (found, commit) in zip(committed, pool.map(lambda k: _check_shard(view, k, stats_hash), committed)):
+            report.problems += found
+            commits[shard] = commit
+    report.shards_checked += len(committed)
+    report.problems += _check_errors_table(view, commits)
+    report.notes += _partial_shards(view, set(committed))
 
 
 def _check_shapes(view: View) -> list[Problem]:
@@ -102,25 +127,26 @@ def _check_stats(view: View) -> list[Problem]:
         return [Problem(view.key, None, "stats", str(e))]
 
 
-def _check_shard(view: View, shard: int, stats_hash: str | None = None) -> list[Problem]:
+def _check_shard(view: View, shard: int, stats_hash: str | None = None) -> tuple[list[Problem], Commit | None]:
+    """Problems of one committed shard, and its marker (None when unreadable or withdrawn)."""
     try:
         commit = view.commit_record(shard)
     except CacheFormatError as e:
-        return [Problem(view.key, shard, "commit", str(e))]
+        return [Problem(view.key, shard, "commit", str(e))], None
     if commit is None:  # withdrawn while we were listing: a job is rewriting it
-        return []
+        return [], None
     start, stop = view.shard_range(shard)
     if (commit.start, commit.stop) != (start, stop):
         return [Problem(view.key, shard, "commit", f"marker covers [{commit.start}, {commit.stop}), "
-                                                   f"the shard is [{start}, {stop})")]
+                                                   f"the shard is [{start}, {stop})")], None
     written_with = commit.info.get("stats_hash")
     if stats_hash is not None and written_with != stats_hash:
         return [Problem(view.key, shard, "codec", f"codes written with statistics {written_with}, the view's "
-                                                  f"are {stats_hash}: they cannot be decoded")]
+                                                  f"are {stats_hash}: they cannot be decoded")], commit
     found = _check_objects(view, shard, commit.checksums)
     if not found:
         found = _check_values(view, start, stop, commit.errors, shard)
-    return found
+    return found, commit
 
 
 def _check_objects(view: View, shard: int, recorded: dict[str, int]) -> list[Problem]:
@@ -172,18 +198,20 @@ def _nonfinite_rows(view: View, start: int, stop: int, valid: np.ndarray) -> lis
     return sorted(set(bad))
 
 
-def _check_errors_table(cache: Cache, view: View, committed: set[int]) -> list[Problem]:
-    table = cache.errors()
-    if table.num_rows == 0:
-        return []
-    rows = [r for r in table.to_pylist() if r.get("view") == view.key and r.get("index") is not None]
+def _check_errors_table(view: View, commits: dict[int, Commit | None]) -> list[Problem]:
+    """``errors.parquet`` lists exactly the failed rows the commits record (rebuilt by each extract)."""
+    listed = {r["index"] for r in view.cache.errors().to_pylist() if r.get("view") == view.key
+              and r.get("index") is not None}
     found = []
-    for row in rows:
-        shard = row["index"] // view.shard_size
-        commit = view.commit_record(shard) if shard in committed else None
-        if commit is not None and row["index"] not in commit.errors:
-            found.append(Problem(view.key, shard, "errors-table",
-                                 f"errors.parquet lists row {row['index']} as failed, its commit does not"))
+    for i in sorted(listed):
+        commit = commits.get(i // view.shard_size)
+        if commit is not None and i not in commit.errors:
+            found.append(Problem(view.key, i // view.shard_size, "errors-table",
+                                 f"errors.parquet lists row {i} as failed, its commit does not"))
+    missing = sorted(i for c in commits.values() if c is not None for i in c.errors if i not in listed)
+    if missing:
+        found.append(Problem(view.key, None, "errors-table", f"rows {missing[:10]} failed (their commits say why) but "
+                             "errors.parquet does not list them: rerun 'featcache extract' to rebuild it"))
     return found
 
 

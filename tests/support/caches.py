@@ -41,11 +41,14 @@ def shard_data(view, shard: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def write_all(view, seed: int = 0, errors: dict[int, str] | None = None) -> None:
-    """Write and commit every shard of ``view``."""
+    """Write and commit every shard of ``view``, then rebuild ``errors.parquet`` as extract does at the end."""
+    from featcache.extract.finalize import rebuild_errors
+
     for k in range(view.num_shards):
         start, stop = view.shard_range(k)
         errs = {i: r for i, r in (errors or {}).items() if start <= i < stop}
         view.write_shard(start, **shard_data(view, k, seed), errors=errs)
+    rebuild_errors(view.cache, [view.key])
 
 
 def make_cache(root: str, n: int = 10, shard_size: int = 4, **spec_kwargs) -> tuple[Cache, object]:

@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 import featcache
+from featcache.extract.finalize import rebuild_errors
 from tests.support.caches import make_cache, shard_data
 
 
@@ -21,6 +22,7 @@ def test_all_failed_shard_keeps_every_object_it_records(tmp_path):
     reopened = featcache.open_cache(root).view(view.key)  # a fresh process's view, as a worker has
     start, stop = reopened.shard_range(1)
     reopened.write_shard(start, **shard_data(reopened, 1), errors={i: "decode: broken" for i in range(start, stop)})
+    rebuild_errors(cache, [view.key])  # as extract does at the end of a job
     report = featcache.verify(root)
     assert report.ok, [str(p) for p in report.problems]
     commit = reopened.commit_record(1)

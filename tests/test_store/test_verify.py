@@ -10,6 +10,7 @@ import pytest
 
 import featcache
 from featcache.cli import main
+from featcache.extract.finalize import rebuild_errors
 from featcache.fsio import locate
 from tests.support.caches import make_cache, shard_data, write_all
 
@@ -89,6 +90,7 @@ def test_nan_in_a_failed_row_is_fine(tmp_path):
     data = shard_data(view, 0)
     data["dense"][2] = np.nan
     view.write_shard(0, **data, errors={2: "teacher produced NaN"})
+    rebuild_errors(view.cache, [view.key])
     assert featcache.verify(root).ok
 
 
@@ -99,7 +101,7 @@ def test_valid_disagreeing_with_the_commit(healthy):
     marker["errors"] = {}  # the commit now claims row 6 succeeded; valid[6] is 0
     locate(path).write_bytes_atomic(json.dumps(marker).encode())
     problems = featcache.verify(root).problems
-    assert [(p.kind, p.shard) for p in problems] == [("valid", 1)]
+    assert [(p.kind, p.shard) for p in problems] == [("valid", 1), ("errors-table", 1)]
     assert "[6]" in problems[0].message
 
 
@@ -111,7 +113,8 @@ def test_errors_table_disagreeing_with_the_commit(healthy):
              "view": view.key, "reason": "out of memory"}]
     tables.write_table(locate(root).join(tables.ERRORS), tables.errors_table(rows))
     problems = featcache.verify(root).problems
-    assert [(p.kind, p.shard) for p in problems] == [("errors-table", 0)]
+    assert [(p.kind, p.shard) for p in problems] == [("errors-table", 0), ("errors-table", None)]
+    assert "rows [6] failed" in problems[1].message  # and row 6, failed in its commit, is no longer listed
 
 
 def test_interrupted_write_is_a_note_not_a_problem(tmp_path):
@@ -123,3 +126,51 @@ def test_interrupted_write_is_a_note_not_a_problem(tmp_path):
     report = featcache.verify(root)
     assert report.ok and report.shards_checked == 1
     assert len(report.notes) == 1 and "shard 1" in report.notes[0]
+
+
+def test_a_commit_listing_a_row_outside_its_shard_is_a_problem_not_a_crash(healthy):
+    root, view = healthy
+    path = os.path.join(root, "_commits", view.key, "1.json")
+    marker = json.loads(open(path).read())
+    marker["errors"]["40"] = "made up"  # row 40: not in shard 1, not even in the cache
+    locate(path).write_bytes_atomic(json.dumps(marker).encode())
+    problems = featcache.verify(root).problems
+    assert [(p.kind, p.shard) for p in problems] == [("commit", 1)] and "outside its rows [4, 8)" in problems[0].message
+
+
+def test_a_truncated_view_metadata_file_is_a_problem(healthy, capsys):
+    root, view = healthy
+    path = os.path.join(view.loc.path, "zarr.json")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    problems = featcache.verify(root).problems
+    assert [(p.kind, p.view) for p in problems] == [("metadata", view.key)]
+    assert main(["verify", root]) == 1
+    capsys.readouterr()
+    assert main(["inspect", root]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "view dinov3@224 cannot be opened" in err[0]
+
+
+def test_a_deleted_errors_table_is_a_problem(healthy):
+    root, _ = healthy
+    os.remove(os.path.join(root, "errors.parquet"))
+    problems = featcache.verify(root).problems
+    assert [(p.kind, p.shard) for p in problems] == [("errors-table", None)] and "rows [6]" in problems[0].message
+
+
+def test_an_edited_image_count_is_a_problem(healthy):
+    root, _ = healthy
+    path = os.path.join(root, "features.zarr", "zarr.json")
+    meta = json.loads(open(path).read())
+    meta["attributes"]["featcache"]["num_images"] = 12
+    open(path, "w").write(json.dumps(meta))
+    problems = featcache.verify(root).problems
+    assert [(p.kind, p.view) for p in problems] == [("metadata", "features.zarr")] and "12 images" in problems[0].message
+
+
+def test_a_folder_that_is_not_a_view_is_a_note(healthy):
+    root, _ = healthy
+    os.makedirs(os.path.join(root, "features.zarr", "scratch", "x"))
+    report = featcache.verify(root)
+    assert report.ok and report.notes == ["features.zarr/scratch: a folder that is not a view (left alone)"]
