@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PIL import Image
 
@@ -36,6 +36,9 @@ class Header:
     width: int  # as displayed, after the EXIF orientation
     height: int
     format: str
+    size: int | None = None  # bytes; with mtime or etag, what tells a replaced file from the indexed one
+    mtime: float | None = None  # local files: st_mtime in seconds
+    etag: str | None = None  # object stores: the ETag the open already fetched
 
 
 def is_image_name(name: str) -> bool:
@@ -98,16 +101,20 @@ def header_of_local(path: str) -> Header:
         raise ImageError(path, "not a regular file")
     try:
         with open(path, "rb", buffering=_HEADER_BLOCK) as f:
-            return read_header(f, path)
+            header = read_header(f, path)
     except OSError as e:
         raise ImageError(path, f"cannot read: {e.strerror or e}") from e
+    return replace(header, size=st.st_size, mtime=st.st_mtime)
 
 
 def header_of_remote(fs, path: str, uri: str) -> Header:
-    """Header of a file on any fsspec filesystem, fetching only the first blocks."""
+    """Header of a file on any fsspec filesystem, fetching only the first blocks; its size and ETag
+    come from the file's details, which opening it has already fetched (no request of their own)."""
     try:
         with fs.open(path, "rb", block_size=_HEADER_BLOCK, cache_type="readahead") as f:
-            return read_header(f, uri)
+            details = getattr(f, "details", None) or {}
+            etag = details.get("ETag", details.get("etag"))
+            return replace(read_header(f, uri), size=getattr(f, "size", None), etag=etag)
     except FileNotFoundError as e:
         raise ImageError(uri, "file not found") from e
     except OSError as e:

@@ -5,12 +5,16 @@ A source is a folder or a glob on any fsspec filesystem, or a ``.parquet``/``.cs
 so every ``index``, is deterministic: sorted relative paths for folders and globs, list order for
 lists. ``image_id`` is the path relative to the folder (or the glob's fixed prefix), or the list's
 ``image_id`` column, or its ``uri``. Files that cannot be used are listed in ``errors.parquet``
-with a reason; the index goes on without them.
+with a reason; the index goes on without them. Each file's ``size`` and ``mtime`` (local files) or
+``etag`` (object stores) are recorded too, so that extraction can refuse a file replaced since.
+
+A local glob follows links to folders (as ``glob.glob`` does) but enters each real folder once, so
+a link loop ends; a folder source does not follow links to folders at all (``os.walk``'s default).
 """
 
 from __future__ import annotations
 
-import glob as globlib
+import fnmatch
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,10 +27,13 @@ from featcache.errors import ImageError, SourceNotFoundError, UsageError
 from featcache.fsio import Location, locate
 from featcache.images import header_of_local, header_of_remote, is_image_name
 from featcache.store import tables
+from featcache.store.cache import Cache
 
 _GLOB_CHARS = "*?["
 _LIST_SUFFIXES = (".parquet", ".csv")
-_RESERVED = ("index", "width", "height")
+_RESERVED = ("index", "width", "height", *tables.FILE_COLUMNS)
+#: Reason recorded for an image whose bytes are not those indexed (see :func:`changed_since_indexing`).
+CHANGED = "changed since indexing (re-index to accept the change)"
 
 
 @dataclass(frozen=True)
@@ -70,9 +77,9 @@ def index(src, out, workers: int | None = None) -> IndexResult:
     root = locate(out)
     manifest = _manifest_table(good)
     _check_replaceable(root, manifest)
-    tables.write_table(root.join(tables.MANIFEST), manifest)
     _write_index_errors(root, [(e.loc.uri, e.image_id, h.reason) for e, h in failed] +
                         [(uri, None, reason) for uri, reason in ignored])
+    tables.write_table(root.join(tables.MANIFEST), manifest)  # last: the manifest is index's commit point
     return IndexResult(root.uri, manifest.num_rows, [(e.loc.uri, h.reason) for e, h in failed], ignored,
                        time.perf_counter() - t0)
 
@@ -122,14 +129,76 @@ def _list_glob(pattern: str) -> tuple[list[Entry], list[tuple[str, str]]]:
     loc = locate(pattern)
     static = loc.path[: min(loc.path.find(c) for c in _GLOB_CHARS if c in loc.path)]
     prefix = static[: static.rfind("/") + 1] if "/" in static else ""
+    unlisted = []
     if loc.is_local:
-        paths = [p for p in globlib.glob(loc.path, recursive=True) if not os.path.isdir(p)]
+        paths, unlisted = _glob_local(prefix.rstrip("/") or "/", loc.path[len(prefix):])
     else:
         paths = [p for p, info in loc.fs.glob(loc.path, detail=True).items() if info["type"] == "file"]
     entries, ignored = _split(loc, sorted(paths), prefix.rstrip("/") or "/")
     if not entries:
         raise UsageError(f"no image files match {pattern}")
-    return entries, ignored
+    return entries, ignored + unlisted
+
+
+def _glob_local(top: str, pattern: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """Non-directory entries below ``top`` whose relative path matches ``pattern`` (``glob.glob``'s
+    rules, ``**`` recursive), and (folder, reason) of folders that could not be listed. Links to
+    folders are followed, but each real folder (st_dev, st_ino) is entered once, under its first path
+    in sorted order: a link loop ends, and nothing is listed twice."""
+    segments, seen = tuple(pattern.split("/")), set()
+    stack, files, unlisted = [(top, (), True)], [], []
+    while stack:  # depth first, children in sorted order: files come out sorted
+        path, parts, is_dir = stack.pop()
+        if not is_dir:
+            files += [path] if _glob_match(parts, segments) else []
+            continue
+        try:
+            if _first_visit(path, seen):
+                stack += reversed(_children(path, parts, segments))
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # vanished while listing, or the glob's fixed part is not a folder: nothing there
+        except OSError as e:
+            unlisted.append((path, f"cannot list folder: {e.strerror or e}"))
+    return files, unlisted
+
+
+def _first_visit(path: str, seen: set) -> bool:
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
+
+
+def _children(path: str, parts: tuple, segments: tuple) -> list[tuple[str, tuple, bool]]:
+    """(path, relative parts, is folder) of the entries of ``path`` that the pattern may reach, in the
+    order their paths sort as strings (a folder ``a`` sorts as ``a/``)."""
+    with os.scandir(path) as it:
+        kids = [(e.path, (*parts, e.name), e.is_dir()) for e in it]
+    kids = [k for k in kids if not k[2] or _glob_match(k[1], segments, partial=True)]
+    return sorted(kids, key=lambda k: k[1][-1] + "/" if k[2] else k[1][-1])
+
+
+def _glob_match(parts: tuple, segments: tuple, partial: bool = False) -> bool:
+    """Whether the path ``parts`` matches the glob ``segments`` (``partial``: whether a path below
+    the folder ``parts`` could)."""
+    if not parts:
+        return bool(segments) if partial else all(s == "**" for s in segments)
+    if not segments:
+        return False
+    if segments[0] == "**":  # zero or more folders whose names do not start with a dot
+        return _glob_match(parts, segments[1:], partial) or (
+            not parts[0].startswith(".") and _glob_match(parts[1:], segments, partial))
+    return _name_match(parts[0], segments[0]) and _glob_match(parts[1:], segments[1:], partial)
+
+
+def _name_match(name: str, segment: str) -> bool:
+    if not any(c in segment for c in _GLOB_CHARS):
+        return name == segment
+    if name.startswith(".") and not segment.startswith("."):
+        return False  # as in glob.glob: a wildcard does not match a leading dot
+    return fnmatch.fnmatchcase(name, segment)
 
 
 def _list_table(loc: Location) -> list[Entry]:
@@ -196,16 +265,28 @@ def _manifest_table(good: list) -> pa.Table:
         "width": pa.array([h.width for _, h in good], pa.int32()),
         "height": pa.array([h.height for _, h in good], pa.int32()),
     }
+    for name, dtype in tables.FILE_COLUMNS.items():  # only those the filesystem gave for some file
+        values = [getattr(h, name) for _, h in good]
+        if any(v is not None for v in values):
+            columns[name] = pa.array(values, dtype)
     for name in good[0][0].extra:
         columns[name] = pa.array([e.extra.get(name) for e, _ in good])
     return pa.table(columns)
 
 
 def _check_replaceable(root: Location, manifest: pa.Table) -> None:
-    """A manifest under existing features may only be rewritten with the same images in the same order."""
+    """A manifest under existing features may only be rewritten with the same images in the same order
+    (checked against the cache's fingerprint, so a deleted manifest can be restored by indexing again)."""
     if not root.join("features.zarr").exists():
         return
-    old = tables.read_manifest(root)
+    cache = Cache(root)
+    if "manifest" in cache.attrs():
+        detail = cache.manifest_difference(manifest)
+        if detail:
+            raise UsageError(f"{root.uri} already holds features for another image list ({detail}); "
+                             "index into a new root")
+        return
+    old = tables.read_manifest(root)  # a cache from before fingerprints: compare with its manifest
     same = all(old.column(c).equals(manifest.column(c)) for c in ("image_id", "uri")) \
         if old.num_rows == manifest.num_rows else False
     if not same:
@@ -213,8 +294,20 @@ def _check_replaceable(root: Location, manifest: pa.Table) -> None:
 
 
 def _write_index_errors(root: Location, rows: list[tuple[str, str | None, str]]) -> None:
-    kept = [r for r in tables.read_errors(root).to_pylist() if r["stage"] != "index"]
+    old = tables.read_errors(root).to_pylist()
+    kept = [r for r in old if r["stage"] != "index"]
     new = [{"index": None, "image_id": image_id, "uri": uri, "stage": "index", "view": None, "reason": reason}
            for uri, image_id, reason in rows]
-    if kept or new:
+    if old or new:  # an earlier index's rows must go even when nothing fails now
         tables.write_table(root.join(tables.ERRORS), tables.errors_table(kept + new))
+
+
+# ---- extraction's check -------------------------------------------------------------------
+
+
+def changed_since_indexing(loc: Location, data: bytes, size: int | None, mtime: float | None) -> bool:
+    """True when ``data``, just read from ``loc``, is not the file indexed: its byte count, or (local
+    files) the file's modification time, differs from the manifest's. Nothing recorded: no check."""
+    if size is not None and len(data) != size:
+        return True
+    return mtime is not None and loc.is_local and os.stat(loc.path).st_mtime != mtime

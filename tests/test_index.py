@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ from featcache.store import tables
 from featcache.fsio import locate
 from tests.support.images import (
     HEADER_ONLY_SIZE,
+    photo,
     skimage_photos,
     write_header_cases,
     write_nested_small_pngs,
@@ -233,3 +235,182 @@ def test_index_a_glob_on_s3(s3_root):
     featcache.index(f"{s3_root}/imgs/**/*.png", f"{s3_root}/out")
     table = tables.read_manifest(locate(f"{s3_root}/out"))
     assert table.column("image_id").to_pylist() == sorted(f"sub/{p.name}" for p in photos if p.suffix == ".png")
+
+
+# ---- index's commit point: the manifest is written last --------------------------------------
+
+_KILL_AFTER_FIRST_TABLE_WRITE = """
+import os, sys
+import featcache
+from featcache.store import tables
+write = tables.write_table
+def write_then_die(loc, table):
+    write(loc, table)
+    os._exit(9)
+tables.write_table = write_then_die
+featcache.index(sys.argv[1], sys.argv[2])
+"""
+
+
+def test_kill_after_the_first_table_write_never_leaves_a_manifest_without_its_errors(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "c"
+    bad = {str(c.path) for c in write_header_cases(src) if not c.ok and c.kind != "directory"}
+    proc = subprocess.run([sys.executable, "-c", _KILL_AFTER_FIRST_TABLE_WRITE, str(src), str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    assert not (out / "manifest.parquet").exists() or bad <= set(_errors(out))
+    featcache.index(src, out)
+    assert bad <= set(_errors(out)) and len(bad) == 6
+
+
+def test_reindexing_clean_files_drops_the_old_index_errors(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(skimage_photos()[0].parent, src, ignore=lambda d, names: [n for n in names if n != "coffee.png"])
+    (src / "notes.jpg").write_bytes(b"not a JPEG")
+    featcache.index(src, tmp_path / "c")
+    assert list(_errors(tmp_path / "c")) == [str(src / "notes.jpg")]
+    (src / "notes.jpg").unlink()
+    featcache.index(src, tmp_path / "c")
+    assert _errors(tmp_path / "c") == {}
+
+
+# ---- symbolic links: each directory is followed once ------------------------------------------
+
+
+def _photos_with_links(tmp_path, loop: bool, outside: bool):
+    """src/{coffee,chelsea}.png, with src/a_loop -> src, and/or src/ext -> outside/ holding
+    rocket.jpg and back -> src (a loop through a folder outside the tree)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("coffee", "chelsea"):
+        shutil.copy(photo(name), src / photo(name).name)
+    if loop:
+        os.symlink(src, src / "a_loop")
+    if outside:
+        (tmp_path / "outside").mkdir()
+        shutil.copy(photo("rocket"), tmp_path / "outside" / photo("rocket").name)
+        os.symlink(tmp_path / "outside", src / "ext")
+        os.symlink(src, tmp_path / "outside" / "back")
+    return src
+
+
+def test_glob_does_not_follow_a_link_loop(tmp_path):
+    src = _photos_with_links(tmp_path, loop=True, outside=False)
+    result = featcache.index(f"{src}/**/*.png", tmp_path / "c")
+    table = _manifest(tmp_path / "c")
+    assert result.images == table.num_rows == 2
+    assert table.column("uri").to_pylist() == [str(src / "chelsea.png"), str(src / "coffee.png")]
+
+
+def test_glob_follows_a_link_to_an_outside_folder_once(tmp_path):
+    src = _photos_with_links(tmp_path, loop=False, outside=True)
+    featcache.index(f"{src}/**/*.[pj][np]g", tmp_path / "c")
+    table = _manifest(tmp_path / "c")
+    assert table.column("image_id").to_pylist() == ["chelsea.png", "coffee.png", "ext/rocket.jpg"]
+    assert table.column("uri").to_pylist()[2] == str(src / "ext" / "rocket.jpg")
+
+
+def test_glob_lists_a_directory_under_its_first_path_in_sorted_order(tmp_path):
+    src = tmp_path / "src"
+    (src / "b").mkdir(parents=True)
+    shutil.copy(photo("coffee"), src / "b" / "coffee.png")
+    os.symlink(src / "b", src / "a")  # the link sorts first: b's files are listed as a/...
+    os.symlink(src / "b", src / "c")
+    featcache.index(f"{src}/**/*.png", tmp_path / "c1")
+    assert _manifest(tmp_path / "c1").column("image_id").to_pylist() == ["a/coffee.png"]
+    featcache.index(f"{src}/*/*.png", tmp_path / "c2")
+    assert _manifest(tmp_path / "c2").column("image_id").to_pylist() == ["a/coffee.png"]
+
+
+def test_glob_keeps_glob_rules_for_hidden_names_and_depth(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub" / "deeper").mkdir(parents=True)
+    (src / ".hidden").mkdir()
+    for path in ("top.png", "sub/one.png", "sub/deeper/two.png", ".hidden/three.png", "sub/.dot.png"):
+        shutil.copy(photo("coffee"), src / path)
+    for pattern in ("**/*.png", "*/*.png", "sub/*", ".hidden/*.png", "**/.*.png", "s*/**/*.png"):
+        featcache.index(f"{src}/{pattern}", tmp_path / "c")
+        want = sorted(p for p in glob.glob(f"{src}/{pattern}", recursive=True) if not os.path.isdir(p))
+        assert _manifest(tmp_path / "c").column("uri").to_pylist() == want, pattern
+
+
+def test_folder_walk_does_not_follow_directory_links(tmp_path):
+    src = _photos_with_links(tmp_path, loop=True, outside=True)
+    featcache.index(src, tmp_path / "c")
+    assert _manifest(tmp_path / "c").column("image_id").to_pylist() == ["chelsea.png", "coffee.png"]
+
+
+# ---- what each file was when indexed: size, mtime (local), etag (object stores) --------------
+
+
+def _assert_stat_recorded(table: pa.Table) -> None:
+    assert table.schema.field("size").type == pa.int64() and table.schema.field("mtime").type == pa.float64()
+    assert "etag" not in table.column_names
+    for row in table.to_pylist():
+        st = os.stat(row["uri"])
+        assert (row["size"], row["mtime"]) == (st.st_size, st.st_mtime), row["uri"]
+
+
+def test_index_records_size_and_mtime_of_each_file(tmp_path):
+    src = tmp_path / "src"
+    write_nested_small_pngs(src, 5, per_folder=2, fanout=2)
+    shutil.copy(photo("coffee"), src / "coffee.png")
+    os.utime(src / "coffee.png", (1.5e9, 1.5e9 + 0.25))
+    featcache.index(src, tmp_path / "c")
+    table = _manifest(tmp_path / "c")
+    assert table.num_rows == 6
+    _assert_stat_recorded(table)
+    coffee = next(r for r in table.to_pylist() if r["image_id"] == "coffee.png")
+    assert (coffee["size"], coffee["mtime"]) == (os.path.getsize(photo("coffee")), 1.5e9 + 0.25)
+
+
+def test_list_sources_record_size_and_mtime(tmp_path):
+    photos = skimage_photos()[:3]
+    for p in photos:
+        shutil.copy(p, tmp_path / p.name)
+    pacsv.write_csv(pa.table({"uri": [p.name for p in photos], "size": ["big", "small", "big"]}),
+                    tmp_path / "list.csv")
+    featcache.index(tmp_path / "list.csv", tmp_path / "c")
+    table = _manifest(tmp_path / "c")
+    _assert_stat_recorded(table)  # the list's own 'size' column cannot stand in for the file size
+    assert table.column("size").to_pylist() == [os.path.getsize(p) for p in photos]
+
+
+@pytest.mark.s3
+def test_index_on_s3_records_size_and_etag(s3_root):
+    loc = locate(s3_root)
+    photos = skimage_photos()[:3]
+    for p in photos:
+        loc.fs.put_file(str(p), f"{loc.path}/imgs/{p.name}")
+    featcache.index(f"{s3_root}/imgs/*.png", f"{s3_root}/out")
+    table = tables.read_manifest(locate(f"{s3_root}/out"))
+    assert table.schema.field("size").type == pa.int64() and "mtime" not in table.column_names
+    for row in table.to_pylist():
+        info = loc.fs.info(locate(row["uri"]).path)
+        assert row["size"] == info["size"] == os.path.getsize(photo(row["image_id"].split(".")[0]))
+        assert row["etag"] == info["ETag"] and len(row["etag"]) > 2
+
+
+def test_a_deleted_manifest_is_restored_by_indexing_the_same_source_again(tmp_path, capsys):
+    """verify says to run index; index then restores the manifest when it matches the cache's fingerprint
+    (and refuses another image list), instead of refusing with verify's own message."""
+    from tests.support.caches import spec, write_all
+
+    src = tmp_path / "imgs"
+    write_nested_small_pngs(src, 10, per_folder=4)
+    root = str(tmp_path / "cache")
+    featcache.index(str(src), root)
+    cache = featcache.open_cache(root)
+    view = cache.create_view(spec(), shard_size=4)
+    write_all(view)
+    os.remove(os.path.join(root, "manifest.parquet"))
+    assert main(["verify", root]) == 2
+    assert "run 'featcache index' first" in capsys.readouterr().err
+    other = tmp_path / "other"
+    shutil.copytree(src, other)
+    os.remove(sorted(glob.glob(str(other / "**" / "*.png"), recursive=True))[0])
+    assert main(["index", str(other), "--out", root]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds features for another image list" in err[0]
+    assert main(["index", str(src), "--out", root]) == 0
+    assert featcache.verify(root).ok

@@ -131,22 +131,29 @@ class Cache:
         return views[key]
 
     def check_manifest(self) -> None:
-        """Refuse a manifest that is not the one the cache's rows were written for (DESIGN.md §2)."""
+        """Refuse the cache's manifest when it is not the one its rows were written for (DESIGN.md §2)."""
+        detail = self.manifest_difference()
+        if detail:
+            raise fingerprint.mismatch_error(self.root.uri, detail)
+
+    def manifest_difference(self, manifest: pa.Table | None = None) -> str | None:
+        """How ``manifest`` (the cache's own by default) differs from the rows the cache was written
+        for, naming the first row that differs; None when it is the same (or nothing was recorded)."""
         recorded = self.attrs().get("manifest")
         if recorded is None:  # no features yet, or a cache written before fingerprints
-            return
-        hashes = fingerprint.row_hashes(self.manifest)
+            return None
+        manifest = self.manifest if manifest is None else manifest
+        hashes = fingerprint.row_hashes(manifest)
         if fingerprint.digest(hashes) == recorded["sha256"]:
-            return
+            return None
         try:
             stored = np.asarray(open_root(self.features)[fingerprint.ARRAY][:])
         except (KeyError, FileNotFoundError):
             stored = np.zeros(0, dtype="<u8")
         if len(stored) == recorded["rows"]:
-            detail = fingerprint.first_difference(self.manifest, stored, hashes)
-        else:  # the row hashes are gone too: only the counts can be compared
-            detail = f"{self.manifest.num_rows} rows against {recorded['rows']} when the cache was created"
-        raise fingerprint.mismatch_error(self.root.uri, detail)
+            return fingerprint.first_difference(manifest, stored, hashes)
+        # the row hashes are gone too: only the counts can be compared
+        return f"{manifest.num_rows} rows against {recorded['rows']} when the cache was created"
 
     def create_view(self, spec: ViewSpec, shard_size: int | None = None) -> "View":
         """Create every array of a view at its final shape (driver only; idempotent for the same spec).

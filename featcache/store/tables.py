@@ -24,6 +24,12 @@ MANIFEST_COLUMNS = {
     "width": pa.int32(),
     "height": pa.int32(),
 }
+#: Optional manifest columns: what each file was when indexed (manifests written before them lack them).
+FILE_COLUMNS = {
+    "size": pa.int64(),  # bytes
+    "mtime": pa.float64(),  # seconds, local files
+    "etag": pa.string(),  # object stores
+}
 ERRORS_SCHEMA = pa.schema(
     [
         ("index", pa.int64()),  # null for files that never entered the manifest
@@ -60,6 +66,13 @@ def read_manifest(root: Location) -> pa.Table:
     if missing:
         raise CacheFormatError(f"{loc.uri} lacks the columns {missing}")
     return table
+
+
+def file_column(manifest: pa.Table, name: str) -> list:
+    """The values of the optional column ``name`` (one of :data:`FILE_COLUMNS`), None where absent."""
+    if name not in manifest.column_names:
+        return [None] * manifest.num_rows
+    return manifest.column(name).to_pylist()
 
 
 def read_errors(root: Location) -> pa.Table:
