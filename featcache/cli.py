@@ -170,6 +170,8 @@ def extract_cmd(
                                                             "the statistics' token sampling [0]."),
     calibration_images: Optional[int] = typer.Option(None, "--calibration-images", help="Images each int8-phis "
                                                      "view is calibrated on before its first shard [256]."),
+    repair: Optional[bool] = typer.Option(None, "--repair", help="Verify the job's views first and recompute "
+                                                                 "every shard that verify flags."),
 ) -> None:
     """Run the teachers over every image and write the cache; the same command again resumes."""
     from featcache.extract import config as job
@@ -178,7 +180,7 @@ def extract_cmd(
     cfg = job.load(config, source=source, output=out, teachers=teachers, view_policy=view_policy,
                    shard_size=shard_size, batch_size=batch_size, ray_address=ray_address, device=device,
                    cpu_workers=cpu_workers, threads_per_worker=threads_per_worker, workers_per_gpu=workers_per_gpu,
-                   stats=stats, seed=seed, calibration_images=calibration_images)
+                   stats=stats, seed=seed, calibration_images=calibration_images, repair=repair)
     _run_extract(cfg)
 
 

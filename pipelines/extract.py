@@ -60,6 +60,8 @@ def run(config: ExtractConfig, stream=None) -> ExtractResult:
     t0 = time.perf_counter()
     plan = prepare(config)
     say(plan.manifest_note)
+    for line in plan.repaired:
+        say(line)
     say(f"views: {', '.join(v.key for v in plan.views)}; {plan.num_shards} shards of {plan.shard_size} images")
     if plan.done_shards:
         say(f"resuming: {plan.done_shards} of {plan.num_shards} shards already committed in every view, "

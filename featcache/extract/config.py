@@ -81,6 +81,7 @@ class ExtractConfig:
     seed: int = 0  # the int8-phis calibration sample and the statistics' token sampling
     calibration_images: int = 256  # images an int8-phis view's PHI-S and scale are fitted on
     progress_interval: float = 10.0  # seconds between log lines when stderr is not a terminal
+    repair: bool = False  # verify the job's views first; shards with problems are uncommitted and recomputed
 
     def __post_init__(self):
         object.__setattr__(self, "teachers", tuple(self.teachers))

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from featcache.errors import UsageError
 from featcache.extract.config import DEFAULT_SHARD_SIZE, ExtractConfig, TeacherConfig
 from featcache.fsio import locate
-from featcache.store import tables
+from featcache.store import commits, tables
 from featcache.store.cache import Cache
 from featcache.store.spec import ViewSpec
+from featcache.store.verify import verify
 from featcache.teachers import TeacherSpec, describe_teacher
 
 #: TeacherSpec fields that say where the weights came from, not what they are: a view written from
@@ -52,6 +53,7 @@ class Plan:
     shard_size: int
     todo: dict[int, list[str]] = field(default_factory=dict)  # shard -> view keys not yet committed
     manifest_note: str = ""
+    repaired: list[str] = field(default_factory=list)  # what --repair found and did, one line each
 
     @property
     def done_shards(self) -> int:
@@ -74,6 +76,7 @@ def prepare(config: ExtractConfig) -> Plan:
     if len(set(keys)) != len(keys):
         raise UsageError(f"two teachers produce the view {next(k for k in keys if keys.count(k) > 1)}: "
                          "give one of them another 'name'")
+    repaired = repair(cache, keys) if config.repair else []
     num_shards = -(-cache.num_images // shard_size)
     committed = {v.key: cache.view(v.key).committed_shards() for v in views}
     todo = {}
@@ -81,7 +84,26 @@ def prepare(config: ExtractConfig) -> Plan:
         missing = [k for k in keys if shard not in committed[k]]
         if missing:
             todo[shard] = missing
-    return Plan(config, cache, specs, views, num_shards, shard_size, todo, note)
+    return Plan(config, cache, specs, views, num_shards, shard_size, todo, note, repaired)
+
+
+def repair(cache: Cache, keys: list[str]) -> list[str]:
+    """Verify the views ``keys``; uncommit every shard with a problem so that this job recomputes it.
+
+    Returns one line per problem saying what happens to it. Problems of a whole view (its statistics,
+    metadata or codec) are not mended by recomputing shards: those lines say what to do instead; the
+    errors table is rebuilt at the end of every job anyway.
+    """
+    lines = []
+    for problem in verify(cache, keys).problems:
+        if problem.shard is not None:
+            commits.remove_commit(cache.root, problem.view, problem.shard)
+            lines.append(f"repair: {problem}: uncommitted, recomputed by this job")
+        elif problem.kind == "errors-table":
+            lines.append(f"repair: {problem}: rebuilt at the end of this job")
+        else:
+            lines.append(f"repair: {problem}: not mended by recomputing shards (write to a new root or view)")
+    return lines
 
 
 def view_specs(index: int, t: TeacherConfig, spec: TeacherSpec, config: ExtractConfig):

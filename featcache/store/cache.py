@@ -24,7 +24,7 @@ from featcache.fsio import Location, locate
 from featcache.store import commits, fingerprint, tables
 from featcache.store.spec import FORMAT_VERSION, ViewSpec, check_view_key
 from featcache.store.zarrio import (ARRAYS, ChecksumStore, array_layouts, as_dtype, create_exclusive, open_root,
-                                    write_small_array, zarr_store)
+                                    shard_object_keys, write_small_array, zarr_store)
 
 FEATURES = "features.zarr"
 
@@ -288,6 +288,7 @@ class View:
         commits.remove_commit(self.cache.root, self.key, shard)
         store = ChecksumStore(zarr_store(self.cache.features))
         group = zarr.open_group(store, path=self.key, mode="r+", zarr_format=3)
+        self._remove_objects(group, shard)
         for name in ARRAYS:
             # write_empty_chunks is not stored with the array: without it, zarr skips (or deletes)
             # all-zero chunks, and an all-failed shard would lack the objects its marker records.
@@ -299,6 +300,16 @@ class View:
                                 time=time.time())
         commits.write_commit(self.cache.root, commit)
         return commit
+
+    def _remove_objects(self, group: zarr.Group, shard: int) -> None:
+        """Delete what an earlier write of ``shard`` stored: zarr reads an existing shard object's index
+        before writing over it, and a damaged one (what ``--repair`` rewrites) would fail the write."""
+        for key in shard_object_keys(group, shard).values():
+            loc = self.loc.join(*key.split("/"))
+            try:
+                loc.fs.rm_file(loc.path)
+            except FileNotFoundError:
+                pass  # never written: nothing to remove
 
     def _aligned(self, start: int, length: int) -> tuple[int, int]:
         s, n = self.shard_size, self.num_images

@@ -184,3 +184,27 @@ def test_an_edited_manifest_is_refused_by_extract_stats_and_verify(extracted, jo
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "no longer matches" in err[0], (argv, err)
+
+
+def test_repair_recomputes_what_verify_flags(extracted, job_teachers, tmp_path, capsys):
+    """A truncated shard object is caught by verify; a plain rerun leaves it (its marker is there), and
+    ``extract --repair`` uncommits and recomputes it: the cache then equals the undamaged one byte for byte."""
+    import shutil
+
+    out, _, _ = extracted
+    root = tmp_path / "damaged"
+    shutil.copytree(out, root)
+    obj = root / "features.zarr" / "dinov3@64" / "dense" / "c" / "1" / "0" / "0" / "0"
+    obj.write_bytes(obj.read_bytes()[:-100])
+    assert [(p.kind, p.shard) for p in featcache.verify(str(root)).problems] == [("checksum", 1)]
+    argv = ["extract", "--out", str(root), "--no-stats",
+            "--teacher", f"family=dinov3,source={job_teachers['dinov3']},resolutions=64+96,codec=f32"]
+    assert main(argv) == 0 and not featcache.verify(str(root)).ok  # resume: every shard has its marker
+    capsys.readouterr()
+    assert main([*argv, "--repair"]) == 0
+    err = capsys.readouterr().err
+    assert "repair: dinov3@64 shard 1: checksum: dense/c/1/0/0/0 differs from what was written" in err
+    assert featcache.verify(str(root)).ok
+    for key in ("dinov3@64", "dinov3@96"):
+        a, b = stored(out, key), stored(root, key)
+        assert all(np.array_equal(a[k], b[k]) for k in a), key
