@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
 import featcache
 from featcache.extract.finalize import rebuild_errors
@@ -56,3 +57,37 @@ def test_concurrent_view_creation_loses_no_view(cache_root):
     assert featcache.verify(roots[-1]).ok
     with cache.view("v3@224").reader() as r:
         np.testing.assert_array_equal(r.read_dense(2), shard_data(cache.view("v3@224"), 0)["dense"][2])
+
+
+def test_a_cache_from_before_fingerprints_gets_one_on_its_next_write(tmp_path):
+    """Caches written by earlier featcache versions (a shared views list, no fingerprint, stats in stats/)
+    still open in their old order, and the driver's next view creation records the fingerprint."""
+    import json
+    import shutil
+
+    from featcache.store import Cache, tables
+    from tests.support.caches import spec, write_manifest
+
+    root = str(tmp_path / "cache")
+    write_manifest(root, 6)
+    cache = Cache.open(root)
+    for key in ("b@224", "a@224"):
+        cache.create_view(spec(key=key), shard_size=4)
+    meta_path = tmp_path / "cache" / "features.zarr" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["attributes"]["featcache"]["manifest"]
+    meta["attributes"]["featcache"]["views"] = ["b@224", "a@224"]
+    meta_path.write_text(json.dumps(meta))
+    shutil.rmtree(tmp_path / "cache" / "features.zarr" / "_manifest")
+    for key in ("a@224", "b@224"):  # same creation time: only the legacy list can order them
+        path = tmp_path / "cache" / "features.zarr" / key / "zarr.json"
+        view_meta = json.loads(path.read_text())
+        del view_meta["attributes"]["featcache"]["created"]
+        path.write_text(json.dumps(view_meta))
+    assert list(Cache.open(root).views) == ["b@224", "a@224"]
+    Cache.open(root).create_view(spec(key="c@224"), shard_size=4)
+    assert list(Cache.open(root).views) == ["b@224", "a@224", "c@224"]
+    manifest = tables.read_manifest(Cache.open(root).root)
+    tables.write_table(Cache.open(root).root.join(tables.MANIFEST), manifest.slice(0, 5))
+    with pytest.raises(featcache.errors.CacheFormatError, match="it has 5 rows, the last 1 of the 6"):
+        Cache.open(root).check_manifest()
