@@ -17,13 +17,16 @@ import typer
 
 import featcache
 from featcache.errors import FeatcacheError, UsageError
+from featcache.retry import storage_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run vision teachers once over an image dataset and cache what they see.")
 
 
 def user_errors(fn):
-    """Report a FeatcacheError as one line on stderr and exit with its code (2), no traceback."""
+    """Report a FeatcacheError as one line on stderr and exit with its code (2; 1 for storage that
+    refuses a write), no traceback. An OSError of a full, read-only or forbidden location that no
+    library call named (``StorageError``) is reported the same way; any other error keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -32,6 +35,12 @@ def user_errors(fn):
         except FeatcacheError as e:
             typer.echo(f"featcache: error: {e}", err=True)
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:
+            error = storage_error(e, f"writing {e.filename}" if e.filename else "writing the output")
+            if error is None:
+                raise
+            typer.echo(f"featcache: error: {error}", err=True)
+            raise typer.Exit(error.exit_code) from None
 
     return wrapper
 
@@ -198,6 +207,8 @@ def _run_extract(cfg) -> None:
     if result.failed_shards:
         typer.echo(f"{len(result.failed_shards)} shards failed after retries and are not committed; "
                    "run the same command again to retry them", err=True)
+    for line in result.damaged:
+        typer.echo(f"  damaged: {line}", err=True)
     if result.exit_code:
         raise typer.Exit(result.exit_code)
 

@@ -7,6 +7,7 @@ non-AWS server such as SeaweedFS or MinIO. Nothing returned here is ever written
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import uuid
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from featcache.retry import storage_errors
 
 _ENDPOINT_VARS = ("FEATCACHE_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
@@ -60,18 +63,29 @@ class Location:
         """Write so that a reader sees the old object or the whole new one, never a part.
 
         Object stores replace whole objects on PUT; on a filesystem we write a temporary
-        sibling and rename it over the target.
+        sibling and rename it over the target, and remove it when the write fails. Storage that
+        refuses the write for good (full, read-only, not permitted) raises a StorageError.
         """
-        if not self.is_local:
-            self.fs.pipe_file(self.path, data)
-            return
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        tmp = f"{self.path}.tmp-{uuid.uuid4().hex}"
+        with storage_errors(f"writing {self.uri}"):
+            if not self.is_local:
+                self.fs.pipe_file(self.path, data)
+                return
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            _write_then_rename(self.path, data)
+
+
+def _write_then_rename(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):  # not created, or already renamed
+            os.unlink(tmp)
+        raise
 
 
 def locate(uri: str | os.PathLike) -> Location:

@@ -8,28 +8,35 @@ code runs without Ray), loads its teachers once, and is handed one shard at a ti
 the shard it will get next, which it decodes while computing the current one. Only shard numbers
 and small records cross the Ray object store, never images or features.
 
-Failures: an actor that dies (killed, out of memory, node lost) is replaced and its shard retried
-on another actor; an exception inside a shard (e.g. the object store restarting) is retried after a
+Failures: only transient ones are retried (``featcache.retry``). An actor that dies (killed, out
+of memory, node lost) is replaced and its shard retried on another actor; a transient exception
+inside a shard (a lost connection, a timeout: e.g. the object store restarting) is retried after a
 back-off; after ``max_retries`` further attempts the shard is recorded as failed and left
-uncommitted, so the next run picks it up. Resume = run the same command again.
+uncommitted, so the next run picks it up. Any other exception (a full or read-only disk, a
+featcache error, anything unexpected) stops the job: no new shard starts, those in flight finish,
+and it ends with one line; an unexpected error's traceback goes into the run record. Resume = run
+the same command again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import re
 import socket
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from featcache.errors import FeatcacheError, UsageError
+from featcache.errors import FeatcacheError, ShardFailedError, StorageError, UsageError
 from featcache.extract import calibration
 from featcache.extract.config import ExtractConfig
 from featcache.extract.finalize import failed_images, rebuild_errors, write_run_record
 from featcache.extract.plan import Plan, prepare
 from featcache.extract.progress import Progress
+from featcache.retry import describe, is_transient, storage_error, storage_errors
 from pipelines.ray_session import ray_session
 
 
@@ -47,18 +54,52 @@ class ExtractResult:
     seconds: float = 0.0
     images_per_second: float = 0.0
     record: str = ""
+    damaged: list[str] = field(default_factory=list)  # commit markers that could not be read
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed_images or self.failed_shards else 0
+        return 1 if self.failed_images or self.failed_shards or self.damaged else 0
 
 
 def run(config: ExtractConfig, stream=None) -> ExtractResult:
-    """Run (or resume) the extract job ``config``; messages go to ``stream`` (stderr)."""
+    """Run (or resume) the extract job ``config``; messages go to ``stream`` (stderr).
+
+    An error inside a shard that retrying cannot fix (a full or read-only disk, a featcache error,
+    anything unexpected) stops the job: no new shard starts, the shards in flight finish (each one
+    commits whole or not at all), the run record is written, and a one-line error is raised: a
+    StorageError, or a ShardFailedError (an unexpected error's traceback is in the run record).
+    """
     stream = stream or sys.stderr
-    say = lambda text: print(text, file=stream, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    plan = prepare(config)
+    with storage_errors(f"creating the views in {config.output}"):
+        plan = prepare(config)
+    _announce(plan, stream)
+    keys = [v.key for v in plan.views]
+    outcome = Outcome()
+    with ray_session(config.ray_address) if plan.todo else contextlib.nullcontext():
+        if plan.todo:
+            outcome = Scheduler(plan, stream).run()
+        if outcome.stopped is None:
+            outcome.stats = _stats(config, keys, stream)  # on the same Ray runtime
+    if outcome.stopped is not None:
+        raise _stop(plan, outcome, time.perf_counter() - t0, stream)
+    rows = rebuild_errors(plan.cache, keys)
+    damaged = [f"{r['view']} {r['reason']}" for r in rows if r["stage"] == "commit"]
+    n_failed, reasons = failed_images(plan.cache, [r for r in rows if r["stage"] != "commit"])
+    seconds = time.perf_counter() - t0
+    images = sum(r["images"] for r in outcome.records)
+    result = ExtractResult(
+        root=plan.cache.root.uri, views=keys, shards=plan.num_shards, skipped=plan.done_shards,
+        processed=len(outcome.records), failed_shards=outcome.failed, images=images, failed_images=n_failed,
+        reasons=reasons, seconds=seconds, images_per_second=images / seconds if seconds else 0.0,
+        damaged=damaged)
+    result.record = write_run_record(plan.cache, {**_record(plan, outcome, seconds, n_failed),
+                                                  "exit_code": result.exit_code})
+    return result
+
+
+def _announce(plan: Plan, stream) -> None:
+    say = lambda text: print(text, file=stream, flush=True)  # noqa: E731
     say(plan.manifest_note)
     for line in plan.repaired:
         say(line)
@@ -66,36 +107,54 @@ def run(config: ExtractConfig, stream=None) -> ExtractResult:
     if plan.done_shards:
         say(f"resuming: {plan.done_shards} of {plan.num_shards} shards already committed in every view, "
             f"{len(plan.todo)} to do")
-    records, failed_shards, workers = [], {}, {}
-    keys = [v.key for v in plan.views]
-    if plan.todo:
-        with ray_session(config.ray_address):
-            scheduler = Scheduler(plan, stream)
-            records, failed_shards = scheduler.run()
-            workers = scheduler.worker_summary
-            stats_rows = _stats(config, keys, stream)  # on the same Ray runtime
-    else:
-        stats_rows = _stats(config, keys, stream)
-    rows = rebuild_errors(plan.cache, keys)
-    n_failed, reasons = failed_images(plan.cache, rows)
-    seconds = time.perf_counter() - t0
+
+
+def _record(plan: Plan, outcome: "Outcome", seconds: float, failed_images: int) -> dict:
+    """The run record's body (``runs/<time>-<pid>.json``): config, work done, timings, workers."""
+    config, records = plan.config, outcome.records
     images = sum(r["images"] for r in records)
-    compute = sum(r["seconds"]["total"] for r in records)
-    result = ExtractResult(
-        root=plan.cache.root.uri, views=keys, shards=plan.num_shards, skipped=plan.done_shards,
-        processed=len(records), failed_shards=failed_shards, images=images, failed_images=n_failed,
-        reasons=reasons, seconds=seconds, images_per_second=images / seconds if seconds else 0.0)
-    result.record = write_run_record(plan.cache, {
-        "config": config.to_dict(), "views": keys, "teachers": [t.to_dict() for t in plan.teachers],
+    return {
+        "config": config.to_dict(), "views": [v.key for v in plan.views],
+        "teachers": [t.to_dict() for t in plan.teachers],
         "shards": {"total": plan.num_shards, "skipped": plan.done_shards, "processed": len(records),
-                   "failed": {str(k): v for k, v in failed_shards.items()}},
-        "images": {"processed": images, "failed": n_failed},
-        "seconds": {"wall": round(seconds, 3), "worker_busy": round(compute, 3)},
-        "images_per_second": round(result.images_per_second, 3), "workers": workers,
+                   "failed": {str(k): v for k, v in outcome.failed.items()}},
+        "images": {"processed": images, "failed": failed_images},
+        "seconds": {"wall": round(seconds, 3), "worker_busy": round(sum(r["seconds"]["total"] for r in records), 3)},
+        "images_per_second": round(images / seconds if seconds else 0.0, 3), "workers": outcome.workers,
         "shard_records": sorted(records, key=lambda r: r["shard"]),
-        "stats": [dataclasses.asdict(r) for r in stats_rows] if config.stats else "off",
-        "exit_code": result.exit_code})
-    return result
+        "stats": [dataclasses.asdict(r) for r in outcome.stats] if config.stats else "off"}
+
+
+def _stop(plan: Plan, outcome: "Outcome", seconds: float, stream) -> FeatcacheError:
+    """Write what a stopped job leaves (run record, errors table of the committed shards) as far as
+    the storage lets us, and return the one-line error to raise."""
+    stopped = outcome.stopped
+    body = {**_record(plan, outcome, seconds, 0), "stopped": stopped.to_dict(), "exit_code": 1}
+    del body["images"]["failed"]  # counted by the next run, which rebuilds the errors table anyway
+    record, note = "", ""
+    try:
+        record = write_run_record(plan.cache, body)
+        rebuild_errors(plan.cache, [v.key for v in plan.views])
+    except StorageError as e:
+        note = f"; {'errors.parquet' if record else 'the run record'} could not be written either ({e})"
+    if not record and stopped.unexpected:
+        print(stopped.traceback, file=stream, flush=True)  # the only copy of an unexpected error's traceback
+    return _stop_error(stopped, record, note)
+
+
+def _stop_error(stopped: "Stopped", record: str, note: str) -> FeatcacheError:
+    """The one line a stopped job ends with (exit code 1: the job ran, and stopped)."""
+    where = f"shard {stopped.shard} of {', '.join(stopped.views)}"
+    storage = storage_error(stopped.error, f"writing {where}")
+    if storage is not None:
+        return StorageError(f"{storage} (committed shards are kept){note}", storage.errno)
+    if stopped.unexpected:
+        told = f"traceback in {record}" if record else "traceback above"
+        error = ShardFailedError(f"{where} failed: {describe(stopped.error)} (not retried; {told}){note}")
+    else:
+        error = ShardFailedError(f"{where} failed: {stopped.error} (not retried){note}")
+    error.__cause__ = stopped.error  # for Python callers
+    return error
 
 
 def _stats(config: ExtractConfig, keys: list[str], stream) -> list:
@@ -152,6 +211,38 @@ def _actor_class():
 
 
 @dataclass
+class Stopped:
+    """What stopped a job: the shard, its views, the exception raised inside it, its traceback."""
+
+    shard: int
+    views: list[str]
+    error: BaseException
+    traceback: str
+    not_started: list[int] = field(default_factory=list)
+
+    @property
+    def unexpected(self) -> bool:
+        """Neither a featcache error nor storage refusing a write: a bug, or a case nobody foresaw."""
+        return not isinstance(self.error, FeatcacheError) and storage_error(self.error, "") is None
+
+    def to_dict(self) -> dict:
+        return {"shard": self.shard, "views": self.views, "error": describe(self.error),
+                "traceback": self.traceback, "not_started": self.not_started}
+
+
+@dataclass
+class Outcome:
+    """What the workers did: a record per processed shard, the failed shards and why, the workers,
+    the statistics, and what stopped the job (None when nothing did)."""
+
+    records: list[dict] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    workers: dict[str, dict] = field(default_factory=dict)
+    stats: list = field(default_factory=list)
+    stopped: Stopped | None = None
+
+
+@dataclass
 class _Slot:
     actor: object
     shard: int | None = None
@@ -161,7 +252,7 @@ class _Slot:
 
 
 class Scheduler:
-    """Hands shards to actors, retries failures, shows progress."""
+    """Hands shards to actors, retries transient failures, stops at any other, shows progress."""
 
     def __init__(self, plan: Plan, stream):
         import ray
@@ -174,6 +265,8 @@ class Scheduler:
         self.failed: dict[int, str] = {}
         self.records: list[dict] = []
         self.worker_summary: dict[str, dict] = {}
+        self.slots: list[_Slot] = []
+        self.stopped: Stopped | None = None
         self.device, self.n_workers, self.threads, self.gpus = self._sizing()
         self.replacements = self.n_workers * (self.config.max_retries + 1)
         self.kwargs = dict(root=plan.cache.root.uri, teachers=[t.to_dict() for t in plan.teachers],
@@ -231,60 +324,91 @@ class Scheduler:
         return None
 
     def _submit(self, slot: _Slot) -> None:
+        if self.stopped is not None:  # no new shard once the job is stopping
+            if slot.reserved is not None:
+                self.queue.appendleft(slot.reserved)
+            slot.reserved = None
+            return
         shard = slot.reserved if slot.reserved is not None else self._next_shard()
         slot.reserved = None
         if shard is None:
-            slot.shard = slot.ref = None
             return
         slot.reserved = self._next_shard()
         slot.shard = shard
         slot.ref = slot.actor.process.remote(shard, self.plan.todo[shard], slot.reserved)
 
-    def run(self) -> tuple[list[dict], dict[int, str]]:
-        ray = self.ray
+    def _submit_idle(self) -> None:
+        """Idle actors pick up their next shard (a shard waiting out a back-off once it is over)."""
+        for slot in self.slots:
+            if slot.ref is None:
+                self._submit(slot)
+
+    def run(self) -> Outcome:
+        """Process the plan's shards; a non-transient error stops the job once the shards in flight end."""
         view = self.plan.cache.view(self.plan.views[0].key)
         total = sum(stop - start for start, stop in map(view.shard_range, self.queue))
         progress = Progress(total, self.stream, self.config.progress_interval)
-        slots = self._start()
-        self._calibrate(slots)
-        for slot in slots:
-            self._submit(slot)
-        while any(s.ref is not None for s in slots) or self.queue:
-            busy = {s.ref: s for s in slots if s.ref is not None}
+        self.slots = self._start()
+        self._calibrate(self.slots)
+        self._submit_idle()
+        while any(s.ref is not None for s in self.slots) or (self.queue and self.stopped is None):
+            busy = {s.ref: s for s in self.slots if s.ref is not None}
             if not busy:  # only shards waiting out a back-off
                 time.sleep(0.2)
-                for slot in slots:
-                    self._submit(slot)
-                continue
-            done, _ = ray.wait(list(busy), num_returns=1, timeout=0.5)
-            progress.tick()
-            for ref in done:
-                slot = busy[ref]
-                shard = slot.shard
-                try:
-                    record = ray.get(ref)
-                except ray.exceptions.RayActorError as e:
-                    slots.remove(slot)
-                    self._retry(shard, f"worker died: {_first_line(e)}", delay=False)
-                    if slot.reserved is not None:
-                        self.queue.appendleft(slot.reserved)
-                    if self.replacements > 0:
-                        self.replacements -= 1
-                        slots.append(self._spawn())
-                    elif not slots:
-                        self._give_up_all("no workers left")
-                    continue
-                except ray.exceptions.RayTaskError as e:
-                    self._retry(shard, _first_line(_cause(e) or e), delay=True)
-                else:
-                    self.records.append(record)
-                    progress.add(record["images"], record["failed"])
-                self._submit(slot)
-            for slot in slots:  # idle actors pick up shards whose back-off is over
-                if slot.ref is None:
-                    self._submit(slot)
+            else:
+                done, _ = self.ray.wait(list(busy), num_returns=1, timeout=0.5)
+                progress.tick()
+                for ref in done:
+                    self._collect(busy[ref], progress)
+            self._submit_idle()
         progress.close()
-        return self.records, self.failed
+        if self.stopped is not None:
+            self.stopped.not_started = sorted(self.queue)
+        return Outcome(self.records, self.failed, self.worker_summary, stopped=self.stopped)
+
+    def _collect(self, slot: _Slot, progress: Progress) -> None:
+        """Take the result of ``slot``'s shard: its record, a retry, or the error that stops the job."""
+        ray, shard, ref = self.ray, slot.shard, slot.ref
+        slot.shard = slot.ref = None
+        try:
+            record = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            self._lost(slot, shard, e)
+        except ray.exceptions.RayTaskError as e:
+            self._failed(shard, e)
+        else:
+            self.records.append(record)
+            progress.add(record["images"], record["failed"])
+
+    def _lost(self, slot: _Slot, shard: int, e: BaseException) -> None:
+        """A dead worker (killed, out of memory, node lost) is transient: retry its shard elsewhere, replace it."""
+        self.slots.remove(slot)
+        self._retry(shard, f"worker died: {describe(e)}", delay=False)
+        if slot.reserved is not None:
+            self.queue.appendleft(slot.reserved)
+        if self.stopped is not None:
+            return
+        if self.replacements > 0:
+            self.replacements -= 1
+            self.slots.append(self._spawn())
+        elif not self.slots:
+            self._give_up_all("no workers left")
+
+    def _failed(self, shard: int, e: BaseException) -> None:
+        """An exception inside a shard: retried after a back-off when transient; anything else stops the job."""
+        cause = _cause(e) or e
+        if is_transient(cause):
+            self._retry(shard, describe(cause), delay=True)
+            return
+        self.failed[shard] = describe(cause)
+        if self.stopped is not None:
+            return
+        trace = _ANSI.sub("", str(e))  # Ray's text of a task error: the remote traceback
+        self.stopped = Stopped(shard, self.plan.todo[shard], cause, trace)
+        in_flight = sum(s.ref is not None for s in self.slots)
+        if in_flight:
+            print(f"stopping: shard {shard} failed ({describe(cause)}); waiting for {in_flight} "
+                  f"shard{'s' if in_flight > 1 else ''} in flight", file=self.stream, flush=True)
 
     def _calibrate(self, slots: list[_Slot]) -> None:
         """Fit each pending int8-phis view's statistics and scale on one actor each (in parallel),
@@ -300,8 +424,10 @@ class Scheduler:
             try:
                 result = self.ray.get(ref)
             except (self.ray.exceptions.RayActorError, self.ray.exceptions.RayTaskError) as e:
-                raise FeatcacheError(f"calibration of {key} failed: {_first_line(_cause(e) or e)}") from None
-            digest, stored = calibration.store_calibration(self.plan.cache.view(key), result)
+                raise FeatcacheError(f"calibration of {key} failed: {describe(_cause(e) or e)}") from None
+            view = self.plan.cache.view(key)
+            with storage_errors(f"storing the calibration of {key} in {view.loc.uri}"):
+                digest, stored = calibration.store_calibration(view, result)
             if not stored:
                 say(f"{key}: another job stored its calibration first ({digest[:15]}); keeping that one")
                 continue
@@ -311,7 +437,7 @@ class Scheduler:
 
     def _retry(self, shard: int, reason: str, delay: bool) -> None:
         n = self.attempts[shard] = self.attempts.get(shard, 0) + 1
-        if n > self.config.max_retries:
+        if n > self.config.max_retries or self.stopped is not None:
             self.failed[shard] = reason
             print(f"shard {shard} failed after {n} attempts: {reason}", file=self.stream, flush=True)
             return
@@ -325,6 +451,9 @@ class Scheduler:
             self.failed[self.queue.popleft()] = reason
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the process title in a task error's text
+
+
 def _cause(e: BaseException) -> BaseException | None:
     """The exception raised inside the actor, when Ray kept it."""
     for name in ("cause", "cause_cls"):
@@ -332,8 +461,3 @@ def _cause(e: BaseException) -> BaseException | None:
         if isinstance(value, BaseException):
             return value
     return None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"

@@ -15,6 +15,7 @@ import functools
 from dataclasses import dataclass
 
 from featcache.errors import UsageError
+from featcache.retry import storage_errors
 from featcache.stats import compute
 from featcache.store.cache import Cache
 from pipelines.ray_session import ray_session
@@ -36,11 +37,13 @@ def run(root: str, views: list[str] | None = None, token_budget: int | None = No
 
     Statistics of a view whose shards are all committed are frozen: kept by later runs unless
     ``recompute``. Those of a partly committed view are written but not frozen; ``complete_only``
-    (what ``extract`` asks) leaves such views alone instead.
+    (what ``extract`` asks) leaves such views alone instead. Storage that refuses the statistics'
+    writes (full, read-only) raises a StorageError naming the view.
     """
     if token_budget is not None and token_budget < 1:
         raise UsageError(f"token budget must be >= 1, not {token_budget}")
     cache = Cache.open(root)
+    cache.check_manifest()  # before Ray starts: a manifest edited since extraction is refused at once
     keys = views or list(cache.views)
     unknown = [k for k in keys if k not in cache.views]
     if unknown:
@@ -78,7 +81,8 @@ def _calibrated(view) -> StatsRow:
 
 
 def _compute(view, token_budget: int | None, seed: int) -> StatsRow:
-    s = compute.compute_view(view, seed=seed, token_budget=token_budget, run=_ray_map)
+    with storage_errors(f"writing the statistics of {view.key} to {view.loc.uri}"):
+        s = compute.compute_view(view, seed=seed, token_budget=token_budget, run=_ray_map)
     if s is None:
         return StatsRow(view.key, view.spec.channels, 0, None, None, "no valid rows")
     note = s.hadamard if s.complete else f"{s.hadamard}; {s.shards} of {view.num_shards} shards (not frozen)"

@@ -11,6 +11,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from featcache.errors import CacheFormatError
 from featcache.images import is_image_name
 from featcache.store import tables
 from featcache.store.cache import Cache, versions
@@ -27,8 +28,9 @@ def rebuild_errors(cache: Cache, views: list[str]) -> list[dict]:
         view = cache.view(key)
         shards = sorted(view.committed_shards())
         with ThreadPoolExecutor(16) as pool:
-            commits = list(pool.map(view.commit_record, shards))
-        for commit in commits:
+            commits = list(pool.map(lambda k: _commit_or_damage(view, k), shards))
+        rows += [r for r in commits if isinstance(r, dict)]
+        for commit in (c for c in commits if not isinstance(c, dict)):
             for i, reason in sorted((commit.errors if commit else {}).items()):
                 stage, sep, detail = reason.partition(": ")
                 rows.append({"index": i, "image_id": ids[i], "uri": uris[i], "stage": stage if sep else "extract",
@@ -37,6 +39,15 @@ def rebuild_errors(cache: Cache, views: list[str]) -> list[dict]:
     if table.num_rows or old:
         tables.write_table(cache.root.join(tables.ERRORS), table)
     return rows
+
+
+def _commit_or_damage(view, shard: int):
+    """The shard's marker, or an errors-table row saying it is damaged (the job goes on; it exits 1)."""
+    try:
+        return view.commit_record(shard)
+    except CacheFormatError as e:
+        return {"index": None, "image_id": None, "uri": None, "stage": "commit", "view": view.key,
+                "reason": f"shard {shard}: {e} (run 'featcache extract --repair' to recompute it)"}
 
 
 def failed_images(cache: Cache, extract_rows: list[dict]) -> tuple[int, list[str]]:
@@ -54,7 +65,8 @@ def failed_images(cache: Cache, extract_rows: list[dict]) -> tuple[int, list[str
 
 
 def write_run_record(cache: Cache, record: dict) -> str:
-    """``runs/<UTC time>-<pid>.json``: config, versions, timings; never credentials."""
+    """``runs/<UTC time>-<pid>.json``: config, versions, timings; never credentials. Storage that
+    refuses it (full, read-only) raises a StorageError naming the file, and no temporary file is left."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     loc = cache.root.join("runs", f"{stamp}-{os.getpid()}.json")
     body = {"job": "extract", "time": time.time(), "versions": versions(), **record}

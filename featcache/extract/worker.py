@@ -24,8 +24,11 @@ from featcache.errors import FeatcacheError, ImageError, UsageError
 from featcache.extract.plan import ViewTask
 from featcache.fsio import locate
 from featcache.geometry import make_views
+from featcache.manifest import CHANGED, changed_since_indexing
+from featcache.retry import storage_errors
 from featcache.stats.calibrate import Calibration
 from featcache.store.cache import Cache
+from featcache.store import tables
 from featcache.store.codec import Int8Phis, load_int8_phis
 from featcache.store.zarrio import as_dtype
 from featcache.teachers import TeacherSpec, create_teacher
@@ -41,8 +44,10 @@ class ShardWorker:
                  batch_size: int = 16, view_policy: str = "squash", decode_threads: int = 4,
                  max_pixels: int = 2 * 89_478_485, info: dict | None = None):
         self.cache = Cache.open(root)
+        self.cache.check_manifest()  # every job checks the rows it writes are the cache's rows
         manifest = self.cache.manifest
         self.uris = manifest.column("uri").to_pylist()
+        self.sizes, self.mtimes = tables.file_column(manifest, "size"), tables.file_column(manifest, "mtime")
         self.device = torch.device(device)
         self.batch_size, self.policy, self.max_pixels = batch_size, view_policy, max_pixels
         self.info = dict(info or {})
@@ -85,10 +90,13 @@ class ShardWorker:
         try:
             loc = locate(uri)
             data = loc.read_bytes()
+            changed = changed_since_indexing(loc, data, self.sizes[i], self.mtimes[i])
         except FileNotFoundError:
             return ImageError(uri, "file not found (deleted since indexing?)")
         except (OSError, ValueError) as e:
             return ImageError(uri, f"cannot read: {type(e).__name__}: {e}")
+        if changed:  # never extract other bytes than those the manifest describes
+            return ImageError(uri, CHANGED)
         try:
             return decode(data, uri, self.max_pixels)
         except ImageError as e:
@@ -102,7 +110,10 @@ class ShardWorker:
     # ---- one shard ------------------------------------------------------------------------
 
     def process(self, shard: int, views: list[str] | None = None, prefetch: int | None = None) -> dict:
-        """Compute, write and commit ``shard`` for ``views`` (all by default); returns a record."""
+        """Compute, write and commit ``shard`` for ``views`` (all by default); returns a record.
+
+        Storage that refuses the write for good (full, read-only) raises a StorageError; a view
+        whose write failed is left uncommitted (its marker is written last)."""
         t0 = time.perf_counter()
         images = self.images(shard)
         self.prefetch(prefetch)
@@ -119,8 +130,9 @@ class ShardWorker:
             info = {**self.info, "seconds": round(t2 - t1, 3)}
             if task.key in self._codecs:  # which statistics the codes were written with
                 info["stats_hash"] = self._codecs[task.key].stats_hash
-            self.cache_views[task.key].write_shard(start, dense, summary, box, errors={**failed, **errors},
-                                                   info=info)
+            view = self.cache_views[task.key]
+            with storage_errors(f"writing shard {shard} of {task.key} to {view.loc.uri}"):
+                view.write_shard(start, dense, summary, box, errors={**failed, **errors}, info=info)
             compute, write = compute + t2 - t1, write + time.perf_counter() - t2
         return {"shard": shard, "views": sorted(wanted), "images": stop - start, "failed": len(failed), "pid": os.getpid(),
                 "seconds": {"decode_wait": round(t_decoded - t0, 3), "compute": round(compute, 3),

@@ -208,3 +208,26 @@ def test_repair_recomputes_what_verify_flags(extracted, job_teachers, tmp_path, 
     for key in ("dinov3@64", "dinov3@96"):
         a, b = stored(out, key), stored(root, key)
         assert all(np.array_equal(a[k], b[k]) for k in a), key
+
+
+def test_a_damaged_commit_marker_is_reported_and_repaired(extracted, job_teachers, tmp_path, capsys):
+    """A marker listing a row outside its shard: a rerun reports it (exit 1, no traceback), --repair mends it."""
+    import json
+    import shutil
+
+    out, _, _ = extracted
+    root = tmp_path / "marker"
+    shutil.copytree(out, root)
+    path = root / "_commits" / "dinov3@64" / "0.json"
+    marker = json.loads(path.read_text())
+    marker["errors"]["9"] = "made up"
+    path.write_text(json.dumps(marker))
+    argv = ["extract", "--out", str(root), "--no-stats",
+            "--teacher", f"family=dinov3,source={job_teachers['dinov3']},resolutions=64+96,codec=f32"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "damaged: dinov3@64 shard 0: commit marker" in err and "outside its rows [0, 4)" in err
+    assert "Traceback" not in err
+    assert main([*argv, "--repair"]) == 0 and featcache.verify(str(root)).ok
+    a, b = stored(out, "dinov3@64"), stored(root, "dinov3@64")
+    assert all(np.array_equal(a[k], b[k]) for k in a)

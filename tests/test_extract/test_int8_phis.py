@@ -17,7 +17,7 @@ from featcache.extract.config import from_dict
 from featcache.extract.plan import prepare
 from featcache.extract.worker import ShardWorker
 from featcache.stats import compute
-from featcache.store.codec import stats_digest
+from featcache.store.codec import read_stats, stats_digest
 from pipelines import stats as stats_job
 from pipelines.extract import run
 from tests.test_extract.conftest import direct, stored
@@ -51,8 +51,8 @@ def extracted(tmp_path_factory, photos_dir, job_teachers):
 def _phis_truth(cache, key):
     """The teacher's float outputs (computed directly, image by image) mapped with the view's PHI-S."""
     x = direct(cache, key)["dense"].astype(np.float64)
-    group = zarr.open_group(str(cache.root.path) + f"/features.zarr/{key}/stats", mode="r")
-    return x, (x - group["mean"][:]) @ group["rotation"][:].astype(np.float64).T
+    stats = read_stats(cache.view(key))  # the version the attrs name, checked against its hash
+    return x, (x - stats["mean"]) @ stats["rotation"].astype(np.float64).T
 
 
 def test_job_calibrates_then_writes_and_verifies(extracted):
