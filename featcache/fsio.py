@@ -74,18 +74,40 @@ class Location:
             _write_then_rename(self.path, data)
 
 
-def _write_then_rename(path: str, data: bytes) -> None:
+    def write_bytes_if_absent(self, data: bytes) -> bool:
+        """Write ``data`` unless something is there already; True when this call wrote it.
+
+        On a local disk this is exact (a hard link of a complete temporary file fails if the target
+        exists). Object stores give no such primitive through fsspec: there the check and the write
+        are two requests, and two writers racing both write (their contents are then expected equal).
+        """
+        if self.exists():
+            return False
+        with storage_errors(f"writing {self.uri}"):
+            if not self.is_local:
+                self.fs.pipe_file(self.path, data)
+                return True
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            try:
+                _write_then_rename(self.path, data, os.link)
+                return True
+            except FileExistsError:
+                return False
+
+
+def _write_then_rename(path: str, data: bytes, publish=os.replace) -> None:
+    """Write a complete temporary sibling, then ``publish`` it at ``path`` (rename over, or link);
+    the temporary file never outlives the call."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):  # not created, or already renamed
+        publish(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):  # renamed away, or never created
             os.unlink(tmp)
-        raise
 
 
 def locate(uri: str | os.PathLike) -> Location:

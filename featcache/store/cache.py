@@ -23,8 +23,8 @@ from featcache.errors import CacheFormatError, MisalignedWriteError, SourceNotFo
 from featcache.fsio import Location, locate
 from featcache.store import commits, fingerprint, tables
 from featcache.store.spec import FORMAT_VERSION, ViewSpec, check_view_key
-from featcache.store.zarrio import (ARRAYS, ChecksumStore, array_layouts, as_dtype, create_exclusive, open_root,
-                                    shard_object_keys, write_small_array, zarr_store)
+from featcache.store.zarrio import (ARRAYS, ChecksumStore, array_layouts, as_dtype, open_root, shard_object_keys,
+                                    write_small_array, zarr_store)
 
 FEATURES = "features.zarr"
 
@@ -197,7 +197,7 @@ class Cache:
                  "manifest": {"sha256": fingerprint.digest(hashes), "rows": len(hashes)},
                  "created_with": versions()}
         meta = {"attributes": {"featcache": attrs}, "zarr_format": 3, "node_type": "group"}
-        create_exclusive(self.features.join("zarr.json"), json.dumps(meta, indent=2).encode())
+        self.features.join("zarr.json").write_bytes_if_absent(json.dumps(meta, indent=2).encode())
         write_small_array(self.features, fingerprint.ARRAY, hashes, ("image",))
 
     def record_manifest(self) -> None:

@@ -7,8 +7,6 @@ are plain chunks of S rows. Every chunk carries a crc32c, and so does every shar
 
 from __future__ import annotations
 
-import os
-import uuid
 import zlib
 
 import numpy as np
@@ -99,32 +97,6 @@ def as_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
         raise UsageError(f"cannot store floats as {dtype}: an int8-phis view takes int8 codes "
                          "(featcache.store.codec.Int8Phis.encode)")
     return np.ascontiguousarray(x, dtype=dtype)
-
-
-def create_exclusive(loc: Location, data: bytes) -> bool:
-    """Write ``data`` at ``loc`` unless something is there already; True when this call wrote it.
-
-    On a local disk this is exact (a hard link of a complete temporary file fails if the target
-    exists). Object stores give no such primitive through fsspec: there the check and the write
-    are two requests, and two writers racing both write (their contents are then expected equal).
-    """
-    if loc.exists():
-        return False
-    if not loc.is_local:
-        loc.fs.pipe_file(loc.path, data)
-        return True
-    os.makedirs(os.path.dirname(loc.path), exist_ok=True)
-    tmp = f"{loc.path}.tmp-{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.link(tmp, loc.path)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_small_array(parent: Location, name: str, values: np.ndarray, dimension_names: tuple[str, ...]) -> None:
