@@ -65,7 +65,7 @@ def bare_forward(model_dir: str, paths: list[Path], batch: int, threads: int) ->
 def extract(model_dir: str, src: Path, out: Path, batch: int, workers: int, threads: int) -> tuple[float, float]:
     """(steady-state, end-to-end) images/s of a whole extract job."""
     from featcache.extract.config import from_dict
-    from pipelines.extract import run
+    from featcache.pipelines.extract import run
 
     cfg = from_dict({"source": str(src), "output": str(out), "shard_size": batch, "batch_size": batch,
                      "cpu_workers": workers, "threads_per_worker": threads,

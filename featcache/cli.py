@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Optional
 
 import functools
@@ -194,7 +193,7 @@ def extract_cmd(
 
 
 def _run_extract(cfg) -> None:
-    from pipelines.extract import run  # the Ray job; the library below it does not import pipelines
+    from featcache.pipelines.extract import run  # the Ray job; the library below it does not import pipelines
 
     result = run(cfg)
     typer.echo(f"extracted {result.images} images in {result.processed} shards "
@@ -226,7 +225,7 @@ def stats_cmd(
                                                                           "[embedded local Ray]."),
 ) -> None:
     """PHI-S (mean, rotation, eigenvalues, alpha) and summary dispersion of each view, from the cache."""
-    from pipelines import stats  # the Ray job; the library below it does not import pipelines
+    from featcache.pipelines import stats  # the Ray job; the library below it does not import pipelines
 
     rows = stats.run(root, views, token_budget=token_budget, seed=seed, recompute=recompute,
                      ray_address=ray_address)
@@ -268,12 +267,10 @@ def viz_cmd(
 @user_errors
 def demo_cmd(out: str = typer.Option("demo-cache", "--out", "-o", help="Cache root for the demo.")) -> None:
     """Extract the photos inside scikit-image with tiny offline teachers of all three families, then inspect."""
-    import skimage
-
-    from featcache.demo import demo_config, save_demo_teachers
+    from featcache.demo import demo_config, demo_photos, save_demo_teachers
     from featcache.extract import config as job
 
-    photos = Path(skimage.__file__).parent / "data"
+    photos = demo_photos()
     cfg = job.from_dict(demo_config(out, str(photos / "*.[pj][np]g"), save_demo_teachers()), "demo")
     try:
         _run_extract(cfg)

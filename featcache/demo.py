@@ -82,6 +82,19 @@ def save_demo_teachers(folder: Path | None = None) -> dict[str, str]:
     return out
 
 
+def demo_photos() -> Path:
+    """The folder of photos inside the installed scikit-image wheel (found without importing it)."""
+    import importlib.util
+
+    from featcache.errors import UsageError
+
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or spec.origin is None:
+        raise UsageError("the demo runs on the photos inside scikit-image, which is not installed: "
+                         "pip install 'featcache[demo]'")
+    return Path(spec.origin).parent / "data"
+
+
 def demo_config(output: str, source: str, teachers: dict[str, str]) -> dict:
     """The demo job: three families, DINOv3 at two resolutions, SAM3 as a 2x2 mosaic."""
     return {"source": source, "output": output, "shard_size": 8, "batch_size": 8, "teachers": [

@@ -37,7 +37,7 @@ from featcache.extract.finalize import failed_images, rebuild_errors, write_run_
 from featcache.extract.plan import Plan, prepare
 from featcache.extract.progress import Progress
 from featcache.retry import describe, is_transient, storage_error, storage_errors
-from pipelines.ray_session import ray_session
+from featcache.pipelines.ray_session import ray_session
 
 
 @dataclass
@@ -161,7 +161,7 @@ def _stats(config: ExtractConfig, keys: list[str], stream) -> list:
     """PHI-S and dispersion of the job's fully committed views (frozen ones are kept)."""
     if not config.stats:
         return []
-    from pipelines import stats
+    from featcache.pipelines import stats
 
     rows = stats.run(config.output, keys, seed=config.seed, ray_address=config.ray_address, complete_only=True)
     print(stats.table(rows), file=stream, flush=True)

@@ -18,7 +18,7 @@ from featcache.errors import UsageError
 from featcache.retry import storage_errors
 from featcache.stats import compute
 from featcache.store.cache import Cache
-from pipelines.ray_session import ray_session
+from featcache.pipelines.ray_session import ray_session
 
 
 @dataclass(frozen=True)

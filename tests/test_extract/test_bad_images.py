@@ -11,7 +11,7 @@ import pytest
 import featcache
 from featcache.extract.config import from_dict
 from featcache.store import tables
-from pipelines.extract import run
+from featcache.pipelines.extract import run
 from tests.support.images import photo, write_header_cases
 from tests.test_extract.conftest import direct, stored
 

@@ -14,8 +14,8 @@ import featcache
 from featcache.extract.config import from_dict
 from featcache.fsio import locate
 from featcache.store import tables
-from pipelines.extract import run
-from pipelines.ray_session import ray_session
+from featcache.pipelines.extract import run
+from featcache.pipelines.ray_session import ray_session
 from tests.support.images import photo
 from tests.test_extract.conftest import stored
 

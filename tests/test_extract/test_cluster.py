@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import featcache
-from pipelines.extract import run
+from featcache.pipelines.extract import run
 from tests.support.seaweed import free_ports
 from tests.test_extract.conftest import stored, three_family_job
 

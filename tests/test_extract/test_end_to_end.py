@@ -12,7 +12,7 @@ from featcache.cli import main
 from featcache.extract.plan import prepare
 from featcache.extract.worker import ShardWorker
 from featcache.store import tables
-from pipelines.extract import run
+from featcache.pipelines.extract import run
 from tests.test_extract.conftest import direct, stored, three_family_job
 
 VIEWS = ["siglip2@64", "dinov3@64", "dinov3@96", "sam3-mosaic2@56"]

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 import featcache
-from pipelines.extract import run
+from featcache.pipelines.extract import run
 from tests.support.processes import descendants, kill_all, wait_for
 from tests.test_extract.conftest import three_family_job
 

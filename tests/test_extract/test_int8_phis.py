@@ -18,8 +18,8 @@ from featcache.extract.plan import prepare
 from featcache.extract.worker import ShardWorker
 from featcache.stats import compute
 from featcache.store.codec import read_stats, stats_digest
-from pipelines import stats as stats_job
-from pipelines.extract import run
+from featcache.pipelines import stats as stats_job
+from featcache.pipelines.extract import run
 from tests.test_extract.conftest import direct, stored
 
 INT8 = ["siglip2@64", "dinov3@64", "dinov3@96", "sam3-mosaic2@56"]

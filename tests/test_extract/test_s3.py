@@ -11,7 +11,7 @@ import pytest
 
 import featcache
 from featcache.extract.config import from_dict
-from pipelines.extract import run
+from featcache.pipelines.extract import run
 from tests.support.fixtures import private_s3_server  # noqa: F401
 from tests.support.processes import wait_for
 from tests.test_extract.conftest import direct

@@ -28,7 +28,7 @@ from featcache.extract.finalize import write_run_record
 from featcache.extract.plan import prepare
 from featcache.retry import is_transient, storage_error
 from featcache.store.cache import Cache
-from pipelines.extract import run
+from featcache.pipelines.extract import run
 from tests.test_extract.test_faults import _commits, _tree
 
 KEY = "dinov3@512"  # 32x32 cells x 32 channels in f32: 128 KiB per image, so a shard dwarfs the metadata

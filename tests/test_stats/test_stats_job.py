@@ -12,7 +12,7 @@ import zarr
 import featcache
 from featcache.cli import main
 from featcache.stats.hadamard import hadamard
-from pipelines import stats
+from featcache.pipelines import stats
 from tests.support.caches import make_cache, shard_data, write_all
 
 N, SHARD = 40, 8

@@ -1,0 +1,68 @@
+"""What the package installs and declares: no generic top-level names, and dependency floors that
+agree with what the installed dependencies themselves require."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+import zipfile
+from importlib import metadata
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+REPO = Path(__file__).resolve().parents[1]
+#: dependencies whose own requirements bound ours, with the extras featcache uses of them
+REQUIRERS = {"transformers": {"torch"}, "zarr": set(), "ray": set()}
+
+
+def _declared() -> dict[str, Requirement]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return {Requirement(r).name.lower(): Requirement(r) for r in project["dependencies"]}
+
+
+def _floor(req: Requirement) -> Version | None:
+    floors = [Version(s.version) for s in req.specifier if s.operator in (">=", "==", "~=", ">")]
+    return max(floors) if floors else None
+
+
+def test_the_wheel_installs_only_the_featcache_package(tmp_path):
+    """pipelines/ and train/ ship as featcache.pipelines and featcache.train: a user's own `pipelines`
+    package is never shadowed."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("featcache-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
+        assert z.read(top_level).decode().split() == ["featcache"]
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"featcache"}
+    assert {"featcache/pipelines/extract.py", "featcache/pipelines/stats.py", "featcache/train/__init__.py",
+            "featcache/store/cache.py"} <= set(names)
+
+
+def test_declared_floors_are_at_least_what_the_installed_dependencies_require():
+    """E.g. transformers 5 requires torch >= 2.6: a floor of torch >= 2.4 would install a torch it refuses."""
+    declared = _declared()
+    too_low = []
+    for requirer, extras in REQUIRERS.items():
+        for text in metadata.requires(requirer) or []:
+            req = Requirement(text)
+            env = [{"extra": e} for e in extras] or [{"extra": ""}]
+            if req.marker is not None and not any(req.marker.evaluate(e) for e in env):
+                continue
+            ours, theirs = declared.get(req.name.lower()), _floor(req)
+            if ours is not None and theirs is not None and (_floor(ours) or Version("0")) < theirs:
+                too_low.append(f"{ours} but {requirer} {metadata.version(requirer)} requires {req}")
+    assert not too_low, too_low
+
+
+def test_the_declared_floors_hold_in_this_environment():
+    """Every declared dependency is installed at a version its specifier accepts."""
+    for name, req in _declared().items():
+        version = re.sub(r"\+.*", "", metadata.version(name))  # local labels (2.13.0+cpu) do not count
+        assert req.specifier.contains(version, prereleases=True), (name, version, str(req))
