@@ -5,7 +5,9 @@ per view: the first three principal components of that image's dense features (f
 its own tokens), each scaled to its 1st–99th percentile, shown as RGB at the view's grid, enlarged
 with nearest-neighbour so cells stay visible. ``render_error``: per-cell relative error
 ‖a − b‖ / ‖b‖ between two views of one cache (the coarser map resampled bilinearly to the finer
-grid) or between one view of two caches, as a black → red → yellow heatmap with its scale.
+grid) or between one view of two caches, as a black → red → yellow heatmap beside a colour bar that
+names the statistic and its scale (0 to the 99th percentile; cells above it show the top colour, marked
+``≥``). Panel titles are shortened with ``…`` in the middle to fit their panel.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from featcache.decode import decode
 from featcache.errors import UsageError
@@ -21,6 +23,28 @@ from featcache.fsio import locate
 
 HEIGHT = 256  # pixels of each panel
 LABEL = 18
+ASCII = {"‖": "|", "−": "-", "≥": ">=", "…": "..."}  # stand-ins where the font lacks the glyph
+
+
+def _font() -> ImageFont.FreeTypeFont:
+    """DejaVu Sans where the system has it (it draws ‖ − ≥ …), else Pillow's bundled font."""
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", 11)
+    except OSError:
+        return ImageFont.load_default(size=11)
+
+
+FONT = _font()
+_MISSING = bytes(FONT.getmask("\ue000"))  # a private-use code point: drawn as the font's "no glyph" box
+
+
+def drawable(text: str) -> str:
+    """``text`` with each character the font cannot draw replaced by its ASCII stand-in (no tofu boxes)."""
+    return "".join(ASCII[c] if c in ASCII and bytes(FONT.getmask(c)) == _MISSING else c for c in text)
+
+
+BAR = 14  # width of the colour bar's gradient
+ERROR_NAME = "relative error ‖a−b‖ / ‖b‖ per cell"
 
 
 def _row(cache, image_id: str) -> int:
@@ -67,13 +91,49 @@ def heat(values: np.ndarray, vmax: float) -> np.ndarray:
     return (rgb * 255).round().astype(np.uint8)
 
 
+def fit(text: str, width: int) -> str:
+    """``text`` shortened with ``…`` in its middle (both ends of a view key or URI stay) to fit ``width`` pixels."""
+    text, dots = drawable(text), drawable("…")
+    if FONT.getlength(text) <= width:
+        return text
+    keep = len(text)
+    while keep > 0 and FONT.getlength(text[:(keep + 1) // 2] + dots + text[len(text) - keep // 2:]) > width:
+        keep -= 1
+    return text[:(keep + 1) // 2] + dots + text[len(text) - keep // 2:] if keep else ""
+
+
 def _panel(rgb: np.ndarray, label: str, width: int | None = None) -> Image.Image:
     h, w = rgb.shape[:2]
     width = width or max(1, round(HEIGHT * w / h))
     body = Image.fromarray(rgb).resize((width, HEIGHT), Image.NEAREST)
     out = Image.new("RGB", (width, HEIGHT + LABEL), (255, 255, 255))
     out.paste(body, (0, LABEL))
-    ImageDraw.Draw(out).text((2, 2), label, fill=(0, 0, 0))
+    ImageDraw.Draw(out).text((2, 2), fit(label, width - 4), fill=(0, 0, 0), font=FONT)
+    return out
+
+
+def _vertical_text(text: str) -> Image.Image:
+    """``text`` on white, rotated to read bottom-up along a colour bar."""
+    left, top, right, bottom = FONT.getbbox(text)
+    img = Image.new("RGB", (right + 2, bottom + 2), (255, 255, 255))
+    ImageDraw.Draw(img).text((1, 1), text, fill=(0, 0, 0), font=FONT)
+    return img.rotate(90, expand=True)
+
+
+def colorbar(vmax: float, name: str, clipped: bool) -> Image.Image:
+    """The heatmap's scale, as tall as a panel: the gradient from ``vmax`` (top) to 0 (bottom), three ticks
+    with their values (the top one ``≥`` when cells exceed it), and ``name`` along it."""
+    ticks = [(0, drawable(f"{'≥' if clipped else ''}{vmax:.3g}")), (HEIGHT // 2, f"{vmax / 2:.3g}"), (HEIGHT - 1, "0")]
+    text_w = max(int(FONT.getlength(t)) for _, t in ticks)
+    title = _vertical_text(fit(name, HEIGHT))
+    out = Image.new("RGB", (4 + BAR + 4 + text_w + 6 + title.width + 2, HEIGHT + LABEL), (255, 255, 255))
+    gradient = heat(np.linspace(vmax, 0, HEIGHT)[:, None].repeat(BAR, axis=1), vmax)
+    out.paste(Image.fromarray(gradient), (4, LABEL))
+    draw = ImageDraw.Draw(out)
+    for y, text in ticks:
+        draw.line([(4 + BAR, LABEL + y), (4 + BAR + 3, LABEL + y)], fill=(0, 0, 0))
+        draw.text((4 + BAR + 5, LABEL + min(max(y - 6, 0), HEIGHT - 12)), text, fill=(0, 0, 0), font=FONT)
+    out.paste(title, (out.width - title.width - 2, LABEL + (HEIGHT - title.height) // 2))
     return out
 
 
@@ -97,6 +157,7 @@ def _strip(panels: list[Image.Image]) -> Image.Image:
 
 
 def render(cache, image_id: str, views: list[str] | None = None) -> Image.Image:
+    """The image, then the PCA-as-RGB picture of each view (all views when ``views`` is None)."""
     row = _row(cache, image_id)
     keys = views or list(cache.views)
     panels = [_image_panel(cache, row)]
@@ -125,11 +186,12 @@ def render_error(cache, image_id: str, view_a: str, view_b: str | None = None, o
     row = _row(cache, image_id)
     a = _dense(cache, view_a, row)
     if other is not None:
-        b, label = _dense(other, view_b or view_a, _row(other, image_id)), f"{view_a} vs {other.root.uri}"
+        b, label = _dense(other, view_b or view_a, _row(other, image_id)), f"{other.root.uri} {view_b or view_a}"
     elif view_b:
-        b, label = _dense(cache, view_b, row), f"{view_a} vs {view_b}"
+        b, label = _dense(cache, view_b, row), view_b
     else:
         raise UsageError("an error map needs a second view or a second cache")
     err = relative_error(a, b)
     vmax = float(np.percentile(err, 99)) or float(err.max())
-    return _strip([_image_panel(cache, row), _panel(heat(err, vmax), f"{label}: rel. error, max {vmax:.3g}")])
+    return _strip([_image_panel(cache, row), _panel(heat(err, vmax), f"a = {view_a}, b = {label}"),
+                   colorbar(vmax, ERROR_NAME, clipped=bool(err.max() > vmax))])
