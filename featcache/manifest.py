@@ -298,8 +298,8 @@ def _write_index_errors(root: Location, rows: list[tuple[str, str | None, str]])
     kept = [r for r in old if r["stage"] != "index"]
     new = [{"index": None, "image_id": image_id, "uri": uri, "stage": "index", "view": None, "reason": reason}
            for uri, image_id, reason in rows]
-    if old or new:  # an earlier index's rows must go even when nothing fails now
-        tables.write_table(root.join(tables.ERRORS), tables.errors_table(kept + new))
+    # always written, empty too: tools featcache does not control read it (an earlier index's rows go)
+    tables.write_table(root.join(tables.ERRORS), tables.errors_table(kept + new))
 
 
 # ---- extraction's check -------------------------------------------------------------------

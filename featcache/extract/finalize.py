@@ -35,9 +35,7 @@ def rebuild_errors(cache: Cache, views: list[str]) -> list[dict]:
                 stage, sep, detail = reason.partition(": ")
                 rows.append({"index": i, "image_id": ids[i], "uri": uris[i], "stage": stage if sep else "extract",
                              "view": key, "reason": detail if sep else reason})
-    table = tables.errors_table(keep + rows)
-    if table.num_rows or old:
-        tables.write_table(cache.root.join(tables.ERRORS), table)
+    tables.write_table(cache.root.join(tables.ERRORS), tables.errors_table(keep + rows))  # empty too
     return rows
 
 

@@ -71,7 +71,9 @@ class Cache:
     def num_images(self) -> int:
         return self.manifest.num_rows
 
+    @property
     def errors(self) -> pa.Table:
+        """``errors.parquet``, read afresh on each access (jobs rewrite it), empty when it does not exist."""
         return tables.read_errors(self.root)
 
     def attrs(self) -> dict:

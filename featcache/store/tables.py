@@ -76,11 +76,11 @@ def file_column(manifest: pa.Table, name: str) -> list:
 
 
 def read_errors(root: Location) -> pa.Table:
-    """The errors table, empty when nothing failed."""
-    loc = root.join(ERRORS)
-    if not loc.exists():
+    """The errors table: empty when nothing failed, and for caches written before it always existed."""
+    try:
+        return read_table(root.join(ERRORS))
+    except FileNotFoundError:
         return ERRORS_SCHEMA.empty_table()
-    return read_table(loc)
 
 
 def errors_table(rows: list[dict]) -> pa.Table:

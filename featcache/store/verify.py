@@ -51,6 +51,11 @@ class Report:
     def ok(self) -> bool:
         return not self.problems
 
+    def to_dict(self) -> dict:
+        """The JSON-ready verdict of ``verify --json`` (DESIGN.md §7): ok, problems, notes, shards checked."""
+        problems = [{"view": p.view, "shard": p.shard, "kind": p.kind, "detail": p.message} for p in self.problems]
+        return {"ok": self.ok, "problems": problems, "notes": list(self.notes), "shards_checked": self.shards_checked}
+
 
 def verify(cache: Cache, views: list[str] | None = None, workers: int = 4) -> Report:
     """Check ``cache`` (all views, or the named ones) and return every problem found."""
@@ -200,7 +205,7 @@ def _nonfinite_rows(view: View, start: int, stop: int, valid: np.ndarray) -> lis
 
 def _check_errors_table(view: View, commits: dict[int, Commit | None]) -> list[Problem]:
     """``errors.parquet`` lists exactly the failed rows the commits record (rebuilt by each extract)."""
-    listed = {r["index"] for r in view.cache.errors().to_pylist() if r.get("view") == view.key
+    listed = {r["index"] for r in view.cache.errors.to_pylist() if r.get("view") == view.key
               and r.get("index") is not None}
     found = []
     for i in sorted(listed):
