@@ -18,7 +18,8 @@ import featcache
 from featcache.errors import FeatcacheError, UsageError
 from featcache.retry import storage_error
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode=None: help text is plain text, so "[64]" and "[default: ...]" are shown, not eaten as markup.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Run vision teachers once over an image dataset and cache what they see.")
 
 
@@ -120,9 +121,16 @@ def _human(n: int) -> str:
 def verify_cmd(
     root: str = typer.Argument(..., help="Cache root (local directory or fsspec URL)."),
     view: Optional[list[str]] = typer.Option(None, "--view", help="Only these views (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (ok, format, problems, notes)."),
 ) -> None:
     """Check every committed shard: checksums, no NaN/Inf, valid vs commits and errors, shapes."""
     report = featcache.verify(root, views=view)
+    if as_json:
+        from featcache.store.inspect import format_version
+
+        typer.echo(json.dumps({**report.to_dict(), "format": format_version(featcache.open_cache(root))},
+                              indent=1, sort_keys=True))
+        raise typer.Exit(0 if report.ok else 1)
     for note in report.notes:
         typer.echo(f"note: {note}")
     if report.ok:
@@ -167,7 +175,8 @@ def extract_cmd(
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Images per shard [64]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per teacher forward [16]."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="'auto' or ray://host:port to join "
-                                                                          "a cluster [embedded local Ray]."),
+                                                                          "a cluster [$RAY_ADDRESS if set, else "
+                                                                          "embedded local Ray]."),
     device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu or cuda."),
     cpu_workers: Optional[int] = typer.Option(None, "--cpu-workers", help="CPU worker actors [1 per node]."),
     threads_per_worker: Optional[int] = typer.Option(None, "--threads-per-worker", help="torch threads per "
@@ -193,19 +202,21 @@ def extract_cmd(
 
 
 def _run_extract(cfg) -> None:
+    from featcache.extract.progress import plural
     from featcache.pipelines.extract import run  # the Ray job; the library below it does not import pipelines
 
     result = run(cfg)
-    typer.echo(f"extracted {result.images} images in {result.processed} shards "
+    typer.echo(f"extracted {plural(result.images, 'image')} in {plural(result.processed, 'shard')} "
                f"({result.skipped} already committed) into {result.root}: {result.seconds:.1f} s, "
                f"{result.images_per_second:.1f} images/s; run record {result.record}")
     if result.failed_images:
         for reason in result.reasons:
             typer.echo(f"  failed: {reason}", err=True)
-        typer.echo(f"{result.failed_images} images failed (all reasons in errors.parquet)", err=True)
+        typer.echo(f"{plural(result.failed_images, 'image')} failed (all reasons in errors.parquet)", err=True)
     if result.failed_shards:
-        typer.echo(f"{len(result.failed_shards)} shards failed after retries and are not committed; "
-                   "run the same command again to retry them", err=True)
+        n = len(result.failed_shards)
+        typer.echo(f"{plural(n, 'shard')} failed after retries and {'is' if n == 1 else 'are'} not committed; "
+                   "run the same command again to retry", err=True)
     for line in result.damaged:
         typer.echo(f"  damaged: {line}", err=True)
     if result.exit_code:
@@ -222,7 +233,8 @@ def stats_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the token sample (and of a fallback rotation)."),
     recompute: bool = typer.Option(False, "--recompute", help="Overwrite frozen statistics."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="'auto' or ray://host:port "
-                                                                          "[embedded local Ray]."),
+                                                                          "[$RAY_ADDRESS if set, else "
+                                                                          "embedded local Ray]."),
 ) -> None:
     """PHI-S (mean, rotation, eigenvalues, alpha) and summary dispersion of each view, from the cache."""
     from featcache.pipelines import stats  # the Ray job; the library below it does not import pipelines

@@ -35,7 +35,7 @@ from featcache.extract import calibration
 from featcache.extract.config import ExtractConfig
 from featcache.extract.finalize import failed_images, rebuild_errors, write_run_record
 from featcache.extract.plan import Plan, prepare
-from featcache.extract.progress import Progress
+from featcache.extract.progress import Progress, plural
 from featcache.retry import describe, is_transient, storage_error, storage_errors
 from featcache.pipelines.ray_session import ray_session
 
@@ -76,7 +76,7 @@ def run(config: ExtractConfig, stream=None) -> ExtractResult:
     _announce(plan, stream)
     keys = [v.key for v in plan.views]
     outcome = Outcome()
-    with ray_session(config.ray_address) if plan.todo else contextlib.nullcontext():
+    with ray_session(config.ray_address, stream) if plan.todo else contextlib.nullcontext():
         if plan.todo:
             outcome = Scheduler(plan, stream).run()
         if outcome.stopped is None:
@@ -103,9 +103,10 @@ def _announce(plan: Plan, stream) -> None:
     say(plan.manifest_note)
     for line in plan.repaired:
         say(line)
-    say(f"views: {', '.join(v.key for v in plan.views)}; {plan.num_shards} shards of {plan.shard_size} images")
+    say(f"views: {', '.join(v.key for v in plan.views)}; {plural(plan.num_shards, 'shard')} of "
+        f"{plural(plan.shard_size, 'image')}")
     if plan.done_shards:
-        say(f"resuming: {plan.done_shards} of {plan.num_shards} shards already committed in every view, "
+        say(f"resuming: {plan.done_shards} of {plural(plan.num_shards, 'shard')} already committed in every view, "
             f"{len(plan.todo)} to do")
 
 
@@ -298,21 +299,31 @@ class Scheduler:
         return _Slot(self.actor_cls.options(**options).remote(self.kwargs, self.threads))
 
     def _start(self) -> list[_Slot]:
-        """Start the actors and wait until each has loaded its teachers; a config error stops the job."""
+        """Start the actors and wait until each has loaded its teachers (saying so first: it can take
+        minutes); a config error stops the job."""
+        self._say(f"loading teachers on {plural(self.n_workers, 'worker')}…")
         slots = [self._spawn() for _ in range(self.n_workers)]
         for slot in slots:
-            try:
-                slot.identity = self.ray.get(slot.actor.ready.remote())
-            except self.ray.exceptions.RayActorError as e:
-                lines = [x for x in str(e).strip().splitlines() if x.strip()]
-                raise UsageError(f"a worker could not start: {lines[-1] if lines else type(e).__name__}") from None
-            if "error" in slot.identity:
-                raise FeatcacheError(slot.identity["error"])
-            self.worker_summary[str(slot.identity["pid"])] = slot.identity
-        ids = sorted({s.identity["node"][:8] for s in slots})
-        print(f"{len(slots)} workers ({self.device}, {self.threads} torch threads each) on {len(ids)} node(s)",
-              file=self.stream, flush=True)
+            self._ready(slot)
+        nodes = len({s.identity["node"] for s in slots})
+        self._say(f"{plural(len(slots), 'worker')} ({self.device}, {plural(self.threads, 'torch thread')} each) "
+                  f"on {plural(nodes, 'node')}")
         return slots
+
+    def _ready(self, slot: _Slot) -> None:
+        """Wait until ``slot``'s actor has loaded its teachers; a worker that cannot start stops the job."""
+        try:
+            slot.identity = self.ray.get(slot.actor.ready.remote())
+        except self.ray.exceptions.RayActorError as e:
+            lines = [x for x in str(e).strip().splitlines() if x.strip()]
+            raise UsageError(f"a worker could not start: {lines[-1] if lines else type(e).__name__}") from None
+        if "error" in slot.identity:
+            raise FeatcacheError(slot.identity["error"])
+        self.worker_summary[str(slot.identity["pid"])] = slot.identity
+
+    def _say(self, text: str) -> None:
+        """One log line on the job's stream, shown at once."""
+        print(text, file=self.stream, flush=True)
 
     def _next_shard(self) -> int | None:
         now = time.monotonic()
@@ -407,8 +418,8 @@ class Scheduler:
         self.stopped = Stopped(shard, self.plan.todo[shard], cause, trace)
         in_flight = sum(s.ref is not None for s in self.slots)
         if in_flight:
-            print(f"stopping: shard {shard} failed ({describe(cause)}); waiting for {in_flight} "
-                  f"shard{'s' if in_flight > 1 else ''} in flight", file=self.stream, flush=True)
+            self._say(f"stopping: shard {shard} failed ({describe(cause)}); waiting for "
+                      f"{plural(in_flight, 'shard')} in flight")
 
     def _calibrate(self, slots: list[_Slot]) -> None:
         """Fit each pending int8-phis view's statistics and scale on one actor each (in parallel),
@@ -416,8 +427,8 @@ class Scheduler:
         keys, rows = calibration.todo(self.plan)
         if not keys:
             return
-        say = lambda text: print(text, file=self.stream, flush=True)  # noqa: E731
-        say(f"calibrating int8-phis for {', '.join(keys)} on {len(rows)} images")
+        say = self._say
+        say(f"calibrating int8-phis for {', '.join(keys)} on {plural(len(rows), 'image')}")
         refs = {key: slots[i % len(slots)].actor.calibrate.remote(key, rows, self.config.seed)
                 for i, key in enumerate(keys)}
         for key, ref in refs.items():
@@ -433,15 +444,15 @@ class Scheduler:
                 continue
             q = result["quantization"]
             say(f"{key}: scale {q['scale']:.4g}, knee {q['knee']}, relative MSE {q['relative_mse']:.2e} in PHI-S space on "
-                f"{q['calibration']['scale_tokens']} tokens, statistics {digest[:15]}")
+                f"{plural(q['calibration']['scale_tokens'], 'token')}, statistics {digest[:15]}")
 
     def _retry(self, shard: int, reason: str, delay: bool) -> None:
         n = self.attempts[shard] = self.attempts.get(shard, 0) + 1
         if n > self.config.max_retries or self.stopped is not None:
             self.failed[shard] = reason
-            print(f"shard {shard} failed after {n} attempts: {reason}", file=self.stream, flush=True)
+            self._say(f"shard {shard} failed after {plural(n, 'attempt')}: {reason}")
             return
-        print(f"shard {shard}: attempt {n} failed ({reason}); retrying", file=self.stream, flush=True)
+        self._say(f"shard {shard}: attempt {n} failed ({reason}); retrying")
         if delay:
             self.not_before[shard] = time.monotonic() + min(15.0, 2.0 ** (n - 1))
         self.queue.append(shard)

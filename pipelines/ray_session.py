@@ -1,32 +1,31 @@
-"""The Ray runtime a job runs on: joined when an address is given, else embedded and stopped after."""
+"""The Ray runtime a job runs on: joined when an address is given (a flag, or ``RAY_ADDRESS`` as
+``ray job submit`` sets it), else embedded and stopped after. Each says what it does before it waits."""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from contextlib import contextmanager
 
 from featcache.errors import UsageError
 
 
 @contextmanager
-def ray_session(address: str | None = None):
-    """Join the cluster at ``address`` ("auto", "ray://host:port", "host:port"), or start an embedded
-    local Ray sized to this machine and stop it afterwards. A runtime the caller already started is used
-    as it is."""
+def ray_session(address: str | None = None, stream=None):
+    """Join the cluster at ``address`` ("auto", "ray://host:port", "host:port") or, when it is None, at
+    ``RAY_ADDRESS``; with neither, start an embedded local Ray sized to this machine and stop it
+    afterwards. One line on ``stream`` (stderr) says which, before Ray is reached. A runtime the caller
+    already started is used as it is."""
     import ray
 
     if ray.is_initialized():  # a caller (e.g. a notebook or a test session) owns the Ray runtime
         yield
         return
-    quiet = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
+    address, note = resolve_address(address)
+    print(note, file=stream or sys.stderr, flush=True)
     try:
-        if address:
-            ray.init(address=address, **quiet)
-        else:
-            # Ray lowers its workers' priority (niceness 15) by default; here the workers are the job.
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _system_config={"worker_niceness": 0},
-                     **quiet)
+        ray.init(**_init_options(address))
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = address or "a local Ray"
         raise UsageError(f"cannot start or reach {where}: {str(e).strip().splitlines()[0]}") from None
@@ -34,3 +33,24 @@ def ray_session(address: str | None = None):
         yield
     finally:
         ray.shutdown()
+
+
+def resolve_address(address: str | None) -> tuple[str | None, str]:
+    """(the cluster address to join, None for an embedded Ray; the line that tells the user). Without
+    a flag, ``RAY_ADDRESS`` is joined as if it were given: Ray itself would connect to it anyway, and
+    refuse the embedded runtime's sizing ("num_cpus and num_gpus must not be provided")."""
+    if address:
+        return address, f"joining the Ray cluster at {address}…"
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if env and env != "local":  # "local" is Ray's word for a new local runtime: the embedded one
+        return env, f"joining the Ray cluster at {env} (RAY_ADDRESS)…"
+    return None, f"starting Ray (embedded, {os.cpu_count()} CPUs)…"
+
+
+def _init_options(address: str | None) -> dict:
+    """``ray.init`` arguments: a cluster's address, or the embedded runtime's size; quiet either way."""
+    quiet = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
+    if address:
+        return dict(address=address, **quiet)
+    # Ray lowers its workers' priority (niceness 15) by default; here the workers are the job.
+    return dict(num_cpus=os.cpu_count(), include_dashboard=False, _system_config={"worker_niceness": 0}, **quiet)

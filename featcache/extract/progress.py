@@ -1,9 +1,16 @@
-"""Progress of a running job: a live line on a terminal, periodic plain log lines otherwise."""
+"""Progress of a running job: a live line on a terminal, periodic plain log lines otherwise; and
+:func:`plural`, the one way its messages count things ("1 worker", "2 workers")."""
 
 from __future__ import annotations
 
 import sys
 import time
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``n`` and ``word`` in the number that fits: "1 shard", "0 shards", "2 shards"; ``many`` for
+    a plural that is not ``word`` + "s"."""
+    return f"{n} {word}" if n == 1 else f"{n} {many or word + 's'}"
 
 
 class Progress:

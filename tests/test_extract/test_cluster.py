@@ -1,5 +1,6 @@
 """A two-node Ray cluster on this machine (``ray start --head`` + ``ray start --address``, one CPU
-each): extract with ``--ray-address`` processes shards on both nodes and equals the embedded run."""
+each): extract with ``--ray-address`` processes shards on both nodes and equals the embedded run;
+with ``RAY_ADDRESS`` in the environment (as ``ray job submit`` sets it) it joins that cluster."""
 
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def test_two_node_cluster_equals_the_embedded_run(embedded, two_node_cluster, tm
                           capture_output=True, text=True, env=env, timeout=600)
     err = proc.stderr
     assert proc.returncode == 0, err
-    assert "2 workers (cpu, 1 torch threads each) on 2 node(s)" in err
+    assert "2 workers (cpu, 1 torch thread each) on 2 nodes" in err
     assert featcache.verify(str(clustered)).ok
     cache = featcache.open_cache(str(clustered))
     nodes = {cache.view("dinov3@64").commit_record(s).info["node"] for s in range(5)}
@@ -95,3 +96,26 @@ def test_two_node_cluster_equals_the_embedded_run(embedded, two_node_cluster, tm
     for key in ("siglip2@64", "dinov3@64", "dinov3@96", "sam3-mosaic2@56"):
         a, b = stored(embedded, key), stored(clustered, key)
         assert all(np.array_equal(a[n], b[n]) for n in a), key
+
+
+def _featcache(*args: str, env: dict) -> subprocess.CompletedProcess:
+    """``featcache ARGS`` in a subprocess with ``env``."""
+    return subprocess.run([sys.executable, "-m", "featcache.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_ray_address_in_the_environment_joins_that_cluster(two_node_cluster, tmp_path, photos_dir, job_teachers):
+    address, env = two_node_cluster
+    out = tmp_path / "joined"
+    proc = _featcache("extract", "--source", str(photos_dir), "--out", str(out), "--teacher",
+                      f"family=dinov3,source={job_teachers['dinov3']}", "--shard-size", "2", "--cpu-workers", "2",
+                      "--no-stats", env={**env, "RAY_ADDRESS": address})
+    err = proc.stderr
+    assert proc.returncode == 0, err
+    said = [err.index(text) for text in (f"joining the Ray cluster at {address} (RAY_ADDRESS)",
+                                         "loading teachers on 2 workers", "2 workers (cpu, 1 torch thread each) on 2 nodes")]
+    assert said == sorted(said), err  # in the order things happen
+    cache = featcache.open_cache(str(out))
+    view = cache.view(next(iter(cache.views)))
+    nodes = {view.commit_record(s).info["node"] for s in range(5)}
+    assert len(nodes) == 2  # the cluster's two nodes wrote the shards, not an embedded one-node Ray

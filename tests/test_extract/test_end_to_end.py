@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -32,6 +33,10 @@ def test_job_completes_and_verifies(extracted):
     assert result.exit_code == 0 and result.failed_images == 0 and not result.failed_shards
     assert result.views == VIEWS and result.shards == 3 and result.processed == 3 and result.images == 10
     assert "using the manifest of" in log
+    said = [log.index(text) for text in ("starting Ray", "loading teachers on 1 worker…",
+                                         "1 worker (cpu, ", "10/10 images")]
+    assert said == sorted(said), log  # a word before each wait, in the order a user sees them
+    assert re.search(r"\n1 worker \(cpu, (1 torch thread|\d+ torch threads) each\) on 1 node\n", log), log
     report = featcache.verify(str(out))
     assert report.ok, report.problems
     assert report.shards_checked == 3 * len(VIEWS)

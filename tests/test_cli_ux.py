@@ -1,0 +1,47 @@
+"""Command-line wording: bracketed help text survives rendering, counts read "1 worker" not "1 workers"."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from featcache.extract.progress import plural
+
+
+def _help(command: str) -> str:
+    """``featcache COMMAND --help`` as a user sees it, its wrapped lines joined again."""
+    proc = subprocess.run([sys.executable, "-m", "featcache.cli", command, "--help"], capture_output=True,
+                          text=True, env={**os.environ, "COLUMNS": "100"})
+    assert proc.returncode == 0, proc.stderr
+    return " ".join(proc.stdout.split())
+
+
+@pytest.mark.parametrize("command, text", [("index", "[default: 1 for local files, 16 for remote]"),
+                                           ("extract", "Images per shard [64]."),
+                                           ("extract", "[$RAY_ADDRESS if set, else embedded local Ray]"),
+                                           ("extract", "[,mosaic=K]")])
+def test_bracketed_help_text_is_shown(command, text):
+    assert text in _help(command)
+
+
+@pytest.mark.parametrize("n, expected", [(0, "0 workers"), (1, "1 worker"), (2, "2 workers"), (16, "16 workers")])
+def test_plural(n, expected):
+    assert plural(n, "worker") == expected
+
+
+def test_plural_with_an_irregular_plural():
+    assert plural(1, "this", "these") == "1 this" and plural(2, "this", "these") == "2 these"
+
+
+def test_the_extract_summary_of_one_image_in_one_shard(monkeypatch, capsys):
+    from featcache import cli
+    from featcache.pipelines import extract
+
+    result = extract.ExtractResult(root="c", views=["v@64"], shards=1, skipped=0, processed=1, images=1,
+                                   seconds=2.0, images_per_second=0.5, record="c/runs/r.json")
+    monkeypatch.setattr(extract, "run", lambda cfg: result)
+    cli._run_extract(None)
+    assert capsys.readouterr().out.startswith("extracted 1 image in 1 shard (0 already committed) into c: 2.0 s")
