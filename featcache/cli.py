@@ -68,14 +68,16 @@ def index_cmd(
 ) -> None:
     """Write ROOT/manifest.parquet: one row per image with its size, read from headers only."""
     result = featcache.index(src, out, workers=workers)
-    typer.echo(f"indexed {result.images} images into {result.root} "
+    from featcache.extract.progress import plural
+
+    typer.echo(f"indexed {plural(result.images, 'image')} into {result.root} "
                f"({result.files_per_second:.0f} files/s)")
     if result.ignored:
-        typer.echo(f"ignored {len(result.ignored)} files that are not images (listed in errors.parquet)")
+        typer.echo(f"ignored {plural(len(result.ignored), 'file')} (not images; listed in errors.parquet)")
     if result.failed:
         for uri, reason in result.failed[:10]:
             typer.echo(f"  failed: {uri}: {reason}", err=True)
-        typer.echo(f"{len(result.failed)} files could not be indexed (reasons in errors.parquet)", err=True)
+        typer.echo(f"{plural(len(result.failed), 'file')} could not be indexed (reasons in errors.parquet)", err=True)
         raise typer.Exit(1)
 
 

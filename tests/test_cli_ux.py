@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from featcache.cli import main
 from featcache.extract.progress import plural
 
 
@@ -45,3 +46,18 @@ def test_the_extract_summary_of_one_image_in_one_shard(monkeypatch, capsys):
     monkeypatch.setattr(extract, "run", lambda cfg: result)
     cli._run_extract(None)
     assert capsys.readouterr().out.startswith("extracted 1 image in 1 shard (0 already committed) into c: 2.0 s")
+
+
+def test_index_says_1_image(tmp_path, capsys):
+    import shutil
+
+    from tests.support.images import photo
+
+    src = tmp_path / "one"
+    src.mkdir()
+    shutil.copy(photo("coffee"), src)
+    (src / "notes.txt").write_text("not an image")
+    assert main(["index", str(src), "--out", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert f"indexed 1 image into {tmp_path / 'c'} (" in out
+    assert "ignored 1 file (not images; listed in errors.parquet)" in out
