@@ -62,24 +62,29 @@ def save_demo_teachers(folder: Path | None = None) -> dict[str, str]:
     """Save (once) the three demo teachers; family -> directory."""
     from featcache.teachers.loading import quiet_transformers
 
-    quiet_transformers()
     folder = Path(folder or default_home() / "demo-teachers")
     out = {}
     for i, family in enumerate(DEMO_CONFIGS):
         target = folder / family
         if not (target / "config.json").exists():
-            model = build(family, seed=i)
-            tmp = folder / f".{family}.tmp-{os.getpid()}"
-            if family == "sam3":
-                save_sam3_video_layout(model, tmp)
-            else:
-                model.save_pretrained(tmp)
-            if target.exists():  # another process saved it meanwhile
-                shutil.rmtree(tmp)
-            else:
-                os.replace(tmp, target)
+            with quiet_transformers():
+                _save(family, i, folder, target)
         out[family] = str(target)
     return out
+
+
+def _save(family: str, seed: int, folder: Path, target: Path) -> None:
+    """Build one demo teacher and save it at ``target`` (a temporary folder, renamed when complete)."""
+    model = build(family, seed=seed)
+    tmp = folder / f".{family}.tmp-{os.getpid()}"
+    if family == "sam3":
+        save_sam3_video_layout(model, tmp)
+    else:
+        model.save_pretrained(tmp)
+    if target.exists():  # another process saved it meanwhile
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, target)
 
 
 def demo_photos() -> Path:

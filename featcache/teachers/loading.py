@@ -12,9 +12,9 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import logging
 import os
 import re
+from contextlib import contextmanager
 
 from safetensors import SafetensorError
 
@@ -23,13 +23,22 @@ from featcache.errors import TeacherLoadError
 _LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError)
 
 
-def quiet_transformers() -> None:
-    """transformers prints load reports and progress bars; featcache reports problems itself."""
+@contextmanager
+def quiet_transformers():
+    """Within the block, transformers prints no load reports or progress bars (featcache reports
+    problems itself); afterwards its verbosity and progress bars are as the caller had them: a
+    library must not change another library's global settings in the caller's process."""
     from transformers.utils import logging as hf_logging
 
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def resolve_source(source: str, revision: str | None = None) -> str:
@@ -88,12 +97,12 @@ def weights_hash(directory: str) -> str:
 def load_checked(model_cls, directory: str, config, key_mapping: dict[str, str] | None = None,
                  ignorable: tuple[str, ...] = ()):
     """``model_cls.from_pretrained`` that refuses missing, unexpected or mismatched weights."""
-    quiet_transformers()
     safetensors_files(directory)
     try:
-        model, info = model_cls.from_pretrained(directory, config=config, key_mapping=key_mapping,
-                                                output_loading_info=True, use_safetensors=True,
-                                                trust_remote_code=False, dtype="float32")
+        with quiet_transformers():
+            model, info = model_cls.from_pretrained(directory, config=config, key_mapping=key_mapping,
+                                                    output_loading_info=True, use_safetensors=True,
+                                                    trust_remote_code=False, dtype="float32")
     except _LOAD_ERRORS as e:
         raise TeacherLoadError(f"cannot load weights from {directory}: {type(e).__name__}: {_first_line(e)}") from e
     _check_info(info, directory, ignorable)

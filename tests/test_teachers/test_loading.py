@@ -137,3 +137,17 @@ def test_vit_refuses_models_without_patch_tokens(tmp_path):
     (folder / "config.json").write_text(json.dumps({"model_type": "no_such_model"}))
     with pytest.raises(TeacherLoadError, match="'no_such_model' is not one transformers knows"):
         create_teacher("vit", str(folder))
+
+
+def test_loading_leaves_transformers_verbosity_as_the_caller_set_it(tmp_path):
+    """featcache quiets transformers while it loads, and restores the caller's settings afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    folder, _ = save_dinov3(tmp_path / "d")
+    hf_logging.set_verbosity_info()
+    hf_logging.enable_progress_bar()
+    try:
+        create_teacher("dinov3", str(folder))
+        assert hf_logging.get_verbosity() == hf_logging.INFO and hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.set_verbosity_warning()
