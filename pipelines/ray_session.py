@@ -24,15 +24,42 @@ def ray_session(address: str | None = None, stream=None):
         return
     address, note = resolve_address(address)
     print(note, file=stream or sys.stderr, flush=True)
-    try:
-        ray.init(**_init_options(address))
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        where = address or "a local Ray"
-        raise UsageError(f"cannot start or reach {where}: {str(e).strip().splitlines()[0]}") from None
+    with _token_auth(embedded=address is None):
+        try:
+            ray.init(**_init_options(address))
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            where = address or "a local Ray"
+            raise UsageError(f"cannot start or reach {where}: {str(e).strip().splitlines()[0]}") from None
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+@contextmanager
+def _token_auth(embedded: bool):
+    """While an embedded runtime starts, Ray's notice that it turned token authentication on by
+    default (a warning on every job) is not shown; authentication itself stays as Ray sets it. The
+    filter is on Ray's one module logger and is removed afterwards."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    notice = _DropMessage("Token authentication is enabled for this Ray cluster")
+    if embedded:
+        logger.addFilter(notice)
     try:
         yield
     finally:
-        ray.shutdown()
+        logger.removeFilter(notice)
+
+
+class _DropMessage(logging.Filter):
+    """Drops the records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 def resolve_address(address: str | None) -> tuple[str | None, str]:

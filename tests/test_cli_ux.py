@@ -61,3 +61,16 @@ def test_index_says_1_image(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"indexed 1 image into {tmp_path / 'c'} (" in out
     assert "ignored 1 file (not images; listed in errors.parquet)" in out
+
+
+def test_an_embedded_ray_starts_without_rays_token_warning(capfd):
+    """Token authentication stays on (chosen explicitly), without Ray's warning about its default."""
+    import ray
+
+    from featcache.pipelines.ray_session import ray_session
+
+    assert not ray.is_initialized()
+    with ray_session(None):
+        assert ray.get(ray.put(7)) == 7
+    err = capfd.readouterr().err
+    assert "starting Ray (embedded" in err and "Token authentication is enabled" not in err, err
