@@ -84,6 +84,7 @@ def run(config: ExtractConfig, stream=None) -> ExtractResult:
     if outcome.stopped is not None:
         raise _stop(plan, outcome, time.perf_counter() - t0, stream)
     rows = rebuild_errors(plan.cache, keys)
+    plan.cache.consolidate()  # for xarray: the views, arrays and attrs as this job leaves them
     damaged = [f"{r['view']} {r['reason']}" for r in rows if r["stage"] == "commit"]
     n_failed, reasons = failed_images(plan.cache, [r for r in rows if r["stage"] != "commit"])
     seconds = time.perf_counter() - t0

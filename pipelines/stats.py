@@ -67,6 +67,7 @@ def run(root: str, views: list[str] | None = None, token_budget: int | None = No
         with ray_session(ray_address):
             done = {key: _compute(cache.view(key), token_budget, seed) for key in todo}
         rows = [done.get(r.key, r) for r in rows] + [done[k] for k in todo]
+        cache.consolidate()  # the new statistics' arrays and attrs, for xarray
     order = {k: i for i, k in enumerate(keys)}
     return sorted(rows, key=lambda r: order[r.key])
 

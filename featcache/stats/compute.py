@@ -170,9 +170,21 @@ def _write_arrays(view_group, path: str, arrays: dict[str, np.ndarray]) -> None:
         _write_array(group, name, value)
 
 
+#: xarray's dimension names of the statistics arrays. They share the view's own names and sizes
+#: ("channel" = the dense channels, "summary_channel"), as a DataTree of the cache needs; the
+#: Hadamard fallback is a C x C rotation like ``rotation``, so it is not named row/col (the grid's).
+STATS_DIMENSIONS = {
+    "mean": ("channel",), "channel_mean": ("channel",), "channel_std": ("channel",),
+    "rotation": ("out_channel", "channel"), "inverse": ("channel", "out_channel"),  # y = x R^T, x = y R^-T
+    "hadamard": ("out_channel", "channel"), "eigenvalues": ("component",),
+    "summary_mean_direction": ("summary_channel",),
+}
+
+
 def _write_array(group, name: str, value: np.ndarray) -> None:
+    """Write one statistics array, named by :data:`STATS_DIMENSIONS` (a new array fails loudly there)."""
     a = group.create_array(name, shape=value.shape, dtype=value.dtype, chunks=value.shape,
-                           dimension_names=[f"dim{i}" for i in range(value.ndim)])
+                           dimension_names=STATS_DIMENSIONS[name])
     a[...] = value
 
 

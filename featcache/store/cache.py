@@ -25,8 +25,10 @@ from featcache.store import commits, fingerprint, tables
 from featcache.store.spec import FORMAT_VERSION, ViewSpec, check_view_key
 from featcache.store.zarrio import (ARRAYS, ChecksumStore, array_layouts, as_dtype, open_root, shard_object_keys,
                                     write_small_array, zarr_store)
+from featcache.store.zarrio import consolidate, write_image_ids
 
 FEATURES = "features.zarr"
+IMAGE_ID = "image_id"  # the manifest column each view stores as its xarray coordinate
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,7 @@ class Cache:
             return self._existing_view(root, spec)
         shard = self.attrs()["shard_size"]
         attributes = {"featcache": {"format": FORMAT_VERSION, **spec.to_dict(), "created": time.time()}}
+        attributes["coordinates"] = IMAGE_ID  # xarray reads the view's image_id array as its coordinate
         try:
             group = root.create_group(spec.key, attributes=attributes)
         except ContainsGroupError:  # another process created it since our check: it must hold the same spec
@@ -177,7 +180,19 @@ class Cache:
                 group.create_array(name, **layout)
             except ContainsArrayError:
                 pass  # created by that other process
+        write_image_ids(group, self.image_ids())
         return self._existing_view(root, spec)
+
+    def image_ids(self) -> np.ndarray:
+        """The manifest's ``image_id`` column, in row order (what each view's ``image_id`` array holds)."""
+        return self.manifest.column(IMAGE_ID).to_numpy(zero_copy_only=False).astype(object)
+
+    def consolidate(self) -> None:
+        """Write the consolidated metadata that xarray reads (driver only, at the end of a job that
+        changed metadata: ``extract``, ``stats``). featcache's own readers ignore it (:func:`open_root`),
+        so a job that writes after it never reads stale metadata; the next job's end refreshes it."""
+        if self.attrs():  # no features.zarr before the first view
+            consolidate(self.features)
 
     def _init_features(self, shard_size: int | None) -> zarr.Group:
         attrs = self.attrs()

@@ -7,12 +7,14 @@ are plain chunks of S rows. Every chunk carries a crc32c, and so does every shar
 
 from __future__ import annotations
 
+import warnings
 import zlib
 
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 from zarr.core.buffer import Buffer
+from zarr.errors import ContainsArrayError, ZarrUserWarning
 from zarr.storage import FsspecStore, LocalStore, MemoryStore, WrapperStore
 
 from featcache.errors import UsageError
@@ -41,7 +43,7 @@ def array_layouts(spec: ViewSpec, num_images: int, shard_size: int) -> dict[str,
                       dimension_names=("image", "row", "col", "channel"), **common),
         "summary": dict(shape=(n, spec.summary_channels), chunks=(s, spec.summary_channels),
                         dtype=spec.dtype if spec.dtype != "int8" else "float16",
-                        dimension_names=("image", "channel"), **common),
+                        dimension_names=("image", "summary_channel"), **common),
         "box": dict(shape=(n, 4), chunks=(s, 4), dtype="float32", dimension_names=("image", "xyxy"), **common),
         "valid": dict(shape=(n,), chunks=(s,), dtype="uint8", dimension_names=("image",), **common),
     }
@@ -87,8 +89,46 @@ def object_checksum(data) -> int:
 
 
 def open_root(loc: Location, mode: str = "r") -> zarr.Group:
-    """Open the ``features.zarr`` group."""
-    return zarr.open_group(zarr_store(loc, read_only=mode == "r"), mode=mode, zarr_format=3)
+    """Open the ``features.zarr`` group from its live metadata.
+
+    Never from the consolidated copy in the root ``zarr.json`` (see :func:`consolidate`): a job
+    creating views or publishing statistics changes the metadata after that copy was written.
+    """
+    store = zarr_store(loc, read_only=mode == "r")
+    return zarr.open_group(store, mode=mode, zarr_format=3, use_consolidated=False)
+
+
+def consolidate(loc: Location) -> None:
+    """Copy the metadata of every group and array into the root ``zarr.json`` (driver only).
+
+    For readers featcache does not control (xarray, whose ``open_zarr`` warns without it); featcache
+    itself never reads that copy. Zarr warns that consolidated metadata is not yet part of the v3
+    spec: that is known and accepted here (xarray and zarr-python read it), so that one warning is
+    silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part",
+                                category=ZarrUserWarning)
+        zarr.consolidate_metadata(zarr_store(loc), zarr_format=3)
+
+
+_ID_ROWS_PER_CHUNK = 1 << 20
+
+
+def write_image_ids(group: zarr.Group, image_ids: np.ndarray) -> None:
+    """Write ``image_id`` (variable-length UTF-8, dimension ``image``) into a view group (driver only).
+
+    The group's attrs name it in ``coordinates``, so xarray opens it as the view's coordinate.
+    Chunks of up to 2**20 rows: creating a view of ImageNet-1k writes two objects, not one per shard.
+    Idempotent: a process creating the same view at the same time writes the same values.
+    """
+    rows = max(1, min(len(image_ids), _ID_ROWS_PER_CHUNK))
+    try:
+        arr = group.create_array("image_id", shape=image_ids.shape, dtype=str, chunks=(rows,),
+                                 dimension_names=("image",), compressors=[Crc32cCodec()])
+    except ContainsArrayError:
+        arr = group["image_id"]
+    arr[...] = image_ids
 
 
 def as_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
