@@ -16,6 +16,7 @@ import typer
 
 import featcache
 from featcache.errors import FeatcacheError, UsageError
+from featcache.fsio import check_reachable
 from featcache.retry import storage_error
 
 # rich_markup_mode=None: help text is plain text, so "[64]" and "[default: ...]" are shown, not eaten as markup.
@@ -88,6 +89,7 @@ def inspect_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Show what a cache holds: images, views, shapes, dtypes, bytes, commits, errors, statistics."""
+    check_reachable(root)
     info = featcache.inspect(root)
     if as_json:
         typer.echo(json.dumps(info, indent=1, sort_keys=True))
@@ -126,6 +128,7 @@ def verify_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (ok, format, problems, notes)."),
 ) -> None:
     """Check every committed shard: checksums, no NaN/Inf, valid vs commits and errors, shapes."""
+    check_reachable(root)
     report = featcache.verify(root, views=view)
     if as_json:
         from featcache.store.inspect import format_version

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from featcache.errors import ImageError, SourceNotFoundError, UsageError
-from featcache.fsio import Location, locate
+from featcache.fsio import Location, check_reachable, locate
 from featcache.images import header_of_local, header_of_remote, is_image_name
 from featcache.store import tables
 from featcache.store.cache import Cache
@@ -67,6 +67,8 @@ def index(src, out, workers: int | None = None) -> IndexResult:
     threads only add contention) and 16 for remote ones (they hide request latency).
     """
     t0 = time.perf_counter()
+    check_reachable(src)  # an unusable object store is refused before listing, the output before reading headers
+    check_reachable(out, write=True)
     entries, ignored = list_source(os.fspath(src))
     results = _read_headers(entries, workers)
     good = [(e, h) for e, h in zip(entries, results) if not isinstance(h, ImageError)]

@@ -15,6 +15,7 @@ import functools
 from dataclasses import dataclass
 
 from featcache.errors import UsageError
+from featcache.fsio import check_reachable
 from featcache.retry import storage_errors
 from featcache.stats import compute
 from featcache.store.cache import Cache
@@ -42,6 +43,7 @@ def run(root: str, views: list[str] | None = None, token_budget: int | None = No
     """
     if token_budget is not None and token_budget < 1:
         raise UsageError(f"token budget must be >= 1, not {token_budget}")
+    check_reachable(root)  # one line for an unreachable endpoint, refused credentials, a missing bucket
     cache = Cache.open(root)
     cache.check_manifest()  # before Ray starts: a manifest edited since extraction is refused at once
     keys = views or list(cache.views)

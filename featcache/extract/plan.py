@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from featcache.errors import UsageError
+from featcache.errors import SourceNotFoundError, UsageError
 from featcache.extract.config import DEFAULT_SHARD_SIZE, ExtractConfig, TeacherConfig
-from featcache.fsio import locate
+from featcache.fsio import check_reachable, locate
 from featcache.store import commits, tables
 from featcache.store.cache import Cache
 from featcache.store.spec import ViewSpec
@@ -63,6 +63,7 @@ class Plan:
 def prepare(config: ExtractConfig) -> Plan:
     """Manifest, teacher specs, views and the list of work for ``config`` (driver side)."""
     config = config.checked()
+    check_inputs(config)  # before the teachers: describing them may fetch configs from the HF hub
     specs = [describe_teacher(t.family, t.source, t.revision, name=t.name) for t in config.teachers]
     note = ensure_manifest(config)  # after the teachers: a bad teacher fails before any indexing
     cache = Cache.open(config.output)
@@ -138,6 +139,23 @@ def _same_data(old: ViewSpec, new: ViewSpec) -> bool:
     return strip(old) == strip(new)
 
 
+def check_inputs(config: ExtractConfig) -> None:
+    """Refuse an unusable output or source with one line before any teacher is described or image read:
+    an object store that cannot be reached or written, no manifest and no source, a missing source."""
+    check_reachable(config.output, write=True)
+    if not config.source:
+        if not locate(config.output).join(tables.MANIFEST).exists():
+            raise UsageError(_no_source(config.output))
+        return
+    check_reachable(config.source)
+    if not any(c in config.source for c in "*?[") and not locate(config.source).exists():
+        raise SourceNotFoundError(f"no such source: {config.source}")
+
+
+def _no_source(output: str) -> str:
+    return f"{locate(output).uri} has no manifest and no source was given: give 'source' or --source"
+
+
 def ensure_manifest(config: ExtractConfig) -> str:
     """Give the output root a manifest; returns a line saying where it came from."""
     out = locate(config.output)
@@ -157,7 +175,7 @@ def ensure_manifest(config: ExtractConfig) -> str:
     if out.join(tables.MANIFEST).exists():
         return f"using the existing manifest of {out.uri} (delete it to re-index)"
     if not config.source:
-        raise UsageError(f"{out.uri} has no manifest and no source was given: give 'source' or --source")
+        raise UsageError(_no_source(config.output))
     from featcache.manifest import index
 
     result = index(config.source, config.output)
