@@ -16,6 +16,7 @@ import typer
 
 import featcache
 from featcache.errors import FeatcacheError, UsageError
+from featcache.log import configure_cli
 from featcache.fsio import check_reachable
 from featcache.retry import storage_error
 
@@ -54,8 +55,14 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
-                                                 help="Print the version and exit.")) -> None:
+                                                 help="Print the version and exit."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr "
+                                                                  "(no progress, no log lines)."),
+          verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug messages too.")) -> None:
     """featcache: extract, store and reuse teacher features."""
+    if quiet and verbose:
+        raise typer.BadParameter("--quiet and --verbose exclude each other")
+    configure_cli(quiet=quiet, verbose=verbose)
 
 
 @app.command("index")

@@ -25,7 +25,6 @@ import dataclasses
 import os
 import re
 import socket
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from featcache.extract.finalize import failed_images, rebuild_errors, write_run_
 from featcache.extract.plan import Plan, prepare
 from featcache.extract.progress import Progress, plural
 from featcache.retry import describe, is_transient, storage_error, storage_errors
+from featcache.log import LogStream
 from featcache.pipelines.ray_session import ray_session
 
 
@@ -69,7 +69,7 @@ def run(config: ExtractConfig, stream=None) -> ExtractResult:
     commits whole or not at all), the run record is written, and a one-line error is raised: a
     StorageError, or a ShardFailedError (an unexpected error's traceback is in the run record).
     """
-    stream = stream or sys.stderr
+    stream = stream or LogStream()
     t0 = time.perf_counter()
     with storage_errors(f"creating the views in {config.output}"):
         plan = prepare(config)

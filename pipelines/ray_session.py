@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from contextlib import contextmanager
 
 from featcache.errors import UsageError
+from featcache.log import LogStream
 
 
 @contextmanager
@@ -23,7 +23,7 @@ def ray_session(address: str | None = None, stream=None):
         yield
         return
     address, note = resolve_address(address)
-    print(note, file=stream or sys.stderr, flush=True)
+    print(note, file=stream or LogStream(), flush=True)
     with _token_auth(embedded=address is None):
         try:
             ray.init(**_init_options(address))

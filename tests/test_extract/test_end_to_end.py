@@ -236,3 +236,28 @@ def test_a_damaged_commit_marker_is_reported_and_repaired(extracted, job_teacher
     assert main([*argv, "--repair"]) == 0 and featcache.verify(str(root)).ok
     a, b = stored(out, "dinov3@64"), stored(root, "dinov3@64")
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_quiet_verbose_and_library_logging(extracted, job_teachers, capsys):
+    """The CLI shows featcache's log lines on stderr, none with --quiet; the library logs through the
+    ``featcache`` logger and prints nothing itself."""
+    import logging
+
+    out, _, _ = extracted
+    argv = ["extract", "--out", str(out), "--no-stats",
+            "--teacher", f"family=dinov3,source={job_teachers['dinov3']},resolutions=64+96,codec=f32"]
+    assert main(["--quiet", *argv]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(argv) == 0
+    assert "resuming: 3 of 3 shards already committed in every view" in capsys.readouterr().err
+    logger = logging.getLogger("featcache")
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        run(three_family_job(out, out, job_teachers, stats=False))  # no stream: the logger, not stderr
+    finally:
+        logger.removeHandler(handler)
+    assert any(r.startswith("resuming: 3 of 3 shards") for r in records), records

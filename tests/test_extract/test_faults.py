@@ -39,12 +39,14 @@ def baseline(tmp_path_factory, photos_dir, job_teachers):
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    """Every object of features.zarr; from a view's metadata, the time the view was created is left out."""
+    """Every object of features.zarr; from the metadata, the time each view was created is left out
+    (and the root's consolidated copy of the views' metadata, which holds those times too)."""
     base = root / "features.zarr"
     tree = {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()}
     for key in [k for k in tree if k.endswith("zarr.json")]:
         meta = json.loads(tree[key])
         meta.get("attributes", {}).get("featcache", {}).pop("created", None)
+        meta.pop("consolidated_metadata", None)
         tree[key] = json.dumps(meta, sort_keys=True).encode()
     return tree
 
