@@ -37,7 +37,7 @@ from featcache.extract.plan import Plan, prepare
 from featcache.extract.progress import Progress, plural
 from featcache.retry import describe, is_transient, storage_error, storage_errors
 from featcache.log import LogStream
-from featcache.pipelines.ray_session import ray_session
+from featcache.pipelines.ray_session import ray_session, resolve_address
 
 
 @dataclass
@@ -116,7 +116,8 @@ def _record(plan: Plan, outcome: "Outcome", seconds: float, failed_images: int) 
     config, records = plan.config, outcome.records
     images = sum(r["images"] for r in records)
     return {
-        "config": config.to_dict(), "views": [v.key for v in plan.views],
+        "config": {**config.to_dict(), "ray_address": resolve_address(config.ray_address)[0]},
+        "views": [v.key for v in plan.views],
         "teachers": [t.to_dict() for t in plan.teachers],
         "shards": {"total": plan.num_shards, "skipped": plan.done_shards, "processed": len(records),
                    "failed": {str(k): v for k, v in outcome.failed.items()}},
@@ -359,10 +360,10 @@ class Scheduler:
         """Process the plan's shards; a non-transient error stops the job once the shards in flight end."""
         view = self.plan.cache.view(self.plan.views[0].key)
         total = sum(stop - start for start, stop in map(view.shard_range, self.queue))
-        progress = Progress(total, self.stream, self.config.progress_interval)
         self.slots = self._start()
         self._calibrate(self.slots)
-        self._submit_idle()
+        progress = Progress(total, self.stream, self.config.progress_interval)  # rate and ETA of the work,
+        self._submit_idle()                                                      # not of Ray's start-up
         while any(s.ref is not None for s in self.slots) or (self.queue and self.stopped is None):
             busy = {s.ref: s for s in self.slots if s.ref is not None}
             if not busy:  # only shards waiting out a back-off

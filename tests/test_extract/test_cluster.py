@@ -5,6 +5,7 @@ with ``RAY_ADDRESS`` in the environment (as ``ray job submit`` sets it) it joins
 from __future__ import annotations
 
 import io
+import json
 import os
 import secrets
 import signal
@@ -119,3 +120,5 @@ def test_ray_address_in_the_environment_joins_that_cluster(two_node_cluster, tmp
     view = cache.view(next(iter(cache.views)))
     nodes = {view.commit_record(s).info["node"] for s in range(5)}
     assert len(nodes) == 2  # the cluster's two nodes wrote the shards, not an embedded one-node Ray
+    (record,) = (out / "runs").glob("*.json")
+    assert json.loads(record.read_text())["config"]["ray_address"] == address  # the cluster it joined
