@@ -247,13 +247,17 @@ def stats_cmd(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="'auto' or ray://host:port "
                                                                           "[$RAY_ADDRESS if set, else "
                                                                           "embedded local Ray]."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
 ) -> None:
     """PHI-S (mean, rotation, eigenvalues, alpha) and summary dispersion of each view, from the cache."""
     from featcache.pipelines import stats  # the Ray job; the library below it does not import pipelines
 
     rows = stats.run(root, views, token_budget=token_budget, seed=seed, recompute=recompute,
                      ray_address=ray_address)
-    typer.echo(stats.table(rows))
+    if as_json:
+        typer.echo(json.dumps({"views": stats.json_rows(root, rows)}, indent=1, sort_keys=True))
+    else:
+        typer.echo(stats.table(rows))
 
 
 @app.command("viz")

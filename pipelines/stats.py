@@ -108,6 +108,18 @@ def _ray_map(fn, calls: list[tuple]) -> list:
     return ray.get([task.remote(*args) for args in calls])
 
 
+def json_rows(root: str, rows: list[StatsRow]) -> list[dict]:
+    """The rows for ``stats --json`` (DESIGN.md §7): key, channels, tokens, alpha, dispersion, and the
+    Hadamard construction the view's statistics used (from its attrs; None without statistics)."""
+    cache = Cache.open(root)
+    out = []
+    for r in rows:
+        attrs = cache.view(r.key).stats or {}
+        out.append({"key": r.key, "channels": r.channels, "tokens": r.tokens, "alpha": r.alpha,
+                    "dispersion": r.dispersion, "hadamard": attrs.get("hadamard"), "note": r.note})
+    return out
+
+
 def table(rows: list[StatsRow]) -> str:
     """The rows in the shape of Table 3 of the C-RADIOv4 report."""
     lines = [f"{'view':28s} {'channels':>8s} {'tokens':>10s} {'alpha':>9s} {'summary dispersion':>19s}  note"]

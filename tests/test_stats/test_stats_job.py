@@ -153,3 +153,17 @@ def test_reader_returns_phis_space_on_request(cache_root, tmp_path):
     assert window.shape == (2, 3, 24) and np.abs(window - expected).max() < 1e-4
     with pytest.raises(featcache.errors.UsageError, match="space 'pca' is not one of raw, phis, stored"):
         view.reader().read(0, space="pca")
+
+
+def test_stats_json_carries_the_values_in_the_attrs(cache_root, tmp_path, capsys):
+    """``stats --json``: one JSON object on stdout with DESIGN.md §7's keys, equal to what the view's attrs hold."""
+    import json
+
+    root = _copy(cache_root, tmp_path / "c")
+    assert main(["stats", root, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    attrs = featcache.open_cache(root).view("dinov3@224").stats
+    (row,) = got["views"]
+    assert row["key"] == "dinov3@224" and row["channels"] == 24 and row["tokens"] == attrs["tokens"] == (N - 2) * 24
+    assert row["alpha"] == attrs["alpha"] and row["dispersion"] == attrs["dispersion"]
+    assert row["hadamard"] == attrs["hadamard"] and row["hadamard"] is not None
