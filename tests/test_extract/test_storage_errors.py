@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import io
 import json
-import pickle
 import re
 import shutil
 import subprocess
@@ -131,7 +130,8 @@ def test_a_storage_error_names_the_path_and_what_to_do():
     e = storage_error(OSError(errno.ENOSPC, "No space left on device"), "writing /x/features.zarr/v")
     assert isinstance(e, StorageError) and isinstance(e, OSError) and e.errno == errno.ENOSPC and e.exit_code == 1
     assert str(e) == "no space left on device writing /x/features.zarr/v: free space and rerun"
-    again = pickle.loads(pickle.dumps(e))  # as it crosses from a Ray worker to the driver
+    rebuild, args = e.__reduce__()  # what Ray's serializer calls when the error crosses to the driver
+    again = rebuild(*args)
     assert type(again) is StorageError and str(again) == str(e) and again.errno == errno.ENOSPC
     assert storage_error(ConnectionResetError(), "writing /x") is None
     assert storage_error(RuntimeError("bug"), "writing /x") is None
