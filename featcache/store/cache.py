@@ -69,6 +69,12 @@ class Cache:
     def manifest(self) -> pa.Table:
         return tables.read_manifest(self.root)
 
+    @cached_property
+    def row_hashes(self) -> np.ndarray:
+        """The fingerprint's row hashes of the cache's manifest, computed once per Cache (a second per
+        million rows: every view creation and check would otherwise hash the manifest again)."""
+        return fingerprint.row_hashes(self.manifest)
+
     @property
     def num_images(self) -> int:
         return self.manifest.num_rows
@@ -146,8 +152,8 @@ class Cache:
         recorded = self.attrs().get("manifest")
         if recorded is None:  # no features yet, or a cache written before fingerprints
             return None
+        hashes = self.row_hashes if manifest is None else fingerprint.row_hashes(manifest)
         manifest = self.manifest if manifest is None else manifest
-        hashes = fingerprint.row_hashes(manifest)
         if fingerprint.digest(hashes) == recorded["sha256"]:
             return None
         try:
@@ -209,7 +215,7 @@ class Cache:
 
     def _create_root(self, shard_size: int) -> None:
         """Write ``features.zarr/zarr.json`` unless another process did first, then the row hashes."""
-        hashes = fingerprint.row_hashes(self.manifest)
+        hashes = self.row_hashes
         attrs = {"format": FORMAT_VERSION, "num_images": self.num_images, "shard_size": shard_size,
                  "manifest": {"sha256": fingerprint.digest(hashes), "rows": len(hashes)},
                  "created_with": versions()}
@@ -219,7 +225,7 @@ class Cache:
 
     def record_manifest(self) -> None:
         """Record the fingerprint of the current manifest in a cache created before fingerprints (driver only)."""
-        hashes = fingerprint.row_hashes(self.manifest)
+        hashes = self.row_hashes
         write_small_array(self.features, fingerprint.ARRAY, hashes, ("image",))
         root = open_root(self.features, mode="a")
         attrs = dict(root.attrs["featcache"])
