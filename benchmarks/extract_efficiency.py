@@ -47,7 +47,7 @@ def make_photos(folder: Path, n: int) -> list[Path]:
 def bare_forward(model_dir: str, paths: list[Path], batch: int, threads: int) -> float:
     """images/s of the transformers model alone on pre-made views."""
     from featcache.decode import decode
-    from featcache.geometry import make_views
+    from featcache.teachers.views import make_views
     from featcache.teachers import create_teacher
 
     torch.set_num_threads(threads)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from featcache.decode import DEFAULT_MAX_PIXELS
 from featcache.errors import UsageError
-from featcache.geometry import POLICIES
+from featcache.teachers.views import POLICIES
 from featcache.store.codec import CODECS
 
 DEVICES = ("auto", "cpu", "cuda")

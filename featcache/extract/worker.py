@@ -23,7 +23,7 @@ from featcache.decode import decode
 from featcache.errors import FeatcacheError, ImageError, UsageError
 from featcache.extract.plan import ViewTask
 from featcache.fsio import locate
-from featcache.geometry import make_views
+from featcache.teachers.views import make_views
 from featcache.manifest import CHANGED, changed_since_indexing
 from featcache.retry import storage_errors
 from featcache.stats.calibrate import Calibration

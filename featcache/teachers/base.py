@@ -2,7 +2,7 @@
 
 A teacher wraps a transformers vision model and returns a fixed structure, ``summary (B, Cs)``
 and ``dense (B, h, w, C)``, both float32, from a batch of normalized views (see
-:mod:`featcache.geometry`). On CUDA the forward runs under bf16 autocast and a batch that runs out
+:mod:`featcache.teachers.views`). On CUDA the forward runs under bf16 autocast and a batch that runs out
 of memory is split in halves until it fits; on CPU it runs in float32.
 """
 

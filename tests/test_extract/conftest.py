@@ -12,7 +12,7 @@ import zarr
 from featcache.decode import decode
 from featcache.errors import ImageError
 from featcache.extract.config import from_dict
-from featcache.geometry import make_views
+from featcache.teachers.views import make_views
 from featcache.store.cache import Cache
 from featcache.teachers import TeacherSpec, create_teacher
 from tests.support.images import photo

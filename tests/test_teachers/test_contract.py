@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from featcache.geometry import make_views
+from featcache.teachers.views import make_views
 from featcache.store import ViewSpec
 from featcache.teachers import TeacherSpec, families
 from tests.support.images import photo

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from featcache.errors import TeacherLoadError, UsageError
-from featcache.geometry import make_views
+from featcache.teachers.views import make_views
 from featcache.teachers import create_teacher
 from tests.support.teachers import VIT_PREPROCESSOR, save_dinov3, save_sam3_video_layout, save_siglip, save_vit
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from featcache.errors import UsageError
-from featcache.geometry import make_views, view_box
+from featcache.teachers.views import make_views, view_box
 from featcache.teachers import create_teacher
 from tests.support.teachers import save_patch_local
 from tests.test_teachers.test_contract import _photos

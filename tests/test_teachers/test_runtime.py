@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from featcache.geometry import make_views
+from featcache.teachers.views import make_views
 from featcache.teachers import create_teacher
 from featcache.teachers.base import TeacherOutput, run_in_batches
 from tests.test_teachers.test_contract import _photos

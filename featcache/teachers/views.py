@@ -1,4 +1,4 @@
-"""Teacher views: which box of the source image a teacher sees, and the tensor it gets (DESIGN.md §3).
+"""Teacher inputs: which box of the source image a teacher sees, and the tensor it gets (DESIGN.md §3).
 
 Everything is in source-image pixel coordinates. A view is "crop box b = (x0, y0, x1, y1) from the
 image and resize it to the teacher's input size"; the resize and normalization constants come from
