@@ -51,8 +51,9 @@ class ExtractResult:
     images: int = 0
     failed_images: int = 0
     reasons: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    images_per_second: float = 0.0
+    seconds: float = 0.0  # the whole job: Ray's start-up, teachers loading, statistics
+    processing_seconds: float = 0.0  # shards only, as the progress bar times them
+    images_per_second: float = 0.0  # images / processing_seconds: the bar's final rate
     record: str = ""
     damaged: list[str] = field(default_factory=list)  # commit markers that could not be read
 
@@ -92,8 +93,8 @@ def run(config: ExtractConfig, stream=None) -> ExtractResult:
     result = ExtractResult(
         root=plan.cache.root.uri, views=keys, shards=plan.num_shards, skipped=plan.done_shards,
         processed=len(outcome.records), failed_shards=outcome.failed, images=images, failed_images=n_failed,
-        reasons=reasons, seconds=seconds, images_per_second=images / seconds if seconds else 0.0,
-        damaged=damaged)
+        reasons=reasons, seconds=seconds, processing_seconds=outcome.seconds,
+        images_per_second=images / outcome.seconds if outcome.seconds else 0.0, damaged=damaged)
     result.record = write_run_record(plan.cache, {**_record(plan, outcome, seconds, n_failed),
                                                   "exit_code": result.exit_code})
     return result
@@ -122,8 +123,10 @@ def _record(plan: Plan, outcome: "Outcome", seconds: float, failed_images: int) 
         "shards": {"total": plan.num_shards, "skipped": plan.done_shards, "processed": len(records),
                    "failed": {str(k): v for k, v in outcome.failed.items()}},
         "images": {"processed": images, "failed": failed_images},
-        "seconds": {"wall": round(seconds, 3), "worker_busy": round(sum(r["seconds"]["total"] for r in records), 3)},
-        "images_per_second": round(images / seconds if seconds else 0.0, 3), "workers": outcome.workers,
+        "seconds": {"wall": round(seconds, 3), "processing": round(outcome.seconds, 3),
+                    "worker_busy": round(sum(r["seconds"]["total"] for r in records), 3)},
+        "images_per_second": round(images / outcome.seconds if outcome.seconds else 0.0, 3),
+        "workers": outcome.workers,
         "shard_records": sorted(records, key=lambda r: r["shard"]),
         "stats": [dataclasses.asdict(r) for r in outcome.stats] if config.stats else "off"}
 
@@ -177,7 +180,7 @@ def _stats(config: ExtractConfig, keys: list[str], stream) -> list:
 def _actor_class():
     import ray
 
-    @ray.remote(max_restarts=0, max_task_retries=0)
+    @ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=2)  # progress() answers while process() runs
     class ExtractActor:
         """One worker: a ShardWorker in its own process, teachers loaded once."""
 
@@ -209,6 +212,9 @@ def _actor_class():
 
         def calibrate(self, key: str, rows: list[int], seed: int) -> dict:
             return self.worker.calibrate(key, rows, seed)
+
+        def progress(self) -> dict:
+            return self.worker.progress() if self.worker is not None else {"shard": None, "images": 0}
 
     return ExtractActor
 
@@ -243,6 +249,7 @@ class Outcome:
     workers: dict[str, dict] = field(default_factory=dict)
     stats: list = field(default_factory=list)
     stopped: Stopped | None = None
+    seconds: float = 0.0  # from the first shard submitted to the last one collected: what the progress bar times
 
 
 @dataclass
@@ -364,25 +371,47 @@ class Scheduler:
         self._calibrate(self.slots)
         progress = Progress(total, self.stream, self.config.progress_interval)  # rate and ETA of the work,
         self._submit_idle()                                                      # not of Ray's start-up
+        polls: dict = {}
         while any(s.ref is not None for s in self.slots) or (self.queue and self.stopped is None):
             busy = {s.ref: s for s in self.slots if s.ref is not None}
             if not busy:  # only shards waiting out a back-off
                 time.sleep(0.2)
             else:
                 done, _ = self.ray.wait(list(busy), num_returns=1, timeout=0.5)
-                progress.tick()
+                self._poll(polls, progress)
                 for ref in done:
                     self._collect(busy[ref], progress)
+                progress.tick()
             self._submit_idle()
         progress.close()
+        self.seconds = progress.elapsed
         if self.stopped is not None:
             self.stopped.not_started = sorted(self.queue)
-        return Outcome(self.records, self.failed, self.worker_summary, stopped=self.stopped)
+        return Outcome(self.records, self.failed, self.worker_summary, stopped=self.stopped, seconds=self.seconds)
+
+    def _poll(self, polls: dict, progress: Progress) -> None:
+        """Per-batch progress: take the answers of the busy workers' ``progress()`` calls that
+        arrived, then ask again those without a call pending (a dead worker's answer is dropped)."""
+        if polls:
+            ready, _ = self.ray.wait(list(polls), num_returns=len(polls), timeout=0)
+            for ref in ready:
+                polls.pop(ref)
+                try:
+                    answer = self.ray.get(ref)
+                except self.ray.exceptions.RayError:
+                    continue
+                if answer["shard"] is not None and any(s.shard == answer["shard"] for s in self.slots):
+                    progress.partial(answer["shard"], answer["images"])
+        asked = set(polls.values())
+        for slot in self.slots:
+            if slot.ref is not None and id(slot) not in asked:
+                polls[slot.actor.progress.remote()] = id(slot)
 
     def _collect(self, slot: _Slot, progress: Progress) -> None:
         """Take the result of ``slot``'s shard: its record, a retry, or the error that stops the job."""
         ray, shard, ref = self.ray, slot.shard, slot.ref
         slot.shard = slot.ref = None
+        progress.forget(shard)
         try:
             record = ray.get(ref)
         except ray.exceptions.RayActorError as e:
@@ -391,7 +420,7 @@ class Scheduler:
             self._failed(shard, e)
         else:
             self.records.append(record)
-            progress.add(record["images"], record["failed"])
+            progress.add(record["images"], record["failed"], shard)
 
     def _lost(self, slot: _Slot, shard: int, e: BaseException) -> None:
         """A dead worker (killed, out of memory, node lost) is transient: retry its shard elsewhere, replace it."""

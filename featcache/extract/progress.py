@@ -14,21 +14,43 @@ def plural(n: int, word: str, many: str | None = None) -> str:
 
 
 class Progress:
+    """Images done of ``total_images``: whole shards (:meth:`add`) plus the images of shards still
+    in flight (:meth:`partial`, updated per batch); the rate counts from this object's creation."""
+
     def __init__(self, total_images: int, stream=None, interval: float = 10.0):
-        self.total, self.done, self.failed = total_images, 0, 0
+        self.total, self.finished, self.failed = total_images, 0, 0
+        self.in_flight: dict[int, int] = {}
         self.stream = stream or sys.stderr
         self.live = bool(getattr(self.stream, "isatty", lambda: False)())
         self.interval = interval
         self.t0 = self._last = time.monotonic()
 
-    def add(self, images: int, failed: int) -> None:
-        self.done += images
+    def add(self, images: int, failed: int, shard: int | None = None) -> None:
+        """Shard ``shard`` ended: its ``images`` count as done (no longer in flight)."""
+        self.in_flight.pop(shard, None)
+        self.finished += images
         self.failed += failed
         self.tick()
 
+    def partial(self, shard: int, images: int) -> None:
+        """``images`` of ``shard`` (still running) are done so far."""
+        self.in_flight[shard] = images
+
+    def forget(self, shard: int) -> None:
+        """``shard`` stopped without a result (it will be retried or is lost): its images are not done."""
+        self.in_flight.pop(shard, None)
+
+    @property
+    def done(self) -> int:
+        return self.finished + sum(self.in_flight.values())
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
     @property
     def rate(self) -> float:
-        elapsed = time.monotonic() - self.t0
+        elapsed = self.elapsed
         return self.done / elapsed if elapsed > 0 else 0.0
 
     def line(self) -> str:

@@ -59,6 +59,13 @@ class ShardWorker:
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="prefetch")  # never waits on itself
         self._prefetched: dict[int, Future] = {}
         self._codecs: dict[str, Int8Phis] = {}
+        self._progress = {"shard": None, "units": 0, "views": 1}
+
+    def progress(self) -> dict:
+        """The shard being processed and how many of its images are done (read from another
+        thread while :meth:`process` runs: the driver's progress bar moves per batch)."""
+        p = dict(self._progress)
+        return {"shard": p["shard"], "images": p["units"] // max(1, p["views"])}
 
     def _load(self, expected: TeacherSpec):
         teacher = create_teacher(expected.family, expected.source, expected.revision, device=str(self.device),
@@ -122,6 +129,7 @@ class ShardWorker:
         failed = {start + j: f"decode: {im.reason}" for j, im in enumerate(images) if isinstance(im, ImageError)}
         good = [j for j, im in enumerate(images) if not isinstance(im, ImageError)]
         wanted = set(views) if views is not None else {v.key for v in self.views}
+        self._progress = {"shard": shard, "units": len(failed) * len(wanted), "views": len(wanted)}
         compute = write = 0.0
         for task in (v for v in self.views if v.key in wanted):
             t1 = time.perf_counter()
@@ -170,6 +178,7 @@ class ShardWorker:
             for r, ok in zip(rows, finite):
                 if not ok:
                     errors[start + r] = "teacher: non-finite features"
+            self._progress["units"] += len(rows)
         return dense, summary, box, errors
 
     def _codec(self, key: str) -> Int8Phis:

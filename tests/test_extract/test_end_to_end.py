@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import re
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -32,6 +34,8 @@ def test_job_completes_and_verifies(extracted):
     out, result, log = extracted
     assert result.exit_code == 0 and result.failed_images == 0 and not result.failed_shards
     assert result.views == VIEWS and result.shards == 3 and result.processed == 3 and result.images == 10
+    assert 0 < result.processing_seconds < result.seconds  # the bar's time excludes Ray's start and the stats
+    assert result.images_per_second == pytest.approx(10 / result.processing_seconds)
     assert "using the manifest of" in log
     said = [log.index(text) for text in ("starting Ray", "loading teachers on 1 worker…",
                                          "1 worker (cpu, ", "10/10 images")]
@@ -73,9 +77,24 @@ def test_plain_shard_worker_without_ray_writes_the_same_bytes(extracted, tmp_pat
     assert sorted(plan.todo) == [0, 1, 2]
     worker = ShardWorker(str(again), [t.to_dict() for t in plan.teachers], [v.to_dict() for v in plan.views],
                          batch_size=3)
+    seen, running = [], threading.Event()
+
+    def watch():  # what the driver's progress() calls see while a shard runs: they move per batch
+        while not running.is_set():
+            seen.append(tuple(worker.progress().values()))
+            time.sleep(0.0005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     for shard in plan.todo:
         worker.process(shard, prefetch=shard + 1 if shard + 1 in plan.todo else None)
+    running.set()
+    watcher.join()
     worker.close()
+    assert worker.progress() == {"shard": 2, "images": 2}  # the last shard holds images 8 and 9
+    for shard, size in ((0, 4), (1, 4), (2, 2)):
+        counts = [n for s, n in seen if s == shard]
+        assert counts == sorted(counts) and set(counts) - {0, size}, (shard, sorted(set(counts)))
     for key in VIEWS:
         a, b = stored(out, key), stored(again, key)
         assert all(np.array_equal(a[n], b[n]) for n in a), key
