@@ -18,7 +18,7 @@ def todo(plan) -> tuple[list[str], list[int]]:
         view = plan.cache.view(task.key)
         if view.spec.codec != "int8-phis":
             continue
-        if QUANTIZATION in view.group.attrs["featcache"]:
+        if QUANTIZATION in view.attrs:
             load_int8_phis(view)
         else:
             keys.append(task.key)

@@ -20,6 +20,7 @@ import numpy as np
 from featcache.stats.dispersion import angles
 from featcache.stats.moments import Moments
 from featcache.stats.phis import PhiS
+from featcache.store import attrs as attrs_json
 from featcache.errors import CacheFormatError, UsageError
 from featcache.store.cache import Cache
 from featcache.store.codec import QUANTIZATION, STATS, read_stats_at, stats_digest, stats_path
@@ -190,11 +191,11 @@ def _write_array(group, name: str, value: np.ndarray) -> None:
 
 def _switch_attrs(view_group, summary: dict, digest: str, path: str, names: list[str],
                   quantization: dict | None) -> None:
-    attrs = dict(view_group.attrs["featcache"])
+    attrs = attrs_json.read(view_group.attrs)
     attrs["stats"] = {**summary, "hash": digest, "arrays": names, "path": path}
     if quantization is not None:
         attrs[QUANTIZATION] = {**quantization, "stats_hash": digest}
-    view_group.attrs["featcache"] = attrs
+    attrs_json.write(view_group, attrs)
 
 
 def _remove_other_versions(view, keep: str) -> None:

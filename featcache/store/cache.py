@@ -8,6 +8,7 @@ URLs go through the same code; ``Cache.capabilities`` says what the filesystem o
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from featcache.errors import CacheFormatError, MisalignedWriteError, SourceNotFoundError, UsageError
 from featcache.fsio import Location, locate
+from featcache.store import attrs as attrs_json
 from featcache.store import commits, fingerprint, tables
 from featcache.store.spec import FORMAT_VERSION, ViewSpec, check_view_key
 from featcache.store.zarrio import (ARRAYS, ChecksumStore, array_layouts, as_dtype, open_root, shard_object_keys,
@@ -93,7 +95,7 @@ class Cache:
             return {}
         except ValueError as e:
             raise CacheFormatError(f"{loc.uri} is not valid JSON ({e}): the cache's root metadata is damaged") from None
-        return dict(meta.get("attributes", {}).get("featcache", {}))
+        return attrs_json.read(meta.get("attributes", {}))
 
     @property
     def shard_size(self) -> int | None:
@@ -175,7 +177,7 @@ class Cache:
         if spec.key in root:
             return self._existing_view(root, spec)
         shard = self.attrs()["shard_size"]
-        attributes = {"featcache": {"format": FORMAT_VERSION, **spec.to_dict(), "created": time.time()}}
+        attributes = {attrs_json.KEY: attrs_json.encode({"format": FORMAT_VERSION, **spec.to_dict(), "created": time.time()})}
         attributes["coordinates"] = IMAGE_ID  # xarray reads the view's image_id array as its coordinate
         try:
             group = root.create_group(spec.key, attributes=attributes)
@@ -198,7 +200,35 @@ class Cache:
         changed metadata: ``extract``, ``stats``). featcache's own readers ignore it (:func:`open_root`),
         so a job that writes after it never reads stale metadata; the next job's end refreshes it."""
         if self.attrs():  # no features.zarr before the first view
+            self.upgrade_metadata()
             consolidate(self.features)
+
+    def upgrade_metadata(self) -> list[str]:
+        """Bring the metadata of views written by earlier featcache versions to today's (driver only;
+        metadata, never data): the ``featcache`` attrs as a JSON string, each array's dimension
+        names, the ``image_id`` coordinate. Returns what it changed, one entry per object."""
+        changed = []
+        root = open_root(self.features, mode="a")
+        meta = json.loads(self.features.join("zarr.json").read_bytes())
+        if not isinstance(meta.get("attributes", {}).get(attrs_json.KEY), str):
+            attrs_json.write(root, self.attrs())
+            changed.append("features.zarr attrs")
+        for key, view in self.scan_views()[0].items():
+            group = root[key]
+            if not isinstance(group.attrs.get(attrs_json.KEY), str) or "coordinates" not in group.attrs:
+                group.attrs.update({attrs_json.KEY: attrs_json.encode(view.attrs), "coordinates": IMAGE_ID})
+                changed.append(f"{key} attrs")
+            if IMAGE_ID not in group:
+                write_image_ids(group, self.image_ids())
+                changed.append(f"{key}/{IMAGE_ID}")
+            for name, layout in array_layouts(view.spec, self.num_images, view.shard_size).items():
+                loc = view.loc.join(name, "zarr.json")
+                array_meta = json.loads(loc.read_bytes())
+                if array_meta.get("dimension_names") != list(layout["dimension_names"]):
+                    array_meta["dimension_names"] = list(layout["dimension_names"])
+                    loc.write_bytes_atomic(json.dumps(array_meta, indent=2).encode())
+                    changed.append(f"{key}/{name}")
+        return changed
 
     def _init_features(self, shard_size: int | None) -> zarr.Group:
         attrs = self.attrs()
@@ -219,7 +249,7 @@ class Cache:
         attrs = {"format": FORMAT_VERSION, "num_images": self.num_images, "shard_size": shard_size,
                  "manifest": {"sha256": fingerprint.digest(hashes), "rows": len(hashes)},
                  "created_with": versions()}
-        meta = {"attributes": {"featcache": attrs}, "zarr_format": 3, "node_type": "group"}
+        meta = {"attributes": {attrs_json.KEY: attrs_json.encode(attrs)}, "zarr_format": 3, "node_type": "group"}
         self.features.join("zarr.json").write_bytes_if_absent(json.dumps(meta, indent=2).encode())
         write_small_array(self.features, fingerprint.ARRAY, hashes, ("image",))
 
@@ -228,9 +258,9 @@ class Cache:
         hashes = self.row_hashes
         write_small_array(self.features, fingerprint.ARRAY, hashes, ("image",))
         root = open_root(self.features, mode="a")
-        attrs = dict(root.attrs["featcache"])
+        attrs = attrs_json.read(root.attrs)
         attrs["manifest"] = {"sha256": fingerprint.digest(hashes), "rows": len(hashes)}
-        root.attrs["featcache"] = attrs
+        attrs_json.write(root, attrs)
 
     def _existing_view(self, root: zarr.Group, spec: ViewSpec) -> "View":
         view = View(self, spec.key, root[spec.key])
@@ -263,8 +293,15 @@ class View:
         self.key = check_view_key(key)
         self.group = group
         self.loc = cache.features.join(key)
-        self.spec = ViewSpec.from_dict(dict(group.attrs["featcache"]))
-        self.created = float(group.attrs["featcache"].get("created", 0.0))
+        attrs = self.attrs
+        self.spec = ViewSpec.from_dict(attrs)
+        self.created = float(attrs.get("created", 0.0))
+
+    @property
+    def attrs(self) -> dict:
+        """The view's ``featcache`` attribute as this group object holds it (``codec.view_attrs``
+        reads the stored one afresh)."""
+        return attrs_json.read(self.group.attrs)
 
     def __repr__(self) -> str:
         return f"View({self.key!r}, grid={self.spec.grid}, channels={self.spec.channels})"
@@ -283,7 +320,7 @@ class View:
 
     @property
     def stats(self) -> dict | None:
-        return self.group.attrs["featcache"].get("stats")
+        return self.attrs.get("stats")
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         """The image rows [start, stop) of ``shard``."""
@@ -326,13 +363,16 @@ class View:
 
     def _remove_objects(self, group: zarr.Group, shard: int) -> None:
         """Delete what an earlier write of ``shard`` stored: zarr reads an existing shard object's index
-        before writing over it, and a damaged one (what ``--repair`` rewrites) would fail the write."""
+        before writing over it, and a damaged one (what ``--repair`` rewrites) would fail the write.
+        On local disks also the temporary files (``<object>.<hex>.partial``) of a writer killed mid-write."""
         for key in shard_object_keys(group, shard).values():
             loc = self.loc.join(*key.split("/"))
-            try:
-                loc.fs.rm_file(loc.path)
-            except FileNotFoundError:
-                pass  # never written: nothing to remove
+            leftovers = glob.glob(glob.escape(loc.path) + ".*.partial") if self.loc.is_local else []
+            for path in [loc.path, *leftovers]:
+                try:
+                    loc.fs.rm_file(path)
+                except FileNotFoundError:
+                    pass  # never written: nothing to remove
 
     def _aligned(self, start: int, length: int) -> tuple[int, int]:
         s, n = self.shard_size, self.num_images

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from featcache.errors import CacheFormatError, UsageError
+from featcache.store import attrs as attrs_json
 
 #: codec name -> stored dtype of the dense array
 CODECS = {"f16": "float16", "f32": "float32", "int8-phis": "int8"}
@@ -124,7 +125,7 @@ def view_attrs(view) -> dict:
     import zarr
 
     group = zarr.open_group(view.group.store, path=view.group.path, mode="r")
-    return dict(group.attrs["featcache"])
+    return attrs_json.read(group.attrs)
 
 
 def stats_path(digest: str) -> str:

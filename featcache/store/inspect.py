@@ -55,7 +55,7 @@ def _view_summary(view: View) -> dict:
         "shards_total": view.num_shards,
         "images_committed": images_committed,
         "stats": _stats_summary(view),
-        "quantization": view.group.attrs["featcache"].get(QUANTIZATION),
+        "quantization": view.attrs.get(QUANTIZATION),
     }
 
 

@@ -20,6 +20,7 @@ import yaml
 
 import featcache
 from featcache.pipelines.extract import run
+from featcache.store import attrs as attrs_json
 from tests.support.processes import descendants, kill_all, wait_for
 from tests.test_extract.conftest import three_family_job
 
@@ -45,7 +46,9 @@ def _tree(root: Path) -> dict[str, bytes]:
     tree = {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()}
     for key in [k for k in tree if k.endswith("zarr.json")]:
         meta = json.loads(tree[key])
-        meta.get("attributes", {}).get("featcache", {}).pop("created", None)
+        if "featcache" in meta.get("attributes", {}):
+            meta["attributes"]["featcache"] = {k: v for k, v in attrs_json.read(meta["attributes"]).items()
+                                               if k != "created"}
         meta.pop("consolidated_metadata", None)
         tree[key] = json.dumps(meta, sort_keys=True).encode()
     return tree

@@ -20,6 +20,7 @@ from featcache.stats import compute
 from featcache.store.codec import read_stats, stats_digest
 from featcache.pipelines import stats as stats_job
 from featcache.pipelines.extract import run
+from featcache.store import attrs as attrs_json
 from tests.test_extract.conftest import direct, stored
 
 INT8 = ["siglip2@64", "dinov3@64", "dinov3@96", "sam3-mosaic2@56"]
@@ -63,7 +64,7 @@ def test_job_calibrates_then_writes_and_verifies(extracted):
     cache = featcache.open_cache(str(out))
     for key in INT8:
         view = cache.view(key)
-        q, s = view.group.attrs["featcache"]["quantization"], view.stats
+        q, s = view.attrs["quantization"], view.stats
         assert view.group["dense"].dtype == np.int8 and view.group["summary"].dtype == np.float16
         assert q["stats_hash"] == s["hash"] and s["frozen"] and s["source"] == "calibration"
         assert q["calibration"]["images"] == 5 and s["tokens"] == 5 * view.spec.grid[0] * view.spec.grid[1]
@@ -121,11 +122,11 @@ def test_stats_job_keeps_the_calibration_statistics(extracted):
 
 def test_rerun_does_not_calibrate_again(extracted, job_teachers, photos_dir):
     out, _, _ = extracted
-    attrs = {k: featcache.open_cache(str(out)).view(k).group.attrs["featcache"]["quantization"] for k in INT8}
+    attrs = {k: featcache.open_cache(str(out)).view(k).attrs["quantization"] for k in INT8}
     log = io.StringIO()
     result = run(job(out, photos_dir, job_teachers), stream=log)
     assert result.exit_code == 0 and result.processed == 0 and "calibrating" not in log.getvalue()
-    assert {k: featcache.open_cache(str(out)).view(k).group.attrs["featcache"]["quantization"] for k in INT8} == attrs
+    assert {k: featcache.open_cache(str(out)).view(k).attrs["quantization"] for k in INT8} == attrs
 
 
 def test_plain_worker_calibrates_and_writes_the_same_codes(extracted, tmp_path, job_teachers):
@@ -168,14 +169,14 @@ def test_codes_and_commits_name_their_statistics(extracted, tmp_path):
     copy = tmp_path / "renamed"
     shutil.copytree(out, copy)
     view = featcache.open_cache(str(copy)).view("dinov3@96")
-    recorded = view.group.attrs["featcache"]["quantization"]["stats_hash"]
+    recorded = view.attrs["quantization"]["stats_hash"]
     assert all(view.commit_record(k).info["stats_hash"] == recorded for k in range(3))
     marker = copy / "_commits" / "dinov3@96" / "1.json"  # a shard written under other statistics
     marker.write_text(marker.read_text().replace(recorded, "sha256:" + "0" * 64))
     assert [(p.kind, p.shard) for p in featcache.verify(str(copy)).problems] == [("codec", 1)]
-    attrs = dict(view.group.attrs["featcache"])
+    attrs = view.attrs
     attrs["quantization"] = {**attrs["quantization"], "stats_hash": "sha256:" + "1" * 64}
-    zarr.open_group(str(copy / "features.zarr" / "dinov3@96"), mode="r+").attrs["featcache"] = attrs
+    attrs_json.write(zarr.open_group(str(copy / "features.zarr" / "dinov3@96"), mode="r+"), attrs)
     with featcache.open_cache(str(copy)).view("dinov3@96").reader() as reader:
         with pytest.raises(CacheFormatError, match="were written with statistics sha256:1111"):
             reader.read_dense(0, space="phis")

@@ -9,6 +9,7 @@ import zarr
 from featcache.errors import MisalignedWriteError, UsageError
 from featcache.fsio import storage_options
 from featcache.store import Cache, ViewSpec
+from featcache.store import attrs as attrs_json
 from tests.support.caches import make_cache, shard_data, spec, write_all
 
 
@@ -61,9 +62,9 @@ def test_spatial_tiles_move_fewer_bytes(tmp_path):
 def test_attrs_rebuild_the_spec_exactly(cache_root):
     s = spec(tile=(2, 3))
     make_cache(cache_root, n=5, shard_size=2, tile=(2, 3))
-    attrs = dict(_plain_group(cache_root)[s.key].attrs["featcache"])
+    attrs = attrs_json.read(_plain_group(cache_root)[s.key].attrs)
     assert ViewSpec.from_dict(attrs) == s
-    root_attrs = _plain_group(cache_root).attrs["featcache"]
+    root_attrs = attrs_json.read(_plain_group(cache_root).attrs)
     assert root_attrs["num_images"] == 5 and root_attrs["shard_size"] == 2 and root_attrs["manifest"]["rows"] == 5
     # views are discovered from the groups, not from a shared list (which concurrent creators lost)
     assert "views" not in root_attrs and [k for k, _ in _plain_group(cache_root).groups()] == [s.key]

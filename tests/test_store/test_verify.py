@@ -12,6 +12,7 @@ import featcache
 from featcache.cli import main
 from featcache.extract.finalize import rebuild_errors
 from featcache.fsio import locate
+from featcache.store import attrs as attrs_json
 from tests.support.caches import make_cache, shard_data, write_all
 
 
@@ -163,7 +164,7 @@ def test_an_edited_image_count_is_a_problem(healthy):
     root, _ = healthy
     path = os.path.join(root, "features.zarr", "zarr.json")
     meta = json.loads(open(path).read())
-    meta["attributes"]["featcache"]["num_images"] = 12
+    meta["attributes"]["featcache"] = attrs_json.encode({**attrs_json.read(meta["attributes"]), "num_images": 12})
     open(path, "w").write(json.dumps(meta))
     problems = featcache.verify(root).problems
     assert [(p.kind, p.view) for p in problems] == [("metadata", "features.zarr")] and "12 images" in problems[0].message

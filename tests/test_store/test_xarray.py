@@ -124,3 +124,47 @@ def test_featcache_reads_live_metadata_after_consolidation(tmp_path):
     assert fresh.stats["hash"] != old_hash and fresh.stats["shards"] == [2, 3]
     with fresh.reader() as reader:
         np.testing.assert_array_equal(reader.read(5).dense, shard_data(view, 1, seed=3)["dense"][1], strict=True)
+
+
+def test_a_view_round_trips_through_netcdf_with_its_attrs(tmp_path):
+    """``featcache`` attrs are a JSON string: netCDF refuses nested objects (it refused every view)."""
+    import json
+
+    pytest.importorskip("scipy")
+    root = str(tmp_path / "c")
+    view = _cache(root).view(TILED)  # float32: netCDF 3 has no float16 (cast f16 views first)
+    ds = _open(root, TILED)
+    path = tmp_path / "view.nc"
+    ds.to_netcdf(path, engine="scipy")
+    back = xr.open_dataset(path, engine="scipy").load()
+    for name in ds.variables:
+        np.testing.assert_array_equal(back[name].values, ds[name].values.astype(back[name].dtype))
+    assert json.loads(back.attrs["featcache"]) == view.attrs and view.attrs["key"] == TILED
+
+
+def test_views_written_by_earlier_versions_get_today_s_metadata_at_the_next_job_end(tmp_path):
+    """Caches from before: attrs stored as objects, summary dimensions ("image", "channel"), no image_id."""
+    import json
+    import shutil
+
+    root = tmp_path / "c"
+    cache = _cache(str(root), consolidate=False)
+    before = {k: v.reader().read(3).dense.copy() for k, v in cache.views.items()}
+    for meta_path in [root / "features.zarr" / "zarr.json"] + [root / "features.zarr" / k / "zarr.json" for k in before]:
+        meta = json.loads(meta_path.read_text())
+        meta["attributes"] = {"featcache": json.loads(meta["attributes"]["featcache"])}
+        meta_path.write_text(json.dumps(meta))
+    for key in before:
+        shutil.rmtree(root / "features.zarr" / key / "image_id")
+        summary = root / "features.zarr" / key / "summary" / "zarr.json"
+        summary.write_text(summary.read_text().replace('"summary_channel"', '"channel"'))
+    old = Cache.open(str(root))
+    assert old.view(TILED).stats["path"]  # the old form reads as before
+    old.consolidate()  # what extract and stats do at their end
+    assert Cache.open(str(root)).upgrade_metadata() == []  # done once
+    for key, dense in before.items():
+        ds = _open(str(root), key)
+        assert ds["summary"].dims == ("image", "summary_channel") and "image_id" in ds.coords
+        np.testing.assert_array_equal(ds["dense"].values[3], dense)
+    ds = _open(str(root), TILED)
+    ds.to_netcdf(tmp_path / "old.nc", engine="scipy")
