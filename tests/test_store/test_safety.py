@@ -9,7 +9,8 @@ import pytest
 
 import featcache
 from featcache.extract.finalize import rebuild_errors
-from tests.support.caches import make_cache, shard_data
+from featcache.store import attrs as attrs_json
+from tests.support.caches import make_cache, shard_data, write_all
 
 
 def test_all_failed_shard_keeps_every_object_it_records(tmp_path):
@@ -74,7 +75,8 @@ def test_a_cache_from_before_fingerprints_gets_one_on_its_next_write(tmp_path):
     for key in ("b@224", "a@224"):
         cache.create_view(spec(key=key), shard_size=4)
     meta_path = tmp_path / "cache" / "features.zarr" / "zarr.json"
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads(meta_path.read_text())  # as caches were written then: the attrs an object, not a string
+    meta["attributes"]["featcache"] = attrs_json.read(meta["attributes"])
     del meta["attributes"]["featcache"]["manifest"]
     meta["attributes"]["featcache"]["views"] = ["b@224", "a@224"]
     meta_path.write_text(json.dumps(meta))
@@ -82,6 +84,7 @@ def test_a_cache_from_before_fingerprints_gets_one_on_its_next_write(tmp_path):
     for key in ("a@224", "b@224"):  # same creation time: only the legacy list can order them
         path = tmp_path / "cache" / "features.zarr" / key / "zarr.json"
         view_meta = json.loads(path.read_text())
+        view_meta["attributes"]["featcache"] = attrs_json.read(view_meta["attributes"])
         del view_meta["attributes"]["featcache"]["created"]
         path.write_text(json.dumps(view_meta))
     assert list(Cache.open(root).views) == ["b@224", "a@224"]
@@ -91,3 +94,15 @@ def test_a_cache_from_before_fingerprints_gets_one_on_its_next_write(tmp_path):
     tables.write_table(Cache.open(root).root.join(tables.MANIFEST), manifest.slice(0, 5))
     with pytest.raises(featcache.errors.CacheFormatError, match="it has 5 rows, the last 1 of the 6"):
         Cache.open(root).check_manifest()
+
+
+def test_rewriting_a_shard_removes_the_temporary_file_a_killed_writer_left(tmp_path):
+    """zarr writes each local object through ``<object>.<hex>.partial``; a kill -9 mid-write leaves it."""
+    root = str(tmp_path / "cache")
+    _, view = make_cache(root, n=8, shard_size=4)
+    write_all(view)
+    shard_dir = tmp_path / "cache" / "features.zarr" / view.key / "dense" / "c" / "1" / "0" / "0"
+    leftover = shard_dir / "0.9799a903193940d2882bfa4b05e29028.partial"
+    leftover.write_bytes(b"half a shard")
+    view.write_shard(4, **shard_data(view, 1))
+    assert sorted(p.name for p in shard_dir.iterdir()) == ["0"]
