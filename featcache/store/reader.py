@@ -189,6 +189,15 @@ class ViewReader:
         mean, rotation = self._phis()
         return (x.astype(np.float32) - mean) @ rotation.T
 
+    def row(self, name: str, i: int) -> np.ndarray:
+        """Row ``i`` of a small array (``summary``, ``box`` or ``valid``) without reading dense
+        features: one fetch per shard, then lookups (zeros for uncommitted shards)."""
+        if name not in _SMALL:
+            raise UsageError(f"{name!r} is not one of {', '.join(_SMALL)}")
+        if self._shard_of(i) not in self.committed:
+            return np.zeros(self._arrays[name].shape[1:], self._dtypes[name])
+        return self._row(name, i)
+
     @property
     def codec(self) -> Int8Phis:
         """The int8-phis transform (checked against the statistics hash once, on first use)."""
