@@ -1,0 +1,43 @@
+"""Shift-equivariant MESA: match the student to an EMA student that saw another crop (C-RADIOv4, ALGORITHMS.md §4).
+
+    L_mesa(x, x̃) = (1/|Ω|) Σ_{u∈Ω} ( F_{S→S̃}[LN(x)]_u − LN(x̃)_u )²
+
+LN is a layer norm without affine parameters; F_{S→S̃} resamples the student's field onto the EMA
+student's grid with the same footprint-averaged lookup that aligns teacher targets (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from featcache import geometry
+from featcache.errors import UsageError
+
+from .spatial import spatial_mse
+
+
+def mesa_loss(x: Tensor, x_ema: Tensor, maps: Tensor, omega: Tensor) -> Tensor:
+    """MESA loss between student features x (B, h, w, D) and EMA features x_ema (B, h2, w2, D).
+
+    ``maps`` (B, 4) = [sx, tx, sy, ty] takes EMA-grid coordinates to student-grid coordinates, as
+    ``crop_to_crop_map(ema_box, ema_grid, ema_flip, student_box, student_grid, student_flip).as_array()``;
+    ``omega`` (B, h2, w2) marks the EMA cells whose centre lies in the student's crop. Only x gets a
+    gradient: the EMA side is a target.
+    """
+    _check_shapes(x, x_ema, maps)
+    batch, h, w, depth = x.shape
+    student = F.layer_norm(x, (depth,)).permute(0, 3, 1, 2)  # (B, D, h, w): the lookup's window layout
+    target = F.layer_norm(x_ema.detach(), (depth,))
+    extents = torch.tensor([h, w], dtype=torch.long, device=x.device).expand(batch, 2)
+    aligned = geometry.lookup_targets(student, maps, extents, tuple(x_ema.shape[1:3]))
+    return spatial_mse(aligned.permute(0, 2, 3, 1), target, omega)
+
+
+def _check_shapes(x: Tensor, x_ema: Tensor, maps: Tensor) -> None:
+    if x.ndim != 4 or x_ema.ndim != 4 or x.shape[0] != x_ema.shape[0] or x.shape[3] != x_ema.shape[3]:
+        raise UsageError(f"x and x_ema must be (B, h, w, D) and (B, h2, w2, D); got {tuple(x.shape)} "
+                         f"and {tuple(x_ema.shape)}")
+    if maps.shape != (x.shape[0], 4):
+        raise UsageError(f"maps must be (B, 4) = ({x.shape[0]}, 4) [sx, tx, sy, ty]; got {tuple(maps.shape)}")
