@@ -6,6 +6,7 @@ problems in a cache); 2 the arguments or config cannot be used (one line on stde
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from typing import Optional
@@ -219,8 +220,9 @@ def _run_extract(cfg) -> None:
 
     result = run(cfg)
     typer.echo(f"extracted {plural(result.images, 'image')} in {plural(result.processed, 'shard')} "
-               f"({result.skipped} already committed) into {result.root}: {result.seconds:.1f} s, "
-               f"{result.images_per_second:.1f} images/s; run record {result.record}")
+               f"({result.skipped} already committed) into {result.root}: {result.seconds:.1f} s in all, "
+               f"{result.processing_seconds:.1f} s processing at {result.images_per_second:.1f} images/s; "
+               f"run record {result.record}")
     if result.failed_images:
         for reason in result.reasons:
             typer.echo(f"  failed: {reason}", err=True)
@@ -258,6 +260,52 @@ def stats_cmd(
         typer.echo(json.dumps({"views": stats.json_rows(root, rows)}, indent=1, sort_keys=True))
     else:
         typer.echo(stats.table(rows))
+
+
+@app.command("train")
+@user_errors
+def train_cmd(
+    root: Optional[str] = typer.Argument(None, help="Cache root to distil from (not needed with --resume)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Run config (.toml); flags override it."),
+    out: str = typer.Option(..., "--out", "-o", help="Run folder (config, checkpoints, metrics, pictures)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out exactly."),
+    init: Optional[str] = typer.Option(None, "--init", help="Start a new run from the student weights of this "
+                                                             "run folder or checkpoint file."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (optim.steps)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per batch (optim.batch_size)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (optim.lr)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the batches, crops and weights."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu or cuda."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes (data.workers)."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Any config key: --set loss.mesa=0.5 "
+                                                                      "(repeatable; values in TOML syntax)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object when the run ends."),
+) -> None:
+    """Distil a student from the cache's teacher views (no teacher runs); --resume continues a run."""
+    from featcache.train import config as train_config
+    from featcache.train.loop import train
+
+    sets = list(overrides or [])
+    for key, value in (("optim.steps", steps), ("optim.batch_size", batch_size), ("optim.lr", lr),
+                       ("seed", seed), ("device", None if device is None else f'"{device}"'),
+                       ("data.workers", workers)):
+        if value is not None:
+            sets.append(f"{key}={value}")
+    if resume:
+        if config or root or sets or init:
+            raise UsageError("--resume continues the run in --out with its own config: give no ROOT, "
+                             "--config, --init or overrides")
+        cfg = None
+    else:
+        cfg = train_config.load(config, cache=root, overrides=sets)
+    result = train(cfg, out, resume=resume, init=init)
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(result), indent=1, sort_keys=True))
+    else:
+        losses = ", ".join(f"{k.removeprefix('heldout/')} {v:.4f}" for k, v in result.heldout.items())
+        knn = ", ".join(f"{k.removeprefix('knn/')} {v:.3f}" for k, v in result.knn.items())
+        typer.echo(f"trained {result.steps} steps in {result.seconds:.1f} s into {result.run}"
+                   + (f"; held-out: {losses}" if losses else "") + (f"; kNN top-1: {knn}" if knn else ""))
 
 
 @app.command("viz")

@@ -1,0 +1,248 @@
+"""``featcache train`` on a cache of real photos with three tiny teachers: the losses fall on held-out
+images, a run folder as distillation users know it, ``--resume`` after ``kill -9`` reproduces the
+uninterrupted run, ``--init`` starts from weights, the batched lookup equals the reference, and the
+training process never imports a teacher."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from featcache.cli import main
+from featcache.geometry import crop_targets, lookup_targets
+from featcache.train import config, load_student, train
+from featcache.train.data import CacheDataset, collate
+from featcache.train.loop import Trainer
+from tests.support import training
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """
+seed = 3
+log_every = 1
+checkpoint_every = 4
+
+[[teachers]]
+name = "siglip2"
+low = "siglip2@64"
+
+[[teachers]]
+name = "dinov3"
+low = "dinov3@64"
+high = "dinov3@128"
+
+[[teachers]]
+name = "sam3"
+low = "sam3-mosaic2@56"
+spatial = 0.5
+
+[student]
+size = "micro"
+
+[resolution]
+low = [64, 96]
+high = [128]
+high_prob = 0.3
+
+[optim]
+steps = 12
+batch_size = 4
+lr = 2e-3
+warmup = 3
+
+[loss]
+mesa = 0.5
+damp = 0.02
+
+[eval]
+every = 100
+resolution = 64
+"""
+LOSS_KEYS = ("siglip2/spatial", "siglip2/summary", "dinov3/spatial", "dinov3/summary", "sam3/spatial",
+             "sam3/summary", "mesa")
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory) -> str:
+    base = tmp_path_factory.mktemp("train")
+    root = base / "cache"
+    training.build(root, training.photos(base / "photos"), training.teachers(base / "models"))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "train.toml"
+    path.write_text(CONFIG)
+    return path
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(run: Path) -> dict[int, dict]:
+    return {r["step"]: {k: r[k] for k in LOSS_KEYS} for r in _records(run) if "lr" in r}
+
+
+@pytest.fixture(scope="module")
+def long_run(cache_root, config_file, tmp_path_factory):
+    """40 steps with an evaluation at 0 and at the end."""
+    run = tmp_path_factory.mktemp("runs") / "long"
+    cfg = config.load(config_file, cache=cache_root, overrides=["optim.steps=40", "eval.every=40", "log_every=10",
+                                                                "checkpoint_every=40"])
+    return run, train(cfg, run)
+
+
+def test_a_short_run_lowers_every_loss_term_on_held_out_images(long_run):
+    run, result = long_run
+    evals = {r["step"]: r for r in _records(run) if "lr" not in r}
+    assert sorted(evals) == [0, 40]
+    terms = [k for k in evals[0] if k.startswith("heldout/")]
+    assert len(terms) == 6  # spatial and summary of three teachers (MESA is a training term)
+    for k in terms:
+        assert evals[40][k] < evals[0][k], (k, evals[0][k], evals[40][k])
+    assert result.steps == 40 and result.heldout == {k: evals[40][k] for k in terms}
+
+
+def test_the_run_folder_holds_config_checkpoints_metrics_and_pictures(long_run, cache_root):
+    run, _ = long_run
+    saved = config.load(run / "config.toml")  # the resolved config reads back as the run's
+    assert saved.cache == cache_root and saved.optim.steps == 40 and saved.teachers[2].spatial == 0.5
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "best.safetensors", "best.state.safetensors", "last.safetensors", "last.state.safetensors"]
+    train_records = [r for r in _records(run) if "lr" in r]
+    assert [r["step"] for r in train_records] == [10, 20, 30, 40]
+    assert all(r["samples_per_s"] > 0 and r["bytes_read_per_s"] > 0 for r in train_records)
+    pictures = sorted(p.name for p in (run / "pictures").iterdir())
+    assert pictures == [f"step{s:07d}-{t}.png" for s in (0, 40) for t in ("dinov3", "sam3", "siglip2")]
+
+
+def test_load_student_returns_the_trained_module(long_run, cache_root):
+    run, _ = long_run
+    student = load_student(run, which="last")
+    trainer = Trainer(config.load(run / "config.toml"), run)
+    trainer.load("last")
+    trainer.student.eval()
+    pixels = torch.randn(2, 3, 64, 96)
+    a, b = student(pixels), trainer.student(pixels)
+    assert not student.training and a.grid == (4, 6)
+    for name in ("siglip2", "dinov3", "sam3"):
+        assert torch.equal(a.dense[name], b.dense[name]) and torch.equal(a.summary[name], b.summary[name])
+
+
+def test_init_starts_a_new_run_from_the_weights(long_run, cache_root, config_file, tmp_path):
+    run, result = long_run
+    cfg = config.load(config_file, cache=cache_root, overrides=["optim.steps=1", "eval.every=100"])
+    new = tmp_path / "from-init"
+    train(cfg, new, init=str(run))
+    first = next(r for r in _records(new) if r["step"] == 0 and "lr" not in r)
+    # the new run's step-0 evaluation is the old run's last: same weights, same held-out images
+    for k, v in result.heldout.items():
+        assert first[k] == pytest.approx(v, rel=1e-6), k
+
+
+def test_resume_after_kill_9_reproduces_the_uninterrupted_losses(cache_root, config_file, tmp_path):
+    whole = tmp_path / "whole"
+    train(config.load(config_file, cache=cache_root), whole)
+    cli = str(Path(sys.executable).with_name("featcache"))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([cli, "train", cache_root, "--config", str(config_file), "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    state = killed / "checkpoints" / "last.state.safetensors"
+    deadline = time.monotonic() + 240
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-run: at or just after the step-4 checkpoint
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    logged = max(_losses(killed))
+    assert 4 <= logged < 12, logged  # it died mid-run, after the first checkpoint
+    resumed = subprocess.run([cli, "train", "--out", str(killed), "--resume"], capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr and "at step " in resumed.stderr
+    a, b = _losses(whole), _losses(killed)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in a:
+        for k in LOSS_KEYS:
+            assert b[step][k] == pytest.approx(a[step][k], rel=1e-6, abs=1e-9), (step, k)
+
+
+def test_the_batched_lookup_equals_the_reference_on_real_batches(long_run, cache_root):
+    run, _ = long_run
+    trainer = Trainer(config.load(run / "config.toml"), run)
+    for step in (0, 5, 11):  # low and high partitions, flips, aligned and free crops
+        items = trainer.plan.batch(step)
+        samples = [trainer.dataset[item] for item in items]
+        batch = collate(samples)
+        grid = (items[0].resolution // 16,) * 2
+        for t in trainer.targets:
+            key = t.views[items[0].partition]
+            got = lookup_targets(batch[t.name]["window"], batch[t.name]["map"], batch[t.name]["extent"], grid)
+            reader = trainer.dataset.reader(key)
+            for k, s in enumerate(samples):
+                want, omega = crop_targets(reader, s["row"], tuple(s["box"].tolist()), grid, s["flip"], space="phis")
+                np.testing.assert_allclose(got[k].permute(1, 2, 0).numpy(), want, rtol=1e-5, atol=1e-5)
+                assert np.array_equal(batch[t.name]["omega"][k].numpy(), omega)
+
+
+def test_spawned_loader_workers_give_the_same_batches(long_run):
+    """The dataset crosses into worker processes by the DataLoader's own means (spawn: it is
+    serialized), opens its readers there, and gives exactly the batches of the main process."""
+    run, _ = long_run
+    trainer = Trainer(config.load(run / "config.toml"), run)
+    batches = [trainer.plan.batch(s) for s in range(3)]
+    loader = torch.utils.data.DataLoader(trainer.dataset, batch_sampler=batches, num_workers=1, collate_fn=collate,
+                                         multiprocessing_context="spawn")
+    for got, items in zip(loader, batches):
+        want = collate([trainer.dataset[i] for i in items])
+        assert torch.equal(got["image"], want["image"])
+        for t in trainer.targets:
+            assert torch.equal(got[t.name]["window"], want[t.name]["window"])
+            assert torch.equal(got[t.name]["map"], want[t.name]["map"])
+
+
+def test_the_training_process_never_imports_a_teacher(cache_root, config_file, tmp_path):
+    code = (
+        "import sys\n"
+        "from featcache.train import config, train\n"
+        f"train(config.load({str(config_file)!r}, cache={cache_root!r}, overrides=['optim.steps=2']), "
+        f"{str(tmp_path / 'r')!r})\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'transformers' or m.startswith('featcache.teachers'))\n"
+        "assert not bad, bad\n"
+        "print('no teacher')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "no teacher", done.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "optim.warmup_step=5"], "unknown key(s) warmup_step"),
+    (["--set", "teachers=[{name='x', low='nope@64'}]"], "view nope@64 is not in"),
+    (["--set", "resolution.low=[60]"], "resolution 60 is not a multiple of the student's patch 16"),
+])
+def test_bad_configs_are_one_line_errors(cache_root, config_file, tmp_path, capsys, args, message):
+    code = main(["train", cache_root, "--config", str(config_file), "--out", str(tmp_path / "r"), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_a_run_folder_is_never_overwritten_and_resume_takes_no_new_config(cache_root, config_file, tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["train", cache_root, "--config", str(config_file), "--out", str(run), "--steps", "1"]) == 0
+    capsys.readouterr()
+    assert main(["train", cache_root, "--config", str(config_file), "--out", str(run)]) == 2
+    assert "already holds a run: --resume to continue it" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--resume", "--lr", "1"]) == 2
+    assert "give no ROOT, --config, --init or overrides" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "holds no run to resume" in capsys.readouterr().err

@@ -1,0 +1,263 @@
+"""A training run's configuration: TOML in, every key checked, flags on top, the resolved whole out.
+
+A run's ``config.toml`` is the resolved configuration (defaults filled in), so the run can be read
+and repeated without the file it started from. Unknown keys are refused with the section they were
+found in: a misspelt ``warmup_step`` never silently trains with the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from featcache.errors import UsageError
+from featcache.geometry import CropConfig
+
+#: The report's student resolutions (ALGORITHMS.md §6).
+LOW = (128, 192, 224, 256, 384, 432)
+HIGH = (512, 768, 1024, 1152)
+
+
+@dataclass
+class TeacherTarget:
+    """One teacher as the student learns it: the cached view each partition reads, and its weights."""
+
+    name: str
+    low: str  # view key serving the low partition, e.g. "dinov3@224"
+    high: str | None = None  # view key serving the high partition (the low one when unset)
+    spatial: float = 1.0  # weight of the spatial MSE
+    summary: float = 1.0  # weight of the summary angle loss (ignored for views without summaries)
+
+    def view(self, partition: str) -> str:
+        return self.high if partition == "high" and self.high else self.low
+
+
+@dataclass
+class StudentSection:
+    """``featcache.train.student.StudentConfig`` without its heads (those come from the teachers)."""
+
+    size: str = "base"
+    width: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    patch: int = 16
+    registers: int = 4
+    pos_grid: list[int] = field(default_factory=lambda: [32, 32])
+    vitdet_window_size: int | None = None
+    global_blocks: list[int] | None = None
+    drop_path: float = 0.0
+    adaptor_hidden: int | None = None
+
+
+@dataclass
+class Resolutions:
+    low: list[int] = field(default_factory=lambda: list(LOW))
+    high: list[int] = field(default_factory=lambda: list(HIGH))
+    high_prob: float = 0.0  # probability that a batch draws from the high partition
+
+
+@dataclass
+class Losses:
+    mesa: float = 0.0  # MESA weight (0: off, no EMA forward)
+    mesa_start: int = 0  # first step MESA counts
+    ema_decay: float = 0.999
+    damp: float = 0.0  # DAMP σ
+
+
+@dataclass
+class Optim:
+    steps: int = 1000
+    batch_size: int = 32
+    accumulate: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: int = 100
+    min_lr: float = 1e-6
+    clip: float = 1.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class Data:
+    space: str = "phis"  # targets in each view's PHI-S space (ALGORITHMS.md §1)
+    workers: int = 0
+    prefetch: int = 2
+    heldout: float = 0.1  # fraction of rows held out when the manifest has no 'split' column
+    heldout_images: int = 64  # at most this many held-out rows are evaluated
+
+
+@dataclass
+class Evaluation:
+    every: int = 200  # held-out losses (and best.*) every this many steps, and at the end
+    resolution: int = 224
+    knn: bool = False  # kNN top-1 of the student's summaries on the manifest's 'label' column
+    knn_teacher: str | None = None  # which summary head (default: the first teacher with summaries)
+    pictures: bool = True
+
+
+@dataclass
+class TrainConfig:
+    cache: str = ""
+    teachers: list[TeacherTarget] = field(default_factory=list)
+    student: StudentSection = field(default_factory=StudentSection)
+    resolution: Resolutions = field(default_factory=Resolutions)
+    crop: CropConfig = field(default_factory=CropConfig)
+    loss: Losses = field(default_factory=Losses)
+    optim: Optim = field(default_factory=Optim)
+    data: Data = field(default_factory=Data)
+    eval: Evaluation = field(default_factory=Evaluation)
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 10
+    checkpoint_every: int = 100
+
+    def check(self) -> "TrainConfig":
+        if not self.cache:
+            raise UsageError("no cache to train from: give ROOT (or 'cache' in the config)")
+        if not self.teachers:
+            raise UsageError("no teachers: add a [[teachers]] table with name and low (a view key)")
+        names = [t.name for t in self.teachers]
+        if len(set(names)) != len(names):
+            raise UsageError(f"teacher names repeat: {names}")
+        o = self.optim
+        for name in ("steps", "batch_size", "accumulate"):
+            if getattr(o, name) < 1:
+                raise UsageError(f"optim.{name} must be >= 1, not {getattr(o, name)}")
+        if not 0 <= self.resolution.high_prob <= 1:
+            raise UsageError(f"resolution.high_prob must be in [0, 1], not {self.resolution.high_prob}")
+        if not self.resolution.low or (self.resolution.high_prob > 0 and not self.resolution.high):
+            raise UsageError("each partition that can be drawn needs at least one resolution")
+        for r in self.resolution.low + self.resolution.high + [self.eval.resolution]:
+            if r % self.student.patch:
+                raise UsageError(f"resolution {r} is not a multiple of the student's patch {self.student.patch}")
+        if self.data.space not in ("raw", "phis"):
+            raise UsageError(f"data.space must be 'raw' or 'phis', not {self.data.space!r}")
+        if not 0 <= self.data.heldout < 1:
+            raise UsageError(f"data.heldout must be in [0, 1), not {self.data.heldout}")
+        return self
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def to_toml(self) -> str:
+        return _toml(self.to_dict())
+
+
+_SECTIONS = {"student": StudentSection, "resolution": Resolutions, "crop": CropConfig, "loss": Losses,
+             "optim": Optim, "data": Data, "eval": Evaluation}
+
+
+def from_dict(d: dict, where: str = "config") -> TrainConfig:
+    """A checked config from a plain dict (a parsed TOML file, flags applied)."""
+    d = dict(d)
+    top = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(d) - top)
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(top))}")
+    kwargs = {}
+    for name, value in d.items():
+        if name in _SECTIONS:
+            kwargs[name] = _section(_SECTIONS[name], value, f"{where} [{name}]")
+        elif name == "teachers":
+            if not isinstance(value, list):
+                raise UsageError(f"{where}: 'teachers' must be a list of tables ([[teachers]])")
+            kwargs[name] = [_section(TeacherTarget, t, f"{where} [[teachers]] #{k + 1}") for k, t in enumerate(value)]
+        else:
+            kwargs[name] = value
+    try:
+        return TrainConfig(**kwargs).check()
+    except TypeError as e:
+        raise UsageError(f"{where}: {e}") from None
+
+
+def _section(cls, value, where: str):
+    if not isinstance(value, dict):
+        raise UsageError(f"{where} must be a table, not {type(value).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - names)
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in value]
+    if missing:
+        raise UsageError(f"{where}: missing key(s) {', '.join(missing)}")
+    value = {k: tuple(v) if cls is CropConfig and isinstance(v, list) else v for k, v in value.items()}
+    try:
+        return cls(**value)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{where}: {e}") from None
+
+
+def load(path: str | Path | None = None, cache: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """The config of a run: the TOML file at ``path`` (if any), ``cache`` for its root, then each
+    ``section.key=value`` override (values parsed as TOML: ``optim.lr=3e-4``, ``crop.scale=[0.5, 1.0]``)."""
+    d: dict = {}
+    where = str(path) if path else "config"
+    if path is not None:
+        try:
+            d = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise UsageError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise UsageError(f"{path} is not valid TOML: {e}") from None
+    if cache is not None:
+        d["cache"] = cache
+    for item in overrides or []:
+        _override(d, item)
+    return from_dict(d, where)
+
+
+def _override(d: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"--set {item!r}: expected section.key=value, e.g. optim.lr=3e-4")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()  # a bare word: a string
+    *path, last = key.strip().split(".")
+    node = d
+    for part in path:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UsageError(f"--set {item!r}: {part} is not a section")
+    node[last] = value
+
+
+def _plain(x):
+    if isinstance(x, tuple):
+        return [_plain(v) for v in x]
+    if isinstance(x, list):
+        return [_plain(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items() if v is not None}
+    return x
+
+
+def _toml(d: dict) -> str:
+    """TOML text of a config dict (scalars, lists, tables, arrays of tables: all a config holds)."""
+    lines = [f"{k} = {_value(v)}" for k, v in d.items() if not isinstance(v, (dict, list)) or
+             (isinstance(v, list) and not (v and isinstance(v[0], dict)))]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"] + [f"{kk} = {_value(vv)}" for kk, vv in v.items()]
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            for item in v:
+                lines += ["", f"[[{k}]]"] + [f"{kk} = {_value(vv)}" for kk, vv in item.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")

@@ -1,0 +1,267 @@
+"""The training data path (DESIGN.md §5): source image + student crop + the teacher windows that crop
+needs + the affine maps, read straight from the cache; resampling happens batched on the device.
+
+A batch is a list of :class:`Item` keys made by :class:`BatchPlan` from (seed, step) alone, so a
+resumed run sees exactly the batches an uninterrupted one would, whatever the number of loader
+workers. :class:`CacheDataset` is picklable and opens its readers lazily in each process (no file
+handle or lock crosses a fork). Only the window of ``dense[i]`` a crop covers is read, with one
+cell of margin (``featcache.geometry.window_for``); a shard's small arrays are fetched once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from featcache import geometry
+from featcache.decode import decode
+from featcache.errors import UsageError
+from featcache.fsio import locate
+from featcache.store.cache import Cache
+
+#: The student's input normalization (ImageNet statistics); :func:`student_input` applies it.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One sample of one step: image ``row`` seen at ``resolution`` from ``partition``'s views;
+    ``seed`` decides its crops (empty: the first teacher's whole view, for evaluation)."""
+
+    row: int
+    resolution: int
+    partition: str
+    seed: tuple[int, ...]
+
+
+class BatchPlan:
+    """The batches of a run, a pure function of (seed, step): rows in a fresh permutation per epoch,
+    one resolution per batch drawn from the low or the high partition (ALGORITHMS.md §6)."""
+
+    def __init__(self, rows: np.ndarray, batch_size: int, seed: int, low: list[int], high: list[int],
+                 high_prob: float):
+        if len(rows) == 0:
+            raise UsageError("no training rows: every image is failed, unwritten or held out")
+        self.rows, self.batch_size, self.seed = np.asarray(rows), batch_size, seed
+        self.low, self.high, self.high_prob = list(low), list(high), high_prob
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def resolution(self, step: int) -> tuple[int, str]:
+        rng = np.random.default_rng([self.seed, step, 1])
+        partition = "high" if self.high and rng.random() < self.high_prob else "low"
+        sizes = self.high if partition == "high" else self.low
+        return int(sizes[rng.integers(len(sizes))]), partition
+
+    def batch(self, step: int) -> list[Item]:
+        res, partition = self.resolution(step)
+        items = []
+        for k in range(self.batch_size):
+            p = step * self.batch_size + k
+            epoch, at = divmod(p, len(self.rows))
+            if self._perm is None or self._perm[0] != epoch:
+                self._perm = (epoch, np.random.default_rng([self.seed, epoch, 0]).permutation(self.rows))
+            items.append(Item(int(self._perm[1][at]), res, partition, (self.seed, step, k)))
+        return items
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Batches of steps ``[start, stop)`` for a DataLoader's ``batch_sampler``."""
+
+    def __init__(self, plan: BatchPlan, start: int, stop: int):
+        self.plan, self.start, self.stop = plan, start, stop
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield self.plan.batch(step)
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+def student_input(image: torch.Tensor, box, size: tuple[int, int], flip: bool = False) -> torch.Tensor:
+    """The student's normalized input ``(3, h, w)``: source box ``box`` (fractional pixels allowed)
+    of a ``(3, H, W)`` uint8 image, resized to ``size``, mirrored when ``flip``.
+
+    Output pixel (i, j) samples the source at the centre of its footprint in the box, so the
+    student grid's cells have exactly the footprints ``featcache.geometry`` assumes. A box much
+    larger than the output is first shrunk with an antialiasing filter."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    h, w = size
+    H, W = image.shape[-2:]
+    X0, Y0 = max(0, math.floor(x0)), max(0, math.floor(y0))
+    X1, Y1 = min(W, math.ceil(x1)), min(H, math.ceil(y1))
+    if X1 <= X0 or Y1 <= Y0:
+        raise UsageError(f"crop {box} lies outside the {W}x{H} image")
+    crop = image[:, Y0:Y1, X0:X1].unsqueeze(0).float().div_(255.0)
+    fx, fy = (x1 - x0) / w, (y1 - y0) / h  # source pixels per output pixel
+    if fx > 2 or fy > 2:
+        shrunk = (max(1, round((Y1 - Y0) / max(fy / 2, 1))), max(1, round((X1 - X0) / max(fx / 2, 1))))
+        crop = F.interpolate(crop, size=shrunk, mode="bilinear", align_corners=False, antialias=True)
+    ch, cw = crop.shape[-2:]
+    sx, sy = cw / (X1 - X0), ch / (Y1 - Y0)
+    xs = (x0 + (torch.arange(w, dtype=torch.float64) + 0.5) * fx - X0) * sx
+    ys = (y0 + (torch.arange(h, dtype=torch.float64) + 0.5) * fy - Y0) * sy
+    gx, gy = (2 * xs / cw - 1).float(), (2 * ys / ch - 1).float()
+    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1).unsqueeze(0)
+    out = F.grid_sample(crop, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+    if flip:
+        out = out.flip(-1)
+    mean = torch.tensor(MEAN).view(3, 1, 1)
+    std = torch.tensor(STD).view(3, 1, 1)
+    return (out - mean) / std
+
+
+class CacheDataset(torch.utils.data.Dataset):
+    """Samples for the student loop, keyed by :class:`Item`.
+
+    ``teachers`` maps a teacher name to ``{partition: view key}``; ``crop`` is a
+    :class:`featcache.geometry.CropConfig`; with ``mesa`` each sample carries a second crop of the
+    same image for the EMA student and the map between the two grids.
+    """
+
+    def __init__(self, root: str, teachers: dict[str, dict[str, str]], patch: int, crop: geometry.CropConfig,
+                 space: str = "phis", mesa: bool = False, max_pixels: int = 2 * 89_478_485):
+        self.root, self.teachers, self.patch, self.crop = root, teachers, patch, crop
+        self.space, self.mesa, self.max_pixels = space, mesa, max_pixels
+        cache = Cache.open(root)
+        self.uris = cache.manifest.column("uri").to_pylist()
+        self.num_images = len(self.uris)
+        self._pid: int | None = None
+        self._readers: dict = {}
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_readers"], state["_pid"] = {}, None
+        return state
+
+    def reader(self, key: str):
+        """The view reader of ``key`` for this process, opened on first use."""
+        if self._pid != os.getpid():
+            self._readers, self._pid = {}, os.getpid()
+        if key not in self._readers:
+            self._readers[key] = Cache.open(self.root).view(key).reader()
+        return self._readers[key]
+
+    def image(self, row: int) -> torch.Tensor:
+        uri = self.uris[row]
+        return decode(locate(uri).read_bytes(), uri, self.max_pixels)
+
+    def __getitem__(self, item: Item) -> dict:
+        image = self.image(item.row)
+        W, H = image.shape[-1], image.shape[-2]
+        grid = (item.resolution // self.patch,) * 2
+        rng = np.random.default_rng(list(item.seed))
+        first = self.reader(next(iter(self.teachers.values()))[item.partition])
+        if item.seed:
+            crop = geometry.sample_crop(rng, (W, H), _box(first, item.row), first.spec.grid, grid, self.crop)
+        else:  # evaluation: the first teacher's whole view, unflipped
+            crop = geometry.Crop(box=_box(first, item.row), flip=False, aligned=True)
+        sample = {"row": item.row, "image": student_input(image, crop.box, grid_px(grid, self.patch), crop.flip),
+                  "box": torch.tensor(crop.box, dtype=torch.float64), "flip": crop.flip, "bytes": 0}
+        for name, views in self.teachers.items():
+            sample[name] = self.targets(views[item.partition], item.row, crop.box, grid, crop.flip)
+            sample["bytes"] += sample[name].pop("bytes")
+        if self.mesa and item.seed:
+            other = geometry.sample_crop(rng, (W, H), _box(first, item.row), first.spec.grid, grid, self.crop)
+            sample["image2"] = student_input(image, other.box, grid_px(grid, self.patch), other.flip)
+            m = geometry.crop_to_crop_map(other.box, grid, other.flip, crop.box, grid, crop.flip)
+            sample["mesa"] = {"map": torch.from_numpy(m.as_array()),
+                              "omega": torch.from_numpy(geometry.omega(other.box, grid, crop.box, other.flip))}
+        return sample
+
+    def targets(self, key: str, row: int, crop_box, grid: tuple[int, int], flip: bool) -> dict:
+        """One teacher's part of a sample: its window (C, h, w), the map from the student grid
+        into the window, the window's extent, Ω, the raw summary and the bytes read."""
+        reader = self.reader(key)
+        box = _box(reader, row)
+        r0, r1, c0, c1 = geometry.window_for(crop_box, box, reader.spec.grid)
+        window = reader.read_dense(row, (r0, r1, c0, c1), self.space)
+        m = geometry.cell_map(crop_box, grid, box, reader.spec.grid, flip).shifted(r0, c0)
+        out = {"window": torch.from_numpy(np.ascontiguousarray(window, dtype=np.float32)).permute(2, 0, 1),
+               "map": torch.from_numpy(m.as_array()), "extent": torch.tensor([r1 - r0, c1 - c0]),
+               "omega": torch.from_numpy(geometry.omega(crop_box, grid, box, flip)),
+               "bytes": reader.bytes_for((r0, r1, c0, c1))}
+        if reader.spec.summary_channels:
+            out["summary"] = torch.from_numpy(reader.row("summary", row).astype(np.float32))
+        return out
+
+
+def grid_px(grid: tuple[int, int], patch: int) -> tuple[int, int]:
+    return grid[0] * patch, grid[1] * patch
+
+
+def _box(reader, row: int) -> tuple[float, ...]:
+    if not reader.row("valid", row):
+        raise UsageError(f"{reader.view.key}: image row {row} holds no features (failed or not written yet)")
+    return tuple(float(v) for v in reader.row("box", row))
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack a batch; each teacher's windows are zero-padded to the batch's largest (their real
+    extents travel with them, so the lookup never reads the padding)."""
+    out = {"row": torch.tensor([s["row"] for s in samples]), "image": torch.stack([s["image"] for s in samples]),
+           "box": torch.stack([s["box"] for s in samples]), "flip": torch.tensor([s["flip"] for s in samples]),
+           "bytes": sum(s["bytes"] for s in samples)}
+    for name in [k for k, v in samples[0].items() if isinstance(v, dict) and "window" in v]:
+        parts = [s[name] for s in samples]
+        hmax = max(p["window"].shape[1] for p in parts)
+        wmax = max(p["window"].shape[2] for p in parts)
+        windows = torch.zeros(len(parts), parts[0]["window"].shape[0], hmax, wmax)
+        for k, p in enumerate(parts):
+            windows[k, :, :p["window"].shape[1], :p["window"].shape[2]] = p["window"]
+        out[name] = {"window": windows, "map": torch.stack([p["map"] for p in parts]),
+                     "extent": torch.stack([p["extent"] for p in parts]),
+                     "omega": torch.stack([p["omega"] for p in parts])}
+        if "summary" in parts[0]:
+            out[name]["summary"] = torch.stack([p["summary"] for p in parts])
+    if "image2" in samples[0]:
+        out["image2"] = torch.stack([s["image2"] for s in samples])
+        out["mesa"] = {"map": torch.stack([s["mesa"]["map"] for s in samples]),
+                       "omega": torch.stack([s["mesa"]["omega"] for s in samples])}
+    return out
+
+
+def to_device(batch, device: torch.device, non_blocking: bool = False):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
+    return batch
+
+
+def usable_rows(cache: Cache, keys: list[str]) -> np.ndarray:
+    """Rows whose every view in ``keys`` is committed and valid."""
+    ok = np.ones(cache.num_images, dtype=bool)
+    for key in keys:
+        view = cache.view(key)
+        valid = np.asarray(view.group["valid"][:]).astype(bool)
+        committed = np.zeros(cache.num_images, dtype=bool)
+        for shard in view.committed_shards():
+            start, stop = view.shard_range(shard)
+            committed[start:stop] = True
+        ok &= valid & committed
+    return np.flatnonzero(ok)
+
+
+def split_rows(cache: Cache, rows: np.ndarray, heldout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, held-out rows): by the manifest's ``split`` column ("train" trains, anything else
+    is held out) when it has one, else a seeded ``heldout`` fraction."""
+    manifest = cache.manifest
+    if "split" in manifest.column_names:
+        split = np.asarray(manifest.column("split").to_pylist(), dtype=object)[rows]
+        train = np.array([s == "train" for s in split], dtype=bool)
+        return rows[train], rows[~train]
+    n_out = int(round(heldout * len(rows)))
+    perm = np.random.default_rng([seed, 7]).permutation(len(rows))
+    held = np.zeros(len(rows), dtype=bool)
+    held[perm[:n_out]] = True
+    return rows[~held], rows[held]

@@ -1,0 +1,461 @@
+"""``featcache train``: distil a student straight from a cache (DESIGN.md §5).
+
+Nothing here builds or runs a teacher: every target comes out of the cache. One run is one folder::
+
+    RUN/config.toml               the resolved config
+    RUN/checkpoints/last.*        student weights (safetensors) + optimizer, scheduler, EMA and RNG state
+    RUN/checkpoints/best.*        the same at the lowest held-out loss
+    RUN/metrics.jsonl             one JSON object per logged step and per evaluation
+    RUN/pictures/                 PCA of student vs teacher features and the error per cell
+
+Batches are a function of (seed, step) (:class:`featcache.train.data.BatchPlan`) and DAMP's noise
+is drawn from a generator seeded by the step, so ``resume`` continues a killed run with exactly the
+losses an uninterrupted run logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+
+from featcache.errors import UsageError
+from featcache.geometry import lookup_targets
+from featcache.log import LogStream
+from featcache.store.cache import Cache
+from featcache.train import config as train_config
+from featcache.train.config import TrainConfig
+from featcache.train.data import BatchPlan, CacheDataset, Item, StepSampler, collate, split_rows, to_device, usable_rows
+from featcache.train.ema import EMA
+from featcache.train.losses import angle_loss, damp_call, mesa_loss, spatial_mse
+from featcache.train.student import Student, StudentConfig, TeacherHead, build_student
+
+WEIGHTS, STATE = "{}.safetensors", "{}.state.safetensors"
+
+
+@dataclass
+class TrainResult:
+    run: str
+    steps: int
+    heldout: dict[str, float] = field(default_factory=dict)
+    knn: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class Target:
+    """What the loop knows of one teacher: its views per partition, channels, dispersion, weights."""
+
+    name: str
+    views: dict[str, str]
+    channels: int
+    summary_channels: int
+    dispersion: dict[str, float]
+    spatial: float
+    summary: float
+
+
+def describe_targets(cache: Cache, cfg: TrainConfig) -> list[Target]:
+    """Check every view a run needs (present, statistics when PHI-S targets are asked for, one
+    channel count per teacher) and read each view's summary dispersion from its statistics."""
+    targets = []
+    known = cache.views
+    for t in cfg.teachers:
+        views = {"low": t.view("low"), "high": t.view("high")}
+        specs = {}
+        for part, key in views.items():
+            if key not in known:
+                raise UsageError(f"teacher {t.name}: view {key} is not in {cache.root.uri} "
+                                 f"(views: {', '.join(known) or 'none'})")
+            view = known[key]
+            if (cfg.data.space == "phis" or view.spec.summary_channels) and not view.stats:
+                raise UsageError(f"view {key} has no statistics yet: run 'featcache stats {cache.root.uri}'")
+            specs[part] = view.spec
+        if len({(s.channels, s.summary_channels) for s in specs.values()}) > 1:
+            raise UsageError(f"teacher {t.name}: views {views['low']} and {views['high']} have different channels")
+        disp = {part: known[key].stats.get("dispersion") for part, key in views.items()} \
+            if specs["low"].summary_channels else {}
+        targets.append(Target(t.name, views, specs["low"].channels, specs["low"].summary_channels,
+                              {p: float(d) for p, d in disp.items() if d}, t.spatial, t.summary))
+    return targets
+
+
+def student_config(cfg: TrainConfig, targets: list[Target]) -> StudentConfig:
+    section = {k: v for k, v in train_config.TrainConfig().student.__dict__.items()}
+    section.update({k: v for k, v in cfg.student.__dict__.items()})
+    heads = [{"name": t.name, "dense_channels": t.channels, "summary_channels": t.summary_channels} for t in targets]
+    return StudentConfig.from_dict({**{k: v for k, v in section.items() if v is not None}, "heads": heads})
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``optim.lr``, then cosine to ``optim.min_lr`` at the last step."""
+    o = cfg.optim
+    if step < o.warmup:
+        return o.lr * (step + 1) / o.warmup
+    t = (step - o.warmup) / max(1, o.steps - o.warmup)
+    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: not norms, biases, tokens or the position table."""
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "pos" not in name and "token" not in name else keep).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
+class Trainer:
+    """One run: its folder, data, student, optimizer, EMA; :meth:`run` trains to ``optim.steps``."""
+
+    def __init__(self, cfg: TrainConfig, out: str | Path, stream=None):
+        self.cfg, self.out = cfg, Path(out)
+        self.stream = stream or LogStream()
+        self.device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.cache = Cache.open(cfg.cache)
+        self.cache.check_manifest()
+        self.targets = describe_targets(self.cache, cfg)
+        keys = sorted({k for t in self.targets for k in t.views.values()})
+        self.train_rows, self.heldout_rows = split_rows(self.cache, usable_rows(self.cache, keys), cfg.data.heldout, cfg.seed)
+        self.heldout_rows = self.heldout_rows[:cfg.data.heldout_images]
+        self.plan = BatchPlan(self.train_rows, cfg.optim.batch_size, cfg.seed, cfg.resolution.low,
+                              cfg.resolution.high, cfg.resolution.high_prob)
+        self.mesa = cfg.loss.mesa > 0
+        self.dataset = CacheDataset(self.cache.root.uri, {t.name: t.views for t in self.targets}, cfg.student.patch,
+                                    cfg.crop, cfg.data.space, mesa=self.mesa)
+        torch.manual_seed(cfg.seed)
+        self.student_cfg = student_config(cfg, self.targets)
+        self.student = build_student(self.student_cfg).to(self.device)
+        self.optimizer = torch.optim.AdamW(_param_groups(self.student, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                           betas=tuple(cfg.optim.betas))
+        self.ema = EMA(self.student) if self.mesa else None
+        self.step = 0
+        self.best = float("inf")
+        self._knn_images: list | None = None
+        self._teacher_knn: dict[str, float] = {}
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        cfg, t0 = self.cfg, time.perf_counter()
+        acc = cfg.optim.accumulate
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=StepSampler(self.plan, self.step * acc, cfg.optim.steps * acc),
+            num_workers=cfg.data.workers, collate_fn=collate, pin_memory=self.device.type == "cuda",
+            prefetch_factor=cfg.data.prefetch if cfg.data.workers else None)
+        self.student.train()
+        window = {"samples": 0, "bytes": 0, "t": time.perf_counter(), "terms": {}}
+        batches = iter(loader)
+        if self.step == 0:
+            self._evaluate()  # the held-out losses before any training: the baseline every later one is read against
+        while self.step < cfg.optim.steps:
+            lr = lr_at(self.step, cfg)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            terms: dict[str, float] = {}
+            for micro in range(acc):
+                batch = to_device(next(batches), self.device, non_blocking=True)
+                loss, parts = self._loss(batch, self.step * acc + micro)
+                (loss / acc).backward()
+                for k, v in parts.items():
+                    terms[k] = terms.get(k, 0.0) + v / acc
+                window["samples"] += len(batch["row"])
+                window["bytes"] += batch["bytes"]
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update(self.student, cfg.loss.ema_decay if self.step >= cfg.loss.mesa_start else 0.0)
+            self.step += 1
+            for k, v in terms.items():
+                window["terms"].setdefault(k, []).append(v)
+            if self.step % cfg.log_every == 0 or self.step == cfg.optim.steps:
+                self._log_window(window, lr, float(grad_norm))
+            if self.step % cfg.eval.every == 0 or self.step == cfg.optim.steps:
+                self._evaluate()
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.optim.steps:
+                self.save("last")
+        heldout = self._last_eval
+        knn = {k: v for k, v in heldout.items() if k.startswith("knn/")}
+        return TrainResult(str(self.out), self.step, {k: v for k, v in heldout.items() if not k.startswith("knn/")},
+                           knn, time.perf_counter() - t0)
+
+    def _forward(self, pixels: torch.Tensor, noise_step: int | None):
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _nothing()
+        with autocast:
+            if noise_step is not None and self.cfg.loss.damp > 0 and self.student.training:
+                g = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 1_000_003 + noise_step)
+                return damp_call(self.student, self.cfg.loss.damp, pixels, generator=g)
+            return self.student(pixels)
+
+    def _loss(self, batch: dict, micro_step: int | None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The weighted loss of one batch and each term (per teacher) as floats."""
+        out = self._forward(batch["image"], micro_step)
+        total, parts = 0.0, {}
+        for t in self.targets:
+            b = batch[t.name]
+            target = lookup_targets(b["window"], b["map"], b["extent"], out.grid).permute(0, 2, 3, 1)
+            spatial = spatial_mse(out.dense[t.name].float(), target, b["omega"])
+            parts[f"{t.name}/spatial"] = float(spatial.detach())
+            total = total + t.spatial * spatial
+            if t.summary_channels and t.summary > 0:
+                disp = t.dispersion.get(self._partition(batch)) or t.dispersion.get("low")
+                summary = angle_loss(out.summary[t.name].float(), b["summary"], disp)
+                parts[f"{t.name}/summary"] = float(summary.detach())
+                total = total + t.summary * summary
+        if self.mesa and micro_step is not None:
+            with torch.no_grad():
+                ema_out = self.ema.module(batch["image2"])
+            mesa = mesa_loss(out.features.float(), ema_out.features.float(), batch["mesa"]["map"],
+                             batch["mesa"]["omega"])
+            parts["mesa"] = float(mesa.detach())
+            if micro_step // self.cfg.optim.accumulate >= self.cfg.loss.mesa_start:
+                total = total + self.cfg.loss.mesa * mesa
+        return total, parts
+
+    def _partition(self, batch: dict) -> str:
+        res = batch["image"].shape[-1]
+        return "high" if res in self.cfg.resolution.high and res not in self.cfg.resolution.low else "low"
+
+    # ---- records ---------------------------------------------------------------------------
+
+    def _log_window(self, window: dict, lr: float, grad_norm: float) -> None:
+        now = time.perf_counter()
+        seconds = max(now - window["t"], 1e-9)
+        record = {"step": self.step, "lr": lr, "grad_norm": round(grad_norm, 6),
+                  **{k: float(np.mean(v)) for k, v in window["terms"].items()},
+                  "samples_per_s": round(window["samples"] / seconds, 3),
+                  "bytes_read_per_s": round(window["bytes"] / seconds, 1)}
+        self._append(record)
+        terms = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if "/" in k or k == "mesa")
+        print(f"step {self.step}/{self.cfg.optim.steps}  {terms}  {record['samples_per_s']:.1f} samples/s",
+              file=self.stream, flush=True)
+        window.update(samples=0, bytes=0, t=now, terms={})
+
+    def _append(self, record: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    _last_eval: dict = {}
+
+    @torch.no_grad()
+    def heldout_losses(self) -> dict[str, float]:
+        """Each loss term on the held-out rows: the whole view at ``eval.resolution``, no flip, no noise."""
+        if len(self.heldout_rows) == 0:
+            return {}
+        was = self.student.training
+        self.student.eval()
+        res = self.cfg.eval.resolution
+        sums: dict[str, float] = {}
+        bs = self.cfg.optim.batch_size
+        for start in range(0, len(self.heldout_rows), bs):
+            rows = self.heldout_rows[start:start + bs]
+            batch = collate([self.dataset[Item(int(r), res, "low", ())] for r in rows])
+            _, parts = self._loss(to_device(batch, self.device), None)
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v * len(rows)
+        self.student.train(was)
+        return {f"heldout/{k}": v / len(self.heldout_rows) for k, v in sums.items()}
+
+    def _evaluate(self) -> None:
+        losses = self.heldout_losses()
+        if self.cfg.eval.knn:
+            losses.update(self.knn())
+        self._last_eval = losses
+        if losses:
+            self._append({"step": self.step, **losses})
+            total = sum(v for k, v in losses.items() if k.startswith("heldout/"))
+            said = "  ".join(f"{k} {v:.4f}" for k, v in losses.items())
+            print(f"eval at step {self.step}: {said}", file=self.stream, flush=True)
+            if total < self.best:
+                self.best = total
+                self.save("best")
+        if self.cfg.eval.pictures and len(self.heldout_rows):
+            self.pictures()
+
+    def knn(self) -> dict[str, float]:
+        """kNN top-1 on the manifest's labels for every summary teacher (or ``eval.knn_teacher``):
+        the student's summaries (whole image at ``eval.resolution``) next to the cached teacher's."""
+        from featcache.train.data import student_input
+        from featcache.train.evaluate import knn_top1, labels_and_splits, split_masks, teacher_knn
+
+        heads = [t for t in self.targets if t.summary_channels]
+        if self.cfg.eval.knn_teacher:
+            heads = [t for t in heads if t.name == self.cfg.eval.knn_teacher]
+        if not heads:
+            raise UsageError(f"eval.knn needs a teacher with summaries (eval.knn_teacher={self.cfg.eval.knn_teacher!r})")
+        labels, split = labels_and_splits(self.cache.manifest)
+        rows = usable_rows(self.cache, [t.views["low"] for t in heads])
+        res = self.cfg.eval.resolution
+        if self._knn_images is None:
+            self._knn_images = [student_input(im, (0, 0, im.shape[-1], im.shape[-2]), (res, res))
+                                for im in map(self.dataset.image, rows)]
+        was = self.student.training
+        self.student.eval()
+        summaries: dict[str, list] = {t.name: [] for t in heads}
+        with torch.no_grad():
+            for start in range(0, len(rows), self.cfg.optim.batch_size):
+                pixels = torch.stack(self._knn_images[start:start + self.cfg.optim.batch_size]).to(self.device)
+                out = self._forward(pixels, None)
+                for t in heads:
+                    summaries[t.name].append(out.summary[t.name].float().cpu())
+        self.student.train(was)
+        train_mask, test_mask = (torch.from_numpy(m) for m in split_masks(None if split is None else split[rows], len(rows)))
+        y = torch.as_tensor(labels[rows])
+        result = {}
+        for t in heads:
+            x = torch.cat(summaries[t.name])
+            result[f"knn/{t.name}/student"] = knn_top1(x[train_mask], y[train_mask], x[test_mask], y[test_mask])
+            if t.name not in self._teacher_knn:
+                self._teacher_knn[t.name] = teacher_knn(self.cache, t.views["low"])
+            result[f"knn/{t.name}/teacher"] = self._teacher_knn[t.name]
+        return result
+
+    @torch.no_grad()
+    def pictures(self) -> None:
+        """PCA of student vs teacher features on the first held-out row, one picture per teacher."""
+        from featcache.train.pictures import pca_picture
+
+        row = int(self.heldout_rows[0])
+        batch = to_device(collate([self.dataset[Item(row, self.cfg.eval.resolution, "low", ())]]), self.device)
+        was = self.student.training
+        self.student.eval()
+        out = self._forward(batch["image"], None)
+        self.student.train(was)
+        image = batch["image"][0].cpu() * torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1) \
+            + torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
+        image = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        folder = self.out / "pictures"
+        folder.mkdir(exist_ok=True)
+        for t in self.targets:
+            b = batch[t.name]
+            target = lookup_targets(b["window"], b["map"], b["extent"], out.grid).permute(0, 2, 3, 1)[0]
+            pca_picture(out.dense[t.name][0].float().cpu().numpy(), target.cpu().numpy(), b["omega"][0].cpu().numpy(),
+                        folder / f"step{self.step:07d}-{t.name}.png", image=image,
+                        title=f"{t.name}, image row {row}, step {self.step}")
+
+    # ---- checkpoints ----------------------------------------------------------------------
+
+    def save(self, name: str) -> None:
+        """``checkpoints/<name>.safetensors`` (student weights) and ``<name>.state.safetensors``
+        (optimizer, EMA, RNG; the rest as JSON metadata), each written whole then renamed."""
+        folder = self.out / "checkpoints"
+        folder.mkdir(parents=True, exist_ok=True)
+        opt = self.optimizer.state_dict()
+        tensors = {f"optim.{i}.{k}": v.detach().cpu().contiguous()
+                   for i, s in opt["state"].items() for k, v in s.items()}
+        if self.ema is not None:
+            tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()})
+        tensors["rng.torch"] = torch.get_rng_state()
+        meta = {"step": str(self.step), "best": repr(self.best),
+                "param_groups": json.dumps([{k: v for k, v in g.items()} for g in opt["param_groups"]])}
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.student.state_dict().items()}
+        wmeta = {"step": str(self.step), "student": json.dumps(self.student_cfg.to_dict()), "format": "featcache-student-1"}
+        for fname, data, m in ((STATE.format(name), tensors, meta), (WEIGHTS.format(name), weights, wmeta)):
+            tmp = folder / (fname + ".tmp")
+            save_file(data, str(tmp), metadata=m)
+            os.replace(tmp, folder / fname)
+
+    def load(self, name: str = "last") -> None:
+        folder = self.out / "checkpoints"
+        weights_path, state_path = folder / WEIGHTS.format(name), folder / STATE.format(name)
+        wmeta, smeta = _metadata(weights_path), _metadata(state_path)
+        if wmeta.get("step") != smeta.get("step"):
+            raise UsageError(f"{folder}: {name} weights (step {wmeta.get('step')}) and state (step "
+                             f"{smeta.get('step')}) differ: the run stopped while saving; cannot resume exactly")
+        self.student.load_state_dict(load_file(str(weights_path)))
+        state = load_file(str(state_path))
+        groups = json.loads(smeta["param_groups"])
+        opt_state: dict[int, dict] = {}
+        for key, value in state.items():
+            if key.startswith("optim."):
+                _, i, k = key.split(".", 2)
+                opt_state.setdefault(int(i), {})[k] = value.to(self.device) if k != "step" else value
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        if self.ema is not None:
+            self.ema.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")})
+        torch.set_rng_state(state["rng.torch"])
+        self.step, self.best = int(smeta["step"]), float(smeta["best"])
+
+
+def _metadata(path: Path) -> dict:
+    if not path.exists():
+        raise UsageError(f"{path} does not exist: nothing to resume or load")
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train(cfg: TrainConfig | None, out: str | Path, resume: bool = False, init: str | None = None,
+          stream=None) -> TrainResult:
+    """Run (``resume``: continue) the training run in folder ``out``.
+
+    A new run refuses a folder that already holds one; ``resume`` takes the config saved in the
+    folder (``cfg`` may be None, or must equal it) and continues from ``checkpoints/last.*``
+    exactly. ``init`` starts a new run from the student weights of a checkpoint file or run folder.
+    """
+    out = Path(out)
+    saved = out / "config.toml"
+    if resume:
+        if not saved.exists():
+            raise UsageError(f"{out} holds no run to resume (no config.toml)")
+        run_cfg = train_config.load(saved)
+        if cfg is not None and cfg.to_dict() != run_cfg.to_dict():
+            raise UsageError(f"--resume continues {out} with its own config.toml; give no other config or flags")
+        cfg = run_cfg
+    else:
+        if cfg is None:
+            raise UsageError("a new run needs a config")
+        if saved.exists():
+            raise UsageError(f"{out} already holds a run: --resume to continue it, or choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        saved.write_text(cfg.to_toml())
+    trainer = Trainer(cfg, out, stream)
+    if resume:
+        trainer.load("last")
+        _truncate_metrics(out / "metrics.jsonl", trainer.step)
+        print(f"resuming {out} at step {trainer.step}", file=trainer.stream, flush=True)
+    elif init is not None:
+        student = load_student(init)
+        missing = trainer.student.load_state_dict(student.state_dict(), strict=False)
+        print(f"initialized from {init} ({len(missing.missing_keys)} tensors not in it)", file=trainer.stream, flush=True)
+    return trainer.run()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records logged after the checkpoint a run resumes from (the resumed run logs them again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def load_student(run: str | Path, which: str = "best") -> Student:
+    """The trained student of run folder ``run`` (``best``, falling back to ``last``) or of a weights
+    file, in eval mode, ready for downstream use."""
+    path = Path(run)
+    if path.is_dir():
+        folder = path / "checkpoints"
+        candidates = [folder / WEIGHTS.format(which), folder / WEIGHTS.format("last")]
+        path = next((p for p in candidates if p.exists()), None)
+        if path is None:
+            raise UsageError(f"{run} holds no checkpoint (looked for {', '.join(str(p) for p in candidates)})")
+    meta = _metadata(path)
+    if meta.get("format") != "featcache-student-1":
+        raise UsageError(f"{path} is not a featcache student checkpoint")
+    student = build_student(StudentConfig.from_dict(json.loads(meta["student"])))
+    student.load_state_dict(load_file(str(path)))
+    return student.eval()
