@@ -117,33 +117,45 @@ def student_input(image: torch.Tensor, box, size: tuple[int, int], flip: bool = 
     return (out - mean) / std
 
 
-class CacheDataset(torch.utils.data.Dataset):
-    """Samples for the student loop, keyed by :class:`Item`.
+class CacheReader:
+    """Windows of several views of one image in one call, for training.
 
-    ``teachers`` maps a teacher name to ``{partition: view key}``; ``crop`` is a
-    :class:`featcache.geometry.CropConfig`; with ``mesa`` each sample carries a second crop of the
-    same image for the EMA student and the map between the two grids.
+    Picklable (a DataLoader's spawned workers receive it): its view readers, files and locks are
+    opened lazily in each process that reads, never shared across a fork. ``len()`` and
+    :attr:`rows` count only usable rows (committed and valid in every view); :meth:`row_of` looks
+    a row up by ``image_id``.
     """
 
-    def __init__(self, root: str, teachers: dict[str, dict[str, str]], patch: int, crop: geometry.CropConfig,
-                 space: str = "phis", mesa: bool = False, max_pixels: int = 2 * 89_478_485):
-        self.root, self.teachers, self.patch, self.crop = root, teachers, patch, crop
-        self.space, self.mesa, self.max_pixels = space, mesa, max_pixels
+    def __init__(self, root: str, keys: list[str], space: str = "phis"):
+        self.root, self.keys, self.space = root, list(keys), space
         cache = Cache.open(root)
+        missing = [k for k in self.keys if k not in cache.views]
+        if missing:
+            raise UsageError(f"{root} has no view {', '.join(missing)} (views: {', '.join(cache.views) or 'none'})")
+        self.rows = usable_rows(cache, self.keys)
         self.uris = cache.manifest.column("uri").to_pylist()
-        self.num_images = len(self.uris)
+        self._ids: dict[str, int] | None = None
         self._pid: int | None = None
         self._readers: dict = {}
 
     def __len__(self) -> int:
-        return self.num_images
+        return len(self.rows)
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_readers"], state["_pid"] = {}, None
+        state["_readers"], state["_pid"], state["_ids"] = {}, None, None
         return state
 
-    def reader(self, key: str):
+    def row_of(self, image_id: str) -> int:
+        if self._ids is None:
+            ids = Cache.open(self.root).manifest.column("image_id").to_pylist()
+            self._ids = {v: i for i, v in enumerate(ids)}
+        try:
+            return self._ids[image_id]
+        except KeyError:
+            raise UsageError(f"no image_id {image_id!r} in {self.root}") from None
+
+    def view(self, key: str):
         """The view reader of ``key`` for this process, opened on first use."""
         if self._pid != os.getpid():
             self._readers, self._pid = {}, os.getpid()
@@ -151,8 +163,48 @@ class CacheDataset(torch.utils.data.Dataset):
             self._readers[key] = Cache.open(self.root).view(key).reader()
         return self._readers[key]
 
+    def box(self, key: str, row: int) -> tuple[float, ...]:
+        reader = self.view(key)
+        if not reader.row("valid", row):
+            raise UsageError(f"{key}: image row {row} holds no features (failed or not written yet)")
+        return tuple(float(v) for v in reader.row("box", row))
+
+    def read(self, row: int, windows: dict[str, tuple[int, int, int, int] | None]) -> dict[str, dict]:
+        """Per view key: ``dense`` (the window, in this reader's space), ``summary``, ``box`` and
+        ``bytes`` (chunk bytes the window moved); a window of None reads the whole map."""
+        out = {}
+        for key, window in windows.items():
+            reader = self.view(key)
+            box = self.box(key, row)
+            out[key] = {"dense": reader.read_dense(row, window, self.space), "box": box,
+                        "summary": reader.row("summary", row) if reader.spec.summary_channels else None,
+                        "bytes": reader.bytes_for(window)}
+        return out
+
+
+class CacheDataset(torch.utils.data.Dataset):
+    """Samples for the student loop, keyed by :class:`Item`.
+
+    ``teachers`` maps a teacher name to ``{partition: view key}``; ``crop`` is a
+    :class:`featcache.geometry.CropConfig`; with ``mesa`` each sample carries a second crop of the
+    same image for the EMA student and the map between the two grids. Picklable, as its
+    :class:`CacheReader` is.
+    """
+
+    def __init__(self, root: str, teachers: dict[str, dict[str, str]], patch: int, crop: geometry.CropConfig,
+                 space: str = "phis", mesa: bool = False, max_pixels: int = 2 * 89_478_485):
+        self.teachers, self.patch, self.crop, self.mesa, self.max_pixels = teachers, patch, crop, mesa, max_pixels
+        keys = sorted({k for views in teachers.values() for k in views.values()})
+        self.views = CacheReader(root, keys, space)
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def reader(self, key: str):
+        return self.views.view(key)
+
     def image(self, row: int) -> torch.Tensor:
-        uri = self.uris[row]
+        uri = self.views.uris[row]
         return decode(locate(uri).read_bytes(), uri, self.max_pixels)
 
     def __getitem__(self, item: Item) -> dict:
@@ -160,49 +212,47 @@ class CacheDataset(torch.utils.data.Dataset):
         W, H = image.shape[-1], image.shape[-2]
         grid = (item.resolution // self.patch,) * 2
         rng = np.random.default_rng(list(item.seed))
-        first = self.reader(next(iter(self.teachers.values()))[item.partition])
+        first = next(iter(self.teachers.values()))[item.partition]
+        view_box, view_grid = self.views.box(first, item.row), self.reader(first).spec.grid
         if item.seed:
-            crop = geometry.sample_crop(rng, (W, H), _box(first, item.row), first.spec.grid, grid, self.crop)
+            crop = geometry.sample_crop(rng, (W, H), view_box, view_grid, grid, self.crop)
         else:  # evaluation: the first teacher's whole view, unflipped
-            crop = geometry.Crop(box=_box(first, item.row), flip=False, aligned=True)
+            crop = geometry.Crop(box=view_box, flip=False, aligned=True)
         sample = {"row": item.row, "image": student_input(image, crop.box, grid_px(grid, self.patch), crop.flip),
-                  "box": torch.tensor(crop.box, dtype=torch.float64), "flip": crop.flip, "bytes": 0}
+                  "box": torch.tensor(crop.box, dtype=torch.float64), "flip": crop.flip}
+        windows = {}
+        for views in self.teachers.values():
+            key = views[item.partition]
+            windows[key] = geometry.window_for(crop.box, self.views.box(key, item.row), self.reader(key).spec.grid)
+        read = self.views.read(item.row, windows)
+        sample["bytes"] = sum(r["bytes"] for r in read.values())
         for name, views in self.teachers.items():
-            sample[name] = self.targets(views[item.partition], item.row, crop.box, grid, crop.flip)
-            sample["bytes"] += sample[name].pop("bytes")
+            key = views[item.partition]
+            sample[name] = self._targets(read[key], windows[key], self.reader(key).spec.grid, crop, grid)
         if self.mesa and item.seed:
-            other = geometry.sample_crop(rng, (W, H), _box(first, item.row), first.spec.grid, grid, self.crop)
+            other = geometry.sample_crop(rng, (W, H), view_box, view_grid, grid, self.crop)
             sample["image2"] = student_input(image, other.box, grid_px(grid, self.patch), other.flip)
             m = geometry.crop_to_crop_map(other.box, grid, other.flip, crop.box, grid, crop.flip)
             sample["mesa"] = {"map": torch.from_numpy(m.as_array()),
                               "omega": torch.from_numpy(geometry.omega(other.box, grid, crop.box, other.flip))}
         return sample
 
-    def targets(self, key: str, row: int, crop_box, grid: tuple[int, int], flip: bool) -> dict:
-        """One teacher's part of a sample: its window (C, h, w), the map from the student grid
-        into the window, the window's extent, Ω, the raw summary and the bytes read."""
-        reader = self.reader(key)
-        box = _box(reader, row)
-        r0, r1, c0, c1 = geometry.window_for(crop_box, box, reader.spec.grid)
-        window = reader.read_dense(row, (r0, r1, c0, c1), self.space)
-        m = geometry.cell_map(crop_box, grid, box, reader.spec.grid, flip).shifted(r0, c0)
-        out = {"window": torch.from_numpy(np.ascontiguousarray(window, dtype=np.float32)).permute(2, 0, 1),
+    @staticmethod
+    def _targets(read: dict, window, view_grid, crop: geometry.Crop, grid: tuple[int, int]) -> dict:
+        """One teacher's part of a sample: its window (C, h, w), the map from the student grid into
+        the window, the window's extent, Ω and the raw summary."""
+        r0, r1, c0, c1 = window
+        m = geometry.cell_map(crop.box, grid, read["box"], view_grid, crop.flip).shifted(r0, c0)
+        out = {"window": torch.from_numpy(np.ascontiguousarray(read["dense"], dtype=np.float32)).permute(2, 0, 1),
                "map": torch.from_numpy(m.as_array()), "extent": torch.tensor([r1 - r0, c1 - c0]),
-               "omega": torch.from_numpy(geometry.omega(crop_box, grid, box, flip)),
-               "bytes": reader.bytes_for((r0, r1, c0, c1))}
-        if reader.spec.summary_channels:
-            out["summary"] = torch.from_numpy(reader.row("summary", row).astype(np.float32))
+               "omega": torch.from_numpy(geometry.omega(crop.box, grid, read["box"], crop.flip))}
+        if read["summary"] is not None:
+            out["summary"] = torch.from_numpy(read["summary"].astype(np.float32))
         return out
 
 
 def grid_px(grid: tuple[int, int], patch: int) -> tuple[int, int]:
     return grid[0] * patch, grid[1] * patch
-
-
-def _box(reader, row: int) -> tuple[float, ...]:
-    if not reader.row("valid", row):
-        raise UsageError(f"{reader.view.key}: image row {row} holds no features (failed or not written yet)")
-    return tuple(float(v) for v in reader.row("box", row))
 
 
 def collate(samples: list[dict]) -> dict:

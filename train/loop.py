@@ -121,14 +121,13 @@ class Trainer:
         self.cache = Cache.open(cfg.cache)
         self.cache.check_manifest()
         self.targets = describe_targets(self.cache, cfg)
-        keys = sorted({k for t in self.targets for k in t.views.values()})
-        self.train_rows, self.heldout_rows = split_rows(self.cache, usable_rows(self.cache, keys), cfg.data.heldout, cfg.seed)
-        self.heldout_rows = self.heldout_rows[:cfg.data.heldout_images]
-        self.plan = BatchPlan(self.train_rows, cfg.optim.batch_size, cfg.seed, cfg.resolution.low,
-                              cfg.resolution.high, cfg.resolution.high_prob)
         self.mesa = cfg.loss.mesa > 0
         self.dataset = CacheDataset(self.cache.root.uri, {t.name: t.views for t in self.targets}, cfg.student.patch,
                                     cfg.crop, cfg.data.space, mesa=self.mesa)
+        self.train_rows, self.heldout_rows = split_rows(self.cache, self.dataset.views.rows, cfg.data.heldout, cfg.seed)
+        self.heldout_rows = self.heldout_rows[:cfg.data.heldout_images]
+        self.plan = BatchPlan(self.train_rows, cfg.optim.batch_size, cfg.seed, cfg.resolution.low,
+                              cfg.resolution.high, cfg.resolution.high_prob)
         torch.manual_seed(cfg.seed)
         self.student_cfg = student_config(cfg, self.targets)
         self.student = build_student(self.student_cfg).to(self.device)

@@ -246,3 +246,26 @@ def test_a_run_folder_is_never_overwritten_and_resume_takes_no_new_config(cache_
     assert "give no ROOT, --config, --init or overrides" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 2
     assert "holds no run to resume" in capsys.readouterr().err
+
+
+def test_the_training_reader_reads_several_views_of_an_image_in_one_call(cache_root, tmp_path):
+    import shutil
+
+    from featcache.store.cache import Cache
+    from featcache.train.data import CacheReader
+
+    root = tmp_path / "c"
+    shutil.copytree(cache_root, root)
+    keys = ["dinov3@64", "siglip2@64"]
+    (root / "_commits" / "dinov3@64" / "1.json").unlink()  # shard 1 (rows 8..15) not committed in one view
+    reader = CacheReader(str(root), keys, space="raw")
+    assert len(reader) == 26 - 8 and not set(range(8, 16)) & set(reader.rows.tolist())
+    manifest = Cache.open(str(root)).manifest
+    assert reader.row_of(manifest.column("image_id")[20].as_py()) == 20
+    got = reader.read(20, {"dinov3@64": (1, 3, 0, 2), "siglip2@64": None})
+    cache = Cache.open(str(root))
+    with cache.view("dinov3@64").reader() as a, cache.view("siglip2@64").reader() as b:
+        np.testing.assert_array_equal(got["dinov3@64"]["dense"], a.read(20).dense[1:3, 0:2])
+        np.testing.assert_array_equal(got["siglip2@64"]["dense"], b.read(20).dense)
+        np.testing.assert_array_equal(got["siglip2@64"]["summary"], b.read(20).summary)
+        assert got["dinov3@64"]["bytes"] == a.bytes_for((1, 3, 0, 2)) == 4 * 4 * 32 * 2 + 4  # one chunk + crc
