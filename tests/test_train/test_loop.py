@@ -269,3 +269,27 @@ def test_the_training_reader_reads_several_views_of_an_image_in_one_call(cache_r
         np.testing.assert_array_equal(got["siglip2@64"]["dense"], b.read(20).dense)
         np.testing.assert_array_equal(got["siglip2@64"]["summary"], b.read(20).summary)
         assert got["dinov3@64"]["bytes"] == a.bytes_for((1, 3, 0, 2)) == 4 * 4 * 32 * 2 + 4  # one chunk + crc
+
+
+def test_knn_of_student_and_teacher_summaries_on_a_labelled_set(tmp_path):
+    """scikit-learn's digits as images with a label and split column: each evaluation reports the
+    student's kNN top-1 next to the cached teacher summaries' (benchmarks/train_knn_digits.py
+    trains long enough to compare them)."""
+    from featcache.train.digits import write_digits
+    from featcache.train.evaluate import teacher_knn
+
+    root = tmp_path / "digits-cache"
+    training.build(root, write_digits(tmp_path / "digits", n_per_class=8, size=64),
+                   training.teachers(tmp_path / "models"), shard_size=32)
+    cfg = config.load(None, cache=str(root), overrides=[
+        'teachers=[{name="siglip2", low="siglip2@64"}, {name="sam3", low="sam3-mosaic2@56"}]',
+        'student.size="micro"', "resolution.low=[64]", "optim.steps=2", "optim.batch_size=8", "eval.every=2",
+        "eval.resolution=64", "eval.knn=true", "eval.pictures=false"])
+    result = train(cfg, tmp_path / "run")
+    evals = [r for r in _records(tmp_path / "run") if "lr" not in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    for name, key in (("siglip2", "siglip2@64"), ("sam3", "sam3-mosaic2@56")):
+        assert evals[-1][f"knn/{name}/teacher"] == teacher_knn(str(root), key)
+        assert 0 <= evals[-1][f"knn/{name}/student"] <= 1
+        assert result.knn[f"knn/{name}/student"] == evals[-1][f"knn/{name}/student"]
+    assert "heldout/siglip2/spatial" in evals[0]  # the held-out rows are the manifest's 'test' split
