@@ -14,6 +14,7 @@ from pathlib import Path
 
 from featcache.errors import UsageError
 from featcache.geometry import CropConfig
+from featcache.train.student import StudentConfig
 
 #: The report's student resolutions (ALGORITHMS.md §6).
 LOW = (128, 192, 224, 256, 384, 432)
@@ -32,24 +33,6 @@ class TeacherTarget:
 
     def view(self, partition: str) -> str:
         return self.high if partition == "high" and self.high else self.low
-
-
-@dataclass
-class StudentSection:
-    """``featcache.train.student.StudentConfig`` without its heads (those come from the teachers)."""
-
-    size: str = "base"
-    width: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    mlp_ratio: float | None = None
-    patch: int = 16
-    registers: int = 4
-    pos_grid: list[int] = field(default_factory=lambda: [32, 32])
-    vitdet_window_size: int | None = None
-    global_blocks: list[int] | None = None
-    drop_path: float = 0.0
-    adaptor_hidden: int | None = None
 
 
 @dataclass
@@ -102,7 +85,7 @@ class Evaluation:
 class TrainConfig:
     cache: str = ""
     teachers: list[TeacherTarget] = field(default_factory=list)
-    student: StudentSection = field(default_factory=StudentSection)
+    student: dict = field(default_factory=dict)  # featcache.train.student.StudentConfig without heads
     resolution: Resolutions = field(default_factory=Resolutions)
     crop: CropConfig = field(default_factory=CropConfig)
     loss: Losses = field(default_factory=Losses)
@@ -114,7 +97,8 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
 
-    def check(self) -> "TrainConfig":
+    def check(self, where: str = "config") -> "TrainConfig":
+        self.student = _student(self.student, f"{where} [student]")
         if not self.cache:
             raise UsageError("no cache to train from: give ROOT (or 'cache' in the config)")
         if not self.teachers:
@@ -131,13 +115,17 @@ class TrainConfig:
         if not self.resolution.low or (self.resolution.high_prob > 0 and not self.resolution.high):
             raise UsageError("each partition that can be drawn needs at least one resolution")
         for r in self.resolution.low + self.resolution.high + [self.eval.resolution]:
-            if r % self.student.patch:
-                raise UsageError(f"resolution {r} is not a multiple of the student's patch {self.student.patch}")
+            if r % self.patch:
+                raise UsageError(f"resolution {r} is not a multiple of the student's patch {self.patch}")
         if self.data.space not in ("raw", "phis"):
             raise UsageError(f"data.space must be 'raw' or 'phis', not {self.data.space!r}")
         if not 0 <= self.data.heldout < 1:
             raise UsageError(f"data.heldout must be in [0, 1), not {self.data.heldout}")
         return self
+
+    @property
+    def patch(self) -> int:
+        return self.student.get("patch", StudentConfig.patch)
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -146,7 +134,7 @@ class TrainConfig:
         return _toml(self.to_dict())
 
 
-_SECTIONS = {"student": StudentSection, "resolution": Resolutions, "crop": CropConfig, "loss": Losses,
+_SECTIONS = {"resolution": Resolutions, "crop": CropConfig, "loss": Losses,
              "optim": Optim, "data": Data, "eval": Evaluation}
 
 
@@ -168,9 +156,24 @@ def from_dict(d: dict, where: str = "config") -> TrainConfig:
         else:
             kwargs[name] = value
     try:
-        return TrainConfig(**kwargs).check()
+        return TrainConfig(**kwargs).check(where)
     except TypeError as e:
         raise UsageError(f"{where}: {e}") from None
+
+
+def _student(value, where: str) -> dict:
+    """The student table checked by the student's own config (unknown keys, sizes, windows) and
+    resolved: every architecture key the run uses, defaults included; heads come from the teachers."""
+    if not isinstance(value, dict):
+        raise UsageError(f"{where} must be a table, not {type(value).__name__}")
+    if "heads" in value:
+        raise UsageError(f"{where}: 'heads' come from [[teachers]], not from the student table")
+    try:
+        resolved = StudentConfig.from_dict(value).to_dict()
+    except UsageError as e:
+        raise UsageError(f"{where}: {e}") from None
+    resolved.pop("heads", None)
+    return resolved
 
 
 def _section(cls, value, where: str):

@@ -88,10 +88,8 @@ def describe_targets(cache: Cache, cfg: TrainConfig) -> list[Target]:
 
 
 def student_config(cfg: TrainConfig, targets: list[Target]) -> StudentConfig:
-    section = {k: v for k, v in train_config.TrainConfig().student.__dict__.items()}
-    section.update({k: v for k, v in cfg.student.__dict__.items()})
     heads = [{"name": t.name, "dense_channels": t.channels, "summary_channels": t.summary_channels} for t in targets]
-    return StudentConfig.from_dict({**{k: v for k, v in section.items() if v is not None}, "heads": heads})
+    return StudentConfig.from_dict({**cfg.student, "heads": heads})
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -122,7 +120,7 @@ class Trainer:
         self.cache.check_manifest()
         self.targets = describe_targets(self.cache, cfg)
         self.mesa = cfg.loss.mesa > 0
-        self.dataset = CacheDataset(self.cache.root.uri, {t.name: t.views for t in self.targets}, cfg.student.patch,
+        self.dataset = CacheDataset(self.cache.root.uri, {t.name: t.views for t in self.targets}, cfg.patch,
                                     cfg.crop, cfg.data.space, mesa=self.mesa)
         self.train_rows, self.heldout_rows = split_rows(self.cache, self.dataset.views.rows, cfg.data.heldout, cfg.seed)
         self.heldout_rows = self.heldout_rows[:cfg.data.heldout_images]
