@@ -219,7 +219,7 @@ class CacheDataset(torch.utils.data.Dataset):
         else:  # evaluation: the first teacher's whole view, unflipped
             crop = geometry.Crop(box=view_box, flip=False, aligned=True)
         sample = {"row": item.row, "image": student_input(image, crop.box, grid_px(grid, self.patch), crop.flip),
-                  "box": torch.tensor(crop.box, dtype=torch.float64), "flip": crop.flip}
+                  "box": torch.tensor(crop.box, dtype=torch.float64), "flip": crop.flip, "partition": item.partition}
         windows = {}
         for views in self.teachers.values():
             key = views[item.partition]
@@ -260,7 +260,7 @@ def collate(samples: list[dict]) -> dict:
     extents travel with them, so the lookup never reads the padding)."""
     out = {"row": torch.tensor([s["row"] for s in samples]), "image": torch.stack([s["image"] for s in samples]),
            "box": torch.stack([s["box"] for s in samples]), "flip": torch.tensor([s["flip"] for s in samples]),
-           "bytes": sum(s["bytes"] for s in samples)}
+           "bytes": sum(s["bytes"] for s in samples), "partition": samples[0]["partition"]}
     for name in [k for k, v in samples[0].items() if isinstance(v, dict) and "window" in v]:
         parts = [s[name] for s in samples]
         hmax = max(p["window"].shape[1] for p in parts)

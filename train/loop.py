@@ -32,7 +32,8 @@ from featcache.log import LogStream
 from featcache.store.cache import Cache
 from featcache.train import config as train_config
 from featcache.train.config import TrainConfig
-from featcache.train.data import BatchPlan, CacheDataset, Item, StepSampler, collate, split_rows, to_device, usable_rows
+from featcache.train.data import (MEAN, STD, BatchPlan, CacheDataset, Item, StepSampler, collate, split_rows,
+                                  to_device, usable_rows)
 from featcache.train.ema import EMA
 from featcache.train.losses import angle_loss, damp_call, mesa_loss, spatial_mse
 from featcache.train.student import Student, StudentConfig, TeacherHead, build_student
@@ -80,10 +81,16 @@ def describe_targets(cache: Cache, cfg: TrainConfig) -> list[Target]:
             specs[part] = view.spec
         if len({(s.channels, s.summary_channels) for s in specs.values()}) > 1:
             raise UsageError(f"teacher {t.name}: views {views['low']} and {views['high']} have different channels")
-        disp = {part: known[key].stats.get("dispersion") for part, key in views.items()} \
-            if specs["low"].summary_channels else {}
-        targets.append(Target(t.name, views, specs["low"].channels, specs["low"].summary_channels,
-                              {p: float(d) for p, d in disp.items() if d}, t.spatial, t.summary))
+        disp = {}
+        if specs["low"].summary_channels and t.summary > 0:
+            for part, key in views.items():
+                d = known[key].stats.get("dispersion")
+                if not d or d <= 0:
+                    raise UsageError(f"view {key} has no summary dispersion in its statistics (no valid summary "
+                                     f"yet?): run 'featcache stats {cache.root.uri} --recompute', or set summary = 0")
+                disp[part] = float(d)
+        targets.append(Target(t.name, views, specs["low"].channels, specs["low"].summary_channels, disp,
+                              t.spatial, t.summary))
     return targets
 
 
@@ -202,7 +209,7 @@ class Trainer:
             parts[f"{t.name}/spatial"] = float(spatial.detach())
             total = total + t.spatial * spatial
             if t.summary_channels and t.summary > 0:
-                disp = t.dispersion.get(self._partition(batch)) or t.dispersion.get("low")
+                disp = t.dispersion[batch["partition"]]
                 summary = angle_loss(out.summary[t.name].float(), b["summary"], disp)
                 parts[f"{t.name}/summary"] = float(summary.detach())
                 total = total + t.summary * summary
@@ -215,10 +222,6 @@ class Trainer:
             if micro_step // self.cfg.optim.accumulate >= self.cfg.loss.mesa_start:
                 total = total + self.cfg.loss.mesa * mesa
         return total, parts
-
-    def _partition(self, batch: dict) -> str:
-        res = batch["image"].shape[-1]
-        return "high" if res in self.cfg.resolution.high and res not in self.cfg.resolution.low else "low"
 
     # ---- records ---------------------------------------------------------------------------
 
@@ -325,8 +328,7 @@ class Trainer:
         self.student.eval()
         out = self._forward(batch["image"], None)
         self.student.train(was)
-        image = batch["image"][0].cpu() * torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1) \
-            + torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
+        image = batch["image"][0].cpu() * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)
         image = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
         folder = self.out / "pictures"
         folder.mkdir(exist_ok=True)
