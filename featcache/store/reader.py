@@ -317,6 +317,8 @@ class ViewReader:
     def _small_chunk(self, name: str, i: int) -> np.ndarray:
         """The whole chunk (S rows) of small array ``name`` that holds row ``i``, checked once."""
         arr, dtype = self._arrays[name], self._dtypes[name]
+        if self._small_row_bytes(name) == 0:  # e.g. a view without summaries: zarr stores no object
+            return np.zeros((self.view.shard_size, *arr.shape[1:]), dtype)
         coords = (i // self.view.shard_size,) + (0,) * (arr.ndim - 1)
         nbytes = self._small_row_bytes(name) * self.view.shard_size
         raw = self._ranges.read(self._path(name, coords), 0, nbytes + _CRC)
