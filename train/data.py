@@ -163,20 +163,35 @@ class CacheReader:
             self._readers[key] = Cache.open(self.root).view(key).reader()
         return self._readers[key]
 
+    def device_space(self, key: str) -> str:
+        """The space a loader reads ``key``'s windows in when the PHI-S transform is left to the
+        training device: stored values (f16/f32, no copy, no matrix product on the loader's CPU)
+        for float views; an int8-phis view's codes decode by table lookup, so it reads ``self.space``."""
+        return self.space if self.view(key).spec.codec == "int8-phis" else "stored"
+
+    def phis_transform(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(mean, rotation) the device applies to ``key``'s looked-up targets, ``(x - mean) @ rotation.T``,
+        or None when the windows already are in this reader's space. Exact after the lookup: its
+        weights sum to one per cell, so the affine transform commutes with it."""
+        if self.space != "phis" or self.device_space(key) == "phis":
+            return None
+        return self.view(key)._phis()
+
     def box(self, key: str, row: int) -> tuple[float, ...]:
         reader = self.view(key)
         if not reader.row("valid", row):
             raise UsageError(f"{key}: image row {row} holds no features (failed or not written yet)")
         return tuple(float(v) for v in reader.row("box", row))
 
-    def read(self, row: int, windows: dict[str, tuple[int, int, int, int] | None]) -> dict[str, dict]:
-        """Per view key: ``dense`` (the window, in this reader's space), ``summary``, ``box`` and
-        ``bytes`` (chunk bytes the window moved); a window of None reads the whole map."""
+    def read(self, row: int, windows: dict[str, tuple[int, int, int, int] | None],
+             space: str | None = None) -> dict[str, dict]:
+        """Per view key: ``dense`` (the window, in ``space``, by default this reader's), ``summary``,
+        ``box`` and ``bytes`` (chunk bytes the window moved); a window of None reads the whole map."""
         out = {}
         for key, window in windows.items():
             reader = self.view(key)
             box = self.box(key, row)
-            out[key] = {"dense": reader.read_dense(row, window, self.space), "box": box,
+            out[key] = {"dense": reader.read_dense(row, window, space or self.space), "box": box,
                         "summary": reader.row("summary", row) if reader.spec.summary_channels else None,
                         "bytes": reader.bytes_for(window)}
         return out
@@ -224,11 +239,12 @@ class CacheDataset(torch.utils.data.Dataset):
         for views in self.teachers.values():
             key = views[item.partition]
             windows[key] = geometry.window_for(crop.box, self.views.box(key, item.row), self.reader(key).spec.grid)
-        read = self.views.read(item.row, windows)
+        read = {key: self.views.read(item.row, {key: w}, self.views.device_space(key))[key] for key, w in windows.items()}
         sample["bytes"] = sum(r["bytes"] for r in read.values())
         for name, views in self.teachers.items():
             key = views[item.partition]
             sample[name] = self._targets(read[key], windows[key], self.reader(key).spec.grid, crop, grid)
+            sample[name]["key"] = key
         if self.mesa and item.seed:
             other = geometry.sample_crop(rng, (W, H), view_box, view_grid, grid, self.crop)
             sample["image2"] = student_input(image, other.box, grid_px(grid, self.patch), other.flip)
@@ -239,11 +255,12 @@ class CacheDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def _targets(read: dict, window, view_grid, crop: geometry.Crop, grid: tuple[int, int]) -> dict:
-        """One teacher's part of a sample: its window (C, h, w), the map from the student grid into
-        the window, the window's extent, Ω and the raw summary."""
+        """One teacher's part of a sample: its window (h, w, C) as read (f16 stays f16: the device
+        converts), the map from the student grid into the window, the window's extent, Ω and the
+        raw summary."""
         r0, r1, c0, c1 = window
         m = geometry.cell_map(crop.box, grid, read["box"], view_grid, crop.flip).shifted(r0, c0)
-        out = {"window": torch.from_numpy(np.ascontiguousarray(read["dense"], dtype=np.float32)).permute(2, 0, 1),
+        out = {"window": torch.from_numpy(np.require(read["dense"], requirements=["C", "W"])),
                "map": torch.from_numpy(m.as_array()), "extent": torch.tensor([r1 - r0, c1 - c0]),
                "omega": torch.from_numpy(geometry.omega(crop.box, grid, read["box"], crop.flip))}
         if read["summary"] is not None:
@@ -256,19 +273,23 @@ def grid_px(grid: tuple[int, int], patch: int) -> tuple[int, int]:
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack a batch; each teacher's windows are zero-padded to the batch's largest (their real
-    extents travel with them, so the lookup never reads the padding)."""
+    """Stack a batch; each teacher's windows (h, w, C), in their stored dtype, are padded to the
+    batch's largest (their real extents travel with them, so the lookup never reads the padding)."""
     out = {"row": torch.tensor([s["row"] for s in samples]), "image": torch.stack([s["image"] for s in samples]),
            "box": torch.stack([s["box"] for s in samples]), "flip": torch.tensor([s["flip"] for s in samples]),
            "bytes": sum(s["bytes"] for s in samples), "partition": samples[0]["partition"]}
     for name in [k for k, v in samples[0].items() if isinstance(v, dict) and "window" in v]:
         parts = [s[name] for s in samples]
-        hmax = max(p["window"].shape[1] for p in parts)
-        wmax = max(p["window"].shape[2] for p in parts)
-        windows = torch.zeros(len(parts), parts[0]["window"].shape[0], hmax, wmax)
+        hmax = max(p["window"].shape[0] for p in parts)
+        wmax = max(p["window"].shape[1] for p in parts)
+        first = parts[0]["window"]
+        windows = torch.empty(len(parts), hmax, wmax, first.shape[2], dtype=first.dtype)
         for k, p in enumerate(parts):
-            windows[k, :, :p["window"].shape[1], :p["window"].shape[2]] = p["window"]
-        out[name] = {"window": windows, "map": torch.stack([p["map"] for p in parts]),
+            h, w = p["window"].shape[:2]
+            windows[k, :h, :w] = p["window"]
+            windows[k, h:].zero_()
+            windows[k, :h, w:].zero_()
+        out[name] = {"window": windows, "key": parts[0]["key"], "map": torch.stack([p["map"] for p in parts]),
                      "extent": torch.stack([p["extent"] for p in parts]),
                      "omega": torch.stack([p["omega"] for p in parts])}
         if "summary" in parts[0]:

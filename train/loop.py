@@ -142,6 +142,7 @@ class Trainer:
         self.step = 0
         self.best = float("inf")
         self._knn_images: list | None = None
+        self._phis: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self._teacher_knn: dict[str, float] = {}
 
     # ---- the loop -------------------------------------------------------------------------
@@ -204,7 +205,7 @@ class Trainer:
         total, parts = 0.0, {}
         for t in self.targets:
             b = batch[t.name]
-            target = lookup_targets(b["window"], b["map"], b["extent"], out.grid).permute(0, 2, 3, 1)
+            target = self.targets_of(b, out.grid)
             spatial = spatial_mse(out.dense[t.name].float(), target, b["omega"])
             parts[f"{t.name}/spatial"] = float(spatial.detach())
             total = total + t.spatial * spatial
@@ -222,6 +223,20 @@ class Trainer:
             if micro_step // self.cfg.optim.accumulate >= self.cfg.loss.mesa_start:
                 total = total + self.cfg.loss.mesa * mesa
         return total, parts
+
+    def targets_of(self, part: dict, grid: tuple[int, int]) -> torch.Tensor:
+        """One teacher's targets on the student grid, (B, h, w, C) float32: the batched lookup of its
+        windows, then (for float views) the PHI-S transform on the device (DESIGN.md §5)."""
+        windows = part["window"].permute(0, 3, 1, 2)
+        target = lookup_targets(windows, part["map"], part["extent"], grid).permute(0, 2, 3, 1)
+        key = part["key"]
+        if key not in self._phis:
+            phis = self.dataset.views.phis_transform(key)
+            self._phis[key] = None if phis is None else tuple(torch.from_numpy(a).to(self.device) for a in phis)
+        if self._phis[key] is not None:
+            mean, rotation = self._phis[key]
+            target = (target - mean) @ rotation.T
+        return target
 
     # ---- records ---------------------------------------------------------------------------
 
@@ -334,7 +349,7 @@ class Trainer:
         folder.mkdir(exist_ok=True)
         for t in self.targets:
             b = batch[t.name]
-            target = lookup_targets(b["window"], b["map"], b["extent"], out.grid).permute(0, 2, 3, 1)[0]
+            target = self.targets_of(b, out.grid)[0]
             pca_picture(out.dense[t.name][0].float().cpu().numpy(), target.cpu().numpy(), b["omega"][0].cpu().numpy(),
                         folder / f"step{self.step:07d}-{t.name}.png", image=image,
                         title=f"{t.name}, image row {row}, step {self.step}")
