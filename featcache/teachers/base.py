@@ -1,9 +1,11 @@
 """The teacher interface and registry: one family per file, ``create_teacher`` the only constructor.
 
 A teacher wraps a transformers vision model and returns a fixed structure, ``summary (B, Cs)``
-and ``dense (B, h, w, C)``, both float32, from a batch of normalized views (see
-:mod:`featcache.teachers.views`). On CUDA the forward runs under bf16 autocast and a batch that runs out
-of memory is split in halves until it fits; on CPU it runs in float32.
+and ``dense (B, h, w, C)``, float32 unless the caller asks for the forward's own dtypes, from a batch
+of normalized views (see :mod:`featcache.teachers.views`). On CUDA the weights are loaded in bfloat16
+(never as a float32 copy), attention is SDPA, the forward runs under bf16 autocast (norms and
+softmax in float32, as autocast decides) and a batch that runs out of memory is split in halves
+until it fits; on CPU everything is float32.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ class ModelSetup:
 class TeacherOutput:
     """What every teacher returns: one summary vector and one dense patch map per view."""
 
-    summary: torch.Tensor  # (B, Cs) float32
-    dense: torch.Tensor  # (B, h, w, C) float32
+    summary: torch.Tensor  # (B, Cs) float32 (or the forward's dtype, when asked for)
+    dense: torch.Tensor  # (B, h, w, C) float32 (or the forward's dtype, when asked for)
 
 
 class Teacher:
@@ -79,7 +81,7 @@ class Teacher:
         directory, config = cls._open(source, revision)
         setup = cls._model_setup(directory, config)
         model = loading.load_checked(setup.model_cls, directory, setup.config, key_mapping=setup.key_mapping,
-                                     ignorable=setup.ignorable)
+                                     ignorable=setup.ignorable, dtype=weights_dtype(device))
         spec = cls._spec(model, directory, config, source, revision, name, hash_weights)
         return cls(model, spec, device=device, compile=compile)
 
@@ -130,24 +132,31 @@ class Teacher:
         return f"{type(self).__name__}({self.spec.source!r}, {self.spec.view_key()}, device={self.device})"
 
     @torch.inference_mode()
-    def extract(self, pixels: torch.Tensor, batch_size: int | None = None) -> TeacherOutput:
-        """Features of a batch of normalized views ``(B, 3, H, W)`` on this teacher's device."""
+    def extract(self, pixels: torch.Tensor, batch_size: int | None = None,
+                dtype: torch.dtype | None = torch.float32) -> TeacherOutput:
+        """Features of a batch of normalized views ``(B, 3, H, W)`` on this teacher's device.
+
+        ``dtype``: of the outputs; ``None`` keeps what the forward gives (on CUDA bfloat16, or float32
+        where autocast ran the last op, a final norm, in float32), for a caller that converts them to
+        a stored dtype on the device and never copies float32 to the host."""
         self.spec.check_size(tuple(pixels.shape[-2:]))
         pixels = pixels.to(self.device, non_blocking=True)
         size = min(batch_size or len(pixels), self.batch_size or len(pixels))
-        out, used = run_in_batches(self._run, pixels, size, backoff=self.device.type == "cuda")
+        out, used = run_in_batches(lambda p: self._run(p, dtype), pixels, size, backoff=self.device.type == "cuda")
         if used < size:
             self.batch_size = used
         return out
 
     @torch.inference_mode()
-    def extract_mosaic(self, tiles: torch.Tensor, k: int, batch_size: int | None = None) -> TeacherOutput:
+    def extract_mosaic(self, tiles: torch.Tensor, k: int, batch_size: int | None = None,
+                       dtype: torch.dtype | None = torch.float32) -> TeacherOutput:
         """Features of ``(B, 3, t, t)`` tiles, ``k`` x ``k`` of them composed into each native-size input.
 
         Tiles fill each mosaic row-major; a last, partly filled mosaic is padded with zeros (the
         normalized mean colour). Each tile gets back its own ``(t/p, t/p)`` cells of the mosaic's
         dense map, and as summary the mean of those cells (a pooled head or CLS token sees the whole
-        mosaic, so it describes no single tile). ``batch_size`` counts mosaics.
+        mosaic, so it describes no single tile). ``batch_size`` counts mosaics; ``dtype`` as in
+        :meth:`extract` (the mean is taken in float32, and kept so when ``dtype`` is None).
         """
         th, tw = self.spec.mosaic_tile(k)
         if tuple(tiles.shape[-2:]) != (th, tw):
@@ -158,18 +167,21 @@ class Teacher:
         canvas = tiles.new_zeros((m * per, 3, th, tw))
         canvas[:n] = tiles
         mosaics = canvas.view(m, k, k, 3, th, tw).permute(0, 3, 1, 4, 2, 5).reshape(m, 3, k * th, k * tw)
-        dense = self.extract(mosaics, batch_size).dense
+        dense = self.extract(mosaics, batch_size, dtype=None).dense
         gh, gw = th // self.spec.patch_size, tw // self.spec.patch_size
         dense = dense.reshape(m, k, gh, k, gw, -1).permute(0, 1, 3, 2, 4, 5).reshape(m * per, gh, gw, -1)[:n]
-        return TeacherOutput(dense.mean(dim=(1, 2)), dense)
+        summary = dense.mean(dim=(1, 2), dtype=torch.float32)  # stays float32 with dtype None: no bf16 rounding
+        return TeacherOutput(summary.to(dtype or summary.dtype), dense.to(dtype or dense.dtype))
 
-    def _run(self, pixels: torch.Tensor) -> TeacherOutput:
+    def _run(self, pixels: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> TeacherOutput:
         if self.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = self._call(pixels)
         else:
             out = self._call(pixels.float())
-        return TeacherOutput(out.summary.float(), out.dense.float())
+        if dtype is None:
+            return out
+        return TeacherOutput(out.summary.to(dtype), out.dense.to(dtype))
 
     def tokens_to_grid(self, tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Patch tokens ``(B, prefix + h*w, C)`` → dense ``(B, h, w, C)``, prefix tokens dropped."""
@@ -198,6 +210,12 @@ def _concat(outs: list[TeacherOutput]) -> TeacherOutput:
     if len(outs) == 1:
         return outs[0]
     return TeacherOutput(torch.cat([o.summary for o in outs]), torch.cat([o.dense for o in outs]))
+
+
+def weights_dtype(device: str | torch.device) -> torch.dtype:
+    """The dtype a teacher's weights are loaded in: bfloat16 on CUDA, float32 elsewhere (CPUs have
+    no fast bf16 path here, and tests compare float32 outputs)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def describe_teacher(family: str, source: str, revision: str | None = None, name: str | None = None,

@@ -16,6 +16,7 @@ import os
 import re
 from contextlib import contextmanager
 
+import torch
 from safetensors import SafetensorError
 
 from featcache.errors import TeacherLoadError
@@ -95,14 +96,18 @@ def weights_hash(directory: str) -> str:
 
 
 def load_checked(model_cls, directory: str, config, key_mapping: dict[str, str] | None = None,
-                 ignorable: tuple[str, ...] = ()):
-    """``model_cls.from_pretrained`` that refuses missing, unexpected or mismatched weights."""
+                 ignorable: tuple[str, ...] = (), dtype: torch.dtype = torch.float32):
+    """``model_cls.from_pretrained`` that refuses missing, unexpected or mismatched weights.
+
+    The weights are created in ``dtype`` as they are read (bfloat16 for CUDA: a 7B teacher never
+    exists as a float32 copy), with SDPA attention where the class has it."""
     safetensors_files(directory)
+    attention = {"attn_implementation": "sdpa"} if getattr(model_cls, "_supports_sdpa", False) else {}
     try:
         with quiet_transformers():
             model, info = model_cls.from_pretrained(directory, config=config, key_mapping=key_mapping,
                                                     output_loading_info=True, use_safetensors=True,
-                                                    trust_remote_code=False, dtype="float32")
+                                                    trust_remote_code=False, dtype=dtype, **attention)
     except _LOAD_ERRORS as e:
         raise TeacherLoadError(f"cannot load weights from {directory}: {type(e).__name__}: {_first_line(e)}") from e
     _check_info(info, directory, ignorable)
