@@ -151,3 +151,24 @@ def test_loading_leaves_transformers_verbosity_as_the_caller_set_it(tmp_path):
         assert hf_logging.get_verbosity() == hf_logging.INFO and hf_logging.is_progress_bar_enabled()
     finally:
         hf_logging.set_verbosity_warning()
+
+
+@pytest.mark.parametrize("family, save", [("siglip2", save_siglip), ("dinov3", save_dinov3)])
+def test_weights_load_straight_into_bfloat16_for_cuda(tmp_path, family, save):
+    """On CUDA a teacher's weights are created in bfloat16 as they are read (no float32 copy of a 7B
+    model); every one equals the saved float32 weight rounded to bfloat16."""
+    from featcache.teachers import family_class, loading
+    from featcache.teachers.base import weights_dtype
+
+    assert weights_dtype("cuda") == torch.bfloat16 and weights_dtype("cpu") == torch.float32
+    folder, saved = save(tmp_path / family)
+    cls = family_class(family)
+    directory, config = cls._open(str(folder), None)
+    setup = cls._model_setup(directory, config)
+    model = loading.load_checked(setup.model_cls, directory, setup.config, key_mapping=setup.key_mapping,
+                                 ignorable=setup.ignorable, dtype=torch.bfloat16)
+    want = saved.state_dict()
+    params = dict(model.named_parameters())
+    assert params and all(p.dtype == torch.bfloat16 for p in params.values())
+    for name, p in params.items():
+        assert torch.equal(p, want[name].to(torch.bfloat16)), name
