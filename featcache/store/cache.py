@@ -23,7 +23,7 @@ from zarr.errors import ContainsArrayError, ContainsGroupError
 from featcache.errors import CacheFormatError, MisalignedWriteError, SourceNotFoundError, UsageError
 from featcache.fsio import Location, locate
 from featcache.store import attrs as attrs_json
-from featcache.store import commits, fingerprint, tables
+from featcache.store import commits, fingerprint, shardwriter, tables
 from featcache.store.spec import FORMAT_VERSION, ViewSpec, check_view_key
 from featcache.store.zarrio import (ARRAYS, ChecksumStore, array_layouts, as_dtype, open_root, shard_object_keys,
                                     write_small_array, zarr_store)
@@ -340,35 +340,82 @@ class View:
 
         ``errors`` maps image rows that failed to their reason: their ``valid`` is 0 and their
         features are stored as zeros. Rewriting a shard is idempotent: the old commit is withdrawn
-        first, and a writer killed before the marker leaves the shard uncommitted.
+        first, and a writer killed before the marker leaves the shard uncommitted. Each object is
+        encoded here and written in one write (:mod:`featcache.store.shardwriter`), the same bytes
+        zarr-python would write; an array whose stored layout that module does not know is written
+        through zarr.
         """
         shard, stop = self._aligned(start, len(dense))
         errors = {int(k): str(v) for k, v in (errors or {}).items()}
         data = self._shard_arrays(start, stop, dense, summary, box, errors)
         commits.remove_commit(self.cache.root, self.key, shard)
-        store = ChecksumStore(zarr_store(self.cache.features))
-        group = zarr.open_group(store, path=self.key, mode="r+", zarr_format=3)
-        self._remove_objects(group, shard)
-        for name in ARRAYS:
-            # write_empty_chunks is not stored with the array: without it, zarr skips (or deletes)
-            # all-zero chunks, and an all-failed shard would lack the objects its marker records.
-            group[name].with_config({"write_empty_chunks": True})[start:stop] = data[name]
-        prefix = self.key + "/"
-        checksums = {k[len(prefix):]: v for k, v in store.written.items() if k.startswith(prefix)}
+        self._clear(shard)
+        checksums = self._store_arrays(shard, start, stop, data)
         commit = commits.Commit(view=self.key, shard=shard, start=start, stop=stop, errors=errors,
                                 checksums=checksums, worker=commits.worker_identity(), info=info or {},
                                 time=time.time())
         commits.write_commit(self.cache.root, commit)
         return commit
 
-    def _remove_objects(self, group: zarr.Group, shard: int) -> None:
-        """Delete what an earlier write of ``shard`` stored: zarr reads an existing shard object's index
-        before writing over it, and a damaged one (what ``--repair`` rewrites) would fail the write.
-        On local disks also the temporary files (``<object>.<hex>.partial``) of a writer killed mid-write."""
-        for key in shard_object_keys(group, shard).values():
+    @cached_property
+    def _arrays(self) -> dict[str, zarr.Array]:
+        """The view's arrays, opened once: the driver fixes their metadata when it creates them."""
+        return {name: self.group[name] for name in ARRAYS}
+
+    @cached_property
+    def _layouts(self) -> dict[str, shardwriter.ArrayLayout | None]:
+        """How the shard writer encodes each array; None for a layout it does not know."""
+        layouts = {}
+        for name, array in self._arrays.items():
+            try:
+                layouts[name] = shardwriter.ArrayLayout.from_metadata(array.metadata)
+            except shardwriter.LayoutNotSupported:
+                layouts[name] = None
+        return layouts
+
+    def _store_arrays(self, shard: int, start: int, stop: int, data: dict) -> dict[str, int]:
+        """Store ``shard``'s object of every array, in ``ARRAYS`` order (``valid`` last, so a row reads
+        as valid only once it is whole); {key relative to the view: checksum of what was written}.
+
+        The shard writer encodes the objects and they are written together; an array whose stored
+        layout it does not know is written through zarr, in its turn."""
+        checksums, batch = {}, []
+        for name in ARRAYS:
+            layout = self._layouts[name]
+            if layout is None:
+                checksums.update(self._write_objects(batch))
+                checksums.update(self._write_array_through_zarr(name, start, stop, data[name]))
+                batch = []
+                continue
+            batch.append((f"{name}/{layout.key(shard)}", layout.encode(shard, data[name])))
+        checksums.update(self._write_objects(batch))
+        return checksums
+
+    def _write_objects(self, batch: list[tuple[str, list]]) -> dict[str, int]:
+        """Write encoded objects (key relative to the view, buffers); {key: checksum}."""
+        objects = [(self.loc.join(*key.split("/")), parts) for key, parts in batch]
+        return dict(zip([key for key, _ in batch], shardwriter.write_objects(objects)))
+
+    def _write_array_through_zarr(self, name: str, start: int, stop: int, rows: np.ndarray) -> dict[str, int]:
+        """The fallback for layouts the shard writer does not know: zarr-python writes, a ChecksumStore
+        records what it wrote."""
+        store = ChecksumStore(zarr_store(self.cache.features))
+        array = zarr.open_array(store, path=f"{self.key}/{name}", mode="r+", zarr_format=3)
+        # write_empty_chunks is not stored with the array: without it, zarr skips (or deletes)
+        # all-zero chunks, and an all-failed shard would lack the objects its marker records.
+        array.with_config({"write_empty_chunks": True})[start:stop] = rows
+        prefix = self.key + "/"
+        return {k[len(prefix):]: v for k, v in store.written.items() if k.startswith(prefix)}
+
+    def _clear(self, shard: int) -> None:
+        """Before writing ``shard``: remove the temporary files (``<object>.<hex>.partial``) a writer
+        killed mid-write left on a local disk, and the old objects of arrays written through zarr
+        (zarr reads an existing shard object's index before writing over it, and a damaged one, what
+        ``--repair`` rewrites, would fail the write). The shard writer replaces its objects whole."""
+        for name, key in shard_object_keys(self._arrays, shard).items():  # the arrays stand in for the group
             loc = self.loc.join(*key.split("/"))
-            leftovers = glob.glob(glob.escape(loc.path) + ".*.partial") if self.loc.is_local else []
-            for path in [loc.path, *leftovers]:
+            paths = glob.glob(glob.escape(loc.path) + ".*.partial") if self.loc.is_local else []
+            for path in paths + ([loc.path] if self._layouts[name] is None else []):
                 try:
                     loc.fs.rm_file(path)
                 except FileNotFoundError:
@@ -394,7 +441,7 @@ class View:
             x = np.asarray(x)
             if x.shape != expected[name]:
                 raise UsageError(f"{self.key}: {name} has shape {x.shape}, expected {expected[name]}")
-            data[name] = as_dtype(x, self.group[name].dtype)
+            data[name] = as_dtype(x, self._arrays[name].dtype)
         failed = np.array(sorted(errors), dtype=np.int64) - start
         valid = np.ones(n, dtype=np.uint8)
         valid[failed] = 0

@@ -34,7 +34,7 @@ WRITER = textwrap.dedent("""
 
 KILLED = textwrap.dedent("""
     import sys, time
-    from featcache.store import Cache, commits, zarrio
+    from featcache.store import Cache, commits, shardwriter
     from tests.support.caches import shard_data
     root, moment, ready = sys.argv[1:4]
 
@@ -44,13 +44,16 @@ KILLED = textwrap.dedent("""
 
     if moment == "before-commit":
         commits.write_commit = lambda *a, **k: signal_and_hang()
-    else:
-        original = zarrio.ChecksumStore.set
-        async def set_then_hang(self, key, value):
-            await original(self, key, value)
-            if key.split("/")[1] == moment.split("-")[1]:
-                signal_and_hang()
-        zarrio.ChecksumStore.set = set_then_hang
+    else:  # the shard's objects one at a time, the kill between two of them
+        original = shardwriter.write_objects
+        def write_then_hang(objects):
+            checksums = []
+            for loc, buffers in objects:
+                checksums += original([(loc, buffers)])
+                if f"/{moment.split('-')[1]}/c/" in loc.path:
+                    signal_and_hang()
+            return checksums
+        shardwriter.write_objects = write_then_hang
     view = Cache.open(root).view("dinov3@224")
     view.write_shard(4, **shard_data(view, 1, seed=7))
 """)
