@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from featcache.errors import FeatcacheError, ShardFailedError, StorageError, UsageError
 from featcache.extract import calibration
 from featcache.extract.config import ExtractConfig
-from featcache.extract.finalize import failed_images, rebuild_errors, write_run_record
+from featcache.extract.finalize import consolidate_if_changed, failed_images, job_errors, write_run_record
 from featcache.extract.plan import Plan, prepare
 from featcache.extract.progress import Progress, plural
 from featcache.retry import describe, is_transient, storage_error, storage_errors
@@ -84,8 +84,8 @@ def run(config: ExtractConfig, stream=None) -> ExtractResult:
             outcome.stats = _stats(config, keys, stream)  # on the same Ray runtime
     if outcome.stopped is not None:
         raise _stop(plan, outcome, time.perf_counter() - t0, stream)
-    rows = rebuild_errors(plan.cache, keys)
-    plan.cache.consolidate()  # for xarray: the views, arrays and attrs as this job leaves them
+    rows = job_errors(plan)  # reads only the markers that changed since errors.parquet was written
+    consolidate_if_changed(plan)  # for xarray: the views, arrays and attrs as this job leaves them
     damaged = [f"{r['view']} {r['reason']}" for r in rows if r["stage"] == "commit"]
     n_failed, reasons = failed_images(plan.cache, [r for r in rows if r["stage"] != "commit"])
     seconds = time.perf_counter() - t0
@@ -140,7 +140,7 @@ def _stop(plan: Plan, outcome: "Outcome", seconds: float, stream) -> FeatcacheEr
     record, note = "", ""
     try:
         record = write_run_record(plan.cache, body)
-        rebuild_errors(plan.cache, [v.key for v in plan.views])
+        job_errors(plan)
     except StorageError as e:
         note = f"; {'errors.parquet' if record else 'the run record'} could not be written either ({e})"
     if not record and stopped.unexpected:

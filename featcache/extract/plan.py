@@ -3,8 +3,10 @@
 ``prepare`` makes sure the output root has a manifest (indexing the source, reusing the output's
 own manifest, or copying an existing cache's), describes every teacher from its config alone
 (meta device: no weights loaded on the driver), creates every view at its final shape, and lists
-the work: per shard, the views not yet committed. A view that already exists with other data
-settings (model, weights, resolution, codec, view policy, mosaic) is refused with the reason.
+the work: per shard, the views not yet committed. Each view's commits are listed once, with the
+version of each marker (what the job's end compares to read only the markers that changed); no
+marker is read. A view that already exists with other data settings (model, weights, resolution,
+codec, view policy, mosaic) is refused with the reason.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class Plan:
     todo: dict[int, list[str]] = field(default_factory=dict)  # shard -> view keys not yet committed
     manifest_note: str = ""
     repaired: list[str] = field(default_factory=list)  # what --repair found and did, one line each
+    committed: dict[str, dict[int, str | None]] = field(default_factory=dict)  # view -> {shard: marker version}
+    errors_table_wrong: bool = False  # --repair found errors.parquet disagreeing with the commits
 
     @property
     def done_shards(self) -> int:
@@ -77,26 +81,34 @@ def prepare(config: ExtractConfig) -> Plan:
     if len(set(keys)) != len(keys):
         raise UsageError(f"two teachers produce the view {next(k for k in keys if keys.count(k) > 1)}: "
                          "give one of them another 'name'")
-    repaired = repair(cache, keys) if config.repair else []
+    repaired, errors_wrong = repair(cache, keys) if config.repair else ([], False)
     num_shards = -(-cache.num_images // shard_size)
-    committed = {v.key: cache.view(v.key).committed_shards() for v in views}
+    committed = {k: commits.list_commits(cache.root, k) for k in keys}  # one listing per view, no marker read
+    return Plan(config, cache, specs, views, num_shards, shard_size, todo_of(committed, keys, num_shards), note,
+                repaired, committed, errors_wrong)
+
+
+def todo_of(committed: dict[str, dict], keys: list[str], num_shards: int) -> dict[int, list[str]]:
+    """Per shard, the views of ``keys`` (in order) that ``committed`` lacks; shards with none are left out."""
     todo = {}
     for shard in range(num_shards):
         missing = [k for k in keys if shard not in committed[k]]
         if missing:
             todo[shard] = missing
-    return Plan(config, cache, specs, views, num_shards, shard_size, todo, note, repaired)
+    return todo
 
 
-def repair(cache: Cache, keys: list[str]) -> list[str]:
+def repair(cache: Cache, keys: list[str]) -> tuple[list[str], bool]:
     """Verify the views ``keys``; uncommit every shard with a problem so that this job recomputes it.
 
-    Returns one line per problem saying what happens to it. Problems of a whole view (its statistics,
-    metadata or codec) are not mended by recomputing shards: those lines say what to do instead; the
-    errors table is rebuilt at the end of every job anyway.
+    Returns one line per problem saying what happens to it, and whether ``errors.parquet`` disagrees
+    with the commits (the job's end then rebuilds it from every marker). Problems of a whole view (its
+    statistics, metadata or codec) are not mended by recomputing shards: those lines say what to do
+    instead.
     """
-    lines = []
+    lines, errors_wrong = [], False
     for problem in verify(cache, keys).problems:
+        errors_wrong |= problem.kind == "errors-table"
         if problem.shard is not None:
             commits.remove_commit(cache.root, problem.view, problem.shard)
             lines.append(f"repair: {problem}: uncommitted, recomputed by this job")
@@ -104,7 +116,7 @@ def repair(cache: Cache, keys: list[str]) -> list[str]:
             lines.append(f"repair: {problem}: rebuilt at the end of this job")
         else:
             lines.append(f"repair: {problem}: not mended by recomputing shards (write to a new root or view)")
-    return lines
+    return lines, errors_wrong
 
 
 def view_specs(index: int, t: TeacherConfig, spec: TeacherSpec, config: ExtractConfig):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import socket
 from dataclasses import asdict, dataclass, field
 
@@ -86,13 +87,44 @@ def read_commit(root: Location, view: str, shard: int) -> Commit | None:
 
 def committed_shards(root: Location, view: str) -> set[int]:
     """Indices of the committed shards of ``view`` (one listing, no marker is read)."""
+    return {shard for shard in map(_shard_of, _listing(root, view, detail=False)) if shard is not None}
+
+
+def list_commits(root: Location, view: str) -> dict[int, str | None]:
+    """The committed shards of ``view``, each with the version of its marker (one listing, no marker
+    is read). A marker's version changes whenever it is written again: the object's ETag on object
+    stores (a hash of its bytes), its inode, mtime and size on a local disk (markers are renamed into
+    place, so each write is a new inode); None where the filesystem says nothing that would change."""
+    out = {}
+    for entry in _listing(root, view, detail=True):
+        shard = _shard_of(entry["name"])
+        if shard is not None:
+            out[shard] = marker_version(entry)
+    return out
+
+
+def marker_version(entry: dict) -> str | None:
+    """The version of a marker from its listing entry (see :func:`list_commits`)."""
+    if entry.get("ETag"):
+        return str(entry["ETag"])
+    if entry.get("ino") is not None and entry.get("mtime") is not None:
+        return f"{entry['ino']}:{entry['mtime']!r}:{entry.get('size')}"
+    return None
+
+
+def _listing(root: Location, view: str, detail: bool) -> list:
+    """The entries of ``_commits/<view>/``, listed afresh (markers appear while a job runs)."""
     loc = commit_dir(root, view)
     try:
-        names = loc.fs.ls(loc.path, detail=False, refresh=True)
+        return loc.fs.ls(loc.path, detail=detail, refresh=True)
     except FileNotFoundError:
-        return set()
-    stems = (os.path.basename(n)[: -len(".json")] for n in names if n.endswith(".json"))
-    return {int(s) for s in stems if s.isdigit()}
+        return []
+
+
+def _shard_of(name: str) -> int | None:
+    """The shard a marker's file name is for; None for anything else in the folder."""
+    stem = posixpath.basename(name.rstrip("/"))
+    return int(stem[: -len(".json")]) if stem.endswith(".json") and stem[: -len(".json")].isdigit() else None
 
 
 def remove_commit(root: Location, view: str, shard: int) -> None:
