@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,7 +193,7 @@ class Trainer:
                            knn, time.perf_counter() - t0)
 
     def _forward(self, pixels: torch.Tensor, noise_step: int | None):
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _nothing()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         with autocast:
             if noise_step is not None and self.cfg.loss.damp > 0 and self.student.training:
                 g = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 1_000_003 + noise_step)
@@ -403,14 +404,6 @@ def _metadata(path: Path) -> dict:
         raise UsageError(f"{path} does not exist: nothing to resume or load")
     with safe_open(str(path), "pt") as f:
         return f.metadata() or {}
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def train(cfg: TrainConfig | None, out: str | Path, resume: bool = False, init: str | None = None,
