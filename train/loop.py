@@ -215,14 +215,13 @@ class Trainer:
                 summary = angle_loss(out.summary[t.name].float(), b["summary"], disp)
                 parts[f"{t.name}/summary"] = float(summary.detach())
                 total = total + t.summary * summary
-        if self.mesa and micro_step is not None:
-            with torch.no_grad():
+        if self.mesa and micro_step is not None and micro_step // self.cfg.optim.accumulate >= self.cfg.loss.mesa_start:
+            with torch.no_grad():  # no EMA forward before MESA starts: its loss would not count
                 ema_out = self.ema.module(batch["image2"])
             mesa = mesa_loss(out.features.float(), ema_out.features.float(), batch["mesa"]["map"],
                              batch["mesa"]["omega"])
             parts["mesa"] = float(mesa.detach())
-            if micro_step // self.cfg.optim.accumulate >= self.cfg.loss.mesa_start:
-                total = total + self.cfg.loss.mesa * mesa
+            total = total + self.cfg.loss.mesa * mesa
         return total, parts
 
     def targets_of(self, part: dict, grid: tuple[int, int]) -> torch.Tensor:
