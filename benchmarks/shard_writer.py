@@ -20,8 +20,8 @@ objects, as extraction does):
 MB/s counts the bytes of the shard's four objects; medians over rounds; ratios writer/raw and
 writer/zarr (issue 13 targets: >= 0.8x raw, >= 4x zarr); the median CPU time of this process per
 shard (all threads; not the S3 server's). Before timing, the writer's objects are checked to be
-byte-identical to zarr-python's. The CRC-32 the commit markers record comes from ISA-L when the
-optional ``isal`` package is installed, else zlib: the report says which. The machine may be shared:
+byte-identical to zarr-python's. The CRC-32 the commit markers record comes from ISA-L (the ``isal``
+dependency), else zlib where it has no wheel: the report says which. The machine may be shared:
 the load average is printed.
 """
 
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     shapes, rounds = (QUICK, 3) if args.quick else (SHAPES, args.rounds)
     result = {"load_before": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
-              "object_crc32": shardwriter._object_crc32.__module__, "storage": {}}
+              "object_crc32": shardwriter.object_crc32.__module__, "storage": {}}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         log(f"local: {tmp}")
         result["storage"]["local"] = bench_storage(tmp, shapes, rounds)

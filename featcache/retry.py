@@ -22,6 +22,8 @@ _STORAGE = {
     errno.EROFS: ("read-only file system", "write to a writable location, or remount it read-write"),
     errno.EACCES: ("permission denied", "give this user write access, or write elsewhere"),
     errno.EPERM: ("operation not permitted", "give this user write access, or write elsewhere"),
+    errno.ENOTDIR: ("a file stands where a folder is needed", "move that file away and rerun"),
+    errno.EEXIST: ("a file stands where a folder is needed", "move that file away and rerun"),
 }
 _TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
                      errno.ECONNABORTED, errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EREMOTEIO}

@@ -387,11 +387,11 @@ class View:
                 checksums.update(self._write_array_through_zarr(name, start, stop, data[name]))
                 batch = []
                 continue
-            batch.append((f"{name}/{layout.key(shard)}", layout.encode(shard, data[name])))
+            batch.append((f"{name}/{layout.key(shard)}", layout.encode_later(shard, data[name])))
         checksums.update(self._write_objects(batch))
         return checksums
 
-    def _write_objects(self, batch: list[tuple[str, list]]) -> dict[str, int]:
+    def _write_objects(self, batch: list[tuple[str, shardwriter.Encoded]]) -> dict[str, int]:
         """Write encoded objects (key relative to the view, buffers); {key: checksum}."""
         objects = [(self.loc.join(*key.split("/")), parts) for key, parts in batch]
         return dict(zip([key for key, _ in batch], shardwriter.write_objects(objects)))

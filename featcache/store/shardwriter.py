@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,10 +36,10 @@ import numpy as np
 from featcache.fsio import Location
 from featcache.retry import storage_errors
 
-try:  # ISA-L computes the same CRC-32 as zlib, ~8x faster here (optional: pip install isal)
-    from isal.isal_zlib import crc32 as _object_crc32
+try:  # ISA-L computes the same CRC-32 as zlib, ~8x faster here (a dependency; zlib where it has no wheel)
+    from isal.isal_zlib import crc32 as object_crc32
 except ImportError:
-    from zlib import crc32 as _object_crc32
+    from zlib import crc32 as object_crc32
 
 _CRC = 4
 _EMPTY = np.uint64(2**64 - 1)  # an index entry of a chunk that is not stored
@@ -48,6 +49,9 @@ _MIN_RUN = 16 << 10  # shorter runs of a chunk are copied together rather than w
 _IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX"))
 #: The CRC-32s of a shard's objects are computed beside its writes (both release the GIL).
 _BESIDE = ThreadPoolExecutor(max_workers=4, thread_name_prefix="featcache-shardwriter")
+#: The chunks' crc32c slots are filled here, ahead of the writes (its tasks never wait on others).
+_FILLER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="featcache-crc32c")
+_NOTIFY_BYTES = 4 << 20  # the filler tells the writer of its progress every this many bytes
 
 
 class LayoutNotSupported(ValueError):
@@ -126,15 +130,25 @@ class ArrayLayout:
     def encode(self, shard: int, rows: np.ndarray) -> list[np.ndarray]:
         """The bytes of ``shard``'s object holding ``rows`` (all the shard's rows), as the buffers to
         write one after the other: a chunk that lies contiguous in ``rows`` is not copied."""
+        encoded = self.encode_later(shard, rows)
+        encoded.fill()
+        return encoded.parts
+
+    def encode_later(self, shard: int, rows: np.ndarray) -> "Encoded":
+        """:meth:`encode` with the chunks' crc32c slots left to fill: ``write_objects`` fills them on
+        a thread of its own while it writes the parts before them."""
         expected = (self.rows_in(shard), *self.shape[1:])
         if rows.shape != expected:
             raise ValueError(f"could not broadcast rows of shape {rows.shape} into shard {shard}, which "
                              f"holds rows of shape {expected} as the array's metadata stores them")
         if rows.dtype.newbyteorder("=") != self.dtype.newbyteorder("="):
             raise ValueError(f"rows of dtype {rows.dtype} for an array of {self.dtype}: cast them first")
+        encoded = Encoded([], [])
         if self.index is None:
-            return self._chunk(rows, (0,) * len(self.shape))
-        return self._encode_shard(rows)
+            self._chunk(rows, (0,) * len(self.shape), encoded)
+        else:
+            self._encode_shard(rows, encoded)
+        return encoded
 
     @cached_property
     def _chunks_per_shard(self) -> tuple[int, ...]:
@@ -144,22 +158,23 @@ class ArrayLayout:
     def _chunk_nbytes(self) -> int:
         return int(np.prod(self.inner_shape)) * self.dtype.itemsize
 
-    def _encode_shard(self, rows: np.ndarray) -> list[np.ndarray]:
+    def _encode_shard(self, rows: np.ndarray, encoded: "Encoded") -> None:
         order = morton_order(self._chunks_per_shard)
         stored = order[order[:, 0] * self.inner_shape[0] < len(rows)]  # the chunks holding any row
         slot = self._chunk_nbytes + _CRC * self.crc
         index_nbytes = int(np.prod(self._chunks_per_shard)) * 16 + _CRC * self.index.crc
         index = np.full(self._chunks_per_shard + (2,), _EMPTY, np.uint64)
-        parts, offset = [], 0 if self.index.at_end else index_nbytes
+        offset = 0 if self.index.at_end else index_nbytes
+        index_at = len(encoded.parts)  # where the index goes when it comes first
         for coords in map(tuple, stored):
-            parts += self._chunk(rows, coords)
+            self._chunk(rows, coords, encoded)
             index[coords] = (offset, slot)
             offset += slot
         index_bytes = index.astype(self.index.dtype).reshape(-1).view(np.uint8)
         index_parts = [index_bytes, _crc32c([index_bytes])] if self.index.crc else [index_bytes]
-        return parts + index_parts if self.index.at_end else index_parts + parts
+        encoded.insert(len(encoded.parts) if self.index.at_end else index_at, index_parts)
 
-    def _chunk(self, rows: np.ndarray, coords: tuple[int, ...]) -> list[np.ndarray]:
+    def _chunk(self, rows: np.ndarray, coords: tuple[int, ...], encoded: "Encoded") -> None:
         """The chunk at ``coords`` (counted in chunks) of ``rows``: its bytes, then their crc32c.
 
         A whole chunk is a list of views of ``rows`` (its contiguous runs: one for a chunk of whole
@@ -175,7 +190,37 @@ class ArrayLayout:
                 chunk[...] = self.fill_value
             chunk[tuple(slice(0, n) for n in source.shape)] = source
             runs = [chunk.reshape(-1).view(np.uint8)]
-        return runs + [_crc32c(runs)] if self.crc else runs
+        encoded.parts += runs
+        if self.crc:
+            encoded.pending.append((len(encoded.parts), runs))
+            encoded.parts.append(np.zeros(_CRC, np.uint8))
+
+
+@dataclass
+class Encoded:
+    """An object's bytes as the buffers to write in order, some of them 4-byte crc32c slots still to
+    fill: ``pending`` lists (index of the slot in ``parts``, the runs it is the crc32c of), in order."""
+
+    parts: list
+    pending: list[tuple[int, list[np.ndarray]]]
+
+    def insert(self, at: int, parts: list) -> None:
+        """Put final ``parts`` before ``parts[at]`` (the slots at or after it move along)."""
+        self.parts[at:at] = parts
+        self.pending = [(i + len(parts) * (i >= at), runs) for i, runs in self.pending]
+
+    def fill(self, progress: Callable[[int], None] | None = None) -> None:
+        """Fill every crc32c slot, in order; ``progress(n)`` is told, now and then and at the end,
+        that ``parts[:n]`` are final."""
+        since = 0
+        for at, runs in self.pending:
+            self.parts[at][:] = np.frombuffer(_crc32c(runs), np.uint8)
+            since += sum(r.nbytes for r in runs)
+            if progress is not None and since >= _NOTIFY_BYTES:
+                progress(at + 1)
+                since = 0
+        if progress is not None:
+            progress(len(self.parts))
 
 
 def _runs(a: np.ndarray) -> list[np.ndarray] | None:
@@ -238,9 +283,11 @@ def morton_order(shape: tuple[int, ...]) -> np.ndarray:
     return ordered
 
 
-def write_objects(objects: list[tuple[Location, list]]) -> list[int]:
-    """Write each object (a location and the buffers of its bytes, in order) whole; return the checksum
-    featcache records for each (``zarrio.object_checksum``, zlib's CRC-32), computed beside the writes.
+def write_objects(objects: list[tuple[Location, "list | Encoded"]]) -> list[int]:
+    """Write each object (a location and the buffers of its bytes in order, or its :class:`Encoded`
+    bytes) whole; return the checksum featcache records for each (``zarrio.object_checksum``, zlib's
+    CRC-32), computed beside the writes. The crc32c slots of Encoded objects are filled on a thread
+    of their own, ahead of the writes that need them: the format's CPU work overlaps the disk's.
 
     A reader sees an old object or the whole new one. On a local disk each object is written to a
     temporary sibling ``<object>.<hex>.partial`` (the name zarr's LocalStore uses, which a rewrite
@@ -248,36 +295,89 @@ def write_objects(objects: list[tuple[Location, list]]) -> list[int]:
     Elsewhere each object is one ``pipe_file``, in order: one PUT, or a multipart upload for large
     objects on S3. Storage that refuses a write for good raises a StorageError naming the object.
     """
-    checksums = _BESIDE.submit(lambda: [_crc32(parts) for _, parts in objects])
+    encoded = [parts if isinstance(parts, Encoded) else Encoded(list(parts), []) for _, parts in objects]
+    ready = _Ready(encoded)
+    checksums = _BESIDE.submit(lambda: [_crc32(e.parts, ready.waiter(i)) for i, e in enumerate(encoded)])
     try:
         if objects and objects[0][0].is_local:
-            _write_local(objects)
+            _write_local([(loc, e.parts) for (loc, _), e in zip(objects, encoded)], ready)
         else:
-            for loc, parts in objects:
+            for i, ((loc, _), e) in enumerate(zip(objects, encoded)):
+                ready.wait(i, len(e.parts))
                 with storage_errors(f"writing {loc.uri}"):
-                    loc.fs.pipe_file(loc.path, b"".join(parts))  # botocore takes bytes, not buffers: one copy
-    finally:
-        crcs = checksums.result()
-    return crcs
+                    loc.fs.pipe_file(loc.path, b"".join(e.parts))  # botocore takes bytes, not buffers: one copy
+    except BaseException:
+        ready.abandon()  # the checksums' thread gives up rather than wait for slots never filled
+        with contextlib.suppress(BaseException):
+            checksums.result()
+        raise
+    return checksums.result()
 
 
-def _crc32(parts: list) -> int:
-    """zlib's CRC-32 of the parts' bytes together (``zarrio.object_checksum`` of the whole object)."""
-    crc = 0
-    for part in parts:
-        crc = _object_crc32(part, crc)
+class _Ready:
+    """How many leading parts of each object are final, as the filler thread makes them so."""
+
+    def __init__(self, encoded: list[Encoded]):
+        self._final = [0 if e.pending else len(e.parts) for e in encoded]
+        self._changed = threading.Condition()
+        self._error: BaseException | None = None
+        if any(e.pending for e in encoded):
+            _FILLER.submit(self._fill, encoded)
+
+    def _fill(self, encoded: list[Encoded]) -> None:
+        try:
+            for i, e in enumerate(encoded):
+                if self._error is not None:
+                    return
+                e.fill(lambda n, i=i: self._tell(i, n))
+        except BaseException as error:  # handed to the waiting writer, which raises it
+            with self._changed:
+                self._error = error
+                self._changed.notify_all()
+
+    def _tell(self, i: int, n: int) -> None:
+        with self._changed:
+            self._final[i] = max(self._final[i], n)
+            self._changed.notify_all()
+
+    def wait(self, i: int, n: int) -> int:
+        """Block until at least ``n`` leading parts of object ``i`` are final; how many are."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._final[i] >= n or self._error is not None)
+            if self._final[i] < n:
+                raise self._error
+            return self._final[i]
+
+    def waiter(self, i: int) -> Callable[[int], int]:
+        return lambda n: self.wait(i, n)
+
+    def abandon(self) -> None:
+        """The writes failed: whoever waits stops waiting, and the filler stops at the next object."""
+        with self._changed:
+            self._error = self._error or RuntimeError("the writes were abandoned")
+            self._changed.notify_all()
+
+
+def _crc32(parts: list, wait: Callable[[int], int] = lambda n: n) -> int:
+    """zlib's CRC-32 of the parts' bytes together (``zarrio.object_checksum`` of the whole object);
+    ``wait(n)`` blocks until ``parts[:n]`` are final."""
+    crc = final = 0
+    for k, part in enumerate(parts):
+        if k >= final:
+            final = wait(k + 1)
+        crc = object_crc32(part, crc)
     return crc
 
 
-def _write_local(objects: list[tuple[Location, list]]) -> None:
+def _write_local(objects: list[tuple[Location, list]], ready: _Ready) -> None:
     """Temporary siblings written and fsynced, then renamed in order; none outlives a failure."""
     temps: list[str] = []
     try:
-        for loc, parts in objects:
+        for i, (loc, parts) in enumerate(objects):
             with storage_errors(f"writing {loc.uri}"):
                 os.makedirs(os.path.dirname(loc.path), exist_ok=True)
                 temps.append(f"{loc.path}.{uuid.uuid4().hex}.partial")
-                _write_file(temps[-1], parts)
+                _write_file(temps[-1], parts, ready.waiter(i))
         for (loc, _), tmp in zip(objects, temps):
             with storage_errors(f"writing {loc.uri}"):
                 os.replace(tmp, loc.path)
@@ -288,23 +388,26 @@ def _write_local(objects: list[tuple[Location, list]]) -> None:
         raise
 
 
-def _write_file(path: str, parts: list) -> None:
+def _write_file(path: str, parts: list, wait: Callable[[int], int]) -> None:
     """A new file holding the parts' bytes, synced to the disk: a commit marker that follows must
     never name bytes a crash can lose (zarr's LocalStore does not sync)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        _write_all(fd, parts)
+        _write_all(fd, parts, wait)
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _write_all(fd: int, parts: list) -> None:
-    """``os.writev`` of every buffer, in batches the kernel takes, until every byte is written."""
+def _write_all(fd: int, parts: list, wait: Callable[[int], int] = lambda n: n) -> None:
+    """``os.writev`` of every buffer, in batches the kernel takes, until every byte is written;
+    ``wait(n)`` blocks until ``parts[:n]`` are final and says how many are."""
     pending = [memoryview(p).cast("B") for p in parts]
-    first = 0
+    first = final = 0
     while first < len(pending):
-        done = os.writev(fd, pending[first:first + _IOV_MAX])
+        if first >= final:
+            final = wait(first + 1)
+        done = os.writev(fd, pending[first:min(final, first + _IOV_MAX)])
         while first < len(pending) and done >= len(pending[first]):
             done -= len(pending[first])
             first += 1

@@ -8,7 +8,6 @@ are plain chunks of S rows. Every chunk carries a crc32c, and so does every shar
 from __future__ import annotations
 
 import warnings
-import zlib
 
 import numpy as np
 import zarr
@@ -19,6 +18,7 @@ from zarr.storage import FsspecStore, LocalStore, MemoryStore, WrapperStore
 
 from featcache.errors import UsageError
 from featcache.fsio import Location, storage_options
+from featcache.store.shardwriter import object_crc32
 from featcache.store.spec import ViewSpec
 
 #: The arrays of a view, in the order a shard writes them; ``valid`` goes last so that a row
@@ -85,7 +85,7 @@ def object_checksum(data) -> int:
     Not crc32c: every object zarr writes here ends with the crc32c of what precedes it, and the
     crc32c of a message followed by its own crc32c is the same constant for every message.
     """
-    return zlib.crc32(data)
+    return object_crc32(data)
 
 
 def open_root(loc: Location, mode: str = "r") -> zarr.Group:

@@ -182,6 +182,48 @@ def test_tensorstore_reads_what_the_writer_wrote(tmp_path):
         np.testing.assert_array_equal(array.read().result(), want)
 
 
+def _encoded_objects(folder: Path, sizes: list[int]) -> list:
+    """Objects of 8-row shards (untiled, f16, rows of 16x16x``c``) encoded with their crc32c slots
+    still to fill, as ``View.write_shard`` hands them to ``write_objects``."""
+    objects = []
+    for k, c in enumerate(sizes):
+        array = _zarr_array((8, 16, 16, c), "float16", (8, 16, 16, c), serializer=_sharding("little", True, "end", (1, 16, 16, c)),
+                            compressors=None)
+        layout = ArrayLayout.from_metadata(array.metadata)
+        rows = np.random.default_rng(k).standard_normal((8, 16, 16, c)).astype(np.float16)
+        array[:] = rows
+        objects.append((locate(str(folder)).join(f"object-{k}"), layout.encode_later(0, rows),
+                        array.store._store_dict[layout.key(0)].to_bytes()))
+    return objects
+
+
+def test_slots_filled_beside_the_writes_give_the_bytes_zarr_writes(tmp_path, monkeypatch):
+    """The writes wait for each crc32c slot they reach (the filler reports every 64 KiB here) and
+    the checksums recorded are zlib's CRC-32 of the whole objects."""
+    monkeypatch.setattr(shardwriter, "_NOTIFY_BYTES", 64 << 10)
+    objects = _encoded_objects(tmp_path, [96, 8, 200])
+    assert all(e.pending for _, e, _ in objects)
+    checksums = shardwriter.write_objects([(loc, e) for loc, e, _ in objects])
+    for (loc, _, want), checksum in zip(objects, checksums):
+        assert loc.read_bytes() == want and checksum == zlib.crc32(want)
+    assert not _partials(tmp_path)
+
+
+def test_a_write_that_fails_midway_neither_hangs_nor_leaves_temporaries(tmp_path):
+    """The second object's folder is a file: the error names it, the checksums' thread stops waiting
+    for slots nobody fills, and the next writes work."""
+    (tmp_path / "blocked").write_bytes(b"a file where a folder should be")
+    objects = _encoded_objects(tmp_path, [64, 64])
+    bad = [objects[0][:2], (locate(str(tmp_path)).join("blocked", "object-1"), objects[1][1])]
+    began = time.monotonic()
+    with pytest.raises(featcache.errors.StorageError, match="blocked/object-1"):
+        shardwriter.write_objects(bad)
+    assert time.monotonic() - began < 30 and not _partials(tmp_path)
+    assert not (tmp_path / "object-0").exists()  # nothing renamed: the batch failed before its renames
+    again = _encoded_objects(tmp_path, [64])
+    assert shardwriter.write_objects([again[0][:2]]) == [zlib.crc32(again[0][2])]
+
+
 @pytest.mark.s3
 def test_objects_written_to_s3_are_the_bytes_zarr_python_writes_locally(tmp_path, s3_root):
     _, view = make_cache(s3_root, n=10, shard_size=4, tile=(2, 3))
