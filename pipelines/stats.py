@@ -37,35 +37,35 @@ def run(root: str, views: list[str] | None = None, token_budget: int | None = No
     """Compute the statistics of ``views`` (all by default) of the cache at ``root``.
 
     Statistics of a view whose shards are all committed are frozen: kept by later runs unless
-    ``recompute``. Those of a partly committed view are written but not frozen; ``complete_only``
-    (what ``extract`` asks) leaves such views alone instead. Storage that refuses the statistics'
+    ``recompute`` (reporting them reads neither the commits nor the manifest). Those of a partly
+    committed view are written but not frozen; ``complete_only`` (what ``extract`` asks) leaves such
+    views alone instead. Storage that refuses the statistics'
     writes (full, read-only) raises a StorageError naming the view.
     """
     if token_budget is not None and token_budget < 1:
         raise UsageError(f"token budget must be >= 1, not {token_budget}")
     check_reachable(root)  # one line for an unreachable endpoint, refused credentials, a missing bucket
     cache = Cache.open(root)
-    cache.check_manifest()  # before Ray starts: a manifest edited since extraction is refused at once
     keys = views or list(cache.views)
     unknown = [k for k in keys if k not in cache.views]
     if unknown:
         raise UsageError(f"no view {unknown[0]!r} in {cache.root.uri}; views: {', '.join(cache.views) or 'none'}")
     rows, todo = [], []
-    for key in keys:
+    for key in keys:  # kept statistics are reported without listing the view's commits
         view = cache.view(key)
-        committed = len(view.committed_shards())
         if view.spec.codec == "int8-phis":  # its codes are stored in the PHI-S space of these statistics
             rows.append(_calibrated(view))
         elif view.stats and view.stats.get("frozen") and not recompute:
             s = view.stats
             rows.append(StatsRow(key, view.spec.channels, s["tokens"], s["alpha"], s["dispersion"],
                                  "frozen (--recompute to overwrite)"))
-        elif not committed or (complete_only and committed < view.num_shards):
+        elif not (committed := len(view.committed_shards())) or (complete_only and committed < view.num_shards):
             rows.append(StatsRow(key, view.spec.channels, None, None, None,
                                  f"not computed: {committed} of {view.num_shards} shards committed"))
         else:
             todo.append(key)
     if todo:
+        cache.check_manifest()  # before Ray starts: a manifest edited since extraction is refused at once
         with ray_session(ray_address):
             done = {key: _compute(cache.view(key), token_budget, seed) for key in todo}
         rows = [done.get(r.key, r) for r in rows] + [done[k] for k in todo]
