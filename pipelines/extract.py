@@ -6,7 +6,8 @@
 Work unit = one shard. Each actor wraps a :class:`featcache.extract.worker.ShardWorker` (the same
 code runs without Ray), loads its teachers once, and is handed one shard at a time together with
 the shard it will get next, which it decodes while computing the current one. Only shard numbers
-and small records cross the Ray object store, never images or features.
+and small records cross the Ray object store, never images or features. Teachers that do not fit
+one GPU together run as pools, one after the other (``featcache.extract.pools``).
 
 Failures: only transient ones are retried (``featcache.retry``). An actor that dies (killed, out
 of memory, node lost) is replaced and its shard retried on another actor; a transient exception
@@ -30,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from featcache.errors import FeatcacheError, ShardFailedError, StorageError, UsageError
-from featcache.extract import calibration
+from featcache.extract import calibration, pools
 from featcache.extract.config import ExtractConfig
 from featcache.extract.finalize import consolidate_if_changed, failed_images, job_errors, write_run_record
 from featcache.extract.plan import Plan, prepare
@@ -79,7 +80,7 @@ def run(config: ExtractConfig, stream=None) -> ExtractResult:
     outcome = Outcome()
     with ray_session(config.ray_address, stream) if plan.todo else contextlib.nullcontext():
         if plan.todo:
-            outcome = Scheduler(plan, stream).run()
+            outcome = _run_pools(plan, stream)
         if outcome.stopped is None:
             outcome.stats = _stats(config, keys, stream)  # on the same Ray runtime
     if outcome.stopped is not None:
@@ -98,6 +99,74 @@ def run(config: ExtractConfig, stream=None) -> ExtractResult:
     result.record = write_run_record(plan.cache, {**_record(plan, outcome, seconds, n_failed),
                                                   "exit_code": result.exit_code})
     return result
+
+
+def _run_pools(plan: Plan, stream) -> "Outcome":
+    """Each pool of teachers in turn (one pool unless they do not fit a GPU together), each on its
+    own actors, released before the next pool starts; a stopped pool stops the job."""
+    import ray
+
+    groups = _teacher_pools(plan, ray, stream)
+    outcome = Outcome()
+    for n, group in enumerate(groups):
+        if len(groups) > 1:
+            names = " + ".join(plan.teachers[i].name for i in group)
+            print(f"teacher pool {n + 1} of {len(groups)}: {names}", file=stream, flush=True)
+        scheduler = Scheduler(plan, stream, group)
+        if not scheduler.queue:
+            continue
+        outcome.add(scheduler.run())
+        if outcome.stopped is not None:
+            break
+    outcome.pools = [[plan.teachers[i].name for i in g] for g in groups]
+    return outcome
+
+
+def _teacher_pools(plan: Plan, ray, stream) -> list[list[int]]:
+    """The config's ``teacher_pools``; for ``auto`` on CUDA with several teachers, decided from their
+    memory estimates and the memory of a worker's share of a GPU (asked of one GPU of the cluster)."""
+    c = plan.config
+    names = [t.name for t in plan.teachers]
+    footprints = memory = None
+    if c.teacher_pools == "auto" and len(names) > 1 and _device(c, ray) == "cuda":
+        memory = _gpu_memory(ray) // c.workers_per_gpu
+        footprints = [_footprint(plan, i) for i in range(len(names))]
+    groups = pools.choose(c.teacher_pools, names, footprints, memory)
+    if len(names) > 1:
+        print(pools.describe(groups, names, footprints, memory), file=stream, flush=True)
+    return groups
+
+
+def _footprint(plan: Plan, i: int) -> pools.Footprint:
+    """Teacher ``i``'s memory estimate: bf16 weights, a batch at its largest input."""
+    import torch
+
+    from featcache.teachers import teacher_parameters
+
+    t, spec = plan.config.teachers[i], plan.teachers[i]
+    inputs = [spec.input_size if v.mosaic > 1 else v.size for v in plan.views if v.teacher == i]
+    tokens = max(h // spec.patch_size * (w // spec.patch_size) for h, w in inputs) + spec.prefix_tokens
+    return pools.footprint(spec.name, teacher_parameters(t.family, t.source, t.revision), torch.bfloat16,
+                           plan.config.batch_size, tokens, spec.channels)
+
+
+def _gpu_memory(ray) -> int:
+    """Bytes of memory of one of the cluster's GPUs (a task on it asks torch)."""
+
+    @ray.remote(num_gpus=1)
+    def total_memory() -> int:
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory
+
+    return ray.get(total_memory.remote())
+
+
+def _device(config: ExtractConfig, ray) -> str:
+    """The job's device: the config's, or for ``auto`` CUDA when the cluster has GPUs."""
+    if config.device != "auto":
+        return config.device
+    return "cuda" if ray.cluster_resources().get("GPU", 0) else "cpu"
 
 
 def _announce(plan: Plan, stream) -> None:
@@ -127,6 +196,7 @@ def _record(plan: Plan, outcome: "Outcome", seconds: float, failed_images: int) 
                     "worker_busy": round(sum(r["seconds"]["total"] for r in records), 3)},
         "images_per_second": round(images / outcome.seconds if outcome.seconds else 0.0, 3),
         "workers": outcome.workers,
+        "teacher_pools": outcome.pools,
         "shard_records": sorted(records, key=lambda r: r["shard"]),
         "stats": [dataclasses.asdict(r) for r in outcome.stats] if config.stats else "off"}
 
@@ -250,6 +320,15 @@ class Outcome:
     stats: list = field(default_factory=list)
     stopped: Stopped | None = None
     seconds: float = 0.0  # from the first shard submitted to the last one collected: what the progress bar times
+    pools: list[list[str]] = field(default_factory=list)  # the teachers of each pool, run in this order
+
+    def add(self, other: "Outcome") -> None:
+        """Take in what the next pool's workers did."""
+        self.records += other.records
+        self.failed.update(other.failed)
+        self.workers.update(other.workers)
+        self.seconds += other.seconds
+        self.stopped = other.stopped
 
 
 @dataclass
@@ -264,12 +343,16 @@ class _Slot:
 class Scheduler:
     """Hands shards to actors, retries transient failures, stops at any other, shows progress."""
 
-    def __init__(self, plan: Plan, stream):
+    def __init__(self, plan: Plan, stream, pool: list[int] | None = None):
         import ray
 
         self.ray, self.plan, self.config = ray, plan, plan.config
         self.stream = stream
-        self.queue = deque(sorted(plan.todo))
+        pool = list(range(len(plan.teachers))) if pool is None else pool
+        views = [dataclasses.replace(v, teacher=pool.index(v.teacher)) for v in plan.views if v.teacher in pool]
+        keys = {v.key for v in views}
+        self.todo = {shard: mine for shard, todo in plan.todo.items() if (mine := [k for k in todo if k in keys])}
+        self.queue = deque(sorted(self.todo))
         self.attempts: dict[int, int] = {}
         self.not_before: dict[int, float] = {}
         self.failed: dict[int, str] = {}
@@ -279,8 +362,8 @@ class Scheduler:
         self.stopped: Stopped | None = None
         self.device, self.n_workers, self.threads, self.gpus = self._sizing()
         self.replacements = self.n_workers * (self.config.max_retries + 1)
-        self.kwargs = dict(root=plan.cache.root.uri, teachers=[t.to_dict() for t in plan.teachers],
-                           views=[v.to_dict() for v in plan.views], device=self.device,
+        self.kwargs = dict(root=plan.cache.root.uri, teachers=[plan.teachers[i].to_dict() for i in pool],
+                           views=[v.to_dict() for v in views], device=self.device, compile=self.config.compile,
                            batch_size=self.config.batch_size, view_policy=self.config.view_policy,
                            decode_threads=self.config.decode_threads, max_pixels=self.config.max_pixels)
         self.actor_cls = _actor_class()
@@ -289,7 +372,7 @@ class Scheduler:
         c, ray = self.config, self.ray
         resources = ray.cluster_resources()
         gpus, cpus = resources.get("GPU", 0), int(resources.get("CPU", 1))
-        device = c.device if c.device != "auto" else ("cuda" if gpus else "cpu")
+        device = _device(c, ray)
         if device == "cuda":
             if not gpus:
                 raise UsageError("device 'cuda' was asked for, but the Ray cluster has no GPUs")
@@ -355,7 +438,7 @@ class Scheduler:
             return
         slot.reserved = self._next_shard()
         slot.shard = shard
-        slot.ref = slot.actor.process.remote(shard, self.plan.todo[shard], slot.reserved)
+        slot.ref = slot.actor.process.remote(shard, self.todo[shard], slot.reserved)
 
     def _submit_idle(self) -> None:
         """Idle actors pick up their next shard (a shard waiting out a back-off once it is over)."""
@@ -365,7 +448,7 @@ class Scheduler:
 
     def run(self) -> Outcome:
         """Process the plan's shards; a non-transient error stops the job once the shards in flight end."""
-        view = self.plan.cache.view(self.plan.views[0].key)
+        view = self.plan.cache.view(next(iter(self.todo.values()))[0])
         total = sum(stop - start for start, stop in map(view.shard_range, self.queue))
         self.slots = self._start()
         self._calibrate(self.slots)
@@ -385,6 +468,8 @@ class Scheduler:
             self._submit_idle()
         progress.close()
         self.seconds = progress.elapsed
+        for slot in self.slots:  # the next pool's workers need this one's GPU memory
+            self.ray.kill(slot.actor)
         if self.stopped is not None:
             self.stopped.not_started = sorted(self.queue)
         return Outcome(self.records, self.failed, self.worker_summary, stopped=self.stopped, seconds=self.seconds)
@@ -446,7 +531,7 @@ class Scheduler:
         if self.stopped is not None:
             return
         trace = _ANSI.sub("", str(e))  # Ray's text of a task error: the remote traceback
-        self.stopped = Stopped(shard, self.plan.todo[shard], cause, trace)
+        self.stopped = Stopped(shard, self.todo[shard], cause, trace)
         in_flight = sum(s.ref is not None for s in self.slots)
         if in_flight:
             self._say(f"stopping: shard {shard} failed ({describe(cause)}); waiting for "
@@ -456,6 +541,7 @@ class Scheduler:
         """Fit each pending int8-phis view's statistics and scale on one actor each (in parallel),
         and store them before any of its shards is written. A failure stops the job."""
         keys, rows = calibration.todo(self.plan)
+        keys = [k for k in keys if any(k in todo for todo in self.todo.values())]  # this pool's views
         if not keys:
             return
         say = self._say

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 from featcache.decode import DEFAULT_MAX_PIXELS
 from featcache.errors import UsageError
+from featcache.extract import pools
+from featcache.extract.pools import POOL_MODES
 from featcache.teachers.views import POLICIES
 from featcache.store.codec import CODECS
 
@@ -74,6 +76,8 @@ class ExtractConfig:
     cpu_workers: int | None = None  # CPU actors; default 1 per node-sized share (see pipelines.extract)
     threads_per_worker: int | None = None  # torch threads per CPU actor; default cores / workers
     workers_per_gpu: int = 1
+    teacher_pools: str | list = "auto"  # auto, shared, separate, or lists of teacher names (featcache.extract.pools)
+    compile: bool = False  # torch.compile each teacher's forward (short batches padded: one shape per view)
     decode_threads: int = 4
     max_retries: int = 3  # attempts after the first, per shard
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -103,6 +107,12 @@ class ExtractConfig:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise UsageError(f"two teachers are named {dup[0]!r}: give one of them another 'name'")
+        if isinstance(self.teacher_pools, str):
+            if self.teacher_pools not in POOL_MODES:
+                raise UsageError(f"teacher_pools {self.teacher_pools!r} is not one of {', '.join(POOL_MODES)}, "
+                                 "nor a list of lists of teacher names")
+        else:
+            object.__setattr__(self, "teacher_pools", pools.check_named(self.teacher_pools, names))
 
     def checked(self) -> "ExtractConfig":
         """The config if it can run: an output root and at least one teacher."""
@@ -228,7 +238,7 @@ def _coerce(value, f: dataclasses.Field, where: str):
         if "None" in kind:
             return None
         raise UsageError(f"{where}: {f.name} cannot be empty")
-    if f.name == "teachers":
+    if f.name in ("teachers", "teacher_pools"):  # checked by the dataclass itself
         return value
     if "tuple[int" in kind:
         if not isinstance(value, (list, tuple)) or not all(_is(v, int) for v in value):

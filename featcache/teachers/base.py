@@ -71,6 +71,7 @@ class Teacher:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self._call = torch.compile(self._forward) if compile else self._forward
+        self.compiled = compile
         #: the largest batch known to fit; lowered for good after an out-of-memory back-off
         self.batch_size: int | None = None
 
@@ -90,12 +91,22 @@ class Teacher:
                  hash_weights: bool = True) -> TeacherSpec:
         """The spec ``load`` would give, from the config alone: the model is built on the meta
         device (no memory, no weights read), so a driver can plan views without loading it."""
+        model, directory, config = cls._meta_model(source, revision)
+        return cls._spec(model, directory, config, source, revision, name, hash_weights)
+
+    @classmethod
+    def parameter_count(cls, source: str, revision: str | None = None) -> int:
+        """How many weights the model has, from its config alone (built on the meta device)."""
+        model, _, _ = cls._meta_model(source, revision)
+        return sum(p.numel() for p in model.parameters())
+
+    @classmethod
+    def _meta_model(cls, source: str, revision: str | None) -> tuple[torch.nn.Module, str, dict]:
         directory, config = cls._open(source, revision)
         setup = cls._model_setup(directory, config)
         with torch.device("meta"):
             build = getattr(setup.model_cls, "from_config", None) or setup.model_cls
-            model = build(setup.config)
-        return cls._spec(model, directory, config, source, revision, name, hash_weights)
+            return build(setup.config), directory, config
 
     @classmethod
     def _open(cls, source: str, revision: str | None) -> tuple[str, dict]:
@@ -142,7 +153,7 @@ class Teacher:
         self.spec.check_size(tuple(pixels.shape[-2:]))
         pixels = pixels.to(self.device, non_blocking=True)
         size = min(batch_size or len(pixels), self.batch_size or len(pixels))
-        out, used = run_in_batches(lambda p: self._run(p, dtype), pixels, size, backoff=self.device.type == "cuda")
+        out, used = run_in_batches(lambda p, n: self._run(p, dtype, n), pixels, size, backoff=self.device.type == "cuda")
         if used < size:
             self.batch_size = used
         return out
@@ -173,12 +184,22 @@ class Teacher:
         summary = dense.mean(dim=(1, 2), dtype=torch.float32)  # stays float32 with dtype None: no bf16 rounding
         return TeacherOutput(summary.to(dtype or summary.dtype), dense.to(dtype or dense.dtype))
 
-    def _run(self, pixels: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> TeacherOutput:
+    def _run(self, pixels: torch.Tensor, dtype: torch.dtype | None = torch.float32,
+             batch_size: int | None = None) -> TeacherOutput:
+        """One forward; a compiled teacher pads a short batch with zeros to ``batch_size`` (the
+        outputs of the padding are dropped) and copies every batch (an inference-mode tensor
+        whatever the caller's was) so that its guards always pass: it is never recompiled."""
+        n = len(pixels)
+        if self.compiled:
+            pad = max(0, (batch_size or n) - n)
+            pixels = torch.cat([pixels, pixels.new_zeros((pad, *pixels.shape[1:]))])
         if self.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = self._call(pixels)
         else:
             out = self._call(pixels.float())
+        if len(out.dense) != n:
+            out = TeacherOutput(out.summary[:n], out.dense[:n])
         if dtype is None:
             return out
         return TeacherOutput(out.summary.to(dtype), out.dense.to(dtype))
@@ -193,11 +214,12 @@ class Teacher:
 
 
 def run_in_batches(run, pixels: torch.Tensor, size: int, backoff: bool) -> tuple[TeacherOutput, int]:
-    """``run`` over ``pixels`` in batches of ``size``; on out-of-memory (with ``backoff``) halve the
-    batch and redo the whole input. Returns the output and the batch size that worked."""
+    """``run(batch, size)`` over ``pixels`` in batches of ``size`` (the last one may be shorter); on
+    out-of-memory (with ``backoff``) halve the batch and redo the whole input. Returns the output
+    and the batch size that worked."""
     while True:
         try:
-            return _concat([run(pixels[i:i + size]) for i in range(0, len(pixels), size)]), size
+            return _concat([run(pixels[i:i + size], size) for i in range(0, len(pixels), size)]), size
         except torch.OutOfMemoryError:
             if size == 1 or not backoff:
                 raise
@@ -222,6 +244,11 @@ def describe_teacher(family: str, source: str, revision: str | None = None, name
                      hash_weights: bool = True) -> TeacherSpec:
     """The spec of a teacher without loading its weights (see ``Teacher.describe``)."""
     return family_class(family).describe(source, revision=revision, name=name, hash_weights=hash_weights)
+
+
+def teacher_parameters(family: str, source: str, revision: str | None = None) -> int:
+    """How many weights a teacher has, without loading them (see ``Teacher.parameter_count``)."""
+    return family_class(family).parameter_count(source, revision=revision)
 
 
 def create_teacher(family: str, source: str, revision: str | None = None, **overrides) -> Teacher:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 import threading
 import time
@@ -280,3 +281,23 @@ def test_quiet_verbose_and_library_logging(extracted, job_teachers, capsys):
     finally:
         logger.removeHandler(handler)
     assert any(r.startswith("resuming: 3 of 3 shards") for r in records), records
+
+
+def test_teacher_pools_run_in_turn_and_write_the_same_bytes(extracted, job_teachers, tmp_path):
+    """Pools in an order other than the config's (SAM3 first): each pool's actors load only its
+    teachers, and every view holds exactly what the one-pool job stored."""
+    out, _, _ = extracted
+    again, log = tmp_path / "pooled", io.StringIO()
+    job = three_family_job(again, out, job_teachers, teacher_pools=[["sam3"], ["siglip2", "dinov3"]], stats=False)
+    result = run(job, stream=log)
+    assert result.exit_code == 0 and result.processed == 3 + 3 and result.images == 20  # each pool: 3 shards
+    text = log.getvalue()
+    said = [text.index(s) for s in ("2 teacher pools, run in turn: sam3; siglip2 + dinov3",
+                                    "teacher pool 1 of 2: sam3", "teacher pool 2 of 2: siglip2 + dinov3")]
+    assert said == sorted(said), text
+    for key in VIEWS:
+        a, b = stored(out, key), stored(again, key)
+        assert all(np.array_equal(a[n], b[n]) for n in a), key
+    record = json.loads(open(result.record).read())
+    assert record["teacher_pools"] == [["sam3"], ["siglip2", "dinov3"]]
+    assert record["config"]["teacher_pools"] == [["sam3"], ["siglip2", "dinov3"]]
