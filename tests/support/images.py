@@ -125,6 +125,18 @@ def photo(name: str) -> Path:
     raise FileNotFoundError(f"no scikit-image photo named {name!r}; known: {known}")
 
 
+PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left")
+
+
+def photo_tensors(n: int):
+    """The first ``n`` of five real colour photos as ``(3, H, W)`` uint8 tensors (torch imported late:
+    the rest of this module needs none)."""
+    import torch
+    from PIL import Image
+
+    return [torch.from_numpy(np.array(Image.open(photo(p)).convert("RGB"))).permute(2, 0, 1) for p in PHOTO_NAMES[:n]]
+
+
 # ------------------------------------------------------------------------ PNG bytes
 
 

@@ -14,14 +14,13 @@ from PIL import Image
 from featcache.teachers.views import make_views
 from featcache.store import ViewSpec
 from featcache.teachers import TeacherSpec, families
-from tests.support.images import photo
+from tests.support.images import photo_tensors
 
 FAMILIES = families()
 
 
 def _photos(n: int) -> list[torch.Tensor]:
-    names = ["astronaut", "coffee", "chelsea", "rocket", "motorcycle_left"][:n]
-    return [torch.from_numpy(np.array(Image.open(photo(p)).convert("RGB"))).permute(2, 0, 1) for p in names]
+    return photo_tensors(n)
 
 
 def test_all_families_are_registered():
