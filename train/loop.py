@@ -16,8 +16,6 @@ losses an uninterrupted run logs.
 from __future__ import annotations
 
 import json
-import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -25,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file
 
+from featcache import checkpoint
 from featcache.errors import UsageError
 from featcache.geometry import lookup_targets
 from featcache.log import LogStream
@@ -103,10 +102,7 @@ def student_config(cfg: TrainConfig, targets: list[Target]) -> StudentConfig:
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up to ``optim.lr``, then cosine to ``optim.min_lr`` at the last step."""
     o = cfg.optim
-    if step < o.warmup:
-        return o.lr * (step + 1) / o.warmup
-    t = (step - o.warmup) / max(1, o.steps - o.warmup)
-    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+    return checkpoint.warmup_cosine(step, o.steps, o.warmup, o.lr, o.min_lr)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -361,48 +357,29 @@ class Trainer:
         (optimizer, EMA, RNG; the rest as JSON metadata), each written whole then renamed."""
         folder = self.out / "checkpoints"
         folder.mkdir(parents=True, exist_ok=True)
-        opt = self.optimizer.state_dict()
-        tensors = {f"optim.{i}.{k}": v.detach().cpu().contiguous()
-                   for i, s in opt["state"].items() for k, v in s.items()}
+        tensors, meta = checkpoint.optimizer_tensors(self.optimizer)
         if self.ema is not None:
-            tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()})
+            tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
         tensors["rng.torch"] = torch.get_rng_state()
-        meta = {"step": str(self.step), "best": repr(self.best),
-                "param_groups": json.dumps([{k: v for k, v in g.items()} for g in opt["param_groups"]])}
-        weights = {k: v.detach().cpu().contiguous() for k, v in self.student.state_dict().items()}
+        meta.update({"step": str(self.step), "best": repr(self.best)})
         wmeta = {"step": str(self.step), "student": json.dumps(self.student_cfg.to_dict()), "format": "featcache-student-1"}
-        for fname, data, m in ((STATE.format(name), tensors, meta), (WEIGHTS.format(name), weights, wmeta)):
-            tmp = folder / (fname + ".tmp")
-            save_file(data, str(tmp), metadata=m)
-            os.replace(tmp, folder / fname)
+        checkpoint.save(folder / STATE.format(name), tensors, meta)
+        checkpoint.save(folder / WEIGHTS.format(name), self.student.state_dict(), wmeta)
 
     def load(self, name: str = "last") -> None:
         folder = self.out / "checkpoints"
         weights_path, state_path = folder / WEIGHTS.format(name), folder / STATE.format(name)
-        wmeta, smeta = _metadata(weights_path), _metadata(state_path)
+        wmeta, smeta = checkpoint.metadata(weights_path), checkpoint.metadata(state_path)
         if wmeta.get("step") != smeta.get("step"):
             raise UsageError(f"{folder}: {name} weights (step {wmeta.get('step')}) and state (step "
                              f"{smeta.get('step')}) differ: the run stopped while saving; cannot resume exactly")
         self.student.load_state_dict(load_file(str(weights_path)))
         state = load_file(str(state_path))
-        groups = json.loads(smeta["param_groups"])
-        opt_state: dict[int, dict] = {}
-        for key, value in state.items():
-            if key.startswith("optim."):
-                _, i, k = key.split(".", 2)
-                opt_state.setdefault(int(i), {})[k] = value.to(self.device) if k != "step" else value
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        checkpoint.restore_optimizer(self.optimizer, state, smeta, self.device)
         if self.ema is not None:
             self.ema.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")})
         torch.set_rng_state(state["rng.torch"])
         self.step, self.best = int(smeta["step"]), float(smeta["best"])
-
-
-def _metadata(path: Path) -> dict:
-    if not path.exists():
-        raise UsageError(f"{path} does not exist: nothing to resume or load")
-    with safe_open(str(path), "pt") as f:
-        return f.metadata() or {}
 
 
 def train(cfg: TrainConfig | None, out: str | Path, resume: bool = False, init: str | None = None,
@@ -432,21 +409,13 @@ def train(cfg: TrainConfig | None, out: str | Path, resume: bool = False, init: 
     trainer = Trainer(cfg, out, stream)
     if resume:
         trainer.load("last")
-        _truncate_metrics(out / "metrics.jsonl", trainer.step)
+        checkpoint.truncate_metrics(out / "metrics.jsonl", trainer.step)
         print(f"resuming {out} at step {trainer.step}", file=trainer.stream, flush=True)
     elif init is not None:
         student = load_student(init)
         missing = trainer.student.load_state_dict(student.state_dict(), strict=False)
         print(f"initialized from {init} ({len(missing.missing_keys)} tensors not in it)", file=trainer.stream, flush=True)
     return trainer.run()
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after the checkpoint a run resumes from (the resumed run logs them again)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
 
 
 def load_student(run: str | Path, which: str = "best") -> Student:
@@ -459,7 +428,7 @@ def load_student(run: str | Path, which: str = "best") -> Student:
         path = next((p for p in candidates if p.exists()), None)
         if path is None:
             raise UsageError(f"{run} holds no checkpoint (looked for {', '.join(str(p) for p in candidates)})")
-    meta = _metadata(path)
+    meta = checkpoint.metadata(path)
     if meta.get("format") != "featcache-student-1":
         raise UsageError(f"{path} is not a featcache student checkpoint")
     student = build_student(StudentConfig.from_dict(json.loads(meta["student"])))
