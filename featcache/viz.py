@@ -102,7 +102,7 @@ def fit(text: str, width: int) -> str:
     return text[:(keep + 1) // 2] + dots + text[len(text) - keep // 2:] if keep else ""
 
 
-def _panel(rgb: np.ndarray, label: str, width: int | None = None) -> Image.Image:
+def panel(rgb: np.ndarray, label: str, width: int | None = None) -> Image.Image:
     h, w = rgb.shape[:2]
     width = width or max(1, round(HEIGHT * w / h))
     body = Image.fromarray(rgb).resize((width, HEIGHT), Image.NEAREST)
@@ -142,10 +142,10 @@ def _image_panel(cache, row: int) -> Image.Image:
     pixels = decode(locate(uri).read_bytes(), uri).permute(1, 2, 0).numpy()
     h, w = pixels.shape[:2]
     width = max(1, round(HEIGHT * w / h))
-    return _panel(np.asarray(Image.fromarray(pixels).resize((width, HEIGHT), Image.BILINEAR)), "image", width)
+    return panel(np.asarray(Image.fromarray(pixels).resize((width, HEIGHT), Image.BILINEAR)), "image", width)
 
 
-def _strip(panels: list[Image.Image]) -> Image.Image:
+def strip(panels: list[Image.Image]) -> Image.Image:
     gap = 4
     out = Image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), HEIGHT + LABEL),
                     (255, 255, 255))
@@ -162,8 +162,8 @@ def render(cache, image_id: str, views: list[str] | None = None) -> Image.Image:
     keys = views or list(cache.views)
     panels = [_image_panel(cache, row)]
     for key in keys:
-        panels.append(_panel(pca_rgb(_dense(cache, key, row)), key))
-    return _strip(panels)
+        panels.append(panel(pca_rgb(_dense(cache, key, row)), key))
+    return strip(panels)
 
 
 def relative_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -193,5 +193,5 @@ def render_error(cache, image_id: str, view_a: str, view_b: str | None = None, o
         raise UsageError("an error map needs a second view or a second cache")
     err = relative_error(a, b)
     vmax = float(np.percentile(err, 99)) or float(err.max())
-    return _strip([_image_panel(cache, row), _panel(heat(err, vmax), f"a = {view_a}, b = {label}"),
+    return strip([_image_panel(cache, row), panel(heat(err, vmax), f"a = {view_a}, b = {label}"),
                    colorbar(vmax, ERROR_NAME, clipped=bool(err.max() > vmax))])

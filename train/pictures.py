@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from featcache.errors import UsageError
-from featcache.viz import FONT, HEIGHT, LABEL, _panel, _strip, colorbar, fit, heat
+from featcache.viz import FONT, HEIGHT, LABEL, panel, strip, colorbar, fit, heat
 
 GREY = (128, 128, 128)  # cells outside Ω
 ERROR_LABEL = "MSE per cell"
@@ -63,13 +63,13 @@ def _error_panels(err: np.ndarray, omega: np.ndarray) -> list[Image.Image]:
     vmax = float(np.percentile(inside, 99)) or float(inside.max())
     rgb = heat(np.nan_to_num(err), vmax)
     rgb[~omega] = GREY
-    return [_panel(rgb, ERROR_LABEL), colorbar(vmax, ERROR_NAME, clipped=bool(inside.max() > vmax))]
+    return [panel(rgb, ERROR_LABEL), colorbar(vmax, ERROR_NAME, clipped=bool(inside.max() > vmax))]
 
 
 def _image_panel(image: np.ndarray) -> Image.Image:
     h, w = image.shape[:2]
     width = max(1, round(HEIGHT * w / h))
-    return _panel(np.asarray(Image.fromarray(image).resize((width, HEIGHT), Image.BILINEAR)), "image", width)
+    return panel(np.asarray(Image.fromarray(image).resize((width, HEIGHT), Image.BILINEAR)), "image", width)
 
 
 def _titled(strip: Image.Image, title: str) -> Image.Image:
@@ -89,8 +89,8 @@ def pca_picture(student: np.ndarray, teacher: np.ndarray, omega: np.ndarray | No
     teacher_rgb, student_rgb = shared_pca_rgb(teacher, student, omega)
     err = cell_mse(student, teacher, omega)
     panels = [] if image is None else [_image_panel(np.asarray(image, dtype=np.uint8))]
-    panels += [_panel(teacher_rgb, "teacher PCA"), _panel(student_rgb, "student PCA (teacher's components)")]
-    picture = _strip(panels + _error_panels(err, omega))
+    panels += [panel(teacher_rgb, "teacher PCA"), panel(student_rgb, "student PCA (teacher's components)")]
+    picture = strip(panels + _error_panels(err, omega))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     (_titled(picture, title) if title else picture).save(path, format="PNG")

@@ -159,10 +159,13 @@ class FeatSharp(nn.Module):
         self.jbu = JBU(config.window, config.key_dim)
         self.fuser = Fuser(c, config.heads, config.window, config.mlp_ratio, config.layerscale)
 
+    def phis(self, raw: torch.Tensor) -> torch.Tensor:
+        """Maps (N, H, W, C) of any size, raw → (N, C, H, W) in PHI-S space."""
+        return ((raw.float() - self.phis_mean) @ self.phis_rotation.T).permute(0, 3, 1, 2)
+
     def normalize(self, raw: torch.Tensor) -> torch.Tensor:
-        """Teacher maps (N, h, w, C), raw → (N, C, h, w) in PHI-S space, de-biased."""
-        y = (raw.float() - self.phis_mean) @ self.phis_rotation.T
-        return y.permute(0, 3, 1, 2) + self.debias
+        """Teacher maps at the native grid (N, h, w, C), raw → (N, C, h, w) in PHI-S space, de-biased."""
+        return self.phis(raw) + self.debias
 
     def denormalize(self, y: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in PHI-S space → (B, H, W, C) raw teacher features."""

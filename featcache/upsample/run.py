@@ -14,12 +14,13 @@ from featcache.upsample.featsharp import FeatSharp, split
 
 @dataclass(frozen=True)
 class Upsampled:
-    """What one canvas gives: the upsampled map (B, C, H, W) in PHI-S space, the global view's raw
-    map (B, h, w, C) and summary (B, Cs)."""
+    """What canvases give: the upsampled maps (B, C, H, W) in PHI-S space, the global views' raw maps
+    (B, h, w, C) and summaries (B, Cs), the tiles' raw maps (B·f², h, w, C)."""
 
     dense: torch.Tensor
     global_raw: torch.Tensor
     summary: torch.Tensor
+    tiles_raw: torch.Tensor
 
 
 def canvases(images: list[torch.Tensor], spec, factor: int, policy: str = "squash",
@@ -60,4 +61,4 @@ def upsample(model: FeatSharp, teacher, canvas: torch.Tensor, batch_size: int | 
     """The upsampled maps of normalized canvases (on the model's device)."""
     global_raw, tiles_raw, summary = teacher_maps(teacher, canvas, model.config.factor, batch_size)
     dense = model(global_raw, tiles_raw, guide(canvas, model.config.out_grid))
-    return Upsampled(dense, global_raw, summary)
+    return Upsampled(dense, global_raw, summary, tiles_raw)

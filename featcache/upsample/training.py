@@ -1,0 +1,316 @@
+"""Training a FeatSharp upsampler by multi-view consistency (ALGORITHMS.md §7), no labels.
+
+    featcache featsharp train --teacher family=siglip2,source=DIR --images SRC --steps 3000 --out CKPT
+
+Each step takes canvases of a few training images and jittered views of each (zoom, rotation,
+perspective, shift), with the homography from canvas to view. The upsampler's map of the canvas,
+warped into a view and brought to the teacher's grid by a learned downsampler, is the prediction;
+the teacher's own map of the view (PHI-S space, de-biased) is the target. Loss: MSE weighted by a
+learned per-cell uncertainty u, e^(−u)·MSE + u/2, cells next to tile seams weighted more, cells a
+view sees outside the canvas left out. NAdam, linear warm-up then cosine decay; bf16 autocast on
+CUDA. The teacher's PHI-S statistics at its native size are fitted first on training images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from featcache import checkpoint
+from featcache.decode import decode
+from featcache.errors import ImageError, UsageError
+from featcache.fsio import locate
+from featcache.log import LogStream
+from featcache.manifest import list_source
+from featcache.stats.moments import Moments
+from featcache.stats.phis import PhiS
+from featcache.teachers import create_teacher
+from featcache.upsample import run
+from featcache.upsample.checkpoint import load_upsampler, save_upsampler
+from featcache.upsample.featsharp import FeatSharp, FeatSharpConfig
+from featcache.upsample.warp import Jitter, homographies, render, seam_map, warp
+
+SETTINGS, STATE, METRICS = "train.json", "state.safetensors", "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One training run; every field can be given on the command line."""
+
+    family: str
+    source: str
+    images: str
+    revision: str | None = None
+    steps: int = 2000
+    batch_size: int = 4  # canvases per step
+    views: int = 2  # jittered views per canvas
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup: int = 100
+    factor: int = 3
+    window: int = 7
+    heads: int = 8
+    key_dim: int = 32
+    mlp_ratio: float = 1.0
+    heldout: float = 0.1  # the fraction of image ids never trained on (``eval`` uses them)
+    stats_images: int = 64  # images the teacher's PHI-S statistics are fitted on
+    seam_weight: float = 1.0  # extra weight of the cells next to a tile seam
+    zoom: tuple[float, float] = (0.95, 1.05)
+    rotate: float = 5.0
+    shift: float = 0.03
+    perspective: float = 0.02
+    policy: str = "squash"
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 200
+
+    def __post_init__(self):
+        object.__setattr__(self, "zoom", tuple(self.zoom))
+        for name in ("steps", "batch_size", "views", "factor", "stats_images", "log_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be >= 1, not {getattr(self, name)}")
+        if not 0 <= self.heldout < 1:
+            raise UsageError(f"heldout must be in [0, 1), not {self.heldout}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UsageError(f"device {self.device!r} is not one of auto, cpu, cuda")
+
+    @property
+    def jitter(self) -> Jitter:
+        return Jitter(self.zoom, self.rotate, self.shift, self.perspective)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "zoom": list(self.zoom)}
+
+
+def is_heldout(image_id: str, fraction: float, seed: int) -> bool:
+    """Whether training leaves ``image_id`` out: a hash of the id and seed below ``fraction``
+    (stable when images are added or removed; ``eval`` applies the same rule)."""
+    h = hashlib.blake2b(f"{seed}:{image_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64 < fraction
+
+
+class Downsampler(nn.Module):
+    """Learned f x downsampling: one (f+2) x (f+2) kernel for every channel, stride f, its weights a
+    softmax (they sum to one), starting close to a box over the central f x f."""
+
+    def __init__(self, factor: int):
+        super().__init__()
+        self.factor = factor
+        init = torch.full((factor + 2, factor + 2), -4.0)
+        init[1:-1, 1:-1] = 0.0
+        self.logits = nn.Parameter(init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        k = self.logits.shape[0]
+        kernel = torch.softmax(self.logits.flatten(), 0).view(1, 1, k, k).to(x.dtype)
+        return F.conv2d(x.reshape(n * c, 1, h, w), kernel, stride=self.factor, padding=1).reshape(
+            n, c, h // self.factor, w // self.factor)
+
+
+class Trainer:
+    """One run in folder ``out``: teacher, images, upsampler, the training-only modules, optimizer."""
+
+    def __init__(self, settings: Settings, out: Path, stream=None):
+        self.s, self.out = settings, out
+        self.stream = stream or LogStream()
+        self.device = torch.device("cuda" if settings.device == "cuda" or (
+            settings.device == "auto" and torch.cuda.is_available()) else "cpu")
+        self.teacher = create_teacher(settings.family, settings.source, settings.revision, device=str(self.device))
+        self.train_ids, self.uris = self._images()
+        self.step = 0
+        self.model: FeatSharp | None = None
+
+    def _images(self) -> tuple[list[str], dict[str, str]]:
+        entries, _ = list_source(self.s.images)
+        uris = {e.image_id: e.loc.uri for e in entries}
+        train = sorted(i for i in uris if not is_heldout(i, self.s.heldout, self.s.seed))
+        if not train:
+            raise UsageError(f"every image of {self.s.images} is held out (heldout={self.s.heldout}): add images")
+        return train, uris
+
+    def image(self, image_id: str) -> torch.Tensor:
+        uri = self.uris[image_id]
+        return decode(locate(uri).read_bytes(), uri)
+
+    # ---- set-up -------------------------------------------------------------------------------
+
+    def build(self) -> None:
+        """Fit the teacher's PHI-S statistics, then the upsampler and the training-only modules."""
+        spec = self.teacher.spec
+        config = FeatSharpConfig(channels=spec.channels, grid=spec.grid(), patch=spec.patch_size, factor=self.s.factor,
+                                 window=self.s.window, key_dim=self.s.key_dim, heads=self.s.heads,
+                                 mlp_ratio=self.s.mlp_ratio)
+        self._make(config, self._fit_phis())
+
+    def _make(self, config: FeatSharpConfig, phis) -> None:
+        torch.manual_seed(self.s.seed)
+        self.model = FeatSharp(config, phis).to(self.device)
+        self.down = Downsampler(config.factor).to(self.device)
+        self.uncertainty = nn.Conv2d(config.channels, 1, 1).to(self.device)
+        nn.init.zeros_(self.uncertainty.weight)
+        nn.init.zeros_(self.uncertainty.bias)
+        params = [*self.model.parameters(), *self.down.parameters(), *self.uncertainty.parameters()]
+        self.optimizer = torch.optim.NAdam(params, lr=self.s.lr)
+        self.seams = seam_map(config.grid, config.factor).to(self.device)
+
+    def _fit_phis(self):
+        """PHI-S of the teacher's maps of canvases' global views (its native size), on up to
+        ``stats_images`` training images."""
+        ids = self.train_ids[:: max(1, len(self.train_ids) // self.s.stats_images)][: self.s.stats_images]
+        moments = Moments.empty(self.teacher.spec.channels)
+        for start in range(0, len(ids), self.s.batch_size):
+            canvas = self._canvases(ids[start:start + self.s.batch_size])
+            whole = run.teacher_batch(canvas, self.teacher.spec, self.s.factor)[:: 1 + self.s.factor ** 2]
+            dense = self.teacher.extract(whole, dtype=torch.float32).dense
+            moments.add(dense.reshape(-1, dense.shape[-1]).cpu().double().numpy())
+        phis = PhiS.fit(moments, seed=self.s.seed)
+        self._say(f"PHI-S of {self.teacher.spec.name} fitted on {len(ids)} images ({moments.count} tokens), "
+                  f"alpha {phis.alpha:.4g}")
+        return tuple(torch.from_numpy(a).float() for a in (phis.mean, phis.rotation, phis.inverse))
+
+    def _canvases(self, ids: list[str]) -> torch.Tensor:
+        images = []
+        for i in ids:
+            try:
+                images.append(self.image(i))
+            except ImageError as e:
+                raise UsageError(f"training image {i}: {e}") from None
+        return run.canvases(images, self.teacher.spec, self.s.factor, self.s.policy, self.device)[0]
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    def batch_ids(self, step: int) -> list[str]:
+        rng = np.random.default_rng([self.s.seed, step])
+        picks = rng.choice(len(self.train_ids), size=self.s.batch_size, replace=len(self.train_ids) < self.s.batch_size)
+        return [self.train_ids[i] for i in picks]
+
+    def loss(self, step: int) -> tuple[torch.Tensor, dict]:
+        """The step's loss and its parts."""
+        f, spec, v = self.s.factor, self.teacher.spec, self.s.views
+        canvas = self._canvases(self.batch_ids(step))
+        generator = torch.Generator().manual_seed(self.s.seed * 1_000_003 + step)
+        t = homographies(len(canvas) * v, self.s.jitter, generator)
+        with torch.no_grad():
+            global_raw, tiles_raw, _ = run.teacher_maps(self.teacher, canvas, f)
+            views = render(canvas.repeat_interleave(v, 0), t, spec.input_size, spec.resize, spec.antialias)
+            target_raw = self.teacher.extract(views, dtype=torch.float32).dense
+        autocast = torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        with autocast:
+            up = self.model(global_raw, tiles_raw, run.guide(canvas, self.model.config.out_grid))
+            return self._consistency(up, target_raw, t)
+
+    def _consistency(self, up: torch.Tensor, target_raw: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        v, f = self.s.views, self.s.factor
+        warped, inside = warp(up.float().repeat_interleave(v, 0), t)
+        seams, _ = warp(self.seams.expand(len(t), -1, -1, -1), t)
+        pred = self.down(warped)
+        target = self.model.normalize(target_raw)
+        whole = F.avg_pool2d(inside, f) > 0.999  # every fine cell of a coarse cell inside the canvas
+        weight = whole * (1 + self.s.seam_weight * F.avg_pool2d(seams, f))
+        mse = ((pred - target) ** 2).mean(dim=1, keepdim=True)
+        u = self.uncertainty(pred)
+        total = (weight * (torch.exp(-u) * mse + u / 2)).sum() / weight.sum().clamp(min=1)
+        plain = (whole * mse).sum() / whole.sum().clamp(min=1)
+        return total, {"loss": total.item(), "mse": plain.item(), "uncertainty": (whole * u).sum().item() / max(1, whole.sum().item())}
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        """Train to ``steps``; log every ``log_every``, checkpoint every ``save_every`` and at the end."""
+        window, began = [], time.perf_counter()
+        while self.step < self.s.steps:
+            lr = checkpoint.warmup_cosine(self.step, self.s.steps, self.s.warmup, self.s.lr, self.s.min_lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss, parts = self.loss(self.step)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            window.append(parts)
+            if self.step % self.s.log_every == 0 or self.step == self.s.steps:
+                self._log(window, lr, time.perf_counter() - began)
+                window, began = [], time.perf_counter()
+            if self.step % self.s.save_every == 0 or self.step == self.s.steps:
+                self.save()
+        return {"steps": self.step, "out": str(self.out)}
+
+    def _log(self, window: list[dict], lr: float, seconds: float) -> None:
+        record = {"step": self.step, "lr": lr, "seconds_per_step": seconds / len(window),
+                  **{k: float(np.mean([w[k] for w in window])) for k in window[0]}}
+        with open(self.out / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self._say(f"step {self.step}/{self.s.steps}: loss {record['loss']:.4f}, mse {record['mse']:.4f}, "
+                  f"lr {lr:.2e}, {record['seconds_per_step']:.2f} s/step")
+
+    def _say(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def save(self) -> None:
+        tensors, meta = checkpoint.optimizer_tensors(self.optimizer)
+        tensors.update({f"down.{k}": x for k, x in self.down.state_dict().items()})
+        tensors.update({f"uncertainty.{k}": x for k, x in self.uncertainty.state_dict().items()})
+        tensors["rng.torch"] = torch.get_rng_state()
+        checkpoint.save(self.out / STATE, tensors, {**meta, "step": str(self.step)})
+        save_upsampler(self.out, self.model, self.teacher.spec, self.step,
+                       {"fraction": self.s.heldout, "seed": self.s.seed, "images": self.s.images})
+
+    def resume(self) -> None:
+        meta = checkpoint.metadata(self.out / STATE)
+        model, description = load_upsampler(self.out, self.device)
+        if int(meta["step"]) != description.step:
+            raise UsageError(f"{self.out}: upsampler (step {description.step}) and state (step {meta['step']}) differ: "
+                             "the run stopped while saving; cannot resume exactly")
+        c = description.config
+        self._make(c, (model.phis_mean.cpu(), model.phis_rotation.cpu(), model.phis_inverse.cpu()))
+        self.model.load_state_dict(model.state_dict())
+        state = load_file(str(self.out / STATE))
+        self.down.load_state_dict({k[5:]: x for k, x in state.items() if k.startswith("down.")})
+        self.uncertainty.load_state_dict({k[12:]: x for k, x in state.items() if k.startswith("uncertainty.")})
+        checkpoint.restore_optimizer(self.optimizer, state, meta, self.device)
+        torch.set_rng_state(state["rng.torch"])
+        self.step = description.step
+
+
+def train(settings: Settings | None, out: str | Path, resume: bool = False, stream=None) -> dict:
+    """Run (``resume``: continue) the FeatSharp training run in folder ``out``.
+
+    A new run refuses a folder that holds one; ``resume`` continues with the folder's own settings
+    (``settings``, when given, must equal them) from its last checkpoint, exactly."""
+    out = Path(out)
+    saved = out / SETTINGS
+    if resume:
+        if not saved.exists():
+            raise UsageError(f"{out} holds no FeatSharp run to resume (no {SETTINGS})")
+        own = Settings(**json.loads(saved.read_text()))
+        if settings is not None and settings.to_dict() != own.to_dict():
+            raise UsageError(f"--resume continues {out} with its own {SETTINGS}; give no other settings")
+        trainer = Trainer(own, out, stream)
+        trainer.resume()
+        checkpoint.truncate_metrics(out / METRICS, trainer.step)
+        trainer._say(f"resuming {out} at step {trainer.step}")
+    else:
+        if settings is None:
+            raise UsageError("a new FeatSharp run needs settings")
+        if saved.exists():
+            raise UsageError(f"{out} already holds a FeatSharp run: --resume to continue it, or choose another --out")
+        trainer = Trainer(settings, out, stream)
+        out.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(settings.to_dict(), indent=1))
+        trainer.build()
+    return trainer.run()
+
