@@ -308,6 +308,71 @@ def train_cmd(
                    + (f"; held-out: {losses}" if losses else "") + (f"; kNN top-1: {knn}" if knn else ""))
 
 
+featsharp_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                            help="Train and evaluate a FeatSharp upsampler for a fixed-resolution teacher.")
+app.add_typer(featsharp_app, name="featsharp")
+
+
+@featsharp_app.command("train")
+@user_errors
+def featsharp_train_cmd(
+    out: str = typer.Option(..., "--out", "-o", help="Checkpoint folder (weights, config, state, metrics)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="family=siglip2,source=DIR_OR_HF_ID[,revision=R], "
+                                                                   "or preset=siglip2-g-384."),
+    images: Optional[str] = typer.Option(None, "--images", help="Training images: a folder, a glob or a "
+                                                                 ".parquet/.csv list (as index takes)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out exactly."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps [2000]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Canvases per step [4]."),
+    views: Optional[int] = typer.Option(None, "--views", help="Jittered views per canvas [2]."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate [1e-3]."),
+    factor: Optional[int] = typer.Option(None, "--factor", help="Upsampling factor [3]."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu or cuda."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the batches, views, weights and held-out ids."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Any setting: --set heads=4 (repeatable; "
+                                                                      "values in JSON syntax)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object when the run ends."),
+) -> None:
+    """Train an upsampler by multi-view consistency on unlabelled images; --resume continues a run."""
+    from featcache.upsample import training
+
+    flags = {"steps": steps, "batch_size": batch_size, "views": views, "lr": lr, "factor": factor,
+             "device": device, "seed": seed}
+    settings = None
+    if resume:
+        if teacher or images or overrides or any(v is not None for v in flags.values()):
+            raise UsageError("--resume continues the run in --out with its own settings: give only --out")
+    else:
+        if not teacher or not images:
+            raise UsageError("a new run needs --teacher and --images")
+        settings = training.settings_from(teacher, images, flags, overrides or [])
+    result = training.train(settings, out, resume=resume)
+    typer.echo(json.dumps(result, indent=1, sort_keys=True) if as_json else
+               f"trained {result['steps']} steps into {result['out']}")
+
+
+@featsharp_app.command("eval")
+@user_errors
+def featsharp_eval_cmd(
+    ckpt: str = typer.Argument(..., help="Checkpoint folder of 'featcache featsharp train'."),
+    images: str = typer.Option(..., "--images", help="Images: those the checkpoint's training held out are used."),
+    views: int = typer.Option(4, "--views", min=1, help="Jittered views per image."),
+    every: bool = typer.Option(False, "--all", help="Use every image of --images (none was trained on)."),
+    picture: Optional[str] = typer.Option(None, "--picture", help="PNG: PCA of the global view, bilinear, "
+                                                                   "FeatSharp and the tiles of the first image."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    seed: int = typer.Option(1234, "--seed", help="Seed of the jittered views."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+) -> None:
+    """Held-out reconstruction error of the upsampler and of bilinear upsampling of the global view."""
+    from featcache.upsample.evaluate import evaluate, table
+
+    if picture and not picture.lower().endswith(".png"):
+        raise UsageError(f"--picture {picture!r}: write a .png")
+    result = evaluate(ckpt, images, views=views, every=every, seed=seed, device=device, picture=picture)
+    typer.echo(json.dumps(result.to_dict(), indent=1, sort_keys=True) if as_json else table(result))
+
+
 @app.command("viz")
 @user_errors
 def viz_cmd(

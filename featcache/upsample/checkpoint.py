@@ -6,8 +6,8 @@
     CKPT/state.safetensors       optimizer, downsampler, uncertainty head, RNG (to resume training)
     CKPT/metrics.jsonl           one line per logged step
 
-The checkpoint's hash (what a view records, and what resume compares) is the sha256 of the weights
-file and of the JSON description together.
+The checkpoint's hash (what a view records, and what resume compares) is the sha256 of the JSON
+description and of every tensor of the weights file.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from featcache import checkpoint
@@ -65,11 +66,20 @@ def describe_upsampler(folder: str | Path) -> Description:
     d = json.loads(raw)
     if d.get("format") != FORMAT:
         raise UsageError(f"{folder}: upsampler format {d.get('format')!r}, this featcache reads {FORMAT!r}")
-    digest = hashlib.sha256(raw)
-    with open(folder / WEIGHTS, "rb") as f:
-        digest.update(hashlib.file_digest(f, "sha256").digest())
     return Description(FeatSharpConfig.from_dict(d["config"]), TeacherSpec.from_dict(d["teacher"]), int(d["step"]),
-                       d["heldout"], "sha256:" + digest.hexdigest())
+                       d["heldout"], _digest(raw, folder / WEIGHTS))
+
+
+def _digest(description: bytes, weights: Path) -> str:
+    """sha256 of the description and of every tensor (name, dtype, shape, bytes, by name): the file's
+    own bytes are not stable, as safetensors writes its metadata in no fixed order."""
+    digest = hashlib.sha256(description)
+    with safe_open(str(weights), "pt") as f:
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name).contiguous()
+            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
 
 
 def load_upsampler(folder: str | Path, device: str | torch.device = "cpu") -> tuple[FeatSharp, Description]:

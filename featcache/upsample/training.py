@@ -93,6 +93,35 @@ class Settings:
         return {**dataclasses.asdict(self), "zoom": list(self.zoom)}
 
 
+def settings_from(teacher: str, images: str, flags: dict, overrides: list[str]) -> Settings:
+    """Settings from the command line: ``--teacher`` (family=,source=[,revision=] or preset=), the
+    images, the named flags (None: the default) and ``--set key=value`` pairs (JSON values)."""
+    from featcache.extract.config import parse_teacher_flag
+    from featcache.teachers.presets import preset
+
+    t = parse_teacher_flag(teacher)
+    if "preset" in t:
+        p = preset(t.pop("preset"))
+        t = {"family": p.family, "source": p.source, **t}
+    unknown = set(t) - {"family", "source", "revision"}
+    if unknown or not {"family", "source"} <= set(t):
+        raise UsageError(f"--teacher {teacher!r}: give family=,source=[,revision=] or preset= (not {sorted(unknown)})")
+    values = {**t, "images": images, **{k: v for k, v in flags.items() if v is not None}}
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or key.strip() not in fields:
+            raise UsageError(f"--set {item!r}: expected key=value with a key of {', '.join(sorted(fields))}")
+        try:
+            values[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key.strip()] = raw
+    try:
+        return Settings(**values)
+    except TypeError as e:
+        raise UsageError(f"featsharp settings: {e}") from None
+
+
 def is_heldout(image_id: str, fraction: float, seed: int) -> bool:
     """Whether training leaves ``image_id`` out: a hash of the id and seed below ``fraction``
     (stable when images are added or removed; ``eval`` applies the same rule)."""
@@ -149,9 +178,12 @@ class Trainer:
     def build(self) -> None:
         """Fit the teacher's PHI-S statistics, then the upsampler and the training-only modules."""
         spec = self.teacher.spec
-        config = FeatSharpConfig(channels=spec.channels, grid=spec.grid(), patch=spec.patch_size, factor=self.s.factor,
-                                 window=self.s.window, key_dim=self.s.key_dim, heads=self.s.heads,
-                                 mlp_ratio=self.s.mlp_ratio)
+        try:
+            config = FeatSharpConfig(channels=spec.channels, grid=spec.grid(), patch=spec.patch_size,
+                                     factor=self.s.factor, window=self.s.window, key_dim=self.s.key_dim,
+                                     heads=self.s.heads, mlp_ratio=self.s.mlp_ratio)
+        except ValueError as e:
+            raise UsageError(f"featsharp settings for {spec.name}: {e}") from None
         self._make(config, self._fit_phis())
 
     def _make(self, config: FeatSharpConfig, phis) -> None:
@@ -309,8 +341,8 @@ def train(settings: Settings | None, out: str | Path, resume: bool = False, stre
         if saved.exists():
             raise UsageError(f"{out} already holds a FeatSharp run: --resume to continue it, or choose another --out")
         trainer = Trainer(settings, out, stream)
+        trainer.build()  # a teacher, images or settings that cannot be used leave no folder behind
         out.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(settings.to_dict(), indent=1))
-        trainer.build()
     return trainer.run()
 
