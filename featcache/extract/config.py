@@ -45,7 +45,7 @@ class TeacherConfig:
     resolutions: tuple[int, ...] = ()  # square input sizes; the teacher's native size when empty
     codec: str = "f16"  # how dense features are stored: f16, f32, or int8-phis (PHI-S space, int8)
     mosaic: int = 1
-    upsampler: dict | None = None
+    upsampler: str | None = None  # a `featcache featsharp train` checkpoint folder: one upsampled view
 
     def __post_init__(self):
         object.__setattr__(self, "resolutions", tuple(self.resolutions))
@@ -58,9 +58,9 @@ class TeacherConfig:
             raise UsageError(f"{where}: a mosaic view's size is the native size / mosaic; drop 'resolutions'")
         if any(r < 1 for r in self.resolutions) or len(set(self.resolutions)) != len(self.resolutions):
             raise UsageError(f"{where}: resolutions must be distinct positive sizes, not {list(self.resolutions)}")
-        if self.upsampler is not None:
-            raise UsageError(f"{where}: upsampler {self.upsampler!r} cannot be used: FeatSharp upsampling is not "
-                             "built in this version of featcache")
+        if self.upsampler is not None and (self.mosaic > 1 or self.resolutions):
+            raise UsageError(f"{where}: an upsampled view's size is the upsampler's canvas; drop 'resolutions' and "
+                             "'mosaic' (give the teacher again, with another 'name', for other views)")
 
 
 @dataclass(frozen=True)

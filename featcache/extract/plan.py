@@ -12,6 +12,7 @@ codec, view policy, mosaic) is refused with the reason.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 from featcache.errors import SourceNotFoundError, UsageError
@@ -36,13 +37,15 @@ class ViewTask:
     teacher: int
     size: tuple[int, int]
     mosaic: int = 1
+    upsampler: str | None = None  # checkpoint folder: the view is the upsampler's map of a canvas of ``size``
 
     def to_dict(self) -> dict:
-        return {"key": self.key, "teacher": self.teacher, "size": list(self.size), "mosaic": self.mosaic}
+        return {"key": self.key, "teacher": self.teacher, "size": list(self.size), "mosaic": self.mosaic,
+                "upsampler": self.upsampler}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ViewTask":
-        return cls(d["key"], d["teacher"], tuple(d["size"]), d["mosaic"])
+        return cls(d["key"], d["teacher"], tuple(d["size"]), d["mosaic"], d.get("upsampler"))
 
 
 @dataclass
@@ -121,6 +124,9 @@ def repair(cache: Cache, keys: list[str]) -> tuple[list[str], bool]:
 
 def view_specs(index: int, t: TeacherConfig, spec: TeacherSpec, config: ExtractConfig):
     """(ViewTask, ViewSpec) for each view teacher ``t`` produces."""
+    if t.upsampler is not None:
+        yield upsampled_view(index, t, spec, config)
+        return
     if t.mosaic > 1:
         sizes = [spec.mosaic_tile(t.mosaic)]
     else:
@@ -138,17 +144,29 @@ def view_specs(index: int, t: TeacherConfig, spec: TeacherSpec, config: ExtractC
 def create_or_check(cache: Cache, spec: ViewSpec, shard_size: int) -> None:
     """Create the view, or check an existing one holds the same data settings."""
     existing = cache.views.get(spec.key)
+    if existing is not None and existing.spec.upsampler and spec.upsampler and \
+            existing.spec.upsampler.get("sha256") != spec.upsampler.get("sha256"):
+        old, new = existing.spec.upsampler, spec.upsampler
+        raise UsageError(f"{spec.key} was written with the upsampler {old.get('path')} ({old.get('sha256', '')[:19]}), "
+                         f"not {new['path']} ({new['sha256'][:19]}): resume with that checkpoint, or write "
+                         "another root or teacher name")
     if existing is not None and _same_data(existing.spec, spec):
         spec = existing.spec
     cache.create_view(spec, shard_size)
 
 
 def _same_data(old: ViewSpec, new: ViewSpec) -> bool:
-    """Equal up to where the weights were read from, when the weights hash says they are the same."""
+    """Equal up to where the weights (and an upsampler's checkpoint) were read from, when their hashes
+    say they are the same."""
     if old.teacher.get("weights_hash") is None or old.teacher.get("weights_hash") != new.teacher.get("weights_hash"):
         return False
-    strip = lambda s: dataclasses.replace(s, teacher={k: v for k, v in s.teacher.items() if k not in _PROVENANCE})
-    return strip(old) == strip(new)
+    return _strip(old) == _strip(new)
+
+
+def _strip(s: ViewSpec) -> ViewSpec:
+    teacher = {k: v for k, v in s.teacher.items() if k not in _PROVENANCE}
+    upsampler = None if s.upsampler is None else {k: v for k, v in s.upsampler.items() if k != "path"}
+    return dataclasses.replace(s, teacher=teacher, upsampler=upsampler)
 
 
 def check_inputs(config: ExtractConfig) -> None:
@@ -197,3 +215,26 @@ def ensure_manifest(config: ExtractConfig) -> str:
 
 def _is_manifest_file(uri: str) -> bool:
     return uri.endswith((".parquet", ".csv"))
+
+
+def upsampled_view(index: int, t: TeacherConfig, spec: TeacherSpec, config: ExtractConfig) -> tuple[ViewTask, ViewSpec]:
+    """The view of an upsampler checkpoint for teacher ``t``: ``<name>-featsharp<f>x@<canvas>``, its grid
+    f x the teacher's, the global view's summary; refused when the checkpoint was made for other weights."""
+    from featcache.upsample.checkpoint import describe_upsampler
+
+    folder = os.path.abspath(t.upsampler) if "://" not in t.upsampler else t.upsampler
+    d = describe_upsampler(folder)
+    made_for = d.teacher
+    if made_for.weights_hash and spec.weights_hash and made_for.weights_hash != spec.weights_hash:
+        raise UsageError(f"the upsampler {folder} was trained for other weights of {spec.name} "
+                         f"({made_for.source}, {made_for.weights_hash[:19]}) than {spec.source} ({spec.weights_hash[:19]})")
+    if (made_for.channels, tuple(made_for.input_size), made_for.patch_size) != (spec.channels, spec.input_size, spec.patch_size):
+        raise UsageError(f"the upsampler {folder} was trained for a teacher of {made_for.channels} channels at "
+                         f"{made_for.input_size[0]} px, not {spec.name}'s {spec.channels} at {spec.input_size[0]} px")
+    c = d.config
+    size, grid = c.canvas, c.out_grid
+    key = f"{spec.name}-featsharp{c.factor}x@" + (f"{size[0]}" if size[0] == size[1] else f"{size[0]}x{size[1]}")
+    upsampler = {"name": "featsharp", "path": folder, "sha256": d.sha256, "step": d.step, "config": c.to_dict()}
+    return (ViewTask(key, index, size, 1, folder),
+            ViewSpec(key=key, grid=grid, channels=spec.channels, summary_channels=spec.summary_channels, input_size=size,
+                     codec=t.codec, view_policy=config.view_policy, teacher=spec.to_dict(), upsampler=upsampler))

@@ -50,6 +50,8 @@ from featcache.store.cache import Cache
 from featcache.store.codec import Int8Phis, load_int8_phis
 from featcache.teachers import TeacherSpec, create_teacher
 from featcache.teachers.views import make_views
+from featcache.upsample import run as upsample_run
+from featcache.upsample.checkpoint import load_upsampler
 
 #: spec fields a worker's loaded teacher may differ in from the driver's description
 _UNCHECKED = ("weights_hash",)
@@ -91,6 +93,7 @@ class ShardWorker:
                         for k, v in self.cache_views.items()}  # what the features are cast to on the device
         self.shard_range = next(iter(self.cache_views.values())).shard_range  # every view shares the layout
         self.teachers = [self._load(TeacherSpec.from_dict(t), compile) for t in teachers]
+        self.upsamplers = {v.key: self._load_upsampler(v) for v in self.views if v.upsampler}
         self.pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="prefetch")  # never waits on itself
         self._prefetched: dict[int, Future] = {}
@@ -122,6 +125,15 @@ class ShardWorker:
             raise UsageError(f"{expected.source} loaded on {os.uname().nodename} differs from the driver's "
                              f"description in {', '.join(diff)}: is it the same model on every node?")
         return teacher
+
+    def _load_upsampler(self, task: ViewTask):
+        """The upsampler of an upsampled view, refused when its checkpoint is not the one the view records."""
+        model, description = load_upsampler(task.upsampler, self.device)
+        recorded = self.cache_views[task.key].spec.upsampler or {}
+        if description.sha256 != recorded.get("sha256"):
+            raise UsageError(f"{task.upsampler} on {os.uname().nodename} is not the upsampler {task.key} was "
+                             f"planned with ({recorded.get('sha256', '?')[:19]}): is it the same checkpoint on every node?")
+        return model
 
     def close(self) -> None:
         """Drop a look-ahead and let the threads end (they are daemons: nothing waits for them)."""
@@ -314,6 +326,10 @@ class ShardWorker:
             rows = good[b:b + per_batch]
             with stages.time("views"):
                 batch = [images[j].to(self.device, non_blocking=True) for j in rows]
+            if task.upsampler:
+                yield (rows, *self._upsampled(task, teacher, batch, stages, dtype))
+                continue
+            with stages.time("views"):
                 pixels, boxes = make_views(batch, teacher.spec, size=task.size, policy=self.policy,
                                            device=self.device, mosaic=task.mosaic)
             with stages.time("forward"):
@@ -322,6 +338,18 @@ class ShardWorker:
                 else:
                     out = teacher.extract(pixels, dtype=dtype)
             yield rows, out.dense, out.summary, boxes
+
+    def _upsampled(self, task: ViewTask, teacher, batch: list, stages: "_Stages", dtype: torch.dtype | None):
+        """(dense (B, H, W, C) in the teacher's raw space, the global views' summaries, boxes) of an
+        upsampled view: canvases, the teacher on their global views and tiles, the upsampler."""
+        model = self.upsamplers[task.key]
+        with stages.time("views"):
+            canvas, boxes = upsample_run.canvases(batch, teacher.spec, model.config.factor, self.policy, self.device)
+        with stages.time("forward"), torch.inference_mode():
+            with torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
+                out = upsample_run.upsample(model, teacher, canvas, self.batch_size)
+            dense, summary = model.denormalize(out.dense.float()), out.summary
+        return (dense, summary, boxes) if dtype is None else (dense.to(dtype), summary.to(dtype), boxes)
 
     def _encoder(self, key: str, dtype: torch.dtype):
         """(device features → the view's stored dense values, on the device: int8-phis codes or a

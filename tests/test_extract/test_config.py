@@ -75,7 +75,9 @@ def test_teacher_flag_syntax():
     ({"teachers": [{"family": "sam3", "source": "/x", "mosaic": 2, "resolutions": [504]}]},
      "a mosaic view's size is the native size / mosaic"),
     ({"teachers": [{"family": "siglip2", "source": "/x", "upsampler": {"kind": "featsharp"}}]},
-     "FeatSharp upsampling is not built"),
+     r"teachers\[0\]: upsampler must be a str"),
+    ({"teachers": [{"family": "siglip2", "source": "/x", "upsampler": "/ckpt", "resolutions": [384]}]},
+     "an upsampled view's size is the upsampler's canvas"),
     ({"teachers": [{"family": "dinov3", "source": "/a"}, {"family": "dinov3", "source": "/b"}]},
      "two teachers are named 'dinov3'"),
 ])
