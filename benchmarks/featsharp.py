@@ -1,0 +1,114 @@
+"""FeatSharp inference against its floor, ten bare teacher forwards per image (issue 14).
+
+    PYTHONPATH=. python benchmarks/featsharp.py                    # CPU: a mid-size SigLIP2 at 384, ~2 min
+    PYTHONPATH=. python benchmarks/featsharp.py --device cuda --full --batch 8   # a lent GPU: SigLIP2-g
+
+One image through FeatSharp 3x = the teacher on its global view and its 9 tiles (one batch of 10
+inputs at the native 384 px), then the upsampler (PHI-S, JBU at 72x72, the fuser's local-attention
+block over 2C channels). Its floor is the 10 forwards alone. Both are timed on the same random-weight
+teacher (``--full``: SigLIP2-g's published config, TEACHERS.md; else a mid-size SigLIP2 of width 384,
+6 blocks, 6 heads at 384 px) and a random-weight upsampler of the teacher's width, in interleaved
+rounds (medians), float32 on CPU, bf16 autocast on CUDA. Printed: ms per image for each, their ratio
+(FeatSharp / floor, >= 1), the upsampler's own share, and on CUDA the peak GPU memory of a FeatSharp
+batch. The machine may be shared: the load average is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from featcache.roofline import VitShape
+from featcache.teachers.presets import preset
+from featcache.upsample import run
+from featcache.upsample.featsharp import FeatSharp, FeatSharpConfig
+
+MID = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6)
+
+
+def teacher(full: bool, device: str):
+    p = preset("siglip2-g-384")
+    if not full:
+        p = dataclasses.replace(p, name="siglip2-mid-384", config={**p.config, **MID},
+                                shape=VitShape(width=384, mlp=1536, layers=6, patch=16, pool_head=True))
+    t = p.random_teacher(device)
+    if device == "cuda":
+        t.model.to(torch.bfloat16)
+    return t
+
+
+def upsampler(channels: int, device: str, heads: int) -> FeatSharp:
+    torch.manual_seed(0)
+    config = FeatSharpConfig(channels=channels, grid=(24, 24), patch=16, factor=3, heads=heads)
+    eye = torch.eye(channels)
+    return FeatSharp(config, (torch.zeros(channels), eye, eye)).to(device).eval()
+
+
+def timed(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--full", action="store_true", help="SigLIP2-g's full config (a GPU job)")
+    ap.add_argument("--batch", type=int, default=1, help="images per call")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    load = [round(x, 2) for x in os.getloadavg()]
+    t = teacher(args.full, args.device)
+    c = t.spec.channels
+    model = upsampler(c, args.device, heads=16 if args.full else 6)
+    canvas = torch.randn(args.batch, 3, 1152, 1152, device=args.device)
+    inputs = run.teacher_batch(canvas, t.spec, 3)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.device == "cuda")
+
+    def floor():
+        with torch.inference_mode(), autocast:
+            t.extract(inputs, dtype=None)
+
+    def featsharp():
+        with torch.inference_mode(), autocast:
+            run.upsample(model, t, canvas)
+
+    floor(), featsharp()  # warm-up
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rounds = {"floor": [], "featsharp": []}
+    for r in range(args.rounds):
+        for name, fn in (("floor", floor), ("featsharp", featsharp))[::1 if r % 2 == 0 else -1]:
+            rounds[name].append(timed(fn, args.device) / args.batch)
+    ms = {k: 1e3 * statistics.median(v) for k, v in rounds.items()}
+    out = {"device": args.device, "teacher": "siglip2-g-384" if args.full else "siglip2-mid-384 (width 384, 6 blocks)",
+           "channels": c, "batch": args.batch, "rounds": args.rounds, "load_average": load,
+           "ms_per_image": ms, "ratio_featsharp_to_floor": ms["featsharp"] / ms["floor"],
+           "upsampler_share": 1 - ms["floor"] / ms["featsharp"],
+           "upsampler_parameters": sum(p.numel() for p in model.parameters())}
+    if args.device == "cuda":
+        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return
+    print(f"{out['teacher']} on {args.device}, batch {args.batch}, median of {args.rounds} rounds, load {load}")
+    print(f"  ten bare teacher forwards (the floor): {ms['floor']:.1f} ms/image")
+    print(f"  FeatSharp 3x (forwards + upsampler):   {ms['featsharp']:.1f} ms/image")
+    print(f"  ratio {out['ratio_featsharp_to_floor']:.3f}; the upsampler's own share {out['upsampler_share']:.1%}; "
+          f"{out['upsampler_parameters'] / 1e6:.1f} M upsampler parameters"
+          + (f"; peak GPU memory {out['peak_gpu_gib']:.2f} GiB" if "peak_gpu_gib" in out else ""))
+
+
+if __name__ == "__main__":
+    main()
