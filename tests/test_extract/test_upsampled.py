@@ -89,6 +89,7 @@ def test_a_rerun_resumes_and_another_checkpoint_is_refused(upsampled, job_teache
     changed = {**job, "teachers": [{**job["teachers"][0], "upsampler": str(other)}, job["teachers"][1]]}
     config = tmp / "changed.json.yaml"
     config.write_text(json.dumps(changed))
+    capsys.readouterr()  # the training's log lines (once a CLI call has sent the library's log to stderr)
     assert main(["extract", str(config), "--no-stats"]) == 2
     err = capsys.readouterr().err
     assert f"{KEY} was written with the upsampler {tmp / 'ckpt'}" in err and str(other) in err, err
