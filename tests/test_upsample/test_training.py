@@ -106,8 +106,14 @@ def test_the_command_line(patch_local, photos, tmp_path, capsys):
                  "--images", str(photos), "--steps", "2", "--batch-size", "2", "--set", "heads=4",
                  "--set", "stats_images=4"]) == 0
     capsys.readouterr()
-    assert main(["featsharp", "eval", str(out), "--images", str(photos), "--views", "1", "--json"]) == 0
+    picture = tmp_path / "fs.png"
+    assert main(["featsharp", "eval", str(out), "--images", str(photos), "--views", "1", "--json",
+                 "--picture", str(picture)]) == 0
     report = json.loads(capsys.readouterr().out)
+    from PIL import Image
+
+    with Image.open(picture) as im:  # four PCA panels side by side: global, bilinear, FeatSharp, tiles
+        assert im.format == "PNG" and im.width > 3 * im.height
     assert set(report) == {"images", "featsharp_error", "bilinear_error", "exact_error", "factor", "views"}
     assert report["factor"] == 3 and set(report["exact_error"]) == {"featsharp", "bilinear"}
     for argv, says in (
