@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featcache.errors import UsageError
-from featcache.roofline import block_flops
+from featcache.roofline import VitShape, block_flops
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,15 @@ class StudentConfig:
         """The backbone dimensions after the overrides."""
         overrides = {"width": self.width, "depth": self.depth, "heads": self.num_heads, "mlp_ratio": self.mlp_ratio}
         return dataclasses.replace(SIZES[self.size], **{k: v for k, v in overrides.items() if v is not None})
+
+    def roofline_shape(self) -> VitShape:
+        """The backbone as ``featcache.roofline`` models it (prefix = one CLS per summary head +
+        registers; a windowed block's queries attend over their window, its prefix share left out)."""
+        vit, ws = self.vit(), self.vitdet_window_size
+        prefix = sum(1 for h in self.heads if h.summary_channels) + self.registers
+        return VitShape(vit.width, int(vit.width * vit.mlp_ratio), vit.depth, self.patch, prefix_tokens=prefix,
+                        window=None if ws is None else ws * ws,
+                        global_layers=len(self.global_block_indices()) if ws is not None else 0)
 
     def global_block_indices(self) -> tuple[int, ...]:
         """Blocks that attend over all tokens: all of them without windows."""

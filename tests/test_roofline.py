@@ -1,0 +1,79 @@
+"""The roofline model: FLOPs against torch's counter, bytes against hand-computed cases, the
+sparse patterns' effects (2:4 halves a compute-bound linear layer; attention bounds the end-to-end
+speedup), and the measured preset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from featcache import roofline
+from featcache.roofline import HARDWARE, Hardware, linear, ops, predict, sparse, speedup
+from featcache.train.student import StudentConfig, TeacherHead, build_student
+
+
+@pytest.mark.parametrize("size, res, window", [("small", 224, None), ("base", 448, None), ("base", 512, 8),
+                                               ("small", 1024, 16), ("tiny", 384, 12)])
+def test_student_flops_equal_torch_s_counter_within_2_percent(size, res, window):
+    cfg = StudentConfig(size=size, vitdet_window_size=window, heads=[TeacherHead("t", 64, 64)])
+    with torch.device("meta"):
+        student = build_student(cfg)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        student(torch.zeros(1, 3, res, res, device="meta"))
+    analytic = roofline.vit_flops(cfg.roofline_shape(), res, res)
+    assert abs(analytic / counter.get_total_flops() - 1) < 0.02, (analytic, counter.get_total_flops())
+
+
+def test_bytes_of_each_pattern_against_hand_computed_cases():
+    """M=8 rows, K=4, N=6 at 2 bytes; 75% removed (δ = 0.25); int32 indices and pointers."""
+    op = linear("mlp", 8, 4, 6, 2, sparsifiable=True)
+    assert (op.flops, op.bytes) == (2 * 8 * 4 * 6, 2 * (32 + 24 + 48))
+    csr = sparse(op, "unstructured", 0.75)
+    assert (csr.flops, csr.bytes) == (96, 2 * (32 + 48) + 0.25 * 24 * (2 + 4) + 7 * 4)  # 160 + 36 + 28
+    bsr = sparse(op, "block", 0.75, block=(2, 2))
+    assert (bsr.flops, bsr.bytes) == (96, 160 + 0.25 * 24 * 2 + 0.25 * 24 / 4 * 4 + (6 / 2 + 1) * 4)  # + 12 + 6 + 16
+    two4 = sparse(op, "2:4", 0.5)
+    assert (two4.flops, two4.bytes, two4.peak_scale) == (384, 160 + 12 * 2 + 12 * 2 / 8, 2.0)
+    assert sparse(op, "dense", 0.9) == op and sparse(linear("head", 8, 4, 6, 2), "unstructured", 0.5).flops == 384
+    with pytest.raises(ValueError, match="exactly half"):
+        sparse(op, "2:4", 0.75)
+
+
+def test_2_4_halves_a_compute_bound_linear_and_attention_bounds_the_speedup():
+    h100 = HARDWARE["h100"]
+    big = linear("mlp", 4096, 4096, 4096, 2, sparsifiable=True)
+    [dense], [half] = predict([big], h100), predict([sparse(big, "2:4", 0.5)], h100)
+    assert dense.bound == half.bound == "compute" and half.seconds == pytest.approx(dense.seconds / 2)
+    # Wide enough that every linear stays compute-bound once halved: the speedup is Amdahl's exactly.
+    model = ops(roofline.VitShape(4096, 16384, 4, 16, prefix_tokens=1), 1024, 1024, batch=8)
+    timed = predict(model, h100)
+    linear_time = sum(t.seconds for t in timed if t.op.sparsifiable)
+    rest = sum(t.seconds for t in timed) - linear_time
+    assert all(t.bound == "compute" for t in predict([sparse(o, "2:4", 0.5) for o in model], h100) if t.op.sparsifiable)
+    got = speedup(model, h100, "2:4", 0.5)
+    assert got == pytest.approx((rest + linear_time) / (rest + linear_time / 2))
+    assert 1.2 < got < 1.8  # the dense attention over 4,097 tokens keeps it well below 2
+    # A narrower model whose halved projections turn memory-bound gains less than Amdahl says.
+    narrow = ops(roofline.VitShape(1024, 4096, 4, 16, prefix_tokens=1), 1024, 1024, batch=8)
+    t_narrow = predict(narrow, h100)
+    lin = sum(t.seconds for t in t_narrow if t.op.sparsifiable)
+    bound = sum(t.seconds for t in t_narrow) / (sum(t.seconds for t in t_narrow) - lin / 2)
+    assert speedup(narrow, h100, "2:4", 0.5) < bound
+
+
+def test_a_memory_bound_layer_gains_from_fewer_weight_bytes_only():
+    """One image's worth of rows (M = 8): the weights dominate the bytes; 90% unstructured sparsity cuts
+    the time by the bytes saved, not by the FLOPs removed."""
+    op = linear("mlp", 8, 4096, 4096, 2, sparsifiable=True)
+    hw = HARDWARE["h100"]
+    [d], [s] = predict([op], hw), predict([sparse(op, "unstructured", 0.9)], hw)
+    assert d.bound == s.bound == "memory"
+    assert s.seconds / d.seconds == pytest.approx(sparse(op, "unstructured", 0.9).bytes / op.bytes)
+    assert 0.29 < s.seconds / d.seconds < 0.31  # 0.1 x (2 + 4) bytes per weight instead of 2
+
+
+def test_the_measured_preset_on_this_cpu():
+    hw = roofline.measure("cpu", seconds=0.2)
+    assert isinstance(hw, Hardware) and hw.itemsize == 4 and hw.sparse_peak == 2 * hw.peak
+    assert 1e8 < hw.peak < 1e14 and 1e8 < hw.bandwidth < 1e12, hw
