@@ -373,6 +373,106 @@ def featsharp_eval_cmd(
     typer.echo(json.dumps(result.to_dict(), indent=1, sort_keys=True) if as_json else table(result))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Model:
+    shape: object  # featcache.roofline.VitShape
+    resolution: int
+    build: object  # device -> a callable running a (B, 3, res, res) batch
+
+    def measure(self, res: int, batch: int, device: str) -> float:
+        """Seconds of one forward of a random batch (the fastest of a few, after a warm-up)."""
+        import time
+
+        import torch
+
+        run = self.build(device)
+        x = torch.randn(batch, 3, res, res, device=device)
+        best = float("inf")
+        with torch.inference_mode():
+            for _ in range(4):
+                t0 = time.perf_counter()
+                run(x)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - t0)
+        return best
+
+
+def _random_teacher(p, device: str):
+    """A preset with random weights, refused (one line) when its float32 weights would not fit here."""
+    import os
+
+    weights = 4 * sum(t.numel() for t in p.build_meta().parameters())
+    if device == "cpu" and weights > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2:
+        raise UsageError(f"{p.name} needs {weights / 2**30:.0f} GiB of float32 weights: too large to --measure "
+                         "on this machine (measure it on a GPU, or a student)")
+    return p.random_teacher(device)
+
+
+def _roofline_model(name: str, window: int | None) -> _Model:
+    """A teacher preset or ``student-<size>``, as the roofline models it and as random weights run it."""
+    from featcache.teachers.presets import PRESETS
+
+    if name in PRESETS:
+        p = PRESETS[name]
+        return _Model(p.shape, p.size, lambda device: _random_teacher(p, device).extract)
+    from featcache.train.student import SIZES, StudentConfig, build_student
+
+    size = name.removeprefix("student-")
+    if not name.startswith("student-") or size not in SIZES:
+        raise UsageError(f"unknown model {name!r}; models: {', '.join(PRESETS)}, "
+                         + ", ".join(f"student-{s}" for s in SIZES))
+    cfg = StudentConfig(size=size, vitdet_window_size=window)
+    return _Model(cfg.roofline_shape(), 224, lambda device: build_student(cfg).to(device).eval())
+
+
+@app.command("roofline")
+@user_errors
+def roofline_cmd(
+    model: str = typer.Argument(..., help="A teacher preset (siglip2-g-384, dinov3-7b, sam3) or student-SIZE "
+                                          "(student-tiny ... student-huge)."),
+    res: Optional[int] = typer.Option(None, "--res", help="Input size in px [the teacher's native size; 224 "
+                                                          "for a student]."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Images per forward."),
+    device: str = typer.Option("h100", "--device", help="a100, h100, h200, or measured (calibrated on this "
+                                                        "machine's CPU, or its GPU with --measure on CUDA)."),
+    window: Optional[int] = typer.Option(None, "--window", help="A student's ViTDet window (tokens per side)."),
+    sparsity: Optional[list[str]] = typer.Option(None, "--sparsity", help="pattern:degree on the blocks' linear "
+                                                 "layers: unstructured:0.9, block:0.75, 2:4 (repeatable)."),
+    measure: bool = typer.Option(False, "--measure", help="Also run the model here (random weights) and print "
+                                                          "predicted vs measured; implies --device measured."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (a list with --sparsity)."),
+) -> None:
+    """Predicted time of a model's forward per layer type from the roofline (ALGORITHMS.md §8)."""
+    from featcache import roofline
+
+    target = _roofline_model(model, window)
+    res = res or target.resolution
+    cuda = measure and device == "cuda"
+    hw = roofline.measure("cuda" if cuda else "cpu") if measure or device in ("measured", "cuda") else \
+        roofline.HARDWARE.get(device)
+    if hw is None:
+        raise UsageError(f"unknown device {device!r}; devices: {', '.join(roofline.HARDWARE)}, measured")
+    dense = roofline.ops(target.shape, res, res, batch, hw.itemsize)
+    reports = [roofline.report(model, res, batch, hw, roofline.predict(dense, hw))]
+    if measure:
+        reports[0]["measured_seconds"] = target.measure(res, batch, "cuda" if cuda else "cpu")
+    for spec in sparsity or []:
+        pattern, _, degree = ("2:4", "", "0.5") if spec == "2:4" else spec.rpartition(":")
+        try:
+            sparse_ops = [roofline.sparse(o, pattern, float(degree)) for o in dense]
+        except ValueError as e:
+            raise UsageError(f"--sparsity {spec!r}: {e}") from None
+        r = roofline.report(f"{model} {pattern} {degree}", res, batch, hw, roofline.predict(sparse_ops, hw))
+        r["speedup"] = reports[0]["predicted_seconds"] / r["predicted_seconds"]
+        reports.append(r)
+    if as_json:
+        typer.echo(json.dumps(reports[0] if len(reports) == 1 else reports, indent=1))
+        return
+    typer.echo("\n\n".join(roofline.table(r) + (f"\npredicted speedup {r['speedup']:.3f}" if "speedup" in r else "")
+                            for r in reports))
+
+
 @app.command("viz")
 @user_errors
 def viz_cmd(

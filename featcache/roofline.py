@@ -201,8 +201,8 @@ def measure(device: str = "cpu", seconds: float = 0.5) -> Hardware:
     n = 8192 if device == "cuda" else 1024
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     peak = 2 * n**3 / _best(lambda: a @ b, device, seconds)
-    x = torch.empty(64 << 20 if device == "cuda" else 16 << 20, device=device, dtype=dtype)
-    y = torch.empty_like(x)
+    x = torch.ones(64 << 20, device=device, dtype=dtype)  # 256 MB (CPU), past any cache; touched pages:
+    y = torch.zeros_like(x)  # an untouched source reads the shared zero page, faster than memory
     bandwidth = 2 * x.numel() * x.element_size() / _best(lambda: y.copy_(x), device, seconds)
     name = f"measured ({torch.cuda.get_device_name() if device == 'cuda' else f'cpu, {torch.get_num_threads()} threads'})"
     return Hardware(name, peak, 2 * peak, bandwidth, torch.empty((), dtype=dtype).element_size())
@@ -222,3 +222,29 @@ def _best(fn, device: str, seconds: float) -> float:
         sync()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def report(model: str, resolution: int, batch: int, hw: Hardware, timed: list[Timed]) -> dict:
+    """The ``featcache roofline --json`` object (DESIGN.md §7), seconds per batch."""
+    seconds = sum(t.seconds for t in timed)
+    compute = sum(t.seconds for t in timed if t.bound == "compute")
+    return {"model": model, "resolution": resolution, "batch": batch, "device": hw.name,
+            "flops": sum(t.op.flops * t.op.count for t in timed), "bytes": sum(t.op.bytes * t.op.count for t in timed),
+            "predicted_seconds": seconds, "bound": "compute" if compute >= seconds / 2 else "memory",
+            "layers": [{"type": kind, **row} for kind, row in by_kind(timed).items()]}
+
+
+def table(r: dict) -> str:
+    """The human-readable form of :func:`report`."""
+    lines = [f"{r['model']} at {r['resolution']} px, batch {r['batch']}, on {r['device']}",
+             f"{'layer':12s} {'GFLOP':>10s} {'MB':>10s} {'ms':>9s} {'share':>6s}  bound"]
+    for row in r["layers"]:
+        lines.append(f"{row['type']:12s} {row['flops'] / 1e9:10.2f} {row['bytes'] / 1e6:10.2f} "
+                     f"{row['seconds'] * 1e3:9.3f} {row['seconds'] / r['predicted_seconds']:6.1%}  {row['bound']}")
+    per_image = r["predicted_seconds"] / r["batch"]
+    lines.append(f"{'total':12s} {r['flops'] / 1e9:10.2f} {r['bytes'] / 1e6:10.2f} {r['predicted_seconds'] * 1e3:9.3f} "
+                 f"{'':6s}  {r['bound']}; {per_image * 1e3:.3f} ms/image, {1 / per_image:.1f} images/s")
+    if "measured_seconds" in r:
+        lines.append(f"measured {r['measured_seconds'] * 1e3:.3f} ms per batch: predicted / measured "
+                     f"{r['predicted_seconds'] / r['measured_seconds']:.2f}")
+    return "\n".join(lines)

@@ -77,3 +77,27 @@ def test_the_measured_preset_on_this_cpu():
     hw = roofline.measure("cpu", seconds=0.2)
     assert isinstance(hw, Hardware) and hw.itemsize == 4 and hw.sparse_peak == 2 * hw.peak
     assert 1e8 < hw.peak < 1e14 and 1e8 < hw.bandwidth < 1e12, hw
+
+
+def test_the_roofline_command(capsys):
+    import json
+
+    from featcache.cli import main
+
+    assert main(["roofline", "sam3", "--device", "h200", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert {"model", "resolution", "batch", "device", "flops", "bytes", "predicted_seconds", "bound", "layers"} <= set(r)
+    assert r["resolution"] == 1008 and r["device"] == "H200" and abs(r["flops"] / 5.4e12 - 1) < 0.02
+    assert {row["type"] for row in r["layers"]} >= {"qkv", "proj", "mlp", "attention", "patch_embed"}
+    assert sum(row["seconds"] for row in r["layers"]) == pytest.approx(r["predicted_seconds"])
+    assert main(["roofline", "student-micro", "--res", "64", "--batch", "2", "--measure", "--sparsity", "2:4",
+                 "--sparsity", "unstructured:0.5", "--json"]) == 0
+    dense, two4, csr = json.loads(capsys.readouterr().out)
+    assert dense["measured_seconds"] > 0 and dense["device"].startswith("measured (cpu")
+    assert two4["speedup"] > 1 and csr["model"] == "student-micro unstructured 0.5"
+    for argv, says in ((["roofline", "vit-z"], "unknown model 'vit-z'; models: siglip2-g-384"),
+                       (["roofline", "sam3", "--device", "tpu"], "unknown device 'tpu'"),
+                       (["roofline", "sam3", "--sparsity", "2:4:0.9"], "exactly half")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
