@@ -473,6 +473,52 @@ def roofline_cmd(
                             for r in reports))
 
 
+@app.command("plan")
+@user_errors
+def plan_cmd(
+    config: Optional[str] = typer.Argument(None, help="The extract job file (YAML or TOML); flags override it."),
+    teacher: Optional[list[str]] = typer.Option(None, "--teacher", help="As extract's --teacher (repeatable)."),
+    images: Optional[int] = typer.Option(None, "--images", min=1, help="Images the job covers [the manifest's "
+                                                                       "count of the source or output]."),
+    device: str = typer.Option("h100", "--device", help="a100, h100, h200, or measured (this machine's CPU)."),
+    efficiency: float = typer.Option(1.0, "--efficiency", min=1e-3, max=1.0, help="Fraction of the roofline a "
+                                     "forward reaches (measure it with 'featcache roofline MODEL --measure')."),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="GPUs (or workers) sharing the job."),
+    storage_gbps: Optional[float] = typer.Option(None, "--storage-gbps", help="Write bandwidth of the output "
+                                                                              "storage, GB/s."),
+    train_samples_per_s: Optional[float] = typer.Option(None, "--train-samples-per-s", help="Training rate to "
+                                                        "size the read bandwidth for."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Images per shard [64]."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+) -> None:
+    """What an extract job costs before it runs: GPU-hours, bytes, write and read bandwidth per view."""
+    from featcache import estimate, roofline
+    from featcache.extract import config as job
+
+    teachers = [job.parse_teacher_flag(t) for t in teacher] if teacher else None
+    cfg = job.load(config, teachers=teachers, output=None if config else "plan", shard_size=shard_size)
+    if not cfg.teachers:
+        raise UsageError("no teachers: give a job file or --teacher")
+    n = images or _manifest_count(cfg)
+    hw = roofline.measure("cpu") if device == "measured" else roofline.HARDWARE.get(device)
+    if hw is None:
+        raise UsageError(f"unknown device {device!r}; devices: {', '.join(roofline.HARDWARE)}, measured")
+    result = estimate.estimate(cfg, n, hw, efficiency, gpus, storage_gbps, cfg.shard_size or 64,
+                               train_samples_per_s=train_samples_per_s)
+    typer.echo(json.dumps(result, indent=1) if as_json else estimate.table(result))
+
+
+def _manifest_count(cfg) -> int:
+    """The number of images of the job's output or source manifest; a UsageError without one."""
+    from featcache.fsio import locate
+    from featcache.store import tables
+
+    for root in (cfg.output, cfg.source):
+        if root and "*" not in root and locate(root).join(tables.MANIFEST).exists():
+            return tables.read_manifest(locate(root)).num_rows
+    raise UsageError("give --images N (no manifest.parquet at the job's output or source to count)")
+
+
 @app.command("viz")
 @user_errors
 def viz_cmd(

@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 
 from featcache.errors import UsageError
+from featcache.roofline import VitShape
 from featcache.teachers import loading
 from featcache.teachers.spec import TeacherSpec
 
@@ -99,6 +100,19 @@ class Teacher:
         """How many weights the model has, from its config alone (built on the meta device)."""
         model, _, _ = cls._meta_model(source, revision)
         return sum(p.numel() for p in model.parameters())
+
+    @classmethod
+    def vit_shape(cls, source: str, revision: str | None = None, prefix_tokens: int = 0) -> VitShape:
+        """The backbone as ``featcache.roofline`` models it, read from the model's config: width, MLP,
+        blocks, patch; a gated MLP (DINOv3); windows (SAM3: window_size tokens per side, the blocks of
+        ``global_attn_indexes`` global); SigLIP's attention-pooling head."""
+        directory, config = cls._open(source, revision)
+        c = cls._model_setup(directory, config).config
+        ws, globals_ = getattr(c, "window_size", 0) or 0, list(getattr(c, "global_attn_indexes", None) or [])
+        return VitShape(c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.patch_size,
+                        gated=bool(getattr(c, "use_gated_mlp", False)), prefix_tokens=prefix_tokens,
+                        window=ws * ws if ws else None, global_layers=len(globals_) if ws else 0,
+                        pool_head=bool(getattr(c, "vision_use_head", False)))
 
     @classmethod
     def _meta_model(cls, source: str, revision: str | None) -> tuple[torch.nn.Module, str, dict]:
@@ -244,6 +258,11 @@ def describe_teacher(family: str, source: str, revision: str | None = None, name
                      hash_weights: bool = True) -> TeacherSpec:
     """The spec of a teacher without loading its weights (see ``Teacher.describe``)."""
     return family_class(family).describe(source, revision=revision, name=name, hash_weights=hash_weights)
+
+
+def teacher_shape(family: str, source: str, revision: str | None = None, prefix_tokens: int = 0) -> VitShape:
+    """A teacher's backbone for the roofline, from its config (see ``Teacher.vit_shape``)."""
+    return family_class(family).vit_shape(source, revision=revision, prefix_tokens=prefix_tokens)
 
 
 def teacher_parameters(family: str, source: str, revision: str | None = None) -> int:

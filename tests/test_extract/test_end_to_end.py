@@ -301,3 +301,25 @@ def test_teacher_pools_run_in_turn_and_write_the_same_bytes(extracted, job_teach
     record = json.loads(open(result.record).read())
     assert record["teacher_pools"] == [["sam3"], ["siglip2", "dinov3"]]
     assert record["config"]["teacher_pools"] == [["sam3"], ["siglip2", "dinov3"]]
+
+
+def test_plan_predicts_the_bytes_the_job_stored(extracted, job_teachers):
+    """``featcache plan`` for the same job: each view's array objects exactly; everything the view
+    holds (metadata, statistics, image ids, its commit markers) from above, within 30% at this toy scale
+    (the statistics, counted uncompressed, are most of it for 32 channels and 10 images)."""
+    from featcache import estimate, roofline
+
+    out, _, _ = extracted
+    ids = featcache.open_cache(str(out)).manifest.column("image_id").to_pylist()
+    plan = estimate.estimate(three_family_job(out, out, job_teachers), 10, roofline.HARDWARE["h100"], shard_size=4,
+                             image_id_bytes=sum(len(i) + 4 for i in ids) / len(ids))
+    assert [v["key"] for v in plan["views"]] == VIEWS
+    for v in plan["views"]:
+        folder = out / "features.zarr" / v["key"]
+        data = sum(f.stat().st_size for name in ("dense", "summary", "box", "valid")
+                   for f in (folder / name / "c").rglob("*") if f.is_file())
+        everything = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) + sum(
+            f.stat().st_size for f in (out / "_commits" / v["key"]).glob("*.json"))
+        assert v["bytes"] == data, v["key"]
+        assert everything <= v["bytes"] + v["overhead_bytes"] <= 1.3 * everything, (v["key"], everything, v)
+    assert plan["total_bytes"] == sum(v["bytes"] + v["overhead_bytes"] for v in plan["views"])
