@@ -36,7 +36,7 @@ from featcache.train.data import (MEAN, STD, BatchPlan, CacheDataset, Item, Step
                                   to_device, usable_rows)
 from featcache.train.ema import EMA
 from featcache.train.losses import angle_loss, damp_call, mesa_loss, spatial_mse
-from featcache.train.student import Student, StudentConfig, TeacherHead, build_student
+from featcache.train.student import Student, StudentConfig, build_student
 
 WEIGHTS, STATE = "{}.safetensors", "{}.state.safetensors"
 

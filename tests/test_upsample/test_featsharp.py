@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from featcache.teachers import create_teacher
-from featcache.upsample import local
 from featcache.upsample.featsharp import JBU, FeatSharp, FeatSharpConfig, LocalAttention, assemble, split
-from featcache.upsample.run import canvases, guide, teacher_batch, teacher_maps
+from featcache.upsample.run import canvases, teacher_batch, teacher_maps
 from tests.support.images import photo_tensors
 from tests.support.teachers import save_patch_local
 
