@@ -277,6 +277,8 @@ def train_cmd(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the batches, crops and weights."),
     device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu or cuda."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes (data.workers)."),
+    prune_spec: Optional[str] = typer.Option(None, "--prune", help="unstructured:D, block:D or 2:4: magnitude-"
+                                             "prune the block linears (of the --init weights), then distil."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Any config key: --set loss.mesa=0.5 "
                                                                       "(repeatable; values in TOML syntax)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object when the run ends."),
@@ -288,7 +290,7 @@ def train_cmd(
     sets = list(overrides or [])
     for key, value in (("optim.steps", steps), ("optim.batch_size", batch_size), ("optim.lr", lr),
                        ("seed", seed), ("device", None if device is None else f'"{device}"'),
-                       ("data.workers", workers)):
+                       ("data.workers", workers), ("prune", None if prune_spec is None else f'"{prune_spec}"')):
         if value is not None:
             sets.append(f"{key}={value}")
     if resume:
@@ -430,7 +432,10 @@ def _roofline_model(name: str, window: int | None) -> _Model:
 @user_errors
 def roofline_cmd(
     model: str = typer.Argument(..., help="A teacher preset (siglip2-g-384, dinov3-7b, sam3) or student-SIZE "
-                                          "(student-tiny ... student-huge)."),
+                                          "(student-tiny ... student-huge); or 'plot RESULTS.csv --out PNG'."),
+    results: Optional[str] = typer.Argument(None, help="With 'plot': a CSV of pattern, degree, speedup and "
+                                                        "one quality column."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="With 'plot': the PNG to write."),
     res: Optional[int] = typer.Option(None, "--res", help="Input size in px [the teacher's native size; 224 "
                                                           "for a student]."),
     batch: int = typer.Option(1, "--batch", min=1, help="Images per forward."),
@@ -443,8 +448,18 @@ def roofline_cmd(
                                                           "predicted vs measured; implies --device measured."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (a list with --sparsity)."),
 ) -> None:
-    """Predicted time of a model's forward per layer type from the roofline (ALGORITHMS.md §8)."""
+    """Predicted time of a model's forward per layer type from the roofline (ALGORITHMS.md §8); or
+    'plot': the Sparsity Roofline picture of a pruning sweep's results."""
     from featcache import roofline
+
+    if model == "plot":
+        from featcache.sparsity_plot import draw
+
+        if not results or not out or not out.lower().endswith(".png"):
+            raise UsageError("roofline plot RESULTS.csv --out PICTURE.png")
+        picture = draw(results, out)
+        typer.echo(f"wrote {out} ({picture.width}x{picture.height})")
+        return
 
     target = _roofline_model(model, window)
     res = res or target.resolution

@@ -96,6 +96,7 @@ class TrainConfig:
     device: str = "auto"
     log_every: int = 10
     checkpoint_every: int = 100
+    prune: str = ""  # "unstructured:D", "block:D" or "2:4": magnitude-prune the block linears (featcache.train.prune)
 
     def check(self, where: str = "config") -> "TrainConfig":
         self.student = _student(self.student, f"{where} [student]")
@@ -106,6 +107,10 @@ class TrainConfig:
         names = [t.name for t in self.teachers]
         if len(set(names)) != len(names):
             raise UsageError(f"teacher names repeat: {names}")
+        if self.prune:
+            from featcache.train.prune import parse
+
+            parse(self.prune)
         o = self.optim
         for name in ("steps", "batch_size", "accumulate"):
             if getattr(o, name) < 1:

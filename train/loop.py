@@ -35,6 +35,7 @@ from featcache.train.config import TrainConfig
 from featcache.train.data import (MEAN, STD, BatchPlan, CacheDataset, Item, StepSampler, collate, split_rows,
                                   to_device, usable_rows)
 from featcache.train.ema import EMA
+from featcache.train import prune
 from featcache.train.losses import angle_loss, damp_call, mesa_loss, spatial_mse
 from featcache.train.student import Student, StudentConfig, build_student
 
@@ -154,6 +155,8 @@ class Trainer:
         self.student.train()
         window = {"samples": 0, "bytes": 0, "t": time.perf_counter(), "terms": {}}
         batches = iter(loader)
+        keep = prune.masks(self.student, cfg.prune) if cfg.prune else {}
+        prune.apply(self.student, keep)
         if self.step == 0:
             self._evaluate()  # the held-out losses before any training: the baseline every later one is read against
         while self.step < cfg.optim.steps:
@@ -171,6 +174,7 @@ class Trainer:
                 window["bytes"] += batch["bytes"]
             grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.clip)
             self.optimizer.step()
+            prune.apply(self.student, keep)
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
                 self.ema.update(self.student, cfg.loss.ema_decay if self.step >= cfg.loss.mesa_start else 0.0)
