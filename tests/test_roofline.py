@@ -101,3 +101,21 @@ def test_the_roofline_command(capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_sparsity_roofline_plot(tmp_path, capsys):
+    from PIL import Image
+
+    from featcache.cli import main
+
+    results = tmp_path / "r.csv"
+    results.write_text("pattern,degree,speedup,heldout_loss\ndense,0,1,0.5\nunstructured,0.5,1.6,0.52\n"
+                       "unstructured,0.9,3.4,0.7\nblock,0.75,2.4,0.6\n2:4,0.5,1.6,0.55\n")
+    assert main(["roofline", "plot", str(results), "--out", str(tmp_path / "r.png")]) == 0
+    with Image.open(tmp_path / "r.png") as im:
+        pixels = set(im.convert("RGB").getdata())
+    assert (31, 119, 180) in pixels and (255, 127, 14) in pixels and (44, 160, 44) in pixels  # one colour per pattern
+    capsys.readouterr()
+    results.write_text("pattern,degree,speedup\ndense,0,1\n")
+    assert main(["roofline", "plot", str(results), "--out", str(tmp_path / "x.png")]) == 2
+    assert "need columns pattern, degree, speedup and one quality column" in capsys.readouterr().err
