@@ -6,7 +6,7 @@
 The ``measured`` preset is calibrated first (a large matmul and a large copy on the device); then
 for each model (students tiny, small, base and large at ``--res``, and with ``--teachers`` the three full-size
 teacher presets, random weights) the analytic ops (``featcache.roofline.ops``) give a predicted time
-per batch, and the forward is timed (fastest of 4 after a warm-up; float32 on CPU, bf16 on CUDA).
+per batch, and the forward is timed (the fastest call over 3 s after a warm-up; float32 on CPU, bf16 on CUDA).
 Printed: predicted / measured per model (targets: within 25% on CPU, 20% on a GPU). The machine may
 be shared: the load average is printed.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import torch
 
@@ -26,18 +25,8 @@ from featcache.train.student import StudentConfig, build_student
 
 
 def timed(fn, x, device: str) -> float:
-    best = float("inf")
     with torch.inference_mode():
-        fn(x)
-        for _ in range(4):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn(x)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-    return best
+        return roofline.fastest(lambda: fn(x), device, seconds=3.0)
 
 
 def models(args):

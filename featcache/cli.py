@@ -382,22 +382,15 @@ class _Model:
     build: object  # device -> a callable running a (B, 3, res, res) batch
 
     def measure(self, res: int, batch: int, device: str) -> float:
-        """Seconds of one forward of a random batch (the fastest of a few, after a warm-up)."""
-        import time
-
+        """Seconds of one forward of a random batch (the fastest over a few seconds, after a warm-up)."""
         import torch
+
+        from featcache.roofline import fastest
 
         run = self.build(device)
         x = torch.randn(batch, 3, res, res, device=device)
-        best = float("inf")
         with torch.inference_mode():
-            for _ in range(4):
-                t0 = time.perf_counter()
-                run(x)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                best = min(best, time.perf_counter() - t0)
-        return best
+            return fastest(lambda: run(x), device, seconds=2.0)
 
 
 def _random_teacher(p, device: str):

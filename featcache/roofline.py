@@ -200,16 +200,17 @@ def measure(device: str = "cpu", seconds: float = 0.5) -> Hardware:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     n = 8192 if device == "cuda" else 1024
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    peak = 2 * n**3 / _best(lambda: a @ b, device, seconds)
+    peak = 2 * n**3 / fastest(lambda: a @ b, device, seconds)
     x = torch.ones(64 << 20, device=device, dtype=dtype)  # 256 MB (CPU), past any cache; touched pages:
     y = torch.zeros_like(x)  # an untouched source reads the shared zero page, faster than memory
-    bandwidth = 2 * x.numel() * x.element_size() / _best(lambda: y.copy_(x), device, seconds)
+    bandwidth = 2 * x.numel() * x.element_size() / fastest(lambda: y.copy_(x), device, seconds)
     name = f"measured ({torch.cuda.get_device_name() if device == 'cuda' else f'cpu, {torch.get_num_threads()} threads'})"
     return Hardware(name, peak, 2 * peak, bandwidth, torch.empty((), dtype=dtype).element_size())
 
 
-def _best(fn, device: str, seconds: float) -> float:
-    """The fastest of repeated calls of ``fn`` over about ``seconds``."""
+def fastest(fn, device: str, seconds: float) -> float:
+    """The fastest of repeated calls of ``fn`` over about ``seconds`` (after one warm-up call; CUDA
+    synchronized around each)."""
     import torch
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
