@@ -34,12 +34,17 @@ def canvases(images: list[torch.Tensor], spec, factor: int, policy: str = "squas
     return normalize(pixels, spec.mean, spec.std), torch.tensor(boxes, dtype=torch.float32)
 
 
+def global_view(canvas: torch.Tensor, spec) -> torch.Tensor:
+    """The canvases resized to the teacher's native size, as its own preprocessing resizes."""
+    return F.interpolate(canvas, size=tuple(spec.input_size), mode=spec.resize, align_corners=False,
+                         antialias=spec.antialias)
+
+
 def teacher_batch(canvas: torch.Tensor, spec, factor: int) -> torch.Tensor:
     """The teacher inputs of each canvas, together: its global view (the canvas resized to the
     teacher's size) then its f² tiles row-major, (B·(1 + f²), 3, S, S)."""
     b = len(canvas)
-    whole = F.interpolate(canvas, size=tuple(spec.input_size), mode=spec.resize, align_corners=False,
-                          antialias=spec.antialias)
+    whole = global_view(canvas, spec)
     tiles = split(canvas, factor).reshape(b, factor * factor, *whole.shape[1:])
     return torch.cat([whole[:, None], tiles], dim=1).flatten(0, 1)
 

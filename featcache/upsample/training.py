@@ -204,7 +204,7 @@ class Trainer:
         moments = Moments.empty(self.teacher.spec.channels)
         for start in range(0, len(ids), self.s.batch_size):
             canvas = self._canvases(ids[start:start + self.s.batch_size])
-            whole = run.teacher_batch(canvas, self.teacher.spec, self.s.factor)[:: 1 + self.s.factor ** 2]
+            whole = run.global_view(canvas, self.teacher.spec)  # no tiles: the statistics are of the native view
             dense = self.teacher.extract(whole, dtype=torch.float32).dense
             moments.add(dense.reshape(-1, dense.shape[-1]).cpu().double().numpy())
         phis = PhiS.fit(moments, seed=self.s.seed)
