@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from typing import Optional
 
@@ -488,9 +489,14 @@ def plan_cmd(
     teacher: Optional[list[str]] = typer.Option(None, "--teacher", help="As extract's --teacher (repeatable)."),
     images: Optional[int] = typer.Option(None, "--images", min=1, help="Images the job covers [the manifest's "
                                                                        "count of the source or output]."),
-    device: str = typer.Option("h100", "--device", help="a100, h100, h200, or measured (this machine's CPU)."),
+    device: Optional[str] = typer.Option(None, "--device", help="a100, h100, h200, or measured (this machine) "
+                                                                "[h100; measured with --measure]."),
     efficiency: float = typer.Option(1.0, "--efficiency", min=1e-3, max=1.0, help="Fraction of the roofline a "
-                                     "forward reaches (measure it with 'featcache roofline MODEL --measure')."),
+                                     "forward reaches (or --measure it)."),
+    measure: bool = typer.Option(False, "--measure", help="Run a sample of the job's images through its teachers "
+                                                          "here: each view's efficiency, and the whole job's time "
+                                                          "per image by stage (needs the job's manifest)."),
+    sample: int = typer.Option(16, "--sample", min=1, help="Images --measure decodes."),
     gpus: int = typer.Option(1, "--gpus", min=1, help="GPUs (or workers) sharing the job."),
     storage_gbps: Optional[float] = typer.Option(None, "--storage-gbps", help="Write bandwidth of the output "
                                                                               "storage, GB/s."),
@@ -500,6 +506,8 @@ def plan_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
 ) -> None:
     """What an extract job costs before it runs: GPU-hours, bytes, write and read bandwidth per view."""
+    import torch
+
     from featcache import estimate, roofline
     from featcache.extract import config as job
 
@@ -507,24 +515,41 @@ def plan_cmd(
     cfg = job.load(config, teachers=teachers, output=None if config else "plan", shard_size=shard_size)
     if not cfg.teachers:
         raise UsageError("no teachers: give a job file or --teacher")
-    n = images or _manifest_count(cfg)
-    hw = roofline.measure("cpu") if device == "measured" else roofline.HARDWARE.get(device)
-    if hw is None:
+    device = device or ("measured" if measure else "h100")
+    if device != "measured" and device not in roofline.HARDWARE:
         raise UsageError(f"unknown device {device!r}; devices: {', '.join(roofline.HARDWARE)}, measured")
+    if measure and device != "measured" and not torch.cuda.is_available():
+        raise UsageError(f"--measure times this machine's CPU: plan with --device measured, or measure on a GPU "
+                         f"to plan for {device}")
+    manifest = _manifest(cfg)
+    if manifest is None and (measure or images is None):
+        raise UsageError("give --images N (no manifest.parquet at the job's output or source to count)" if not measure
+                         else "--measure samples the job's images: index the source first (no manifest.parquet at "
+                              "the job's output or source)")
+    n = images or manifest.num_rows
+    local = "cuda" if torch.cuda.is_available() else "cpu"
+    hw = roofline.measure(local) if device == "measured" else roofline.HARDWARE[device]
+    measured, megapixels = None, None
+    if measure:
+        scratch = cfg.output if cfg.output and "://" not in cfg.output and os.path.isdir(cfg.output) else None
+        measured = estimate.measure_job(cfg, manifest, hw, sample, scratch=scratch)
+        megapixels = float(sum(w * h for w, h in zip(manifest.column("width").to_pylist(),
+                                                     manifest.column("height").to_pylist()))) / manifest.num_rows / 1e6
     result = estimate.estimate(cfg, n, hw, efficiency, gpus, storage_gbps, cfg.shard_size or 64,
-                               train_samples_per_s=train_samples_per_s)
+                               train_samples_per_s=train_samples_per_s, measured=measured,
+                               megapixels_per_image=megapixels)
     typer.echo(json.dumps(result, indent=1) if as_json else estimate.table(result))
 
 
-def _manifest_count(cfg) -> int:
-    """The number of images of the job's output or source manifest; a UsageError without one."""
+def _manifest(cfg):
+    """The job's output or source manifest (a cache root or an index), or None."""
     from featcache.fsio import locate
     from featcache.store import tables
 
     for root in (cfg.output, cfg.source):
         if root and "*" not in root and locate(root).join(tables.MANIFEST).exists():
-            return tables.read_manifest(locate(root)).num_rows
-    raise UsageError("give --images N (no manifest.parquet at the job's output or source to count)")
+            return tables.read_manifest(locate(root))
+    return None
 
 
 @app.command("viz")

@@ -73,3 +73,70 @@ def test_plan_errors_are_one_line(argv, says, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.fixture(scope="module")
+def indexed_job(tiny, tmp_path_factory):
+    """A job file over four indexed photos with a DINOv3 at two sizes and a SAM3 mosaic."""
+    import shutil
+
+    from featcache.manifest import index
+    from tests.support.images import PHOTO_NAMES, photo
+
+    root = tmp_path_factory.mktemp("plan_job")
+    (root / "photos").mkdir()
+    for name in PHOTO_NAMES[:4]:
+        shutil.copyfile(photo(name), root / "photos" / photo(name).name)
+    index(str(root / "photos"), str(root / "out"))
+    job = root / "job.yaml"  # JSON is YAML
+    job.write_text(json.dumps({"source": str(root / "photos"), "output": str(root / "out"), "batch_size": 4,
+                               "shard_size": 4, "teachers": [
+                                   {"family": "dinov3", "source": tiny["dinov3"], "resolutions": [64, 128]},
+                                   {"family": "sam3", "source": tiny["sam3"], "mosaic": 2}]}))
+    return str(job)
+
+
+def test_measure_times_each_view_here_and_the_whole_job_by_stage(indexed_job, capsys):
+    """``--measure``: each view's efficiency is the roofline of this calibrated CPU over its timed forward
+    (so its time per image is that forward's), and the job's time per image is the sum of its stages."""
+    assert main(["plan", indexed_job, "--measure", "--sample", "3", "--images", "1000", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["device"].startswith("measured (cpu") and [v["key"] for v in plan["views"]] == \
+        ["dinov3@64", "dinov3@128", "sam3-mosaic2@56"]
+    job = plan["job"]
+    assert job["device"] == "cpu" and job["sample"] == 3 and set(job["stages"]) == {"decode", "views", "forward",
+                                                                                     "write"}
+    for v in plan["views"]:  # tiny models: per-op overheads dominate, far below the roofline
+        assert 0 < v["efficiency"] < 1 and v["efficiency"] != plan["efficiency"]
+    assert job["stages"]["forward"] == pytest.approx(sum(v["seconds_per_image"] for v in plan["views"]))
+    assert all(s > 0 for s in job["stages"].values())
+    assert job["seconds_per_image"] == pytest.approx(sum(job["stages"].values()))
+    assert plan["hours"] == pytest.approx(1000 * job["seconds_per_image"] / 3600)
+
+
+def test_on_a_gpu_the_host_stages_run_beside_the_device():
+    views = [estimate.ViewCost("a", 1e9, 0.010, 0, 64_000, 0, 0, "compute")]
+    m = estimate.Measured("cuda", roofline.HARDWARE["h100"], 8, decode_seconds_per_mpix=0.02,
+                          views_seconds={"a": 0.001}, write_seconds_per_object=1e-3, write_seconds_per_byte=1e-9)
+    job = estimate.job_time(views, m, images=10, shard_size=5, megapixels=1.0)
+    assert job["stages"] == pytest.approx({"decode": 0.02, "views": 0.001, "forward": 0.010,
+                                           "write": 6_400 * 1e-9 + 5 / 5 * 1e-3})
+    assert job["seconds_per_image"] == pytest.approx(0.02)  # decoding is the slowest: the job is host-bound
+    cpu = estimate.job_time(views, estimate.Measured(**{**m.__dict__, "device": "cpu"}), 10, 5, 1.0)
+    assert cpu["seconds_per_image"] == pytest.approx(sum(job["stages"].values()))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine --measure can plan for a GPU preset")
+@pytest.mark.parametrize("extra, says", [
+    (["--device", "h100"], "--measure times this machine's CPU"),
+])
+def test_measure_errors_are_one_line(indexed_job, extra, says, capsys):
+    assert main(["plan", indexed_job, "--measure", *extra]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_measure_needs_the_job_s_images(tiny, capsys):
+    assert main(["plan", "--teacher", f"family=dinov3,source={tiny['dinov3']}", "--images", "10", "--measure"]) == 2
+    err = capsys.readouterr().err
+    assert "--measure samples the job's images: index the source first" in err and len(err.strip().splitlines()) == 1
