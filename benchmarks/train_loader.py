@@ -24,7 +24,7 @@ same order, offsets known in advance. Rounds interleave every pass; medians are 
 
 The workers-0 passes also split a sample's time: ``CacheDataset.image`` (read + decode the source
 image) and the dataset's view readers' ``read_dense`` (read the windows, convert them to the target
-space) against the rest (crop sampling, ``student_input``, float32 conversion, collate). Last, one
+space) against the rest (crop sampling, ``crop_pixels``, collate). Last, one
 ``Trainer`` step of a tiny student at 224 px on this cache (batch already loaded) says whether the
 loader is the bottleneck of a CPU step.
 """
@@ -309,7 +309,7 @@ def show(s: dict) -> None:
         rest = v["total"] - v["image"] - v["windows"]
         print(f"  {name}: {v['total'] * 1e3:.1f} ms per sample = source image read + decode {v['image'] * 1e3:.1f} "
               f"({v['image'] / v['total']:.0%}) + windows read + convert to {name.split('_')[0]} "
-              f"{v['windows'] * 1e3:.1f} ({v['windows'] / v['total']:.0%}) + the rest (crop, student_input, "
+              f"{v['windows'] * 1e3:.1f} ({v['windows'] / v['total']:.0%}) + the rest (crop, crop_pixels, "
               f"float32 copies, collate) {rest * 1e3:.1f}")
     t = s["train_step"]
     print(f"  Trainer step, {t['student']} student at {RESOLUTION} px, batch {t['batch']}, batch already loaded: "

@@ -16,15 +16,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from featcache import geometry
-from featcache.decode import decode
+from PIL import Image
+
+from featcache.decode import decode_rgb
 from featcache.errors import UsageError
 from featcache.fsio import locate
 from featcache.store.cache import Cache
 
-#: The student's input normalization (ImageNet statistics); :func:`student_input` applies it.
+#: The student's input normalization (ImageNet statistics); :func:`normalize` applies it.
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -84,37 +85,38 @@ class StepSampler(torch.utils.data.Sampler):
         return max(0, self.stop - self.start)
 
 
-def student_input(image: torch.Tensor, box, size: tuple[int, int], flip: bool = False) -> torch.Tensor:
-    """The student's normalized input ``(3, h, w)``: source box ``box`` (fractional pixels allowed)
-    of a ``(3, H, W)`` uint8 image, resized to ``size``, mirrored when ``flip``.
+def crop_pixels(image: Image.Image, box, size: tuple[int, int], flip: bool = False, scale: int = 1) -> torch.Tensor:
+    """The student's input as uint8 ``(3, h, w)`` (:func:`normalize` makes it the student's float
+    input on the training device): source box ``box`` (fractional pixels allowed) of ``image``, an
+    RGB Pillow image decoded at 1/``scale`` of the manifest's size, resized to ``size``, mirrored
+    when ``flip``.
 
-    Output pixel (i, j) samples the source at the centre of its footprint in the box, so the
-    student grid's cells have exactly the footprints ``featcache.geometry`` assumes. A box much
-    larger than the output is first shrunk with an antialiasing filter."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    h, w = size
-    H, W = image.shape[-2:]
-    X0, Y0 = max(0, math.floor(x0)), max(0, math.floor(y0))
-    X1, Y1 = min(W, math.ceil(x1)), min(H, math.ceil(y1))
-    if X1 <= X0 or Y1 <= Y0:
-        raise UsageError(f"crop {box} lies outside the {W}x{H} image")
-    crop = image[:, Y0:Y1, X0:X1].unsqueeze(0).float().div_(255.0)
-    fx, fy = (x1 - x0) / w, (y1 - y0) / h  # source pixels per output pixel
-    if fx > 2 or fy > 2:
-        shrunk = (max(1, round((Y1 - Y0) / max(fy / 2, 1))), max(1, round((X1 - X0) / max(fx / 2, 1))))
-        crop = F.interpolate(crop, size=shrunk, mode="bilinear", align_corners=False, antialias=True)
-    ch, cw = crop.shape[-2:]
-    sx, sy = cw / (X1 - X0), ch / (Y1 - Y0)
-    xs = (x0 + (torch.arange(w, dtype=torch.float64) + 0.5) * fx - X0) * sx
-    ys = (y0 + (torch.arange(h, dtype=torch.float64) + 0.5) * fy - Y0) * sy
-    gx, gy = (2 * xs / cw - 1).float(), (2 * ys / ch - 1).float()
-    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1).unsqueeze(0)
-    out = F.grid_sample(crop, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+    Output pixel (i, j) samples the source at the centre of its footprint in the box (Pillow's
+    resampling convention), so the student grid's cells have exactly the footprints
+    ``featcache.geometry`` assumes; shrinking widens the filter by the shrink factor (antialiasing),
+    in one pass over the box alone. A box that leaves the image (by rounding) is clipped to it."""
+    W, H = image.size
+    x0, y0, x1, y1 = (min(max(float(v) / scale, 0.0), limit) for v, limit in zip(box, (W, H, W, H)))
+    if x1 <= x0 or y1 <= y0:
+        raise UsageError(f"crop {box} lies outside the {W * scale}x{H * scale} image")
+    out = image.resize((size[1], size[0]), Image.BILINEAR, box=(x0, y0, x1, y1))
     if flip:
-        out = out.flip(-1)
-    mean = torch.tensor(MEAN).view(3, 1, 1)
-    std = torch.tensor(STD).view(3, 1, 1)
-    return (out - mean) / std
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(out).transpose(2, 0, 1)))
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(..., 3, h, w)`` student inputs as the normalized float32 the student takes."""
+    mean = torch.tensor(MEAN, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(STD, device=pixels.device).view(3, 1, 1)
+    return (pixels.float().div_(255.0) - mean) / std
+
+
+def reduction(boxes, size: tuple[int, int]) -> int:
+    """How much smaller a JPEG may decode (1, 2, 4 or 8) and still give every box at least ``size``
+    pixels of its own: the DCT's reduction then replaces most of the resize's antialiasing."""
+    shrink = min(min((b[2] - b[0]) / size[1], (b[3] - b[1]) / size[0]) for b in boxes)
+    return 1 << min(3, max(0, math.floor(math.log2(shrink)))) if shrink >= 1 else 1
 
 
 class CacheReader:
@@ -134,6 +136,7 @@ class CacheReader:
             raise UsageError(f"{root} has no view {', '.join(missing)} (views: {', '.join(cache.views) or 'none'})")
         self.rows = usable_rows(cache, self.keys)
         self.uris = cache.manifest.column("uri").to_pylist()
+        self.sizes = np.stack([cache.manifest.column(c).to_numpy() for c in ("width", "height")], axis=1)
         self._ids: dict[str, int] | None = None
         self._pid: int | None = None
         self._readers: dict = {}
@@ -218,14 +221,15 @@ class CacheDataset(torch.utils.data.Dataset):
     def reader(self, key: str):
         return self.views.view(key)
 
-    def image(self, row: int) -> torch.Tensor:
+    def image(self, row: int, reduce: int = 1) -> tuple[Image.Image, int]:
+        """Image ``row`` decoded (at 1/s of its size for a JPEG when ``reduce`` allows) and its ``s``."""
         uri = self.views.uris[row]
-        return decode(locate(uri).read_bytes(), uri, self.max_pixels)
+        return decode_rgb(locate(uri).read_bytes(), uri, self.max_pixels, reduce)
 
     def __getitem__(self, item: Item) -> dict:
-        image = self.image(item.row)
-        W, H = image.shape[-1], image.shape[-2]
+        W, H = (int(v) for v in self.views.sizes[item.row])  # as displayed: the manifest's sizes
         grid = (item.resolution // self.patch,) * 2
+        size = grid_px(grid, self.patch)
         rng = np.random.default_rng(list(item.seed))
         first = next(iter(self.teachers.values()))[item.partition]
         view_box, view_grid = self.views.box(first, item.row), self.reader(first).spec.grid
@@ -233,7 +237,13 @@ class CacheDataset(torch.utils.data.Dataset):
             crop = geometry.sample_crop(rng, (W, H), view_box, view_grid, grid, self.crop)
         else:  # evaluation: the first teacher's whole view, unflipped
             crop = geometry.Crop(box=view_box, flip=False, aligned=True)
-        sample = {"row": item.row, "image": student_input(image, crop.box, grid_px(grid, self.patch), crop.flip),
+        other = geometry.sample_crop(rng, (W, H), view_box, view_grid, grid, self.crop) \
+            if self.mesa and item.seed else None
+        image, scale = self.image(item.row, reduction([c.box for c in (crop, other) if c is not None], size))
+        if image.size != (-(-W // scale), -(-H // scale)):
+            raise UsageError(f"{self.views.uris[item.row]}: {image.size[0] * scale}x{image.size[1] * scale} pixels, not "
+                             f"the {W}x{H} indexed (changed since indexing?)")
+        sample = {"row": item.row, "image": crop_pixels(image, crop.box, size, crop.flip, scale),
                   "box": torch.tensor(crop.box, dtype=torch.float64), "flip": crop.flip, "partition": item.partition}
         windows = {}
         for views in self.teachers.values():
@@ -245,9 +255,8 @@ class CacheDataset(torch.utils.data.Dataset):
             key = views[item.partition]
             sample[name] = self._targets(read[key], windows[key], self.reader(key).spec.grid, crop, grid)
             sample[name]["key"] = key
-        if self.mesa and item.seed:
-            other = geometry.sample_crop(rng, (W, H), view_box, view_grid, grid, self.crop)
-            sample["image2"] = student_input(image, other.box, grid_px(grid, self.patch), other.flip)
+        if other is not None:
+            sample["image2"] = crop_pixels(image, other.box, size, other.flip, scale)
             m = geometry.crop_to_crop_map(other.box, grid, other.flip, crop.box, grid, crop.flip)
             sample["mesa"] = {"map": torch.from_numpy(m.as_array()),
                               "omega": torch.from_numpy(geometry.omega(other.box, grid, crop.box, other.flip))}
@@ -283,7 +292,7 @@ def collate(samples: list[dict]) -> dict:
         hmax = max(p["window"].shape[0] for p in parts)
         wmax = max(p["window"].shape[1] for p in parts)
         first = parts[0]["window"]
-        windows = torch.empty(len(parts), hmax, wmax, first.shape[2], dtype=first.dtype)
+        windows = _batch_buffer((len(parts), hmax, wmax, first.shape[2]), first.dtype)
         for k, p in enumerate(parts):
             h, w = p["window"].shape[:2]
             windows[k, :h, :w] = p["window"]
@@ -299,6 +308,16 @@ def collate(samples: list[dict]) -> dict:
         out["mesa"] = {"map": torch.stack([s["mesa"]["map"] for s in samples]),
                        "omega": torch.stack([s["mesa"]["omega"] for s in samples])}
     return out
+
+
+def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized tensor for a batch, in shared memory inside a DataLoader worker: the batch
+    then reaches the training process without the copy into shared memory its pickling would make
+    (tens of MB per batch of windows)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * torch.empty((), dtype=dtype).element_size())
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
 def to_device(batch, device: torch.device, non_blocking: bool = False):

@@ -32,7 +32,7 @@ from featcache.log import LogStream
 from featcache.store.cache import Cache
 from featcache.train import config as train_config
 from featcache.train.config import TrainConfig
-from featcache.train.data import (MEAN, STD, BatchPlan, CacheDataset, Item, StepSampler, collate, split_rows,
+from featcache.train.data import (BatchPlan, CacheDataset, Item, StepSampler, collate, normalize, split_rows,
                                   to_device, usable_rows)
 from featcache.train.ema import EMA
 from featcache.train import prune
@@ -193,6 +193,7 @@ class Trainer:
                            knn, time.perf_counter() - t0)
 
     def _forward(self, pixels: torch.Tensor, noise_step: int | None):
+        pixels = normalize(pixels) if pixels.dtype == torch.uint8 else pixels  # a loader's batch, on the device
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         with autocast:
             if noise_step is not None and self.cfg.loss.damp > 0 and self.student.training:
@@ -217,7 +218,7 @@ class Trainer:
                 total = total + t.summary * summary
         if self.mesa and micro_step is not None and micro_step // self.cfg.optim.accumulate >= self.cfg.loss.mesa_start:
             with torch.no_grad():  # no EMA forward before MESA starts: its loss would not count
-                ema_out = self.ema.module(batch["image2"])
+                ema_out = self.ema.module(normalize(batch["image2"]))
             mesa = mesa_loss(out.features.float(), ema_out.features.float(), batch["mesa"]["map"],
                              batch["mesa"]["omega"])
             parts["mesa"] = float(mesa.detach())
@@ -297,7 +298,7 @@ class Trainer:
     def knn(self) -> dict[str, float]:
         """kNN top-1 on the manifest's labels for every summary teacher (or ``eval.knn_teacher``):
         the student's summaries (whole image at ``eval.resolution``) next to the cached teacher's."""
-        from featcache.train.data import student_input
+        from featcache.train.data import crop_pixels
         from featcache.train.evaluate import knn_top1, labels_and_splits, split_masks, teacher_knn
 
         heads = [t for t in self.targets if t.summary_channels]
@@ -309,8 +310,8 @@ class Trainer:
         rows = usable_rows(self.cache, [t.views["low"] for t in heads])
         res = self.cfg.eval.resolution
         if self._knn_images is None:
-            self._knn_images = [student_input(im, (0, 0, im.shape[-1], im.shape[-2]), (res, res))
-                                for im in map(self.dataset.image, rows)]
+            self._knn_images = [crop_pixels(im, (0, 0, im.width * s, im.height * s), (res, res), scale=s)
+                                for im, s in map(self.dataset.image, rows)]
         was = self.student.training
         self.student.eval()
         summaries: dict[str, list] = {t.name: [] for t in heads}
@@ -343,8 +344,7 @@ class Trainer:
         self.student.eval()
         out = self._forward(batch["image"], None)
         self.student.train(was)
-        image = batch["image"][0].cpu() * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)
-        image = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        image = batch["image"][0].cpu().permute(1, 2, 0).numpy()
         folder = self.out / "pictures"
         folder.mkdir(exist_ok=True)
         for t in self.targets:
