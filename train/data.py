@@ -227,9 +227,22 @@ class CacheDataset(torch.utils.data.Dataset):
         return decode_rgb(locate(uri).read_bytes(), uri, self.max_pixels, reduce)
 
     def __getitem__(self, item: Item) -> dict:
+        return self._sample(item, self._plan(item))
+
+    def __getitems__(self, items: list[Item]) -> list[dict]:
+        """A batch (the DataLoader's fetch): every sample's windows are asked of the kernel first, so
+        the disk reads them while the images are decoded and cropped."""
+        plans = [self._plan(item) for item in items]
+        for item, (_, _, windows) in zip(items, plans):
+            for key, window in windows.items():
+                self.reader(key).prefetch(item.row, window)
+        return [self._sample(item, plan) for item, plan in zip(items, plans)]
+
+    def _plan(self, item: Item) -> tuple:
+        """(crop, MESA's second crop or None, the window of each view): from the manifest's image size
+        and the views' boxes, before any pixel or feature is read."""
         W, H = (int(v) for v in self.views.sizes[item.row])  # as displayed: the manifest's sizes
         grid = (item.resolution // self.patch,) * 2
-        size = grid_px(grid, self.patch)
         rng = np.random.default_rng(list(item.seed))
         first = next(iter(self.teachers.values()))[item.partition]
         view_box, view_grid = self.views.box(first, item.row), self.reader(first).spec.grid
@@ -239,16 +252,23 @@ class CacheDataset(torch.utils.data.Dataset):
             crop = geometry.Crop(box=view_box, flip=False, aligned=True)
         other = geometry.sample_crop(rng, (W, H), view_box, view_grid, grid, self.crop) \
             if self.mesa and item.seed else None
-        image, scale = self.image(item.row, reduction([c.box for c in (crop, other) if c is not None], size))
-        if image.size != (-(-W // scale), -(-H // scale)):
-            raise UsageError(f"{self.views.uris[item.row]}: {image.size[0] * scale}x{image.size[1] * scale} pixels, not "
-                             f"the {W}x{H} indexed (changed since indexing?)")
-        sample = {"row": item.row, "image": crop_pixels(image, crop.box, size, crop.flip, scale),
-                  "box": torch.tensor(crop.box, dtype=torch.float64), "flip": crop.flip, "partition": item.partition}
         windows = {}
         for views in self.teachers.values():
             key = views[item.partition]
             windows[key] = geometry.window_for(crop.box, self.views.box(key, item.row), self.reader(key).spec.grid)
+        return crop, other, windows
+
+    def _sample(self, item: Item, plan: tuple) -> dict:
+        crop, other, windows = plan
+        W, H = (int(v) for v in self.views.sizes[item.row])
+        grid = (item.resolution // self.patch,) * 2
+        size = grid_px(grid, self.patch)
+        image, scale = self.image(item.row, reduction([c.box for c in (crop, other) if c is not None], size))
+        if image.size != (-(-W // scale), -(-H // scale)):
+            raise UsageError(f"{self.views.uris[item.row]}: {image.size[0] * scale}x{image.size[1] * scale} pixels, "
+                             f"not the {W}x{H} indexed (changed since indexing?)")
+        sample = {"row": item.row, "image": crop_pixels(image, crop.box, size, crop.flip, scale),
+                  "box": torch.tensor(crop.box, dtype=torch.float64), "flip": crop.flip, "partition": item.partition}
         read = {key: self.views.read(item.row, {key: w}, self.views.device_space(key))[key] for key, w in windows.items()}
         sample["bytes"] = sum(r["bytes"] for r in read.values())
         for name, views in self.teachers.items():
@@ -269,7 +289,7 @@ class CacheDataset(torch.utils.data.Dataset):
         raw summary."""
         r0, r1, c0, c1 = window
         m = geometry.cell_map(crop.box, grid, read["box"], view_grid, crop.flip).shifted(r0, c0)
-        out = {"window": torch.from_numpy(np.require(read["dense"], requirements=["C", "W"])),
+        out = {"window": torch.from_numpy(np.require(read["dense"], requirements=["W"])),  # strided: collate copies
                "map": torch.from_numpy(m.as_array()), "extent": torch.tensor([r1 - r0, c1 - c0]),
                "omega": torch.from_numpy(geometry.omega(crop.box, grid, read["box"], crop.flip))}
         if read["summary"] is not None:

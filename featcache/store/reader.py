@@ -66,10 +66,21 @@ class _LocalRanges:
             self._fds[path] = fd
             return fd
 
-    def read(self, path: str, offset: int, length: int) -> bytes:
-        data = os.pread(self._fd(path), length, offset)
-        if len(data) != length:
-            raise CacheFormatError(f"{path}: short read ({len(data)} of {length} bytes at {offset})")
+    def will_need(self, path: str, offset: int, length: int) -> None:
+        """Ask the kernel to start reading the range into the page cache (returns at once)."""
+        os.posix_fadvise(self._fd(path), offset, length, os.POSIX_FADV_WILLNEED)
+
+    def read(self, path: str, offset: int, length: int, writable: bool = False):
+        """The bytes; with ``writable`` read straight into a fresh uint8 array instead (no zero-fill,
+        no copy: arrays viewing it can be handed to torch as they are)."""
+        if writable:
+            data = np.empty(length, dtype=np.uint8)
+            got = os.preadv(self._fd(path), [data], offset)
+        else:
+            data = os.pread(self._fd(path), length, offset)
+            got = len(data)
+        if got != length:
+            raise CacheFormatError(f"{path}: short read ({got} of {length} bytes at {offset})")
         return data
 
     def size(self, path: str) -> int:
@@ -88,7 +99,10 @@ class _FsspecRanges:
     def __init__(self, fs):
         self.fs = fs
 
-    def read(self, path: str, offset: int, length: int) -> bytes:
+    def will_need(self, path: str, offset: int, length: int) -> None:
+        """No read-ahead through fsspec: the range is fetched when read."""
+
+    def read(self, path: str, offset: int, length: int, writable: bool = False) -> bytes:
         data = self.fs.cat_file(path, start=offset, end=offset + length)
         if len(data) != length:
             raise CacheFormatError(f"{path}: short read ({len(data)} of {length} bytes at {offset})")
@@ -232,6 +246,21 @@ class ViewReader:
                                                                             x0 - b * tw:x1 - b * tw]
         return out
 
+    def prefetch(self, i: int, window: tuple[int, int, int, int] | None = None) -> None:
+        """Start reading the chunks a later :meth:`read_dense` of ``window`` needs (local files: the
+        kernel reads them in the background while the caller does other work; elsewhere nothing)."""
+        if not self._fast or self._shard_of(i) not in self.committed:
+            return
+        r0, r1, c0, c1 = self._window(window)
+        (th, tw) = self.spec.tile
+        shard, local = divmod(i, self.view.shard_size)
+        path, index = self._path("dense", (shard, 0, 0, 0)), self._shard_index(shard, i)
+        for a in range(r0 // th, (r1 - 1) // th + 1):
+            for b in range(c0 // tw, (c1 - 1) // tw + 1):
+                offset, nbytes = index[local, a, b, 0]
+                if offset != _EMPTY:
+                    self._ranges.will_need(path, int(offset), int(nbytes))
+
     def bytes_for(self, window: tuple[int, int, int, int] | None = None) -> int:
         """Bytes of chunk data a dense read of ``window`` moves (for benchmarks and planning)."""
         r0, r1, c0, c1 = self._window(window)
@@ -299,7 +328,7 @@ class ViewReader:
         if offset == _EMPTY:
             return np.zeros((th, tw, c), dtype=self._dtypes["dense"])
         coords = (shard, 0, 0, 0)
-        raw = self._ranges.read(self._path("dense", coords), int(offset), int(nbytes))
+        raw = self._ranges.read(self._path("dense", coords), int(offset), int(nbytes), writable=True)
         if self.verify_checksums:
             self._check(raw, i, "dense" if self.spec.tiles == (1, 1) else f"dense tile {(a, b)}", "dense", coords)
         return np.frombuffer(raw, dtype=self._dtypes["dense"], count=th * tw * c).reshape(th, tw, c)

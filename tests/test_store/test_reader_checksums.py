@@ -114,11 +114,11 @@ class _Counting:
     def __init__(self, ranges):
         self.ranges, self.counts, self._lock = ranges, {}, threading.Lock()
 
-    def read(self, path: str, offset: int, length: int) -> bytes:
+    def read(self, path: str, offset: int, length: int, writable: bool = False) -> bytes:
         name = next(n for n in ("dense", "summary", "box", "valid") if f"/{n}/" in path)
         with self._lock:
             self.counts[name] = self.counts.get(name, 0) + 1
-        return self.ranges.read(path, offset, length)
+        return self.ranges.read(path, offset, length, writable)
 
     def __getattr__(self, attr):
         return getattr(self.ranges, attr)
