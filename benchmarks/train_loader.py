@@ -22,7 +22,7 @@ The ceiling: the exact byte ranges of the same samples' windows (every chunk of 
 sample's crop needs, ``reader.bytes_for(window)`` bytes) read with plain ``os.pread``, cold, in the
 same order, offsets known in advance. Rounds interleave every pass; medians are reported.
 
-The workers-0 passes also split a sample's time: ``CacheDataset.image`` (read + decode the source
+The workers-0 passes also split a sample's time: ``CacheDataset.image`` (decode the source
 image) and the dataset's view readers' ``read_dense`` (read the windows, convert them to the target
 space) against the rest (crop sampling, ``crop_pixels``, collate). Last, one
 ``Trainer`` step of a tiny student at 224 px on this cache (batch already loaded) says whether the
@@ -107,7 +107,7 @@ def evict_all(cache: Cache, images: Path) -> None:
 # ---- passes ------------------------------------------------------------------------------------
 
 class Timed:
-    """Sums the seconds a dataset spends in ``image`` (read + decode the source image) and in its
+    """Sums the seconds a dataset spends in ``image`` (decode the source image; a batch reads the files first) and in its
     view readers' ``read_dense`` (read a window, convert it to the target space), by wrapping them
     on the instances (the dataset's readers for this process), and can record every window read."""
 
@@ -307,7 +307,7 @@ def show(s: dict) -> None:
           f"{s['ceiling_gib_per_s']:.2f} GiB/s (target: loader >= {s['target_ratio']} of it)")
     for name, v in s["seconds_per_sample_workers0"].items():
         rest = v["total"] - v["image"] - v["windows"]
-        print(f"  {name}: {v['total'] * 1e3:.1f} ms per sample = source image read + decode {v['image'] * 1e3:.1f} "
+        print(f"  {name}: {v['total'] * 1e3:.1f} ms per sample = source image decode {v['image'] * 1e3:.1f} "
               f"({v['image'] / v['total']:.0%}) + windows read + convert to {name.split('_')[0]} "
               f"{v['windows'] * 1e3:.1f} ({v['windows'] / v['total']:.0%}) + the rest (crop, crop_pixels, "
               f"float32 copies, collate) {rest * 1e3:.1f}")

@@ -221,22 +221,25 @@ class CacheDataset(torch.utils.data.Dataset):
     def reader(self, key: str):
         return self.views.view(key)
 
-    def image(self, row: int, reduce: int = 1) -> tuple[Image.Image, int]:
-        """Image ``row`` decoded (at 1/s of its size for a JPEG when ``reduce`` allows) and its ``s``."""
+    def image(self, row: int, reduce: int = 1, data: bytes | None = None) -> tuple[Image.Image, int]:
+        """Image ``row`` (its file's bytes, unless given) decoded, at 1/s of its size for a JPEG when
+        ``reduce`` allows, and its ``s``."""
         uri = self.views.uris[row]
-        return decode_rgb(locate(uri).read_bytes(), uri, self.max_pixels, reduce)
+        return decode_rgb(locate(uri).read_bytes() if data is None else data, uri, self.max_pixels, reduce)
 
     def __getitem__(self, item: Item) -> dict:
         return self._sample(item, self._plan(item))
 
     def __getitems__(self, items: list[Item]) -> list[dict]:
-        """A batch (the DataLoader's fetch): every sample's windows are asked of the kernel first, so
-        the disk reads them while the images are decoded and cropped."""
+        """A batch (the DataLoader's fetch): the images' files are read first (small reads that
+        would otherwise queue behind the windows), then every sample's windows are asked of the
+        kernel, so that the disk reads them while the images are decoded and cropped."""
         plans = [self._plan(item) for item in items]
+        files = [locate(self.views.uris[item.row]).read_bytes() for item in items]
         for item, (_, _, windows) in zip(items, plans):
             for key, window in windows.items():
                 self.reader(key).prefetch(item.row, window)
-        return [self._sample(item, plan) for item, plan in zip(items, plans)]
+        return [self._sample(item, plan, data) for item, plan, data in zip(items, plans, files)]
 
     def _plan(self, item: Item) -> tuple:
         """(crop, MESA's second crop or None, the window of each view): from the manifest's image size
@@ -258,12 +261,12 @@ class CacheDataset(torch.utils.data.Dataset):
             windows[key] = geometry.window_for(crop.box, self.views.box(key, item.row), self.reader(key).spec.grid)
         return crop, other, windows
 
-    def _sample(self, item: Item, plan: tuple) -> dict:
+    def _sample(self, item: Item, plan: tuple, data: bytes | None = None) -> dict:
         crop, other, windows = plan
         W, H = (int(v) for v in self.views.sizes[item.row])
         grid = (item.resolution // self.patch,) * 2
         size = grid_px(grid, self.patch)
-        image, scale = self.image(item.row, reduction([c.box for c in (crop, other) if c is not None], size))
+        image, scale = self.image(item.row, reduction([c.box for c in (crop, other) if c is not None], size), data)
         if image.size != (-(-W // scale), -(-H // scale)):
             raise UsageError(f"{self.views.uris[item.row]}: {image.size[0] * scale}x{image.size[1] * scale} pixels, "
                              f"not the {W}x{H} indexed (changed since indexing?)")
