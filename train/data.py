@@ -187,14 +187,15 @@ class CacheReader:
         return tuple(float(v) for v in reader.row("box", row))
 
     def read(self, row: int, windows: dict[str, tuple[int, int, int, int] | None],
-             space: str | None = None) -> dict[str, dict]:
-        """Per view key: ``dense`` (the window, in ``space``, by default this reader's), ``summary``,
-        ``box`` and ``bytes`` (chunk bytes the window moved); a window of None reads the whole map."""
+             space: str | None = None, dense: bool = True) -> dict[str, dict]:
+        """Per view key: ``dense`` (the window, in ``space``, by default this reader's; None without
+        ``dense``), ``summary``, ``box`` and ``bytes`` (chunk bytes the window moves); a window of None
+        reads the whole map."""
         out = {}
         for key, window in windows.items():
             reader = self.view(key)
             box = self.box(key, row)
-            out[key] = {"dense": reader.read_dense(row, window, space or self.space), "box": box,
+            out[key] = {"dense": reader.read_dense(row, window, space or self.space) if dense else None, "box": box,
                         "summary": reader.row("summary", row) if reader.spec.summary_channels else None,
                         "bytes": reader.bytes_for(window)}
         return out
@@ -239,7 +240,19 @@ class CacheDataset(torch.utils.data.Dataset):
         for item, (_, _, windows) in zip(items, plans):
             for key, window in windows.items():
                 self.reader(key).prefetch(item.row, window)
-        return [self._sample(item, plan, data) for item, plan, data in zip(items, plans, files)]
+        samples = [self._sample(item, plan, data, dense=False) for item, plan, data in zip(items, plans, files)]
+        batch = collate(samples)
+        for name, views in self.teachers.items():  # the windows straight into the batch's padded buffers
+            key = views[items[0].partition]
+            stored = self.views.device_space(key) == "stored"
+            for k, (item, (_, _, windows)) in enumerate(zip(items, plans)):
+                r0, r1, c0, c1 = windows[key]
+                out = batch[name]["window"][k, :r1 - r0, :c1 - c0]
+                if stored:
+                    self.reader(key).read_dense_into(item.row, windows[key], out.numpy())
+                else:
+                    out.copy_(torch.from_numpy(self.reader(key).read_dense(item.row, windows[key], self.views.space)))
+        return batch
 
     def _plan(self, item: Item) -> tuple:
         """(crop, MESA's second crop or None, the window of each view): from the manifest's image size
@@ -261,7 +274,8 @@ class CacheDataset(torch.utils.data.Dataset):
             windows[key] = geometry.window_for(crop.box, self.views.box(key, item.row), self.reader(key).spec.grid)
         return crop, other, windows
 
-    def _sample(self, item: Item, plan: tuple, data: bytes | None = None) -> dict:
+    def _sample(self, item: Item, plan: tuple, data: bytes | None = None, dense: bool = True) -> dict:
+        """One sample; without ``dense`` its windows are left out (:func:`collate` makes room for them)."""
         crop, other, windows = plan
         W, H = (int(v) for v in self.views.sizes[item.row])
         grid = (item.resolution // self.patch,) * 2
@@ -272,7 +286,11 @@ class CacheDataset(torch.utils.data.Dataset):
                              f"not the {W}x{H} indexed (changed since indexing?)")
         sample = {"row": item.row, "image": crop_pixels(image, crop.box, size, crop.flip, scale),
                   "box": torch.tensor(crop.box, dtype=torch.float64), "flip": crop.flip, "partition": item.partition}
-        read = {key: self.views.read(item.row, {key: w}, self.views.device_space(key))[key] for key, w in windows.items()}
+        read = {key: self.views.read(item.row, {key: w}, self.views.device_space(key), dense)[key]
+                for key, w in windows.items()}
+        for key, r in read.items():
+            spec, stored = self.reader(key).spec, self.views.device_space(key) == "stored"
+            r["channels"], r["dtype"] = spec.channels, _TORCH[np.dtype(spec.dtype) if stored else np.dtype(np.float32)]
         sample["bytes"] = sum(r["bytes"] for r in read.values())
         for name, views in self.teachers.items():
             key = views[item.partition]
@@ -292,12 +310,17 @@ class CacheDataset(torch.utils.data.Dataset):
         raw summary."""
         r0, r1, c0, c1 = window
         m = geometry.cell_map(crop.box, grid, read["box"], view_grid, crop.flip).shifted(r0, c0)
-        out = {"window": torch.from_numpy(np.require(read["dense"], requirements=["W"])),  # strided: collate copies
+        dense = read["dense"]
+        out = {"window": torch.from_numpy(np.require(dense, requirements=["W"])) if dense is not None else
+               torch.empty((0, 0, read["channels"]), dtype=read["dtype"]),  # the shape and dtype a later read fills
                "map": torch.from_numpy(m.as_array()), "extent": torch.tensor([r1 - r0, c1 - c0]),
                "omega": torch.from_numpy(geometry.omega(crop.box, grid, read["box"], crop.flip))}
         if read["summary"] is not None:
             out["summary"] = torch.from_numpy(read["summary"].astype(np.float32))
         return out
+
+
+_TORCH = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
 
 
 def grid_px(grid: tuple[int, int], patch: int) -> tuple[int, int]:
@@ -306,19 +329,23 @@ def grid_px(grid: tuple[int, int], patch: int) -> tuple[int, int]:
 
 def collate(samples: list[dict]) -> dict:
     """Stack a batch; each teacher's windows (h, w, C), in their stored dtype, are padded to the
-    batch's largest (their real extents travel with them, so the lookup never reads the padding)."""
+    batch's largest (their real extents travel with them, so the lookup never reads the padding).
+    A batch :meth:`CacheDataset.__getitems__` already assembled passes as it is."""
+    if isinstance(samples, dict):
+        return samples
     out = {"row": torch.tensor([s["row"] for s in samples]), "image": torch.stack([s["image"] for s in samples]),
            "box": torch.stack([s["box"] for s in samples]), "flip": torch.tensor([s["flip"] for s in samples]),
            "bytes": sum(s["bytes"] for s in samples), "partition": samples[0]["partition"]}
     for name in [k for k, v in samples[0].items() if isinstance(v, dict) and "window" in v]:
         parts = [s[name] for s in samples]
-        hmax = max(p["window"].shape[0] for p in parts)
-        wmax = max(p["window"].shape[1] for p in parts)
+        hmax = max(int(p["extent"][0]) for p in parts)
+        wmax = max(int(p["extent"][1]) for p in parts)
         first = parts[0]["window"]
         windows = _batch_buffer((len(parts), hmax, wmax, first.shape[2]), first.dtype)
         for k, p in enumerate(parts):
-            h, w = p["window"].shape[:2]
-            windows[k, :h, :w] = p["window"]
+            h, w = (int(v) for v in p["extent"])
+            if p["window"].numel():  # else the dataset reads it into place (CacheDataset.__getitems__)
+                windows[k, :h, :w] = p["window"]
             windows[k, h:].zero_()
             windows[k, :h, w:].zero_()
         out[name] = {"window": windows, "key": parts[0]["key"], "map": torch.stack([p["map"] for p in parts]),

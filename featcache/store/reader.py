@@ -34,6 +34,7 @@ _EMPTY = np.uint64(2**64 - 1)
 _CRC = 4
 #: crc32c of any message followed by its own crc32c (little-endian): one call checks a chunk.
 _RESIDUE = crc32c.crc32c(bytes(_CRC))
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024  # buffers one preadv call takes
 _SMALL = ("summary", "box", "valid")
 
 
@@ -246,6 +247,62 @@ class ViewReader:
                                                                             x0 - b * tw:x1 - b * tw]
         return out
 
+    def read_dense_into(self, i: int, window: tuple[int, int, int, int] | None, out: np.ndarray) -> None:
+        """``dense[i, r0:r1, c0:c1]`` as stored, read straight into ``out`` ((r1 - r0, c1 - c0, C) of the
+        stored dtype with C-contiguous rows, e.g. a window of a batch buffer). On local files each
+        tile is one positional read scattered between ``out`` and scratch memory (the tile's other
+        cells, kept for its crc32c): the kernel's copy is the only one. Elsewhere: read, then copy."""
+        r0, r1, c0, c1 = self._window(window)
+        rows_ok = out.shape == (r1 - r0, c1 - c0, self.spec.channels) and out[0].flags.c_contiguous
+        if not (self._fast and rows_ok and isinstance(self._ranges, _LocalRanges)) or self._shard_of(i) not in self.committed:
+            out[...] = self.read_dense(i, window, "stored")
+            return
+        (th, tw), shard = self.spec.tile, i // self.view.shard_size
+        for a in range(r0 // th, (r1 - 1) // th + 1):
+            for b in range(c0 // tw, (c1 - 1) // tw + 1):
+                y0, y1, x0, x1 = max(r0, a * th), min(r1, (a + 1) * th), max(c0, b * tw), min(c1, (b + 1) * tw)
+                part = out[y0 - r0:y1 - r0, x0 - c0:x1 - c0]
+                offset, nbytes = self._shard_index(shard, i)[i % self.view.shard_size, a, b, 0]
+                if offset == _EMPTY:
+                    part[...] = 0
+                    continue
+                self._scatter_tile(i, (a, b), (y0 - a * th, y1 - a * th, x0 - b * tw, x1 - b * tw), part,
+                                   int(offset), int(nbytes))
+
+    def _scatter_tile(self, i: int, tile: tuple[int, int], cells: tuple[int, int, int, int], part: np.ndarray,
+                      offset: int, nbytes: int) -> None:
+        """One tile's bytes in file order: its ``cells`` (tile-local rows and columns) into ``part``, the
+        rest into scratch; then the crc32c over all of them, in order."""
+        ty0, ty1, tx0, tx1 = cells
+        cell = self.spec.channels * self._dtypes["dense"].itemsize
+        row = self.spec.tile[1] * cell
+        if nbytes != self.spec.tile[0] * row + _CRC:
+            raise CacheFormatError(f"{self.view.key}: image row {i}: dense tile {tile} is {nbytes} bytes in the shard "
+                                   f"index, not the {self.spec.tile[0] * row + _CRC} its shape takes")
+        scratch, segments, pos = np.empty(nbytes, dtype=np.uint8), [], 0
+        for y in range(ty0, ty1):
+            start = y * row + tx0 * cell
+            if start > pos:
+                segments.append(scratch[pos:start])
+            segments.append(part[y - ty0].reshape(-1).view(np.uint8))
+            pos = start + (tx1 - tx0) * cell
+        segments.append(scratch[pos:nbytes])
+        shard = i // self.view.shard_size
+        path, coords = self._path("dense", (shard, 0, 0, 0)), (shard, 0, 0, 0)
+        fd, done = self._ranges._fd(path), 0
+        for k in range(0, len(segments), _IOV_MAX):
+            batch = segments[k:k + _IOV_MAX]
+            want = sum(len(x) for x in batch)
+            got = os.preadv(fd, batch, offset + done)
+            if got != want:
+                raise CacheFormatError(f"{path}: short read ({done + got} of {nbytes} bytes at {offset})")
+            done += got
+        if self.verify_checksums:
+            crc = 0
+            for x in segments:
+                crc = crc32c.crc32c(x, crc)
+            self._check(b"", i, "dense" if self.spec.tiles == (1, 1) else f"dense tile {tile}", "dense", coords, crc)
+
     def prefetch(self, i: int, window: tuple[int, int, int, int] | None = None) -> None:
         """Start reading the chunks a later :meth:`read_dense` of ``window`` needs (local files: the
         kernel reads them in the background while the caller does other work; elsewhere nothing)."""
@@ -293,10 +350,11 @@ class ViewReader:
     def _path(self, name: str, coords: tuple[int, ...]) -> str:
         return self._object(name, coords).path
 
-    def _check(self, raw: bytes, i: int, what: str, name: str, coords: tuple[int, ...]) -> None:
+    def _check(self, raw: bytes, i: int, what: str, name: str, coords: tuple[int, ...], crc: int | None = None) -> None:
         """Raise :class:`ChecksumError` naming row ``i``, ``what`` and the object unless ``raw``
-        (chunk bytes followed by their crc32c) checks out."""
-        if crc32c.crc32c(raw) != _RESIDUE:
+        (chunk bytes followed by their crc32c; or ``crc``, their crc32c computed by the caller)
+        checks out."""
+        if (crc32c.crc32c(raw) if crc is None else crc) != _RESIDUE:
             raise ChecksumError(
                 f"{self.view.key}: image row {i}: {what} fails its crc32c check in "
                 f"{self._object(name, coords).uri}: the stored bytes are damaged; "

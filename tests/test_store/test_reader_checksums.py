@@ -157,3 +157,24 @@ def test_threads_share_a_one_shard_cache(tmp_path):
     for t in threads:
         t.join()
     assert failures == []
+
+
+@pytest.mark.parametrize("tile", [None, (2, 3)], ids=["whole-image-chunks", "spatial-tiles"])
+def test_reading_a_window_into_a_batch_buffer_equals_read_dense_and_checks_crc32c(cache_root, tile):
+    """``read_dense_into`` (one scattered read per tile into a padded batch buffer on local disk, a
+    read and a copy on S3) gives ``read_dense`` for windows inside one tile, across tiles and whole;
+    a flipped byte outside the window still fails the tile's crc32c."""
+    _, view = make_cache(cache_root, n=10, shard_size=SHARD, tile=tile)
+    write_all(view, seed=2)
+    reader = view.reader()
+    h, w, c = *view.spec.grid, view.spec.channels
+    for window in [(0, h, 0, w), (1, 2, 1, 3), (0, h - 1, 1, w), (1, h, 0, 2)]:
+        r0, r1, c0, c1 = window
+        batch = np.full((2, h + 1, w + 2, c), 7, dtype=reader.read_dense(5, window, "stored").dtype)
+        reader.read_dense_into(5, window, batch[1, :r1 - r0, :c1 - c0])
+        np.testing.assert_array_equal(batch[1, :r1 - r0, :c1 - c0], reader.read_dense(5, window, "stored"))
+        assert (batch[0] == 7).all() and (batch[1, r1 - r0:] == 7).all() and (batch[1, :, c1 - c0:] == 7).all()
+    _flip_dense(view, 5, byte=view.spec.tile[1] * c * 2 + 1)  # in the tile's second row: outside (0, 1, ...)
+    out = np.zeros((1, 1, c), dtype=batch.dtype)
+    with pytest.raises(ChecksumError, match="row 5"):
+        view.reader().read_dense_into(5, (0, 1, 0, 1), out)

@@ -213,6 +213,21 @@ def test_spawned_loader_workers_give_the_same_batches(long_run):
             assert torch.equal(got[t.name]["map"], want[t.name]["map"])
 
 
+def test_a_batch_the_dataset_assembles_equals_its_samples_collated(long_run):
+    """``CacheDataset.__getitems__`` (image files first, windows prefetched, then read straight into the
+    batch's padded buffers) gives what one sample at a time and ``collate`` give, padding zeroed."""
+    run, _ = long_run
+    trainer = Trainer(config.load(run / "config.toml"), run)
+    for step in range(3):
+        items = trainer.plan.batch(step)
+        got, want = collate(trainer.dataset.__getitems__(items)), collate([trainer.dataset[i] for i in items])
+        assert set(got) == set(want) and got["bytes"] == want["bytes"] and torch.equal(got["image"], want["image"])
+        for t in trainer.targets:
+            assert set(got[t.name]) == set(want[t.name])
+            for k, v in want[t.name].items():
+                assert (v == got[t.name][k]) if isinstance(v, str) else torch.equal(got[t.name][k], v), (t.name, k)
+
+
 def test_the_training_process_never_imports_a_teacher(cache_root, config_file, tmp_path):
     code = (
         "import sys\n"
