@@ -107,9 +107,10 @@ def evict_all(cache: Cache, images: Path) -> None:
 # ---- passes ------------------------------------------------------------------------------------
 
 class Timed:
-    """Sums the seconds a dataset spends in ``image`` (decode the source image; a batch reads the files first) and in its
-    view readers' ``read_dense`` (read a window, convert it to the target space), by wrapping them
-    on the instances (the dataset's readers for this process), and can record every window read."""
+    """Sums the seconds a dataset spends in ``image`` (decode the source image; a batch reads the
+    files first) and in its view readers' ``read_dense`` and ``read_dense_into`` (read a window, into
+    the batch or converted to the target space), by wrapping them on the instances (the dataset's
+    readers for this process), and can record every window read."""
 
     def __init__(self, ds: CacheDataset, record: bool = False):
         self.seconds = {"image": 0.0, "windows": 0.0}
@@ -118,6 +119,7 @@ class Timed:
         for _, key, *_ in VIEWS:
             reader = ds.reader(key)
             reader.read_dense = self._wrap("windows", reader.read_dense, key)
+            reader.read_dense_into = self._wrap("windows", reader.read_dense_into, key)
 
     def _wrap(self, name: str, fn, key: str | None = None):
         def timed(*args, **kwargs):
@@ -238,6 +240,8 @@ def run(args, tmp: Path) -> dict:
         chunks, nbytes = ranges(cache, windows[:n * args.batch * len(VIEWS)])
         ceilings[space] = (chunks, n * args.batch, nbytes)
     datasets = {name: CacheDataset(root, teachers, PATCH, CropConfig(), space) for name, (space, _) in PASSES.items()}
+    for ds in datasets.values():
+        ds.lookahead = plan  # as Trainer sets it
     timers = {name: Timed(datasets[name]) for name, (_, w) in PASSES.items() if w == 0}
     loaders = {name: loader(datasets[name], plan, steps[space], w) for name, (space, w) in PASSES.items()}
     reported = {name: loader_pass(dl)[2] for name, dl in loaders.items()}  # warm-up: workers, readers, indices

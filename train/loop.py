@@ -131,6 +131,7 @@ class Trainer:
         self.heldout_rows = self.heldout_rows[:cfg.data.heldout_images]
         self.plan = BatchPlan(self.train_rows, cfg.optim.batch_size, cfg.seed, cfg.resolution.low,
                               cfg.resolution.high, cfg.resolution.high_prob)
+        self.dataset.lookahead = self.plan
         torch.manual_seed(cfg.seed)
         self.student_cfg = student_config(cfg, self.targets)
         self.student = build_student(self.student_cfg).to(self.device)
