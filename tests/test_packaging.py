@@ -45,6 +45,21 @@ def test_the_wheel_installs_only_the_featcache_package(tmp_path):
             "featcache/store/cache.py"} <= set(names)
 
 
+def test_every_package_of_the_source_tree_is_declared():
+    """pyproject lists packages by name: a folder left out of the list ships nothing (featcache.upsample
+    and featcache.sources were missing from wheels). Checked on the declaration itself: a wheel built
+    in place can pick stale modules up from build/."""
+    tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    homes = {"featcache": REPO / "featcache", **{name: REPO / d for name, d in tool["package-dir"].items()}}
+    found = set()
+    for name, folder in homes.items():
+        for init in folder.rglob("__init__.py"):
+            parts = init.parent.relative_to(folder).parts
+            if not any(p.startswith(".") or p == "__pycache__" for p in parts):
+                found.add(".".join((name, *parts)))
+    assert found == set(tool["packages"])
+
+
 def test_declared_floors_are_at_least_what_the_installed_dependencies_require():
     """E.g. transformers 5 requires torch >= 2.6: a floor of torch >= 2.4 would install a torch it refuses."""
     declared = _declared()

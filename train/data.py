@@ -11,7 +11,6 @@ cell of margin (``featcache.geometry.window_for``); a shard's small arrays are f
 from __future__ import annotations
 
 import math
-import mmap
 import os
 from dataclasses import dataclass
 
@@ -369,21 +368,13 @@ def collate(samples: list[dict]) -> dict:
     return out
 
 
-_HUGE = 4 << 20  # bytes from which a batch buffer asks for transparent huge pages
-
-
 def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialized tensor for a batch: in shared memory inside a DataLoader worker (the batch
-    then reaches the training process without the copy into shared memory its pickling would
-    make: tens of MB per batch of windows); elsewhere a large one in transparent huge pages."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    """An uninitialized tensor for a batch, in shared memory inside a DataLoader worker: the batch
+    then reaches the training process without the copy into shared memory its pickling would make
+    (tens of MB per batch of windows)."""
     if torch.utils.data.get_worker_info() is None:
-        if nbytes < _HUGE or not hasattr(mmap, "MADV_HUGEPAGE"):
-            return torch.empty(shape, dtype=dtype)
-        memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        memory.madvise(mmap.MADV_HUGEPAGE)  # first touch: one fault per 2 MB instead of per 4 kB (5x faster here)
-        return torch.frombuffer(memory, dtype=dtype).view(shape)
-    storage = torch.UntypedStorage._new_shared(nbytes)
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * torch.empty((), dtype=dtype).element_size())
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
