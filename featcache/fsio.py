@@ -8,12 +8,15 @@ non-AWS server such as SeaweedFS or MinIO. Nothing returned here is ever written
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import posixpath
+import stat
 import uuid
 from dataclasses import dataclass
 
 import fsspec
+import fsspec.asyn
 from fsspec.implementations.local import LocalFileSystem
 
 from featcache.errors import UsageError
@@ -34,7 +37,14 @@ def _s3_endpoint() -> str | None:
 
 
 def storage_options(uri: str) -> dict:
-    """Options fsspec needs for ``uri``: for S3, no listing cache and the endpoint from the environment."""
+    """Options fsspec needs for ``uri``: for S3, no listing cache and the endpoint from the environment.
+
+    A chained URL (``tar://member::s3://bucket/shard.tar``, a tar member's URI in a manifest) gets them
+    for its innermost layer, where fsspec expects them (keyed by that layer's protocol)."""
+    if "::" in uri:
+        inner = uri.rsplit("::", 1)[1]
+        options = storage_options(inner)
+        return {inner.split("://", 1)[0]: options} if options else {}
     if not uri.startswith(_S3_SCHEMES):
         return {}
     # Commit markers appear while a job runs: a cached listing would hide them.
@@ -130,6 +140,16 @@ def _connection_reason(e: BaseException) -> str:
 
 
 @dataclass(frozen=True)
+class Stamp:
+    """Which version of a file was read: its size in bytes, and its mtime (local files) or ETag (object
+    stores). What the index records, so that extraction can refuse a file replaced since."""
+
+    size: int | None
+    mtime: float | None = None
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
 class Location:
     """A filesystem and a path on it; ``uri`` is how the user wrote it (without credentials)."""
 
@@ -154,6 +174,25 @@ class Location:
 
     def read_bytes(self) -> bytes:
         return self.fs.cat_file(self.path)
+
+    def read_range(self, start: int, length: int) -> tuple[bytes, Stamp]:
+        """``length`` bytes from byte ``start`` (fewer at the end of the file), and the stamp of the file
+        they came from, in one request where the storage allows it: one ``pread`` on a local file, one
+        ranged GET on S3 (its Content-Range and ETag say which object answered). Other filesystems
+        ask for the stamp separately. Raises OSError (FileNotFoundError...) as the storage does."""
+        if self.is_local:
+            return _pread(self.path, start, length)
+        if _is_s3(self.fs) and length > 0:
+            return fsspec.asyn.sync(self.fs.loop, _s3_range, self.fs, self.path, start, length)
+        return self.fs.cat_file(self.path, start, start + length), self.stamp()
+
+    def stamp(self) -> Stamp:
+        """The file's size and mtime (local) or ETag, without reading it."""
+        if self.is_local:
+            st = os.stat(self.path)
+            return Stamp(st.st_size, mtime=st.st_mtime)
+        info = self.fs.info(self.path)
+        return Stamp(info.get("size"), etag=info.get("ETag", info.get("etag")))
 
     def write_bytes_atomic(self, data: bytes) -> None:
         """Write so that a reader sees the old object or the whole new one, never a part.
@@ -204,6 +243,35 @@ def _write_then_rename(path: str, data: bytes, publish=os.replace) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):  # renamed away, or never created
             os.unlink(tmp)
+
+
+def _pread(path: str, start: int, length: int) -> tuple[bytes, Stamp]:
+    # O_NONBLOCK: a FIFO named like a shard must not block the open (it is refused just after)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        return os.pread(fd, max(length, 0), start), Stamp(st.st_size, mtime=st.st_mtime)
+    finally:
+        os.close(fd)
+
+
+def _is_s3(fs) -> bool:
+    return hasattr(fs, "_call_s3")  # s3fs: ranged GETs answer with the object's size and ETag
+
+
+async def _s3_range(fs, path: str, start: int, length: int) -> tuple[bytes, Stamp]:
+    bucket, key, version = fs.split_path(path)
+    extra = {"VersionId": version} if version else {}
+    resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}",
+                             **extra)
+    try:
+        data = await resp["Body"].read()
+    finally:
+        resp["Body"].close()
+    total = resp.get("ContentRange", "").rpartition("/")[2]
+    return data, Stamp(int(total) if total.isdigit() else None, etag=resp.get("ETag"))
 
 
 def locate(uri: str | os.PathLike) -> Location:

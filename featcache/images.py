@@ -10,6 +10,7 @@ EXIF orientation). Decoding, and the guard against bombs, happen at extraction t
 from __future__ import annotations
 
 import os
+import re
 import stat
 import struct
 from dataclasses import dataclass, replace
@@ -25,6 +26,7 @@ EXTENSIONS = frozenset(".jpg .jpeg .jpe .png .webp .bmp .tif .tiff .gif .ppm .pg
 _ORIENTATION = 0x0112
 _TRANSPOSED = {5, 6, 7, 8}
 _HEADER_BLOCK = 64 * 1024
+_PARQUET_ROW = re.compile(r"\.parquet#row=\d+$", re.IGNORECASE)
 
 Image.init()
 
@@ -42,6 +44,13 @@ class Header:
 
 
 def is_image_name(name: str) -> bool:
+    """Whether ``name`` has an image file's extension. For the URI of an image inside a container
+    (featcache.sources), whether the member it names is one: a tar member by its own name
+    (``tar://dir/abc.jpg::shard.tar``), a Parquet table's row (``table.parquet#row=17``) always."""
+    if name.startswith("tar://") and "::" in name:
+        name = name[len("tar://"):].split("::", 1)[0]
+    elif _PARQUET_ROW.search(name):
+        return True
     return os.path.splitext(name)[1].lower() in EXTENSIONS
 
 

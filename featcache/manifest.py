@@ -1,7 +1,9 @@
 """``featcache index``: turn an image source into ``ROOT/manifest.parquet`` (DESIGN.md §2).
 
 A source is a folder or a glob on any fsspec filesystem, or a ``.parquet``/``.csv`` list with a
-``uri`` column (its other columns are kept). Sizes come from image headers only. The order, and
+``uri`` column (its other columns are kept), or container files (:mod:`featcache.sources`): webdataset
+tar shards or Parquet image tables, as a file, a glob or a brace pattern. Sizes come from image
+headers only. The order, and
 so every ``index``, is deterministic: sorted relative paths for folders and globs, list order for
 lists. ``image_id`` is the path relative to the folder (or the glob's fixed prefix), or the list's
 ``image_id`` column, or its ``uri``. Files that cannot be used are listed in ``errors.parquet``
@@ -14,7 +16,6 @@ a link loop ends; a folder source does not follow links to folders at all (``os.
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,23 +27,45 @@ import pyarrow.csv as pacsv
 from featcache.errors import ImageError, SourceNotFoundError, UsageError
 from featcache.fsio import Location, check_reachable, locate
 from featcache.images import header_of_local, header_of_remote, is_image_name
+from featcache.sources import Member, listing, parquet, tars
+from featcache.sources.globs import GLOB_CHARS, glob_paths
 from featcache.store import tables
 from featcache.store.cache import Cache
 
-_GLOB_CHARS = "*?["
 _LIST_SUFFIXES = (".parquet", ".csv")
-_RESERVED = ("index", "width", "height", *tables.FILE_COLUMNS)
+_RESERVED = ("index", "image_id", "uri", "width", "height", *tables.FILE_COLUMNS, *tables.MEMBER_COLUMNS)
+#: manifest column -> Member attribute
+_MEMBER_FIELDS = {"container": "container", "member": "name", "member_offset": "offset", "member_length": "length",
+                  "row_group": "row_group", "row_in_group": "row"}
 #: Reason recorded for an image whose bytes are not those indexed (see :func:`changed_since_indexing`).
 CHANGED = "changed since indexing (re-index to accept the change)"
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One file of the source: where it is, its id, and the list's extra columns."""
+    """One image of the source: where it is, its id, and the columns its source gives it (a list's
+    extra columns, a webdataset sample's labels, a Parquet table's scalar columns)."""
 
-    loc: Location
+    loc: Location  # the image file, or the container (tar, Parquet file) that holds it
     image_id: str
     extra: dict = field(default_factory=dict)
+    member: Member | None = None  # where the image lies inside ``loc``; None: ``loc`` is the image
+
+    @property
+    def uri(self) -> str:
+        return self.member.uri if self.member is not None else self.loc.uri
+
+
+@dataclass
+class _Listing:
+    """A source listed: its images with their headers (or errors), what was ignored, containers that
+    could not be read, and the bytes read from tars."""
+
+    entries: list[Entry]
+    headers: list
+    ignored: list[tuple[str, str]]
+    broken: list[tuple[str, str]] = field(default_factory=list)
+    bytes_read: int | None = None
 
 
 @dataclass
@@ -54,44 +77,86 @@ class IndexResult:
     failed: list[tuple[str, str]]
     ignored: list[tuple[str, str]]
     seconds: float
+    bytes_read: int | None = None  # fetched from tar shards while indexing (headers, labels)
 
     @property
     def files_per_second(self) -> float:
         return (self.images + len(self.failed)) / max(self.seconds, 1e-9)
 
 
-def index(src, out, workers: int | None = None) -> IndexResult:
+def index(src, out, workers: int | None = None, image_column: str | None = None,
+          image_ext: list[str] | None = None) -> IndexResult:
     """Index ``src`` into ``out/manifest.parquet`` (and ``out/errors.parquet``).
 
-    ``workers`` threads read headers; by default 1 for local files (header parsing holds the GIL,
-    threads only add contention) and 16 for remote ones (they hide request latency).
+    ``workers`` threads read headers (or scan tars); by default 1 for local files (header parsing
+    holds the GIL, threads only add contention) and 16 for remote ones (they hide request latency).
+    ``image_column``: a Parquet image table's column of images (default: its only one of an image
+    type); ``image_ext``: the fields of a webdataset sample that are images, as ``jpg`` or ``.jpg``
+    (default: :data:`featcache.sources.tars.IMAGE_FIELDS`).
     """
     t0 = time.perf_counter()
     check_reachable(src)  # an unusable object store is refused before listing, the output before reading headers
     check_reachable(out, write=True)
-    entries, ignored = list_source(os.fspath(src))
-    results = _read_headers(entries, workers)
-    good = [(e, h) for e, h in zip(entries, results) if not isinstance(h, ImageError)]
-    failed = [(e, h) for e, h in zip(entries, results) if isinstance(h, ImageError)]
+    found = _list_and_read(os.fspath(src), workers, image_column, image_ext)
+    pairs = list(zip(found.entries, found.headers))
+    good = [(e, h) for e, h in pairs if not isinstance(h, ImageError)]
+    failed = [(e.uri, e.image_id, h.reason) for e, h in pairs if isinstance(h, ImageError)]
+    failed += [(uri, None, reason) for uri, reason in found.broken]
     if not good:
-        reasons = "; ".join(f"{os.path.basename(e.loc.uri)}: {h.reason}" for e, h in failed[:3])
-        raise UsageError(f"none of the {len(entries)} files in {src} is a readable image ({reasons})")
+        shown = [(uri, reason) for uri, _, reason in failed] or found.ignored  # why there is nothing to index
+        reasons = "; ".join(f"{os.path.basename(uri)}: {reason}" for uri, reason in shown[:3])
+        what = "images" if found.broken or any(e.member for e in found.entries) else "files"
+        raise UsageError(f"none of the {len(found.entries)} {what} in {src} is a readable image ({reasons})")
     root = locate(out)
     manifest = _manifest_table(good)
     _check_replaceable(root, manifest)
-    _write_index_errors(root, [(e.loc.uri, e.image_id, h.reason) for e, h in failed] +
-                        [(uri, None, reason) for uri, reason in ignored])
+    _write_index_errors(root, failed + [(uri, None, reason) for uri, reason in found.ignored])
     tables.write_table(root.join(tables.MANIFEST), manifest)  # last: the manifest is index's commit point
-    return IndexResult(root.uri, manifest.num_rows, [(e.loc.uri, h.reason) for e, h in failed], ignored,
-                       time.perf_counter() - t0)
+    return IndexResult(root.uri, manifest.num_rows, [(uri, reason) for uri, _, reason in failed], found.ignored,
+                       time.perf_counter() - t0, found.bytes_read)
+
+
+def _list_and_read(src: str, workers: int | None, image_column: str | None, image_ext) -> _Listing:
+    """Every image of ``src`` with its header: files listed then read; containers scanned."""
+    found = listing.containers(src, image_column)
+    kind = found[0] if found else None
+    if image_column is not None and kind != "parquet":
+        raise UsageError(f"--image-column is for Parquet image tables, and {src} is not one")
+    if image_ext is not None and kind != "tar":
+        raise UsageError(f"--image-ext is for webdataset tars (.tar files), and {src} names none")
+    if found is None:
+        entries, ignored = list_source(src)
+        return _Listing(entries, _read_headers(entries, workers), ignored)
+    files = found[1]
+    if kind == "tar":
+        scan = tars.scan(files, _image_fields(image_ext), _workers(workers, [loc for loc, _ in files]))
+    else:
+        scan = parquet.scan(files, image_column)
+    entries = [Entry(f.loc, f.image_id, _user_columns(f.extra), f.member) for f in scan.found]
+    return _Listing(entries, [f.header for f in scan.found], scan.ignored, scan.failed, scan.bytes_read)
+
+
+def _image_fields(image_ext) -> tuple[str, ...]:
+    if image_ext is None:
+        return tars.IMAGE_FIELDS
+    fields = tuple(e.strip().lstrip(".").lower() for part in image_ext for e in part.split(",") if e.strip())
+    if not fields:
+        raise UsageError("--image-ext names no extension (e.g. --image-ext jpg,png)")
+    return fields
+
+
+def _user_columns(extra: dict) -> dict:
+    """A source's own columns, without those the manifest defines itself."""
+    return {k: v for k, v in extra.items() if k not in _RESERVED}
 
 
 # ---- listing ------------------------------------------------------------------------------
 
 
 def list_source(src: str) -> tuple[list[Entry], list[tuple[str, str]]]:
-    """Entries to index and (uri, reason) of files ignored because they are not images."""
-    if any(c in src for c in _GLOB_CHARS):
+    """Entries to index and (uri, reason) of files ignored because they are not images (image files
+    and lists of them; containers are :func:`featcache.sources.listing.containers`')."""
+    if any(c in src for c in GLOB_CHARS):
         return _list_glob(src)
     loc = locate(src)
     if src.lower().endswith(_LIST_SUFFIXES) and not loc.fs.isdir(loc.path):
@@ -128,79 +193,11 @@ def _split(base: Location, paths: list[str], prefix: str) -> tuple[list[Entry], 
 
 
 def _list_glob(pattern: str) -> tuple[list[Entry], list[tuple[str, str]]]:
-    loc = locate(pattern)
-    static = loc.path[: min(loc.path.find(c) for c in _GLOB_CHARS if c in loc.path)]
-    prefix = static[: static.rfind("/") + 1] if "/" in static else ""
-    unlisted = []
-    if loc.is_local:
-        paths, unlisted = _glob_local(prefix.rstrip("/") or "/", loc.path[len(prefix):])
-    else:
-        paths = [p for p, info in loc.fs.glob(loc.path, detail=True).items() if info["type"] == "file"]
-    entries, ignored = _split(loc, sorted(paths), prefix.rstrip("/") or "/")
+    loc, top, paths, unlisted = glob_paths(pattern)
+    entries, ignored = _split(loc, paths, top)
     if not entries:
         raise UsageError(f"no image files match {pattern}")
     return entries, ignored + unlisted
-
-
-def _glob_local(top: str, pattern: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """Non-directory entries below ``top`` whose relative path matches ``pattern`` (``glob.glob``'s
-    rules, ``**`` recursive), and (folder, reason) of folders that could not be listed. Links to
-    folders are followed, but each real folder (st_dev, st_ino) is entered once, under its first path
-    in sorted order: a link loop ends, and nothing is listed twice."""
-    segments, seen = tuple(pattern.split("/")), set()
-    stack, files, unlisted = [(top, (), True)], [], []
-    while stack:  # depth first, children in sorted order: files come out sorted
-        path, parts, is_dir = stack.pop()
-        if not is_dir:
-            files += [path] if _glob_match(parts, segments) else []
-            continue
-        try:
-            if _first_visit(path, seen):
-                stack += reversed(_children(path, parts, segments))
-        except (FileNotFoundError, NotADirectoryError):
-            continue  # vanished while listing, or the glob's fixed part is not a folder: nothing there
-        except OSError as e:
-            unlisted.append((path, f"cannot list folder: {e.strerror or e}"))
-    return files, unlisted
-
-
-def _first_visit(path: str, seen: set) -> bool:
-    st = os.stat(path)
-    key = (st.st_dev, st.st_ino)
-    if key in seen:
-        return False
-    seen.add(key)
-    return True
-
-
-def _children(path: str, parts: tuple, segments: tuple) -> list[tuple[str, tuple, bool]]:
-    """(path, relative parts, is folder) of the entries of ``path`` that the pattern may reach, in the
-    order their paths sort as strings (a folder ``a`` sorts as ``a/``)."""
-    with os.scandir(path) as it:
-        kids = [(e.path, (*parts, e.name), e.is_dir()) for e in it]
-    kids = [k for k in kids if not k[2] or _glob_match(k[1], segments, partial=True)]
-    return sorted(kids, key=lambda k: k[1][-1] + "/" if k[2] else k[1][-1])
-
-
-def _glob_match(parts: tuple, segments: tuple, partial: bool = False) -> bool:
-    """Whether the path ``parts`` matches the glob ``segments`` (``partial``: whether a path below
-    the folder ``parts`` could)."""
-    if not parts:
-        return bool(segments) if partial else all(s == "**" for s in segments)
-    if not segments:
-        return False
-    if segments[0] == "**":  # zero or more folders whose names do not start with a dot
-        return _glob_match(parts, segments[1:], partial) or (
-            not parts[0].startswith(".") and _glob_match(parts[1:], segments, partial))
-    return _name_match(parts[0], segments[0]) and _glob_match(parts[1:], segments[1:], partial)
-
-
-def _name_match(name: str, segment: str) -> bool:
-    if not any(c in segment for c in _GLOB_CHARS):
-        return name == segment
-    if name.startswith(".") and not segment.startswith("."):
-        return False  # as in glob.glob: a wildcard does not match a leading dot
-    return fnmatch.fnmatchcase(name, segment)
 
 
 def _list_table(loc: Location) -> list[Entry]:
@@ -243,10 +240,16 @@ def _header(entry: Entry):
         return e
 
 
+def _workers(workers: int | None, locs: list[Location]) -> int:
+    """``workers``, by default 1 for local files and 16 for remote ones."""
+    if workers is None:
+        return 1 if all(loc.is_local for loc in locs) else 16
+    return workers
+
+
 def _read_headers(entries: list[Entry], workers: int | None, batch: int = 256) -> list:
     """Headers (or the ImageError) of every entry, in order; threads hide remote latency."""
-    if workers is None:
-        workers = 1 if all(e.loc.is_local for e in entries) else 16
+    workers = _workers(workers, [e.loc for e in entries])
     batches = [entries[i:i + batch] for i in range(0, len(entries), batch)]
     if workers <= 1 or len(batches) == 1:
         return [_header(e) for e in entries]
@@ -263,7 +266,7 @@ def _manifest_table(good: list) -> pa.Table:
     columns = {
         "index": pa.array(range(len(good)), pa.int64()),
         "image_id": pa.array(ids, pa.string()),
-        "uri": pa.array([e.loc.uri for e, _ in good], pa.string()),
+        "uri": pa.array([e.uri for e, _ in good], pa.string()),
         "width": pa.array([h.width for _, h in good], pa.int32()),
         "height": pa.array([h.height for _, h in good], pa.int32()),
     }
@@ -271,7 +274,12 @@ def _manifest_table(good: list) -> pa.Table:
         values = [getattr(h, name) for _, h in good]
         if any(v is not None for v in values):
             columns[name] = pa.array(values, dtype)
-    for name in good[0][0].extra:
+    members = [e.member for e, _ in good]
+    for name, attr in _MEMBER_FIELDS.items():  # only those some image's container gave
+        values = [None if m is None else getattr(m, attr) for m in members]
+        if any(v is not None for v in values):
+            columns[name] = pa.array(values, tables.MEMBER_COLUMNS[name])
+    for name in dict.fromkeys(k for e, _ in good for k in e.extra):  # in order of first appearance
         columns[name] = pa.array([e.extra.get(name) for e, _ in good])
     return pa.table(columns)
 

@@ -61,6 +61,13 @@ def test_indexing_twice_gives_the_same_ids_in_the_same_order(tmp_path):
     assert ids == sorted(ids, key=lambda s: s.split("/")) and len(set(ids)) == 250
 
 
+def test_loose_files_get_the_columns_they_always_had(tmp_path):
+    """Container columns (featcache.sources) appear only for images inside tars or Parquet tables:
+    a folder's manifest reads as it did before they existed."""
+    featcache.index(skimage_photos()[0].parent / "c*.png", tmp_path / "c")
+    assert _manifest(tmp_path / "c").column_names == ["index", "image_id", "uri", "width", "height", "size", "mtime"]
+
+
 def test_header_cases_each_indexed_or_listed_with_a_reason(tmp_path):
     src = tmp_path / "src"
     cases = write_header_cases(src)

@@ -28,6 +28,7 @@ writes in the caller's thread, one view after the other: the same bytes, later.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import queue
 import threading
@@ -41,11 +42,9 @@ import torch
 from featcache.decode import decode
 from featcache.errors import FeatcacheError, ImageError, StorageError, UsageError
 from featcache.extract.plan import ViewTask
-from featcache.fsio import locate
-from featcache.manifest import CHANGED, changed_since_indexing
 from featcache.retry import storage_error, storage_errors
+from featcache.sources.read import ImageReader, RowGroups
 from featcache.stats.calibrate import Calibration
-from featcache.store import tables
 from featcache.store.cache import Cache
 from featcache.store.codec import Int8Phis, load_int8_phis
 from featcache.teachers import TeacherSpec, create_teacher
@@ -81,9 +80,7 @@ class ShardWorker:
                  compile: bool = False):
         self.cache = Cache.open(root)
         self.cache.check_manifest()  # every job checks the rows it writes are the cache's rows
-        manifest = self.cache.manifest
-        self.uris = manifest.column("uri").to_pylist()
-        self.sizes, self.mtimes = tables.file_column(manifest, "size"), tables.file_column(manifest, "mtime")
+        self.reader = ImageReader(self.cache.manifest)  # loose files, tar members, Parquet rows
         self.device = torch.device(device)
         self.batch_size, self.policy, self.max_pixels = batch_size, view_policy, max_pixels
         self.info = dict(info or {})
@@ -153,22 +150,13 @@ class ShardWorker:
 
     def _decode_shard(self, shard: int) -> list:
         start, stop = self.shard_range(shard)
-        return list(self.pool.map(self._decode_one, range(start, stop)))
+        groups = RowGroups()  # a Parquet row group is read once for all of the shard's rows in it
+        return list(self.pool.map(functools.partial(self._decode_one, groups=groups), range(start, stop)))
 
-    def _decode_one(self, i: int):
-        uri = self.uris[i]
+    def _decode_one(self, i: int, groups: RowGroups | None = None):
         try:
-            loc = locate(uri)
-            data = loc.read_bytes()
-            changed = changed_since_indexing(loc, data, self.sizes[i], self.mtimes[i])
-        except FileNotFoundError:
-            return ImageError(uri, "file not found (deleted since indexing?)")
-        except (OSError, ValueError) as e:
-            return ImageError(uri, f"cannot read: {type(e).__name__}: {e}")
-        if changed:  # never extract other bytes than those the manifest describes
-            return ImageError(uri, CHANGED)
-        try:
-            image = decode(data, uri, self.max_pixels)
+            data = self.reader.read(i, groups)  # never other bytes than those the manifest describes
+            image = decode(data, self.reader.uris[i], self.max_pixels)
         except ImageError as e:
             return e
         return image.pin_memory() if self._copies is not None else image  # copied to the device without a wait
@@ -376,7 +364,8 @@ class ShardWorker:
         calibration = Calibration(spec.channels, len(rows) * spec.grid[0] * spec.grid[1], seed)
         per_batch = self.batch_size * task.mosaic ** 2
         for b in range(0, len(rows), per_batch):  # one batch of images decoded at a time
-            images = list(self.pool.map(self._decode_one, rows[b:b + per_batch]))
+            decode_one = functools.partial(self._decode_one, groups=RowGroups())
+            images = list(self.pool.map(decode_one, rows[b:b + per_batch]))
             good = [j for j, im in enumerate(images) if not isinstance(im, ImageError)]
             for _, d, s, _ in self._features(task, images, good, _Stages(self.device)):
                 ok = _finite_rows(d, s).cpu().numpy()

@@ -30,6 +30,16 @@ FILE_COLUMNS = {
     "mtime": pa.float64(),  # seconds, local files
     "etag": pa.string(),  # object stores
 }
+#: Optional manifest columns of images inside container files (featcache.sources: webdataset tars,
+#: Parquet image tables), null for loose files; ``size``/``mtime``/``etag`` are then the container's.
+MEMBER_COLUMNS = {
+    "container": pa.string(),  # URI of the tar or Parquet file
+    "member": pa.string(),  # the tar member's name, or the Parquet column that holds the image
+    "member_offset": pa.int64(),  # tar: where the member's data starts in the tar, in bytes
+    "member_length": pa.int64(),  # tar: its length in bytes
+    "row_group": pa.int32(),  # Parquet: the row group
+    "row_in_group": pa.int64(),  # Parquet: the row within the row group
+}
 ERRORS_SCHEMA = pa.schema(
     [
         ("index", pa.int64()),  # null for files that never entered the manifest
@@ -69,7 +79,8 @@ def read_manifest(root: Location) -> pa.Table:
 
 
 def file_column(manifest: pa.Table, name: str) -> list:
-    """The values of the optional column ``name`` (one of :data:`FILE_COLUMNS`), None where absent."""
+    """The values of the optional column ``name`` (one of :data:`FILE_COLUMNS` or :data:`MEMBER_COLUMNS`),
+    None where absent (manifests written before it)."""
     if name not in manifest.column_names:
         return [None] * manifest.num_rows
     return manifest.column(name).to_pylist()
