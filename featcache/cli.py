@@ -71,13 +71,21 @@ def _root(version: Optional[bool] = typer.Option(None, "--version", callback=_ve
 @user_errors
 def index_cmd(
     src: str = typer.Argument(..., help="Folder or glob (local or fsspec URL such as s3://b/p), "
-                                        "or a .parquet/.csv list with a 'uri' column."),
+                                        "or a .parquet/.csv list with a 'uri' column, or webdataset tar "
+                                        "shards or Parquet image tables: a file, a glob or a brace "
+                                        "pattern ('s3://b/shards/{00000..00099}.tar')."),
     out: str = typer.Option(..., "--out", "-o", help="Cache root to write manifest.parquet into."),
-    workers: Optional[int] = typer.Option(None, min=1, help="Threads reading image headers "
+    workers: Optional[int] = typer.Option(None, min=1, help="Threads reading image headers or tars "
                                                             "[default: 1 for local files, 16 for remote]."),
+    image_column: Optional[str] = typer.Option(None, "--image-column", help="Parquet image tables: the column "
+                                               "of images (binary, or struct<bytes, path>) [default: the only "
+                                               "such column]."),
+    image_ext: Optional[list[str]] = typer.Option(None, "--image-ext", help="webdataset tars: the sample "
+                                                  "fields that are images (a sample's first such member is "
+                                                  "its image), e.g. 'jpg,png' [default: every image extension]."),
 ) -> None:
     """Write ROOT/manifest.parquet: one row per image with its size, read from headers only."""
-    result = featcache.index(src, out, workers=workers)
+    result = featcache.index(src, out, workers=workers, image_column=image_column, image_ext=image_ext)
     from featcache.extract.progress import plural
 
     typer.echo(f"indexed {plural(result.images, 'image')} into {result.root} "
@@ -197,6 +205,8 @@ def extract_cmd(
                                                                                         "CPU worker."),
     workers_per_gpu: Optional[int] = typer.Option(None, "--workers-per-gpu", help="Worker actors per GPU [1]."),
     stats: Optional[bool] = typer.Option(None, "--stats/--no-stats", help="Run stats at the end."),
+    recompute: Optional[bool] = typer.Option(None, "--recompute", help="Refit frozen statistics at the end "
+                                                                       "(kept otherwise, e.g. after a grow)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the int8-phis calibration sample and of "
                                                             "the statistics' token sampling [0]."),
     calibration_images: Optional[int] = typer.Option(None, "--calibration-images", help="Images each int8-phis "
@@ -211,7 +221,8 @@ def extract_cmd(
     cfg = job.load(config, source=source, output=out, teachers=teachers, view_policy=view_policy,
                    shard_size=shard_size, batch_size=batch_size, ray_address=ray_address, device=device,
                    cpu_workers=cpu_workers, threads_per_worker=threads_per_worker, workers_per_gpu=workers_per_gpu,
-                   stats=stats, seed=seed, calibration_images=calibration_images, repair=repair)
+                   stats=stats, recompute_stats=recompute, seed=seed, calibration_images=calibration_images,
+                   repair=repair)
     _run_extract(cfg)
 
 

@@ -172,7 +172,7 @@ def _device(config: ExtractConfig, ray) -> str:
 def _announce(plan: Plan, stream) -> None:
     say = lambda text: print(text, file=stream, flush=True)  # noqa: E731
     say(plan.manifest_note)
-    for line in plan.repaired:
+    for line in plan.notes + plan.repaired:
         say(line)
     say(f"views: {', '.join(v.key for v in plan.views)}; {plural(plan.num_shards, 'shard')} of "
         f"{plural(plan.shard_size, 'image')}")
@@ -234,12 +234,13 @@ def _stop_error(stopped: "Stopped", record: str, note: str) -> FeatcacheError:
 
 
 def _stats(config: ExtractConfig, keys: list[str], stream) -> list:
-    """PHI-S and dispersion of the job's fully committed views (frozen ones are kept)."""
+    """PHI-S and dispersion of the job's fully committed views (frozen ones are kept unless ``recompute_stats``)."""
     if not config.stats:
         return []
     from featcache.pipelines import stats
 
-    rows = stats.run(config.output, keys, seed=config.seed, ray_address=config.ray_address, complete_only=True)
+    rows = stats.run(config.output, keys, seed=config.seed, recompute=config.recompute_stats,
+                     ray_address=config.ray_address, complete_only=True)
     print(stats.table(rows), file=stream, flush=True)
     return rows
 

@@ -51,6 +51,7 @@ def run(root: str, views: list[str] | None = None, token_budget: int | None = No
     if unknown:
         raise UsageError(f"no view {unknown[0]!r} in {cache.root.uri}; views: {', '.join(cache.views) or 'none'}")
     rows, todo = [], []
+    length = cache.attrs().get("num_images")  # not the manifest: reporting kept statistics stays cheap
     for key in keys:  # kept statistics are reported without listing the view's commits
         view = cache.view(key)
         if view.spec.codec == "int8-phis":  # its codes are stored in the PHI-S space of these statistics
@@ -58,7 +59,7 @@ def run(root: str, views: list[str] | None = None, token_budget: int | None = No
         elif view.stats and view.stats.get("frozen") and not recompute:
             s = view.stats
             rows.append(StatsRow(key, view.spec.channels, s["tokens"], s["alpha"], s["dispersion"],
-                                 "frozen (--recompute to overwrite)"))
+                                 _frozen_note(s, length)))
         elif not (committed := len(view.committed_shards())) or (complete_only and committed < view.num_shards):
             rows.append(StatsRow(key, view.spec.channels, None, None, None,
                                  f"not computed: {committed} of {view.num_shards} shards committed"))
@@ -72,6 +73,14 @@ def run(root: str, views: list[str] | None = None, token_budget: int | None = No
         cache.consolidate()  # the new statistics' arrays and attrs, for xarray
     order = {k: i for i, k in enumerate(keys)}
     return sorted(rows, key=lambda r: order[r.key])
+
+
+def _frozen_note(stats: dict, length: int | None) -> str:
+    """The note of kept statistics; it says when they were fitted before the cache grew to ``length`` rows."""
+    fitted = stats.get("rows")
+    if fitted is not None and length is not None and fitted < length:
+        return f"frozen: fitted on the first {fitted} of now {length} images (--recompute to refit)"
+    return "frozen (--recompute to overwrite)"
 
 
 def _calibrated(view) -> StatsRow:

@@ -82,6 +82,7 @@ class ExtractConfig:
     max_retries: int = 3  # attempts after the first, per shard
     max_pixels: int = DEFAULT_MAX_PIXELS
     stats: bool = True  # PHI-S and dispersion of each fully committed view at the end
+    recompute_stats: bool = False  # refit frozen statistics too (e.g. after the cache grew); int8-phis ones stay
     seed: int = 0  # the int8-phis calibration sample and the statistics' token sampling
     calibration_images: int = 256  # images an int8-phis view's PHI-S and scale are fitted on
     progress_interval: float = 10.0  # seconds between log lines when stderr is not a terminal

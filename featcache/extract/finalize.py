@@ -68,6 +68,34 @@ def update_errors(cache: Cache, views: list[str], committed: dict[str, dict] | N
     return blocks
 
 
+def replace_index_rows(cache: Cache, rows: list[dict]) -> None:
+    """Put the index-stage ``rows`` of a new index of the source (a cache that grows) in place of the
+    errors table's, first, as a fresh index leaves them. The record of the markers the other rows came
+    from stays valid (only its digest of the rows changes), so the job's end still reads only new markers."""
+    old = tables.read_errors(cache.root)
+    before = old.to_pylist()
+    new = tables.errors_table([r for r in rows if r["stage"] == "index"]).to_pylist() + \
+        [r for r in before if r["stage"] != "index"]
+    if new == before:
+        return
+    table = tables.errors_table(new)
+    record = _coverage_record(old)
+    if record is not None and record.get("rows") == _rows_digest(before):  # else the job's end reads every marker
+        record["rows"] = _rows_digest(new)
+        table = table.replace_schema_metadata({COVERAGE_KEY: json.dumps(record, sort_keys=True).encode()})
+    tables.write_table(cache.root.join(tables.ERRORS), table)
+
+
+def _coverage_record(table: pa.Table) -> dict | None:
+    """The errors table's record of its markers as stored (None when it has none, or not one this code wrote)."""
+    raw = (table.schema.metadata or {}).get(COVERAGE_KEY)
+    try:
+        record = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def job_errors(plan: Plan) -> list[dict]:
     """:func:`update_errors` at the end of the job ``plan`` (from every marker when ``--repair`` found
     the table disagreeing with the commits); returns the rows of the job's views."""

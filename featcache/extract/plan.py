@@ -1,7 +1,8 @@
 """What an extract job will do, decided on the driver before any worker starts.
 
 ``prepare`` makes sure the output root has a manifest (indexing the source, reusing the output's
-own manifest, or copying an existing cache's), describes every teacher from its config alone
+own manifest, or copying an existing cache's; a source that lists the cache's images and more after
+them grows the cache to its length), describes every teacher from its config alone
 (meta device: no weights loaded on the driver), creates every view at its final shape, and lists
 the work: per shard, the views not yet committed. Each view's commits are listed once, with the
 version of each marker (what the job's end compares to read only the markers that changed); no
@@ -13,13 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from dataclasses import dataclass, field
+
+import pyarrow as pa
 
 from featcache.errors import SourceNotFoundError, UsageError
 from featcache.extract.config import DEFAULT_SHARD_SIZE, ExtractConfig, TeacherConfig
-from featcache.fsio import check_reachable, locate
+from featcache.fsio import Location, check_reachable, locate
+from featcache.sources.patterns import has_braces
 from featcache.store import commits, tables
-from featcache.store.cache import Cache
+from featcache.store.cache import FEATURES, Cache
 from featcache.store.spec import ViewSpec
 from featcache.store.verify import verify
 from featcache.teachers import TeacherSpec, describe_teacher
@@ -61,6 +66,7 @@ class Plan:
     repaired: list[str] = field(default_factory=list)  # what --repair found and did, one line each
     committed: dict[str, dict[int, str | None]] = field(default_factory=dict)  # view -> {shard: marker version}
     errors_table_wrong: bool = False  # --repair found errors.parquet disagreeing with the commits
+    notes: list[str] = field(default_factory=list)  # what growing the cache did, one line each
 
     @property
     def done_shards(self) -> int:
@@ -74,6 +80,7 @@ def prepare(config: ExtractConfig) -> Plan:
     specs = [describe_teacher(t.family, t.source, t.revision, name=t.name) for t in config.teachers]
     note = ensure_manifest(config)  # after the teachers: a bad teacher fails before any indexing
     cache = Cache.open(config.output)
+    grown = cache.grow_views()  # after a grow (or one interrupted): every view's arrays at the new length
     shard_size = config.shard_size or cache.shard_size or DEFAULT_SHARD_SIZE
     views: list[ViewTask] = []
     for i, (t, spec) in enumerate(zip(config.teachers, specs)):
@@ -88,7 +95,20 @@ def prepare(config: ExtractConfig) -> Plan:
     num_shards = -(-cache.num_images // shard_size)
     committed = {k: commits.list_commits(cache.root, k) for k in keys}  # one listing per view, no marker read
     return Plan(config, cache, specs, views, num_shards, shard_size, todo_of(committed, keys, num_shards), note,
-                repaired, committed, errors_wrong)
+                repaired, committed, errors_wrong, _growth_notes(grown, keys, cache.num_images))
+
+
+def _growth_notes(grown: list[str], keys: list[str], rows: int) -> list[str]:
+    """What growing the views' arrays means for this job and for the views it does not write."""
+    if not grown:
+        return []
+    lines = [f"grew the arrays of {', '.join(grown)} to {rows} rows: the new rows are extracted, and a last "
+             "shard that was partial is recomputed whole"]
+    others = [k for k in grown if k not in keys]
+    if others:
+        lines.append("not in this job, so their new rows stay uncommitted until their teachers run: "
+                     + ", ".join(others))
+    return lines
 
 
 def todo_of(committed: dict[str, dict], keys: list[str], num_shards: int) -> dict[int, list[str]]:
@@ -178,7 +198,8 @@ def check_inputs(config: ExtractConfig) -> None:
             raise UsageError(_no_source(config.output))
         return
     check_reachable(config.source)
-    if not any(c in config.source for c in "*?[") and not locate(config.source).exists():
+    pattern = any(c in config.source for c in "*?[") or has_braces(config.source)  # index says what it matches
+    if not pattern and not locate(config.source).exists():
         raise SourceNotFoundError(f"no such source: {config.source}")
 
 
@@ -187,23 +208,26 @@ def _no_source(output: str) -> str:
 
 
 def ensure_manifest(config: ExtractConfig) -> str:
-    """Give the output root a manifest; returns a line saying where it came from."""
+    """Give the output root a manifest; returns a line saying where it came from.
+
+    When the output already holds one, a source is listed (no header read) and indexed again only when
+    it lists other images: a manifest that extends the cache's (its rows first and unchanged) grows the
+    cache (:func:`adopt`); any other is refused, naming the first row that differs."""
     out = locate(config.output)
+    held = out.join(tables.MANIFEST).exists()
     if config.source:
         src = locate(config.source)
         if src.join(tables.MANIFEST).exists() and not _is_manifest_file(config.source):
             if src.uri.rstrip("/") == out.uri.rstrip("/"):
                 return f"using the manifest of {out.uri}"
-            manifest = tables.read_manifest(src)
-            if out.join(tables.MANIFEST).exists():
-                old = tables.read_manifest(out)
-                if not old.select(["image_id", "uri"]).equals(manifest.select(["image_id", "uri"])):
-                    raise UsageError(f"{out.uri} already holds another image list than the cache {src.uri}")
-                return f"using the manifest of {out.uri} (same images as {src.uri})"
-            tables.write_table(out.join(tables.MANIFEST), manifest)
-            return f"copied the manifest of {src.uri} ({manifest.num_rows} images)"
-    if out.join(tables.MANIFEST).exists():
-        return f"using the existing manifest of {out.uri} (delete it to re-index)"
+            return adopt(out, tables.read_manifest(src), f"the cache {src.uri}")
+        if held and not _lists_other_images(config.source, out):
+            return f"using the existing manifest of {out.uri} ({config.source} lists the same images)"
+        if held or out.join(FEATURES).exists():
+            manifest, index_rows = _index_elsewhere(config.source)
+            return adopt(out, manifest, config.source, index_rows)
+    if held:
+        return f"using the existing manifest of {out.uri}"
     if not config.source:
         raise UsageError(_no_source(config.output))
     from featcache.manifest import index
@@ -211,6 +235,69 @@ def ensure_manifest(config: ExtractConfig) -> str:
     result = index(config.source, config.output)
     return (f"indexed {result.images} images from {config.source}"
             + (f" ({len(result.failed)} files could not be read: errors.parquet)" if result.failed else ""))
+
+
+def adopt(out: Location, manifest: pa.Table, source: str, index_rows: list[dict] | None = None) -> str:
+    """Make ``manifest`` (what ``source`` yields; ``index_rows``: its index's error rows) the output's:
+    kept when the same, restored when the output lost it, grown into when it extends the cache's rows,
+    refused otherwise (before any features were written it simply replaces the output's).
+
+    A grow records the new rows' fingerprint first (:meth:`Cache.grow`), then the index's error rows,
+    then the manifest; ``prepare`` then grows the arrays. A rerun repeats each step, finding the source
+    extending the recorded rows or equal to them, so an interrupted grow completes."""
+    from featcache.extract.finalize import replace_index_rows
+
+    cache = Cache(out)
+    written = cache.attrs().get("num_images")
+    kind, detail = cache.manifest_relation(manifest)
+    if written is None and kind != "same":
+        kind = "new"  # no features yet: nothing was written against the output's manifest
+    if kind == "differs":
+        raise UsageError(f"{out.uri} holds features of other images than {source} lists: {detail}; a cache "
+                         "grows only by rows after its own (index into a new root for another list)")
+    keep = kind == "same" and out.join(tables.MANIFEST).exists() and cache.manifest_difference() is None
+    if kind == "extends":
+        cache.grow(manifest)
+    if index_rows is not None:
+        replace_index_rows(cache, index_rows)
+    if not keep:
+        tables.write_table(out.join(tables.MANIFEST), manifest)  # last: the commit point of a grow
+    n = manifest.num_rows
+    if keep:
+        return f"using the manifest of {out.uri} (same images as {source})"
+    if kind == "extends":
+        return f"grew {out.uri} from {written} to {n} images ({source} lists {n - written} more)"
+    if kind == "same":
+        return f"restored the manifest of {out.uri} from {source} (the images its features were written for)"
+    return f"{'copied the manifest of' if index_rows is None else 'indexed'} {source} ({n} images)"
+
+
+def _lists_other_images(source: str, out: Location) -> bool:
+    """Whether listing ``source`` (names only: a rerun of a large cache reads no header) finds other
+    images, or another order, than the output's manifest holds (files the index refused left out).
+    True for a source that is not a list of image files (e.g. images inside containers): only indexing
+    it tells, and indexing reports a source that cannot be used."""
+    from featcache.manifest import list_source
+
+    try:
+        entries, _ = list_source(source)
+    except (UsageError, SourceNotFoundError):
+        return True
+    refused = {r["uri"] for r in tables.read_errors(out).to_pylist() if r["stage"] == "index"}
+    manifest = tables.read_manifest(out)
+    held = list(zip(manifest.column("image_id").to_pylist(), manifest.column("uri").to_pylist()))
+    return [(e.image_id, e.loc.uri) for e in entries if e.loc.uri not in refused] != held
+
+
+def _index_elsewhere(source: str) -> tuple[pa.Table, list[dict]]:
+    """Index ``source`` into a temporary folder: its manifest and its index-stage error rows (``index``
+    itself refuses to replace a cache's manifest with any other, an extension too)."""
+    from featcache.manifest import index
+
+    with tempfile.TemporaryDirectory(prefix="featcache-index-") as folder:
+        index(source, folder)
+        root = locate(folder)
+        return tables.read_manifest(root), tables.read_errors(root).to_pylist()
 
 
 def _is_manifest_file(uri: str) -> bool:

@@ -216,7 +216,7 @@ def write(view, merged: Partial, angle_total: float, angle_count: int, direction
     complete = shards == view.num_shards
     summary = stats_summary(phis, merged.dense, dispersion, merged.summary_count, seed, token_budget=token_budget,
                             sample_fraction=fraction, frozen=complete, shards=[shards, view.num_shards],
-                            source="cache")
+                            source="cache", rows=view.num_images)  # rows: the cache's length (it may grow)
     store(view, stats_arrays(phis, merged.dense, direction, seed), summary)
     return ViewStats(view.key, view.spec.channels, merged.dense.count, phis.alpha, dispersion,
                      phis.hadamard.describe(), complete, shards)

@@ -27,7 +27,7 @@ from featcache.store import commits, fingerprint, shardwriter, tables
 from featcache.store.spec import FORMAT_VERSION, ViewSpec, check_view_key
 from featcache.store.zarrio import (ARRAYS, ChecksumStore, array_layouts, as_dtype, open_root, shard_object_keys,
                                     write_small_array, zarr_store)
-from featcache.store.zarrio import consolidate, write_image_ids
+from featcache.store.zarrio import consolidate, replace_image_ids, resize_rows, write_image_ids
 
 FEATURES = "features.zarr"
 IMAGE_ID = "image_id"  # the manifest column each view stores as its xarray coordinate
@@ -150,22 +150,59 @@ class Cache:
 
     def manifest_difference(self, manifest: pa.Table | None = None) -> str | None:
         """How ``manifest`` (the cache's own by default) differs from the rows the cache was written
-        for, naming the first row that differs; None when it is the same (or nothing was recorded)."""
+        for, naming the first row that differs; None when it is the same (or nothing was recorded).
+        An extension differs too: only ``extract`` grows a cache (:meth:`grow`)."""
+        kind, detail = self.manifest_relation(manifest)
+        return detail if kind in ("extends", "differs") else None
+
+    def manifest_relation(self, manifest: pa.Table | None = None) -> tuple[str, str | None]:
+        """How ``manifest`` (the cache's own by default) stands to the rows the cache was written for:
+        ``same``, ``extends`` or ``differs`` with a line naming the first row that differs
+        (:func:`fingerprint.relation`). Before any fingerprint was recorded (no features yet, or a cache
+        written before fingerprints) the cache's own manifest stands for those rows; ``new`` when there
+        is none either."""
         recorded = self.attrs().get("manifest")
-        if recorded is None:  # no features yet, or a cache written before fingerprints
-            return None
+        if recorded is None and not self.root.join(tables.MANIFEST).exists():
+            return "new", None
+        if recorded is None:
+            own = self.row_hashes
+            recorded, stored = fingerprint.record(own), lambda: own
+        else:
+            stored = self._recorded_hashes
         hashes = self.row_hashes if manifest is None else fingerprint.row_hashes(manifest)
-        manifest = self.manifest if manifest is None else manifest
-        if fingerprint.digest(hashes) == recorded["sha256"]:
-            return None
+        return fingerprint.relation(self.manifest if manifest is None else manifest, hashes, recorded, stored)
+
+    def _recorded_hashes(self) -> np.ndarray:
+        """The row hashes the cache recorded (``_manifest``); empty when they are gone, or unreadable (a
+        grow killed while rewriting them: the root attrs, written after, still name the old rows)."""
         try:
-            stored = np.asarray(open_root(self.features)[fingerprint.ARRAY][:])
-        except (KeyError, FileNotFoundError):
-            stored = np.zeros(0, dtype="<u8")
-        if len(stored) == recorded["rows"]:
-            return fingerprint.first_difference(manifest, stored, hashes)
-        # the row hashes are gone too: only the counts can be compared
-        return f"{manifest.num_rows} rows against {recorded['rows']} when the cache was created"
+            return np.asarray(open_root(self.features)[fingerprint.ARRAY][:])
+        except (KeyError, FileNotFoundError, ValueError):
+            return np.zeros(0, dtype="<u8")
+
+    def grow(self, manifest: pa.Table) -> None:
+        """Record ``manifest``, an extension of the cache's rows, as the rows the cache is written for
+        (driver only): each view's last shard, when partial, is uncommitted (it is recomputed whole),
+        then the row hashes are written, then the root attrs (fingerprint and ``num_images``). The caller
+        writes ``manifest.parquet`` afterwards, and :meth:`grow_views` brings the arrays to the new length:
+        a grow interrupted anywhere is completed by running it again (the source still extends the
+        recorded rows, or now equals them)."""
+        attrs = self.attrs()
+        if not attrs:  # no features yet: nothing records the rows
+            return
+        for view in self.views.values():  # first: until its arrays grow, no job may read it as committed
+            view.uncommit_partial_last(attrs["num_images"])
+        self._write_fingerprint(fingerprint.row_hashes(manifest), grow=True)
+
+    def grow_views(self) -> list[str]:
+        """Bring every view's arrays to the manifest's length after the cache grew (driver only,
+        idempotent); returns the keys of the views it grew."""
+        attrs = self.attrs()
+        if not attrs:
+            return []
+        self.check_manifest()
+        _check_root_attrs(attrs, self.num_images, None)
+        return [key for key, view in self.views.items() if view.grow(self.num_images)]
 
     def create_view(self, spec: ViewSpec, shard_size: int | None = None) -> "View":
         """Create every array of a view at its final shape (driver only; idempotent for the same spec).
@@ -247,7 +284,7 @@ class Cache:
         """Write ``features.zarr/zarr.json`` unless another process did first, then the row hashes."""
         hashes = self.row_hashes
         attrs = {"format": FORMAT_VERSION, "num_images": self.num_images, "shard_size": shard_size,
-                 "manifest": {"sha256": fingerprint.digest(hashes), "rows": len(hashes)},
+                 "manifest": fingerprint.record(hashes),
                  "created_with": versions()}
         meta = {"attributes": {attrs_json.KEY: attrs_json.encode(attrs)}, "zarr_format": 3, "node_type": "group"}
         self.features.join("zarr.json").write_bytes_if_absent(json.dumps(meta, indent=2).encode())
@@ -255,11 +292,17 @@ class Cache:
 
     def record_manifest(self) -> None:
         """Record the fingerprint of the current manifest in a cache created before fingerprints (driver only)."""
-        hashes = self.row_hashes
+        self._write_fingerprint(self.row_hashes)
+
+    def _write_fingerprint(self, hashes: np.ndarray, grow: bool = False) -> None:
+        """The row hashes first, then the root attrs that name their digest (with ``num_images`` when the
+        cache grows): until the attrs are written the cache is the one it was."""
         write_small_array(self.features, fingerprint.ARRAY, hashes, ("image",))
         root = open_root(self.features, mode="a")
         attrs = attrs_json.read(root.attrs)
-        attrs["manifest"] = {"sha256": fingerprint.digest(hashes), "rows": len(hashes)}
+        if grow:
+            attrs["num_images"] = len(hashes)
+        attrs["manifest"] = fingerprint.record(hashes)
         attrs_json.write(root, attrs)
 
     def _existing_view(self, root: zarr.Group, spec: ViewSpec) -> "View":
@@ -327,6 +370,33 @@ class View:
         if not 0 <= shard < self.num_shards:
             raise UsageError(f"shard {shard} is out of range: {self.key} has {self.num_shards} shards")
         return shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_images)
+
+    def grow(self, rows: int) -> bool:
+        """Grow the view's arrays to ``rows`` after the cache grew (driver only); False when none is shorter.
+
+        A last shard that was partial is uncommitted first, so that it is recomputed whole (its rows
+        now continue into new ones); then each array's shape is set, then the image ids rewritten.
+        Rerun after an interruption anywhere, it finishes the same way (the shortest array still says
+        where the cache ended)."""
+        arrays = self._arrays
+        old = min(a.shape[0] for a in arrays.values())
+        ids = self.group.get(IMAGE_ID)  # absent in caches from before image ids: consolidate() writes it
+        if old >= rows and (ids is None or ids.shape[0] >= rows):
+            return False
+        if old < rows:
+            self.uncommit_partial_last(old)
+        for name, array in arrays.items():
+            if array.shape[0] < rows:
+                resize_rows(self.loc.join(name), rows)
+        if ids is not None:
+            replace_image_ids(self.loc, self.cache.image_ids())
+        return True
+
+    def uncommit_partial_last(self, rows: int) -> None:
+        """Withdraw the last shard of a view of ``rows`` rows when it is partial: once the cache grows,
+        its rows continue into new ones, and it is recomputed whole."""
+        if rows % self.shard_size:
+            commits.remove_commit(self.cache.root, self.key, rows // self.shard_size)
 
     def committed_shards(self) -> set[int]:
         return commits.committed_shards(self.cache.root, self.key)

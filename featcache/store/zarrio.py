@@ -7,6 +7,7 @@ are plain chunks of S rows. Every chunk carries a crc32c, and so does every shar
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -115,6 +116,12 @@ def consolidate(loc: Location) -> None:
 _ID_ROWS_PER_CHUNK = 1 << 20
 
 
+def _image_id_layout(rows: int) -> dict:
+    """``create_array`` arguments of a view's ``image_id`` array of ``rows`` rows."""
+    chunk = max(1, min(rows, _ID_ROWS_PER_CHUNK))
+    return dict(shape=(rows,), dtype=str, chunks=(chunk,), dimension_names=("image",), compressors=[Crc32cCodec()])
+
+
 def write_image_ids(group: zarr.Group, image_ids: np.ndarray) -> None:
     """Write ``image_id`` (variable-length UTF-8, dimension ``image``) into a view group (driver only).
 
@@ -122,13 +129,26 @@ def write_image_ids(group: zarr.Group, image_ids: np.ndarray) -> None:
     Chunks of up to 2**20 rows: creating a view of ImageNet-1k writes two objects, not one per shard.
     Idempotent: a process creating the same view at the same time writes the same values.
     """
-    rows = max(1, min(len(image_ids), _ID_ROWS_PER_CHUNK))
     try:
-        arr = group.create_array("image_id", shape=image_ids.shape, dtype=str, chunks=(rows,),
-                                 dimension_names=("image",), compressors=[Crc32cCodec()])
+        arr = group.create_array("image_id", **_image_id_layout(len(image_ids)))
     except ContainsArrayError:
         arr = group["image_id"]
     arr[...] = image_ids
+
+
+def replace_image_ids(view: Location, image_ids: np.ndarray) -> None:
+    """Rewrite a view's ``image_id`` array for a cache that grew (driver only): the same objects a view
+    created at this length holds (its chunking follows the length), its metadata written last."""
+    _write_via_memory(view, "image_id", image_ids, _image_id_layout(len(image_ids)))
+
+
+def resize_rows(array: Location, rows: int) -> None:
+    """Set the first dimension of the array at ``array`` to ``rows`` in its ``zarr.json`` (one atomic
+    write; no chunk is touched), formatted as zarr writes it."""
+    meta_loc = array.join("zarr.json")
+    meta = json.loads(meta_loc.read_bytes())
+    meta["shape"][0] = rows
+    meta_loc.write_bytes_atomic(json.dumps(meta, allow_nan=True, indent=zarr.config.get("json_indent")).encode())
 
 
 def as_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -145,10 +165,17 @@ def write_small_array(parent: Location, name: str, values: np.ndarray, dimension
     Writers racing with the same values leave a complete array whatever the interleaving (zarr's
     own ``create_array(overwrite=True)`` deletes the folder first and could remove a racer's chunk).
     """
+    _write_via_memory(parent, name, values, dict(shape=values.shape, dtype=values.dtype, chunks=values.shape,
+                                                 fill_value=0, dimension_names=dimension_names,
+                                                 compressors=[Crc32cCodec()]))
+
+
+def _write_via_memory(parent: Location, name: str, values: np.ndarray, layout: dict) -> None:
+    """Encode the array ``name`` in memory, then write its objects under ``parent`` one by one, each
+    replaced atomically, its ``zarr.json`` last (until then the old metadata describes the array)."""
     memory = MemoryStore()
-    arr = zarr.create_array(memory, name=name, shape=values.shape, dtype=values.dtype, chunks=values.shape,
-                            fill_value=0, dimension_names=dimension_names, compressors=[Crc32cCodec()])
+    arr = zarr.create_array(memory, name=name, **layout)
     arr[...] = values
-    for key, buf in memory._store_dict.items():
-        if key.startswith(name + "/"):  # not the implicit root group zarr made in memory
-            parent.join(*key.split("/")).write_bytes_atomic(buf.to_bytes())
+    objects = [(k, buf) for k, buf in memory._store_dict.items() if k.startswith(name + "/")]  # not the implicit root
+    for key, buf in sorted(objects, key=lambda kv: kv[0].endswith("zarr.json")):
+        parent.join(*key.split("/")).write_bytes_atomic(buf.to_bytes())
