@@ -132,17 +132,17 @@ def measure_job(config: ExtractConfig, manifest, hw: roofline.Hardware | None = 
 
     from featcache.decode import decode
     from featcache.errors import ImageError, UsageError
-    from featcache.fsio import locate
+    from featcache.sources.read import ImageReader
     from featcache.teachers import create_teacher
     from featcache.teachers.views import make_views
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hw = hw or roofline.measure(device, seconds)
-    uris, n = manifest.column("uri").to_pylist(), manifest.num_rows
+    uris, n, source = manifest.column("uri").to_pylist(), manifest.num_rows, ImageReader(manifest)
     images, t0 = [], time.perf_counter()
     for i in sorted({round(j * (n - 1) / max(1, sample - 1)) for j in range(min(sample, n))}):
         try:
-            images.append(decode(locate(uris[i]).read_bytes(), uris[i], config.max_pixels))
+            images.append(decode(source.read(i), uris[i], config.max_pixels))
         except (ImageError, OSError):
             continue
     if not images:

@@ -19,7 +19,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from featcache.decode import decode
 from featcache.errors import UsageError
-from featcache.fsio import locate
 
 HEIGHT = 256  # pixels of each panel
 LABEL = 18
@@ -138,8 +137,10 @@ def colorbar(vmax: float, name: str, clipped: bool) -> Image.Image:
 
 
 def _image_panel(cache, row: int) -> Image.Image:
+    from featcache.sources.read import ImageReader
+
     uri = cache.manifest.column("uri")[row].as_py()
-    pixels = decode(locate(uri).read_bytes(), uri).permute(1, 2, 0).numpy()
+    pixels = decode(ImageReader(cache.manifest).read(row), uri).permute(1, 2, 0).numpy()  # files, tar members, rows
     h, w = pixels.shape[:2]
     width = max(1, round(HEIGHT * w / h))
     return panel(np.asarray(Image.fromarray(pixels).resize((width, HEIGHT), Image.BILINEAR)), "image", width)

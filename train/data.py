@@ -22,7 +22,7 @@ from PIL import Image
 
 from featcache.decode import decode_rgb
 from featcache.errors import UsageError
-from featcache.fsio import locate
+from featcache.sources.read import ImageReader
 from featcache.store.cache import Cache
 
 #: The student's input normalization (ImageNet statistics); :func:`normalize` applies it.
@@ -138,6 +138,7 @@ class CacheReader:
         self.uris = cache.manifest.column("uri").to_pylist()
         self.sizes = np.stack([cache.manifest.column(c).to_numpy() for c in ("width", "height")], axis=1)
         self._ids: dict[str, int] | None = None
+        self._images: ImageReader | None = None
         self._pid: int | None = None
         self._readers: dict = {}
 
@@ -146,8 +147,15 @@ class CacheReader:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_readers"], state["_pid"], state["_ids"] = {}, None, None
+        state["_readers"], state["_pid"], state["_ids"], state["_images"] = {}, None, None, None
         return state
+
+    def image_bytes(self, row: int) -> bytes:
+        """The encoded source image of ``row``, wherever it lies (a file, a tar member, a Parquet
+        row: a Parquet row reads its row group each time), as indexed."""
+        if self._images is None:
+            self._images = ImageReader(Cache.open(self.root).manifest)
+        return self._images.read(row)
 
     def row_of(self, image_id: str) -> int:
         if self._ids is None:
@@ -227,7 +235,7 @@ class CacheDataset(torch.utils.data.Dataset):
         """Image ``row`` (its file's bytes, unless given) decoded, at 1/s of its size for a JPEG when
         ``reduce`` allows, and its ``s``."""
         uri = self.views.uris[row]
-        return decode_rgb(locate(uri).read_bytes() if data is None else data, uri, self.max_pixels, reduce)
+        return decode_rgb(self.views.image_bytes(row) if data is None else data, uri, self.max_pixels, reduce)
 
     def __getitem__(self, item: Item) -> dict:
         return self._sample(item, self._plan(item))
@@ -239,7 +247,7 @@ class CacheDataset(torch.utils.data.Dataset):
         images are decoded and cropped and the windows copied out; the windows are read straight
         into the batch's padded buffers, sample by sample, in the order the disk delivers them."""
         plans = [self._plan(item) for item in items]
-        files = [locate(self.views.uris[item.row]).read_bytes() for item in items]
+        files = [self.views.image_bytes(item.row) for item in items]
         self._prefetch(items, plans)
         if self.lookahead is not None and items and items[0].seed:  # the next step's, queued behind these
             following = self.lookahead.batch(items[0].seed[1] + 1)

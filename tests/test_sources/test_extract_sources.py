@@ -3,6 +3,7 @@ every stored array equals, byte for byte, the extraction of the same images as l
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import uuid
 
@@ -40,9 +41,11 @@ def _config(out, dinov3: str):
                       "teachers": [{"family": "dinov3", "source": dinov3, "codec": "f32"}]})
 
 
-def _index_and_extract(src: str, out, dinov3: str):
-    featcache.index(src, str(out))
-    return run(_config(out, dinov3), stream=io.StringIO())
+def _index_and_extract(src: str, out, dinov3: str, direct: bool = False):
+    """Index ``src`` into ``out`` and extract it; ``direct``: give ``src`` to extract, which indexes it."""
+    if not direct:
+        featcache.index(src, str(out))
+    return run(dataclasses.replace(_config(out, dinov3), source=src if direct else None), stream=io.StringIO())
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +80,14 @@ def _assert_same_as_loose(out, result, want):
     assert all(DECODE_FAILS[GOOD[i]] in reason for i, reason in decoded)
 
 
+def _training_reads_the_same_bytes(out):
+    """The trainer's reader gets each row's encoded image from wherever it lies (tar member, Parquet row)."""
+    from featcache.train.data import CacheReader
+
+    reader, data = CacheReader(str(out), [KEY]), {(s, k): d for s in SHARDS for k, _, d in MEMBERS[s]}
+    assert [reader.image_bytes(i) for i in range(len(GOOD))] == [data[sample] for sample in GOOD]
+
+
 def _tar_checks(out, container_of):
     """The tar job's manifest and errors: ids, labels, member URIs naming the shard and the member."""
     manifest = featcache.open_cache(str(out)).manifest.to_pylist()
@@ -95,15 +106,17 @@ def _tar_checks(out, container_of):
 
 def test_tar_shards_extract_the_same_arrays_as_loose_files(runtime, loose, layouts, dinov3, tmp_path):
     out = tmp_path / "cache"
-    result = _index_and_extract(f"{layouts.tars}/{{{SHARDS[0]}..{SHARDS[1]}}}.tar", out, dinov3)
+    result = _index_and_extract(f"{layouts.tars}/{{{SHARDS[0]}..{SHARDS[1]}}}.tar", out, dinov3, direct=True)
     _assert_same_as_loose(out, result, loose)
     _tar_checks(out, lambda shard: str(layouts.tars / f"{shard}.tar"))
+    _training_reads_the_same_bytes(out)
 
 
 def test_parquet_table_extracts_the_same_arrays_as_loose_files(runtime, loose, layouts, dinov3, tmp_path):
     out = tmp_path / "cache"
     result = _index_and_extract(str(layouts.table), out, dinov3)
     _assert_same_as_loose(out, result, loose)
+    _training_reads_the_same_bytes(out)
     manifest = featcache.open_cache(str(out)).manifest
     assert manifest.column("label").to_pylist() == [labels()[sk] for sk in GOOD]
     everything = [(s, k) for s in SHARDS for k, _, _ in MEMBERS[s]]
