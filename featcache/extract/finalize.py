@@ -228,10 +228,14 @@ def failed_images(cache: Cache, extract_rows: list[dict]) -> tuple[int, list[str
 
 
 def write_run_record(cache: Cache, record: dict) -> str:
-    """``runs/<UTC time>-<pid>.json``: config, versions, timings; never credentials. Storage that
-    refuses it (full, read-only) raises a StorageError naming the file, and no temporary file is left."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    loc = cache.root.join("runs", f"{stamp}-{os.getpid()}.json")
+    """``runs/<UTC time>-<pid>.json`` (``-2``, ``-3``... for later jobs of the process in the same
+    second): config, versions, timings; never credentials. Storage that refuses it (full, read-only)
+    raises a StorageError naming the file, and no temporary file is left."""
+    stamp = f'{time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())}-{os.getpid()}'
+    loc, n = cache.root.join("runs", f"{stamp}.json"), 1
+    while loc.exists():
+        n += 1
+        loc = cache.root.join("runs", f"{stamp}-{n}.json")
     body = {"job": "extract", "time": time.time(), "versions": versions(), **record}
     loc.write_bytes_atomic(json.dumps(body, indent=1, sort_keys=True, default=str).encode())
     return loc.uri

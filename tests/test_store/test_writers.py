@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -111,3 +112,17 @@ def test_writer_killed_mid_shard_leaves_no_commit(tmp_path, moment, rewrite):
     report = featcache.verify(root)
     assert report.ok and report.shards_checked == 2 and not report.notes
     np.testing.assert_array_equal(view.reader().read(5).dense, shard_data(view, 1, seed=7)["dense"][1])
+
+
+def test_two_run_records_in_the_same_second_keep_both(tmp_path):
+    """Two jobs of one process that end within a second wrote the same runs/<second>-<pid>.json: the
+    second record replaced the first."""
+    from featcache.extract.finalize import write_run_record
+    from tests.support.caches import write_manifest
+
+    write_manifest(str(tmp_path / "c"), 4)
+    cache = Cache.open(str(tmp_path / "c"))
+    uris = [write_run_record(cache, {"exit_code": n}) for n in range(3)]
+    assert len(set(uris)) == 3
+    records = sorted(json.loads(p.read_text())["exit_code"] for p in (tmp_path / "c" / "runs").glob("*.json"))
+    assert records == [0, 1, 2]
