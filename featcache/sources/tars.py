@@ -181,7 +181,22 @@ def _type_labels(found: list[Found]) -> None:
                 f.extra[LABEL] = int(f.extra[LABEL])
 
 
-class _Window:
+class _File:
+    """What the readers below share of a read-only, seekable file object (``pos``: the position)."""
+
+    pos = 0
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+
+class _Window(_File):
     """A read-only, seekable file over ``loc`` that fetches a window at a time by ranged reads and
     keeps the last one: ``window`` bytes after a skip, twice the last window (up to ``MAX_WINDOW``) when
     a fetch follows on from it. Every fetch must come from the same version of the file (its stamp).
@@ -229,17 +244,8 @@ class _Window:
         self.pos = base + pos
         return self.pos
 
-    def tell(self) -> int:
-        return self.pos
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-
-class _Slice:
+class _Slice(_File):
     """A member's data as a file of its own (what an image header parser reads)."""
 
     def __init__(self, reader: _Window, offset: int, length: int):
@@ -256,12 +262,3 @@ class _Slice:
     def seek(self, pos: int, whence: int = 0) -> int:
         self.pos = {0: 0, 1: self.pos, 2: self.length}[whence] + pos
         return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
