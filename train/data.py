@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -224,6 +225,7 @@ class CacheDataset(torch.utils.data.Dataset):
         keys = sorted({k for views in teachers.values() for k in views.values()})
         self.views = CacheReader(root, keys, space)
         self.lookahead: BatchPlan | None = None  # the run's batches: a batch also asks for the next one's windows
+        self._pool: tuple[int, ThreadPoolExecutor] | None = None
 
     def __len__(self) -> int:
         return len(self.views)
@@ -240,30 +242,47 @@ class CacheDataset(torch.utils.data.Dataset):
     def __getitem__(self, item: Item) -> dict:
         return self._sample(item, self._plan(item))
 
-    def __getitems__(self, items: list[Item]) -> list[dict]:
-        """A batch (the DataLoader's fetch): the images' files are read first (small reads that
-        would otherwise queue behind the windows), then every sample's windows are asked of the
-        kernel (and, with :attr:`lookahead`, the next step's), so that the disk reads them while the
-        images are decoded and cropped and the windows copied out; the windows are read straight
-        into the batch's padded buffers, sample by sample, in the order the disk delivers them."""
+    def __getitems__(self, items: list[Item]) -> dict:
+        """A batch (the DataLoader's fetch), assembled here: the images' files are read first (small
+        reads that would otherwise queue behind the windows), every sample's windows are asked of the
+        kernel (and, with :attr:`lookahead`, the next step's), then a thread reads them straight into
+        the batch's padded buffers, sample by sample as the disk delivers them, while this one
+        decodes and resizes the images."""
         plans = [self._plan(item) for item in items]
         files = [self.views.image_bytes(item.row) for item in items]
         self._prefetch(items, plans)
         if self.lookahead is not None and items and items[0].seed:  # the next step's, queued behind these
             following = self.lookahead.batch(items[0].seed[1] + 1)
             self._prefetch(following, [self._plan(item) for item in following])
-        samples = [self._sample(item, plan, data, dense=False) for item, plan, data in zip(items, plans, files)]
-        batch = collate(samples)
+        samples = [self._features(item, plan, dense=False) for item, plan in zip(items, plans)]
+        windows = {name: _window_batch([s[name] for s in samples]) for name in self.teachers}
+        reading = self._reader_thread().submit(self._read_windows, items, plans, windows)
+        try:
+            for sample, item, plan, data in zip(samples, items, plans, files):
+                sample.update(self._pixels(item, plan, data))
+        finally:
+            reading.result()
+        return collate(samples, windows)
+
+    def _read_windows(self, items: list[Item], plans: list[tuple], batch: dict[str, torch.Tensor]) -> None:
         for k, (item, (_, _, windows)) in enumerate(zip(items, plans)):  # in the order the disk reads them
-            for name, views in self.teachers.items():  # straight into the batch's padded buffers
+            for name, views in self.teachers.items():
                 key = views[item.partition]
                 r0, r1, c0, c1 = windows[key]
-                out = batch[name]["window"][k, :r1 - r0, :c1 - c0]
+                out = batch[name][k, :r1 - r0, :c1 - c0]
                 if self.views.device_space(key) == "stored":
                     self.reader(key).read_dense_into(item.row, windows[key], out.numpy())
                 else:
                     out.copy_(torch.from_numpy(self.reader(key).read_dense(item.row, windows[key], self.views.space)))
-        return batch
+
+    def _reader_thread(self) -> ThreadPoolExecutor:
+        """This process's window-reading thread (a DataLoader worker makes its own)."""
+        if self._pool is None or self._pool[0] != os.getpid():
+            self._pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="featcache-windows"))
+        return self._pool[1]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_pool": None}
 
     def _prefetch(self, items: list[Item], plans: list[tuple]) -> None:
         for item, (_, _, windows) in zip(items, plans):
@@ -290,18 +309,30 @@ class CacheDataset(torch.utils.data.Dataset):
             windows[key] = geometry.window_for(crop.box, self.views.box(key, item.row), self.reader(key).spec.grid)
         return crop, other, windows
 
-    def _sample(self, item: Item, plan: tuple, data: bytes | None = None, dense: bool = True) -> dict:
-        """One sample; without ``dense`` its windows are left out (:func:`collate` makes room for them)."""
-        crop, other, windows = plan
+    def _sample(self, item: Item, plan: tuple) -> dict:
+        return {**self._features(item, plan), **self._pixels(item, plan)}
+
+    def _pixels(self, item: Item, plan: tuple, data: bytes | None = None) -> dict:
+        """The sample's student inputs: its crop (and MESA's second crop) as uint8."""
+        crop, other, _ = plan
         W, H = (int(v) for v in self.views.sizes[item.row])
-        grid = (item.resolution // self.patch,) * 2
-        size = grid_px(grid, self.patch)
+        size = grid_px((item.resolution // self.patch,) * 2, self.patch)
         image, scale = self.image(item.row, reduction([c.box for c in (crop, other) if c is not None], size), data)
         if image.size != (-(-W // scale), -(-H // scale)):
             raise UsageError(f"{self.views.uris[item.row]}: {image.size[0] * scale}x{image.size[1] * scale} pixels, "
                              f"not the {W}x{H} indexed (changed since indexing?)")
-        sample = {"row": item.row, "image": crop_pixels(image, crop.box, size, crop.flip, scale),
-                  "box": torch.tensor(crop.box, dtype=torch.float64), "flip": crop.flip, "partition": item.partition}
+        out = {"image": crop_pixels(image, crop.box, size, crop.flip, scale)}
+        if other is not None:
+            out["image2"] = crop_pixels(image, other.box, size, other.flip, scale)
+        return out
+
+    def _features(self, item: Item, plan: tuple, dense: bool = True) -> dict:
+        """The sample's targets: per teacher its window (without ``dense``, an empty one of the right
+        dtype: :func:`_window_batch` makes room), map, extent, Ω and summary; MESA's crop-to-crop map."""
+        crop, other, windows = plan
+        grid = (item.resolution // self.patch,) * 2
+        sample = {"row": item.row, "box": torch.tensor(crop.box, dtype=torch.float64), "flip": crop.flip,
+                  "partition": item.partition}
         read = {key: self.views.read(item.row, {key: w}, self.views.device_space(key), dense)[key]
                 for key, w in windows.items()}
         for key, r in read.items():
@@ -313,7 +344,6 @@ class CacheDataset(torch.utils.data.Dataset):
             sample[name] = self._targets(read[key], windows[key], self.reader(key).spec.grid, crop, grid)
             sample[name]["key"] = key
         if other is not None:
-            sample["image2"] = crop_pixels(image, other.box, size, other.flip, scale)
             m = geometry.crop_to_crop_map(other.box, grid, other.flip, crop.box, grid, crop.flip)
             sample["mesa"] = {"map": torch.from_numpy(m.as_array()),
                               "omega": torch.from_numpy(geometry.omega(other.box, grid, crop.box, other.flip))}
@@ -343,10 +373,11 @@ def grid_px(grid: tuple[int, int], patch: int) -> tuple[int, int]:
     return grid[0] * patch, grid[1] * patch
 
 
-def collate(samples: list[dict]) -> dict:
+def collate(samples: list[dict], windows: dict[str, torch.Tensor] | None = None) -> dict:
     """Stack a batch; each teacher's windows (h, w, C), in their stored dtype, are padded to the
     batch's largest (their real extents travel with them, so the lookup never reads the padding).
-    A batch :meth:`CacheDataset.__getitems__` already assembled passes as it is."""
+    ``windows``: a teacher's batch of windows already in place (:meth:`CacheDataset.__getitems__`);
+    a batch that dataset already assembled passes as it is."""
     if isinstance(samples, dict):
         return samples
     out = {"row": torch.tensor([s["row"] for s in samples]), "image": torch.stack([s["image"] for s in samples]),
@@ -354,18 +385,9 @@ def collate(samples: list[dict]) -> dict:
            "bytes": sum(s["bytes"] for s in samples), "partition": samples[0]["partition"]}
     for name in [k for k, v in samples[0].items() if isinstance(v, dict) and "window" in v]:
         parts = [s[name] for s in samples]
-        hmax = max(int(p["extent"][0]) for p in parts)
-        wmax = max(int(p["extent"][1]) for p in parts)
-        first = parts[0]["window"]
-        windows = _batch_buffer((len(parts), hmax, wmax, first.shape[2]), first.dtype)
-        for k, p in enumerate(parts):
-            h, w = (int(v) for v in p["extent"])
-            if p["window"].numel():  # else the dataset reads it into place (CacheDataset.__getitems__)
-                windows[k, :h, :w] = p["window"]
-            windows[k, h:].zero_()
-            windows[k, :h, w:].zero_()
-        out[name] = {"window": windows, "key": parts[0]["key"], "map": torch.stack([p["map"] for p in parts]),
-                     "extent": torch.stack([p["extent"] for p in parts]),
+        batch = (windows or {}).get(name)
+        out[name] = {"window": _window_batch(parts) if batch is None else batch, "key": parts[0]["key"],
+                     "map": torch.stack([p["map"] for p in parts]), "extent": torch.stack([p["extent"] for p in parts]),
                      "omega": torch.stack([p["omega"] for p in parts])}
         if "summary" in parts[0]:
             out[name]["summary"] = torch.stack([p["summary"] for p in parts])
@@ -374,6 +396,21 @@ def collate(samples: list[dict]) -> dict:
         out["mesa"] = {"map": torch.stack([s["mesa"]["map"] for s in samples]),
                        "omega": torch.stack([s["mesa"]["omega"] for s in samples])}
     return out
+
+
+def _window_batch(parts: list[dict]) -> torch.Tensor:
+    """One teacher's windows padded to the largest, the padding zeroed (empty windows: room left)."""
+    hmax = max(int(p["extent"][0]) for p in parts)
+    wmax = max(int(p["extent"][1]) for p in parts)
+    first = parts[0]["window"]
+    windows = _batch_buffer((len(parts), hmax, wmax, first.shape[2]), first.dtype)
+    for k, p in enumerate(parts):
+        h, w = (int(v) for v in p["extent"])
+        if p["window"].numel():
+            windows[k, :h, :w] = p["window"]
+        windows[k, h:].zero_()
+        windows[k, :h, w:].zero_()
+    return windows
 
 
 def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
