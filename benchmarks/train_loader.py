@@ -16,15 +16,16 @@ One pass = one epoch of ``CacheDataset`` samples (student 224 px, crops by ``Bat
 ``sample_crop``) through a ``DataLoader`` with ``train.data.collate``, as ``Trainer.run`` builds it
 (workers persist across passes as they do across a run's steps), with the views' files and the
 image files evicted from the page cache before it (benchmarks/pagecache.py). Passes: data.workers 0
-and 2, targets in ``raw`` space and in ``phis`` space (the training default; its C x C transform
-runs in the loader and is slow, so those passes read only the epoch's first ``--phis-batches``).
+and 2, targets in ``raw`` space and in ``phis`` space (the training default: float views are read
+as stored either way and their C x C transform runs on the training device, so both passes do the
+same work here; ``--phis-batches`` reads only the epoch's first batches in the phis passes).
 The ceiling: the exact byte ranges of the same samples' windows (every chunk of every view a
 sample's crop needs, ``reader.bytes_for(window)`` bytes) read with plain ``os.pread``, cold, in the
 same order, offsets known in advance. Rounds interleave every pass; medians are reported.
 
-The workers-0 passes also split a sample's time: ``CacheDataset.image`` (decode the source
-image) and the dataset's view readers' ``read_dense`` (read the windows, convert them to the target
-space) against the rest (crop sampling, ``crop_pixels``, collate). Last, one
+The workers-0 passes also time, per sample, ``CacheDataset.image`` (decode the source image) and
+the view readers' ``read_dense_into`` (the windows read into the batch, in the dataset's reading
+thread beside the decoding: the two overlap and do not add up). Last, one
 ``Trainer`` step of a tiny student at 224 px on this cache (batch already loaded) says whether the
 loader is the bottleneck of a CPU step.
 """
@@ -221,7 +222,7 @@ def train_step(root: Path, out: Path, batch_size: int, student: str, steps: int 
 
 # ---- main --------------------------------------------------------------------------------------
 
-#: pass name -> (target space, data.workers); phis passes read the epoch's first ``--phis-batches``
+#: pass name -> (target space, data.workers); phis passes read the epoch (or its first ``--phis-batches``)
 PASSES = {"raw_workers0": ("raw", 0), "raw_workers2": ("raw", 2), "phis_workers0": ("phis", 0),
           "phis_workers2": ("phis", 2)}
 
@@ -233,7 +234,8 @@ def run(args, tmp: Path) -> dict:
     built = time.perf_counter() - t0
     root, teachers = str(tmp / "cache"), {t: {"low": k} for t, k, *_ in VIEWS}
     plan = BatchPlan(np.arange(args.images), args.batch, 0, [RESOLUTION], [], 0.0)
-    steps = {"raw": args.images // args.batch, "phis": min(args.phis_batches, args.images // args.batch)}
+    epoch = args.images // args.batch
+    steps = {"raw": epoch, "phis": min(args.phis_batches or epoch, epoch)}
     windows = record_windows(CacheDataset(root, teachers, PATCH, CropConfig(), "raw"), plan, steps["raw"])
     ceilings = {}  # space -> (chunks, samples, bytes): the same samples' windows as that space's passes
     for space, n in steps.items():
@@ -274,7 +276,7 @@ def summarize(args, rates, split, per_sample, reported, image_bytes, built, step
     loaders = {name: med[name] for name in PASSES}
     return {
         "images": args.images, "batch": args.batch, "rounds": args.rounds, "tiles": args.tiles,
-        "phis_samples": min(args.phis_batches, args.images // args.batch) * args.batch,
+        "phis_samples": min(args.phis_batches or args.images // args.batch, args.images // args.batch) * args.batch,
         "torch_threads": torch.get_num_threads(),
         "load_average": list(os.getloadavg()), "build_s": built,
         "views": {k: {"grid": list(g), "channels": c, "summary_channels": cs} for _, k, g, c, cs in VIEWS},
@@ -310,11 +312,9 @@ def show(s: dict) -> None:
     print(f"  ceiling = os.pread of exactly the same windows' chunks, cold, same order: "
           f"{s['ceiling_gib_per_s']:.2f} GiB/s (target: loader >= {s['target_ratio']} of it)")
     for name, v in s["seconds_per_sample_workers0"].items():
-        rest = v["total"] - v["image"] - v["windows"]
-        print(f"  {name}: {v['total'] * 1e3:.1f} ms per sample = source image decode {v['image'] * 1e3:.1f} "
-              f"({v['image'] / v['total']:.0%}) + windows read + convert to {name.split('_')[0]} "
-              f"{v['windows'] * 1e3:.1f} ({v['windows'] / v['total']:.0%}) + the rest (crop, crop_pixels, "
-              f"float32 copies, collate) {rest * 1e3:.1f}")
+        print(f"  {name}: {v['total'] * 1e3:.1f} ms per sample; of it source image decode {v['image'] * 1e3:.1f} "
+              f"({v['image'] / v['total']:.0%}), and beside it in a thread the windows' reads "
+              f"{v['windows'] * 1e3:.1f} ({v['windows'] / v['total']:.0%}, waiting on the disk included)")
     t = s["train_step"]
     print(f"  Trainer step, {t['student']} student at {RESOLUTION} px, batch {t['batch']}, batch already loaded: "
           f"{t['step_s'] * 1e3:.0f} ms = {t['samples_per_s']:.1f} samples/s ({3 * t['flops_forward'] / 1e9:.1f} "
@@ -328,7 +328,7 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=1, help="k x k spatial tiles per image (1: what extract writes)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--phis-batches", type=int, default=2, help="batches the phis passes read (CPU-heavy)")
+    ap.add_argument("--phis-batches", type=int, default=0, help="batches the phis passes read [0: the epoch]")
     ap.add_argument("--student", default="tiny", help="student size of the Trainer step")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch and BLAS threads (1: two threads stall each other on a shared 2-core machine)")
