@@ -257,6 +257,7 @@ def adopt(out: Location, manifest: pa.Table, source: str, index_rows: list[dict]
                          "grows only by rows after its own (index into a new root for another list)")
     keep = kind == "same" and out.join(tables.MANIFEST).exists() and cache.manifest_difference() is None
     if kind == "extends":
+        manifest = _rows_as_indexed(out, manifest)
         cache.grow(manifest)
     if index_rows is not None:
         replace_index_rows(cache, index_rows)
@@ -270,6 +271,18 @@ def adopt(out: Location, manifest: pa.Table, source: str, index_rows: list[dict]
     if kind == "same":
         return f"restored the manifest of {out.uri} from {source} (the images its features were written for)"
     return f"{'copied the manifest of' if index_rows is None else 'indexed'} {source} ({n} images)"
+
+
+def _rows_as_indexed(out: Location, manifest: pa.Table) -> pa.Table:
+    """A grown manifest whose rows already in the cache are the cache's own, as first indexed (their
+    size and mtime or ETag: a file changed in place since is still refused when its shard is
+    recomputed), the new rows after them; as given when the two tables' columns differ."""
+    if not out.join(tables.MANIFEST).exists():
+        return manifest
+    old = tables.read_manifest(out)
+    if old.schema != manifest.schema:
+        return manifest
+    return pa.concat_tables([old, manifest.slice(old.num_rows)]).combine_chunks()
 
 
 def _lists_other_images(source: str, out: Location) -> bool:

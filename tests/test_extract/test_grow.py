@@ -242,3 +242,21 @@ def test_every_view_grows_and_one_not_in_the_job_keeps_its_new_rows_uncommitted(
     write_manifest(bare, 3)  # a root with a manifest and no features yet takes any other list
     assert adopt(locate(bare), other, "a list", []) == "indexed a list (10 images)"
     assert tables.read_manifest(locate(bare)).equals(other)
+
+
+def test_a_file_changed_since_the_cache_indexed_it_is_refused_when_its_shard_is_recomputed(
+        tmp_path, job_teachers, ray_runtime):
+    """The grown manifest keeps the cache's own rows as first indexed (size, mtime): an old image
+    rewritten since is refused in the recomputed partial shard, not extracted from its new bytes."""
+    from featcache.manifest import CHANGED
+
+    src, out = tmp_path / "photos", tmp_path / "cache"
+    src.mkdir()
+    _copy_photos(src, FIRST[:3])
+    assert run(_job(src, out, job_teachers), stream=io.StringIO()).images == 3  # shard 0 holds rows 0-2 of 5
+    (src / photo(FIRST[1]).name).write_bytes(photo("rocket").read_bytes())  # row 1 replaced in place
+    _copy_photos(src, MORE[:2])
+    result = run(_job(src, out, job_teachers), stream=io.StringIO())
+    assert result.images == 5 and featcache.open_cache(str(out)).num_images == 5
+    errors = tables.read_errors(locate(str(out))).to_pylist()
+    assert [(r["index"], r["reason"]) for r in errors if r["stage"] == "decode"] == [(1, CHANGED)]
