@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -261,7 +261,8 @@ class CacheDataset(torch.utils.data.Dataset):
             for sample, item, plan, data in zip(samples, items, plans, files):
                 sample.update(self._pixels(item, plan, data))
         finally:
-            reading.result()
+            wait([reading])  # the thread is done with the buffers, whatever happened here
+        reading.result()
         return collate(samples, windows)
 
     def _read_windows(self, items: list[Item], plans: list[tuple], batch: dict[str, torch.Tensor]) -> None:
