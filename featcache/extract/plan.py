@@ -288,11 +288,14 @@ def _rows_as_indexed(out: Location, manifest: pa.Table) -> pa.Table:
 def _lists_other_images(source: str, out: Location) -> bool:
     """Whether listing ``source`` (names only: a rerun of a large cache reads no header) finds other
     images, or another order, than the output's manifest holds (files the index refused left out).
-    True for a source that is not a list of image files (e.g. images inside containers): only indexing
-    it tells, and indexing reports a source that cannot be used."""
+    For tars and Parquet tables: whether they are other files, or changed since indexed (one stat
+    each). True for a source that cannot be listed: indexing reports what is wrong with it."""
     from featcache.manifest import list_source
 
     try:
+        same = _same_containers(source, out)
+        if same is not None:
+            return not same
         entries, _ = list_source(source)
     except (UsageError, SourceNotFoundError):
         return True
@@ -300,6 +303,30 @@ def _lists_other_images(source: str, out: Location) -> bool:
     manifest = tables.read_manifest(out)
     held = list(zip(manifest.column("image_id").to_pylist(), manifest.column("uri").to_pylist()))
     return [(e.image_id, e.loc.uri) for e in entries if e.loc.uri not in refused] != held
+
+
+def _same_containers(source: str, out: Location) -> bool | None:
+    """None unless ``source`` names tars or Parquet tables; else whether they are, in order, the
+    containers the output's manifest holds images of, each the version it recorded (size, mtime or ETag)."""
+    from featcache.sources.listing import containers
+
+    found = containers(source, None)
+    if found is None:
+        return None
+    manifest = tables.read_manifest(out)
+    if "container" not in manifest.column_names:
+        return False
+    recorded: dict[str, tuple] = {}
+    for uri, *stamp in zip(*(tables.file_column(manifest, c) for c in ("container", "size", "mtime", "etag"))):
+        recorded.setdefault(uri, tuple(stamp))
+    files = [loc for loc, _ in found[1]]
+    if [f.uri for f in files] != list(recorded):
+        return False
+    for f in files:
+        now = f.stamp()
+        if any(a is not None and b is not None and a != b for a, b in zip(recorded[f.uri], (now.size, now.mtime, now.etag))):
+            return False
+    return True
 
 
 def _index_elsewhere(source: str) -> tuple[pa.Table, list[dict]]:

@@ -106,10 +106,14 @@ def _tar_checks(out, container_of):
 
 def test_tar_shards_extract_the_same_arrays_as_loose_files(runtime, loose, layouts, dinov3, tmp_path):
     out = tmp_path / "cache"
-    result = _index_and_extract(f"{layouts.tars}/{{{SHARDS[0]}..{SHARDS[1]}}}.tar", out, dinov3, direct=True)
+    source = f"{layouts.tars}/{{{SHARDS[0]}..{SHARDS[1]}}}.tar"
+    result = _index_and_extract(source, out, dinov3, direct=True)
     _assert_same_as_loose(out, result, loose)
     _tar_checks(out, lambda shard: str(layouts.tars / f"{shard}.tar"))
     _training_reads_the_same_bytes(out)
+    log = io.StringIO()  # a rerun stats the two tars (unchanged) instead of indexing them again
+    again = run(dataclasses.replace(_config(out, dinov3), source=source), stream=log)
+    assert again.skipped == again.shards and "lists the same images" in log.getvalue()
 
 
 def test_parquet_table_extracts_the_same_arrays_as_loose_files(runtime, loose, layouts, dinov3, tmp_path):
