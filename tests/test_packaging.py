@@ -81,3 +81,26 @@ def test_the_declared_floors_hold_in_this_environment():
     for name, req in _declared().items():
         version = re.sub(r"\+.*", "", metadata.version(name))  # local labels (2.13.0+cpu) do not count
         assert req.specifier.contains(version, prereleases=True), (name, version, str(req))
+
+
+def test_the_gpu_benchmarks_modules_import_without_zarr_ray_or_s3fs():
+    """A GPU machine lent for a benchmark holds torch and transformers but no zarr, Ray or s3fs: the
+    modules its benchmarks use (teachers, roofline, student and losses, geometry, upsampler) import
+    there, and the package's API reaches zarr only when used."""
+    code = (
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in ('zarr', 'ray', 's3fs'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import featcache, featcache.roofline, featcache.teachers.presets, featcache.geometry, featcache.decode\n"
+        "import featcache.train.student, featcache.train.losses, featcache.upsample.featsharp\n"
+        "from featcache.train import config\n"
+        "try:\n"
+        "    featcache.open_cache\n"
+        "except ModuleNotFoundError as e:\n"
+        "    print('api needs', e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "api needs zarr"

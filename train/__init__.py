@@ -7,7 +7,13 @@
 The training process never imports or builds a teacher: every target is read from the cache.
 """
 
-from featcache.train import config
-from featcache.train.loop import TrainResult, load_student, train
-
 __all__ = ["TrainResult", "config", "load_student", "train"]
+
+
+def __getattr__(name: str):
+    """The loop (it reads caches: zarr) on first use; the student, losses and geometry import without it."""
+    if name in ("TrainResult", "load_student", "train"):
+        from featcache.train import loop
+
+        return getattr(loop, name)
+    raise AttributeError(f"module 'featcache.train' has no attribute {name!r}")
