@@ -3,10 +3,9 @@
     python benchmarks/gpu_extract.py [--presets dinov3-7b,siglip2-g-384,sam3] [--batch 32] [--shards 8] [--json]
     python benchmarks/gpu_extract.py --device cpu --tiny       # smoke test of this script: < 1 min on a CPU
 
-Runs without Ray and without zarr: a GPU machine lent for a benchmark may hold torch, transformers
-and little else, and ``featcache/__init__.py`` imports the cache API (zarr). Where zarr is missing,
-the ``featcache`` package is entered without running its ``__init__``; the modules used here
-(teachers, views, decode, roofline) need neither.
+Runs without Ray and without zarr, from a checkout that is not installed (``benchmarks/checkout.py``):
+a GPU machine lent for a benchmark may hold torch, transformers and little else; the modules used
+here (teachers, views, decode, roofline) need neither.
 
 Per preset (TEACHERS.md; featcache/teachers/presets.py), random weights created in bf16 on the
 device (no float32 copy), SDPA attention, bf16 autocast, as ``extract`` runs the teachers:
@@ -34,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import queue
@@ -43,7 +41,6 @@ import sys
 import tempfile
 import threading
 import time
-import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -59,17 +56,6 @@ TINY = {"siglip2-g-384": dict(image_size=64),
         "sam3": dict(image_size=112, window_size=4, global_attn_indexes=[1], pretrain_image_size=56)}
 TINY_WIDTH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
 PHOTO_SIZES = [(500, 375), (375, 500), (500, 333), (640, 480)]  # ImageNet-like (W, H)
-
-
-def enter_featcache_without_store() -> None:
-    """Make featcache's submodules importable where zarr is not installed (see the module docstring)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    if "featcache" in sys.modules or importlib.util.find_spec("zarr") is not None:
-        return
-    package = types.ModuleType("featcache")
-    package.__path__ = list(importlib.util.find_spec("featcache").submodule_search_locations)
-    sys.modules["featcache"] = package
 
 
 # ---- teachers -------------------------------------------------------------------------------
@@ -293,7 +279,10 @@ def measure(preset, args, paths: list[Path], how: str, out: Path, roof: float) -
 
 
 def run(args) -> dict:
-    enter_featcache_without_store()
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.checkout import use_checkout
+
+    use_checkout()
     from benchmarks.teacher_throughput import matmul_ceiling
     from featcache.teachers.presets import PRESETS
 

@@ -16,12 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+from pathlib import Path
 
 import torch
 
-from featcache import roofline
-from featcache.teachers.presets import PRESETS
-from featcache.train.student import StudentConfig, build_student
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.checkout import use_checkout  # noqa: E402
+
+use_checkout()  # an uninstalled checkout (a lent GPU machine) maps featcache.train like an install
+
+from featcache import roofline  # noqa: E402
+from featcache.teachers.presets import PRESETS  # noqa: E402
+from featcache.train.student import StudentConfig, build_student  # noqa: E402
 
 
 def timed(fn, x, device: str) -> float:

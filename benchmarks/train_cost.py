@@ -35,9 +35,8 @@ the layers as well would leave the student's adaptor heads unscaled and miss the
 torch runs one thread by default (``--threads``): on the shared 2-core machine two threads stall each
 other whenever another process runs.
 
-Teachers are the real transformers classes built by ``Preset.random_teacher``. On a GPU machine with
-no zarr, the zarr-free modules used here are imported without featcache's package ``__init__``
-(which opens caches, hence needs zarr).
+Teachers are the real transformers classes built by ``Preset.random_teacher``. It runs on a GPU
+machine with no zarr from a checkout that is not installed (``benchmarks/checkout.py``).
 """
 
 from __future__ import annotations
@@ -49,29 +48,16 @@ import os
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 import torch
 
 
-def _without_zarr() -> None:
-    """Where zarr is missing, register featcache and featcache.train as bare namespaces over this
-    checkout, so that their zarr-free modules (teachers, roofline, geometry, student, losses) import."""
-    try:
-        import zarr  # noqa: F401
-        return
-    except ImportError:
-        pass
-    root = Path(__file__).resolve().parents[1]
-    for name, folder in (("featcache", root / "featcache"), ("featcache.train", root / "train")):
-        module = types.ModuleType(name)
-        module.__path__ = [str(folder)]
-        sys.modules[name] = module
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.checkout import use_checkout  # noqa: E402
 
-
-_without_zarr()
+use_checkout()
 
 from featcache.geometry import CropConfig, cell_map, lookup_targets, omega, sample_crop, window_for  # noqa: E402
 from featcache.teachers.presets import PRESETS, Preset, model_classes  # noqa: E402

@@ -18,12 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
-from featcache.train.student import SIZES, StudentConfig, build_student
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.checkout import use_checkout  # noqa: E402
+
+use_checkout()  # an uninstalled checkout (a lent GPU machine) maps featcache.train like an install
+
+from featcache.train.student import SIZES, StudentConfig, build_student  # noqa: E402
 
 WINDOWS = (None, 8, 16)
 

@@ -1,0 +1,29 @@
+"""Benchmarks run from a checkout that is not installed (a lent GPU machine: torch and transformers, no
+zarr, Ray or s3fs, and no ``pip install`` of featcache).
+
+``featcache`` itself imports from the checkout (its cache API loads on first use); what an installed
+package adds is the mapping of ``train/`` and ``pipelines/`` to ``featcache.train`` and
+``featcache.pipelines`` (pyproject's package-dir). :func:`use_checkout` registers that mapping when
+it is missing, so ``from featcache.train.student import ...`` works in both places.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def use_checkout() -> None:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    for name, folder in (("featcache.train", "train"), ("featcache.pipelines", "pipelines")):
+        if name in sys.modules or importlib.util.find_spec(name) is not None:
+            continue
+        spec = importlib.util.spec_from_file_location(name, ROOT / folder / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT / folder)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
