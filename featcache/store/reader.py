@@ -76,13 +76,23 @@ class _LocalRanges:
         no copy: arrays viewing it can be handed to torch as they are)."""
         if writable:
             data = np.empty(length, dtype=np.uint8)
-            got = os.preadv(self._fd(path), [data], offset)
-        else:
-            data = os.pread(self._fd(path), length, offset)
-            got = len(data)
-        if got != length:
-            raise CacheFormatError(f"{path}: short read ({got} of {length} bytes at {offset})")
+            self.read_into(path, offset, [data])
+            return data
+        data = os.pread(self._fd(path), length, offset)
+        if len(data) != length:
+            raise CacheFormatError(f"{path}: short read ({len(data)} of {length} bytes at {offset})")
         return data
+
+    def read_into(self, path: str, offset: int, buffers: list[np.ndarray]) -> None:
+        """The bytes from ``offset`` on, scattered over ``buffers`` in order (``preadv``, at most
+        IOV_MAX buffers a call)."""
+        fd, done, length = self._fd(path), 0, sum(len(b) for b in buffers)
+        for k in range(0, len(buffers), _IOV_MAX):
+            batch = buffers[k:k + _IOV_MAX]
+            got = os.preadv(fd, batch, offset + done)
+            done += got
+            if got != sum(len(b) for b in batch):
+                raise CacheFormatError(f"{path}: short read ({done} of {length} bytes at {offset})")
 
     def size(self, path: str) -> int:
         return os.fstat(self._fd(path)).st_size
@@ -287,16 +297,8 @@ class ViewReader:
             segments.append(part[y - ty0].reshape(-1).view(np.uint8))
             pos = start + (tx1 - tx0) * cell
         segments.append(scratch[pos:nbytes])
-        shard = i // self.view.shard_size
-        path, coords = self._path("dense", (shard, 0, 0, 0)), (shard, 0, 0, 0)
-        fd, done = self._ranges._fd(path), 0
-        for k in range(0, len(segments), _IOV_MAX):
-            batch = segments[k:k + _IOV_MAX]
-            want = sum(len(x) for x in batch)
-            got = os.preadv(fd, batch, offset + done)
-            if got != want:
-                raise CacheFormatError(f"{path}: short read ({done + got} of {nbytes} bytes at {offset})")
-            done += got
+        coords = (i // self.view.shard_size, 0, 0, 0)
+        self._ranges.read_into(self._path("dense", coords), offset, segments)
         if self.verify_checksums:
             crc = 0
             for x in segments:
