@@ -3,6 +3,11 @@
 Shared by the student trainer (``featcache.train``) and the upsampler trainer
 (``featcache.upsample.training``). An optimizer's state becomes tensors ``optim.<param>.<key>`` and
 its parameter groups JSON metadata; every file is written whole to a temporary sibling and renamed.
+
+A checkpoint of several files is a *set* (:func:`write_set`, :func:`read_set`): the files land in a
+new folder ``set-<n>/`` beside the current one, then one small pointer ``current.json`` (naming the
+folder and the set's meta) is replaced atomically, then older sets are removed. A reader follows the
+pointer, so it sees the old set or the new one whole, whatever moment a SIGKILL strikes.
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -24,6 +31,75 @@ def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str])
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
+
+
+POINTER = "current.json"
+
+
+def write_set(folder: Path, files: dict[str, Callable[[Path], None]], meta: dict) -> None:
+    """Write a set of files into ``folder`` so that they all land together or not at all.
+
+    ``files`` maps each file's name to a callable that writes it at the path it is given; ``meta``
+    (JSON) travels in the pointer and comes back from :func:`read_set`. A failure part-way (a full
+    disk, a kill) leaves the previous set current.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    current = read_set(folder)
+    n = int(current[0].name.split("-")[1]) + 1 if current else 0
+    new = folder / f"set-{n:07d}"
+    shutil.rmtree(new, ignore_errors=True)  # a set a killed writer began, never made current
+    new.mkdir()
+    try:
+        for name, write in files.items():
+            write(new / name)
+            _fsync(new / name)
+        _fsync(new)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    _replace_text(folder / POINTER, json.dumps({"set": new.name, "files": sorted(files), "meta": meta}))
+    _remove_others(folder, new.name)
+
+
+def read_set(folder: Path) -> tuple[Path, dict] | None:
+    """The folder holding ``folder``'s current complete set and its meta, or None when it has none."""
+    pointer = Path(folder) / POINTER
+    if not pointer.is_file():
+        return None
+    record = json.loads(pointer.read_text())  # replaced whole, never written in place: always complete
+    path = pointer.parent / record["set"]
+    missing = [name for name in record["files"] if not (path / name).is_file()]
+    if missing:
+        raise UsageError(f"{path}: checkpoint files {', '.join(missing)} are missing (removed by hand?)")
+    return path, record["meta"]
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """``path`` holds ``text`` after this returns, and held its old text at every moment before."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's entries to the disk (the rename order must survive a power cut too)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_others(folder: Path, keep: str) -> None:
+    """Sets older than ``keep`` and sets a killed writer left half-written: nothing points at them."""
+    for path in folder.glob("set-*"):
+        if path.name != keep:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def metadata(path: Path) -> dict[str, str]:

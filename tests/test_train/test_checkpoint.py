@@ -1,0 +1,70 @@
+"""Checkpoint sets (``featcache.checkpoint.write_set``/``read_set``): a reader sees the old set or the
+new one whole, whether the writer fails part-way or is killed between two files."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from featcache import checkpoint
+
+
+def _writer(text: str):
+    return lambda path: path.write_text(text)
+
+
+def _fail(path: Path) -> None:
+    path.write_text("half")
+    raise OSError(28, "No space left on device")
+
+
+def _contents(found) -> dict[str, str]:
+    path, _ = found
+    return {p.name: p.read_text() for p in sorted(path.iterdir())}
+
+
+def test_a_folder_without_a_set_has_none(tmp_path):
+    assert checkpoint.read_set(tmp_path) is None
+    assert checkpoint.read_set(tmp_path / "absent") is None
+
+
+def test_the_newest_set_is_read_back_with_its_meta_and_older_sets_go(tmp_path):
+    checkpoint.write_set(tmp_path, {"a": _writer("a1"), "b": _writer("b1")}, {"step": 1})
+    checkpoint.write_set(tmp_path, {"a": _writer("a2"), "b": _writer("b2")}, {"step": 2})
+    found = checkpoint.read_set(tmp_path)
+    assert found[1] == {"step": 2} and _contents(found) == {"a": "a2", "b": "b2"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([found[0].name, "current.json"])
+
+
+def test_a_write_that_fails_on_the_second_file_leaves_the_old_set(tmp_path):
+    checkpoint.write_set(tmp_path, {"a": _writer("a1"), "b": _writer("b1")}, {"step": 1})
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.write_set(tmp_path, {"a": _writer("a2"), "b": _fail}, {"step": 2})
+    found = checkpoint.read_set(tmp_path)
+    assert found[1] == {"step": 1} and _contents(found) == {"a": "a1", "b": "b1"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([found[0].name, "current.json"])
+
+
+def test_a_kill_between_two_files_leaves_the_old_set_and_the_next_write_recovers(tmp_path):
+    code = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from featcache import checkpoint\n"
+        "folder = Path(sys.argv[1])\n"
+        "checkpoint.write_set(folder, {'a': lambda p: p.write_text('a1'), 'b': lambda p: p.write_text('b1')}, {'step': 1})\n"
+        "def die(p):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "checkpoint.write_set(folder, {'a': lambda p: p.write_text('a2'), 'b': die}, {'step': 2})\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    found = checkpoint.read_set(tmp_path)
+    assert found[1] == {"step": 1} and _contents(found) == {"a": "a1", "b": "b1"}
+    assert len(list(tmp_path.glob("set-*"))) == 2  # the killed writer's half set, pointed at by nothing
+    checkpoint.write_set(tmp_path, {"a": _writer("a3"), "b": _writer("b3")}, {"step": 3})
+    found = checkpoint.read_set(tmp_path)
+    assert found[1] == {"step": 3} and _contents(found) == {"a": "a3", "b": "b3"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([found[0].name, "current.json"])
