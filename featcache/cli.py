@@ -119,6 +119,7 @@ def _inspect_text(info: dict) -> str:
              f"{info['errors']['total']} errors {info['errors']['by_stage'] or ''}".rstrip()]
     if not info["views"]:
         lines.append("  no views yet (run 'featcache extract')")
+    lines += [f"  note: features.zarr/{name}: a folder that is not a view (left alone)" for name in info["not_views"]]
     for key, v in info["views"].items():
         dense = v["arrays"]["dense"]
         codec = v["codec"] if v["codec"] != "int8-phis" else f"int8-phis (scale {v['quantization']['scale']:.3g})" \
@@ -547,6 +548,7 @@ def plan_cmd(
         megapixels = float(sum(w * h for w, h in zip(manifest.column("width").to_pylist(),
                                                      manifest.column("height").to_pylist()))) / manifest.num_rows / 1e6
     result = estimate.estimate(cfg, n, hw, efficiency, gpus, storage_gbps, cfg.shard_size or 64,
+                               image_id_bytes=24 if manifest is None else estimate.image_id_bytes(manifest),
                                train_samples_per_s=train_samples_per_s, measured=measured,
                                megapixels_per_image=megapixels)
     typer.echo(json.dumps(result, indent=1) if as_json else estimate.table(result))

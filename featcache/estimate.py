@@ -31,10 +31,11 @@ from featcache.store.spec import ViewSpec
 from featcache.teachers import describe_teacher
 from featcache.teachers.base import teacher_shape
 
-#: bytes beyond the arrays' data, estimated: a view's metadata documents (its arrays', its statistics')
-#: and a commit marker per shard, as this version writes them
-VIEW_METADATA_BYTES = 11_000
-MARKER_BYTES = 500
+#: bytes beyond the arrays' data, estimated from what this version writes (measured on the caches of
+#: tests/test_plan.py): a view's metadata documents (its arrays', its statistics': 9.8 kB) and a commit
+#: marker per shard (340 bytes, more when the shard has failed images)
+VIEW_METADATA_BYTES = 10_000
+MARKER_BYTES = 350
 ITEMSIZE = {"float16": 2, "float32": 4, "int8": 1}
 #: objects a shard of one view writes (dense, summary, box, valid, its commit marker)
 OBJECTS_PER_SHARD = 5
@@ -64,13 +65,21 @@ def data_bytes(spec: ViewSpec, images: int, shard_size: int) -> int:
     return dense + plain
 
 
-def overhead_bytes(spec: ViewSpec, images: int, shard_size: int, image_id_bytes: int) -> int:
+def overhead_bytes(spec: ViewSpec, images: int, shard_size: int, image_id_bytes: float) -> int:
     """The estimated rest: metadata, a marker per shard, the image ids (``image_id_bytes`` per image,
-    its 4-byte length included), and the statistics uncompressed (float64 mean, rotation, inverse,
-    eigenvalues, channel mean and std, summary direction): an upper bound, as they are stored compressed."""
+    its 4-byte length included; the chunk's count and crc32c on top), and the statistics uncompressed
+    (float32 rotation and inverse; float64 mean, eigenvalues, channel mean and std, summary direction):
+    zstd barely shrinks them. Affine in ``images`` at whole shards."""
     c, cs = spec.channels, spec.summary_channels
-    stats = 8 * (2 * c * c + 4 * c + cs)
-    return int(VIEW_METADATA_BYTES + math.ceil(images / shard_size) * MARKER_BYTES + images * image_id_bytes + 8 + stats)
+    stats = 4 * 2 * c * c + 8 * (4 * c + cs)
+    ids = math.ceil(images * image_id_bytes) + 8
+    return int(VIEW_METADATA_BYTES + math.ceil(images / shard_size) * MARKER_BYTES + ids + stats)
+
+
+def image_id_bytes(manifest) -> float:
+    """Mean bytes a manifest's image id takes in a view's ``image_id`` array (UTF-8 and a 4-byte length)."""
+    ids = manifest.column("image_id").to_pylist()
+    return sum(len(i.encode()) + 4 for i in ids) / max(1, len(ids))
 
 
 def forward_flops_and_ops(shape: roofline.VitShape, task: ViewTask, spec: ViewSpec, teacher, batch: int,
@@ -191,12 +200,13 @@ def _write_rates(scratch: str | None, objects: int = 32, size: int = 16 << 20) -
 
 
 def estimate(config: ExtractConfig, images: int, hw: roofline.Hardware, efficiency: float = 1.0, gpus: int = 1,
-             storage_gbps: float | None = None, shard_size: int = 64, image_id_bytes: int = 24,
+             storage_gbps: float | None = None, shard_size: int = 64, image_id_bytes: float = 24,
              train_samples_per_s: float | None = None, measured: Measured | None = None,
              megapixels_per_image: float | None = None) -> dict:
     """The ``featcache plan --json`` object for ``config`` over ``images`` images. With ``measured``
     each view's efficiency is its measured one, and ``job`` holds the whole job's time per image here
-    (``megapixels_per_image``: the mean size of the source images, for the decoding)."""
+    (``megapixels_per_image``: the mean size of the source images, for the decoding). ``image_id_bytes``:
+    what one image's id stores (:func:`image_id_bytes` of the manifest, when there is one)."""
     views = []
     for i, t in enumerate(config.teachers):
         teacher, shape = describe(t)
@@ -206,7 +216,7 @@ def estimate(config: ExtractConfig, images: int, hw: roofline.Hardware, efficien
             seconds = sum(x.seconds for x in roofline.predict(model, hw)) / batch / e
             size = data_bytes(spec, images, shard_size)
             views.append(ViewCost(spec.key, flops, seconds, images * seconds / 3600, size,
-                                  overhead_bytes(spec, images, shard_size, images * image_id_bytes),
+                                  overhead_bytes(spec, images, shard_size, image_id_bytes),
                                   size / images / seconds / 1e9, "compute", e))
     total_seconds = sum(v.seconds_per_image for v in views)
     write_gbps = sum(v.bytes for v in views) / images / total_seconds / 1e9 * gpus if views else 0.0

@@ -140,3 +140,72 @@ def test_measure_needs_the_job_s_images(tiny, capsys):
     assert main(["plan", "--teacher", f"family=dinov3,source={tiny['dinov3']}", "--images", "10", "--measure"]) == 2
     err = capsys.readouterr().err
     assert "--measure samples the job's images: index the source first" in err and len(err.strip().splitlines()) == 1
+
+
+# ---- storage: linear in the images, and what caches written here hold (issue 23, item 1) -----------
+
+
+def test_every_term_of_the_plan_grows_linearly_with_the_images(tiny):
+    """At N, 2N and 4N images (whole shards) each view's bytes and overhead are affine in N: the
+    second difference is zero, and the overhead grows by the image ids and markers of N images
+    only (image ids counted once, not once per image of the job)."""
+    from featcache.extract.config import from_dict
+
+    job = from_dict({"output": "x", "teachers": [{"family": "dinov3", "source": tiny["dinov3"],
+                                                  "resolutions": [64, 128]}]})
+    n, shard = 64_000, 64
+    a, b, c = (estimate.estimate(job, k * n, roofline.HARDWARE["h100"], shard_size=shard, image_id_bytes=30)
+               for k in (1, 2, 4))
+    for va, vb, vc in zip(a["views"], b["views"], c["views"]):
+        for term in ("bytes", "overhead_bytes"):
+            assert vc[term] - vb[term] == 2 * (vb[term] - va[term]), (va["key"], term, va[term], vb[term], vc[term])
+        assert vb["overhead_bytes"] - va["overhead_bytes"] == n * 30 + n // shard * estimate.MARKER_BYTES
+        assert vb["gpu_hours"] == pytest.approx(2 * va["gpu_hours"])
+    assert c["total_bytes"] - b["total_bytes"] == 2 * (b["total_bytes"] - a["total_bytes"])
+    assert b["hours"] == pytest.approx(2 * a["hours"])
+
+
+def _view_bytes(root, key: str) -> int:
+    """Every byte a view holds on disk: its arrays, metadata, statistics, image ids, commit markers."""
+    files = [*(root / "features.zarr" / key).rglob("*"), *(root / "_commits" / key).glob("*")]
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """Caches actually written (ShardWorker + statistics, as extract does, without Ray) at 16 and 48
+    images of 32x24 PNGs with the tiny teachers: siglip2@64, dinov3@64, dinov3@128, sam3-mosaic2@56."""
+    from tests.support import training
+    from tests.support.images import write_many_small_pngs
+
+    root = tmp_path_factory.mktemp("plan_written")
+    models = training.teachers(root / "teachers")
+    out = {}
+    for n in (16, 48):
+        write_many_small_pngs(root / f"src{n}", n)
+        training.build(root / f"cache{n}", root / f"src{n}", models, shard_size=8)
+        job = root / f"job{n}.yaml"  # JSON is YAML; the same job training.build ran
+        job.write_text(json.dumps({"source": str(root / f"cache{n}"), "output": str(root / f"cache{n}"),
+                                   "shard_size": 8, "batch_size": 8, "teachers": [
+                                       {"family": "siglip2", "source": models["siglip2"]},
+                                       {"family": "dinov3", "source": models["dinov3"], "resolutions": [64, 128]},
+                                       {"family": "sam3", "source": models["sam3"], "mosaic": 2}]}))
+        out[n] = (root / f"cache{n}", str(job))
+    return out
+
+
+@pytest.mark.parametrize("n", [16, 48])
+def test_plan_predicts_the_bytes_of_caches_written_here(written, n, capsys):
+    """``featcache plan JOB`` (the image count and ids from the job's manifest) against what the job
+    wrote: each view's array objects exactly, everything the view holds within 5%."""
+    root, job = written[n]
+    assert main(["plan", job, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["images"] == n and len(plan["views"]) == 4
+    for v in plan["views"]:
+        data = sum(f.stat().st_size for name in ("dense", "summary", "box", "valid")
+                   for f in (root / "features.zarr" / v["key"] / name / "c").rglob("*") if f.is_file())
+        assert v["bytes"] == data, v["key"]
+        real = _view_bytes(root, v["key"])
+        assert abs((v["bytes"] + v["overhead_bytes"]) / real - 1) < 0.05, (v["key"], real, v)
+    assert plan["total_bytes"] == sum(v["bytes"] + v["overhead_bytes"] for v in plan["views"])
