@@ -533,7 +533,7 @@ def plan_cmd(
     if measure and device != "measured" and not torch.cuda.is_available():
         raise UsageError(f"--measure times this machine's CPU: plan with --device measured, or measure on a GPU "
                          f"to plan for {device}")
-    manifest = _manifest(cfg)
+    manifest = None if images and not measure else _manifest(cfg)  # with --images nothing needs reading
     if manifest is None and (measure or images is None):
         raise UsageError("give --images N (no manifest.parquet at the job's output or source to count)" if not measure
                          else "--measure samples the job's images: index the source first (no manifest.parquet at "

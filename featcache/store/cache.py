@@ -22,6 +22,7 @@ from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from featcache.errors import CacheFormatError, MisalignedWriteError, SourceNotFoundError, UsageError
 from featcache.fsio import Location, locate
+from featcache.log import LOGGER
 from featcache.store import attrs as attrs_json
 from featcache.store import commits, fingerprint, shardwriter, tables
 from featcache.store.spec import FORMAT_VERSION, ViewSpec, check_view_key
@@ -59,6 +60,8 @@ class Cache:
         self.root = root
         self.features = root.join(FEATURES)
         self.capabilities = Capabilities(positional_reads=root.is_local, atomic_rename=root.is_local)
+        self._non_views: list[str] = []
+        self._warned_non_views = False
 
     @classmethod
     def open(cls, uri) -> "Cache":
@@ -103,32 +106,55 @@ class Cache:
 
     @property
     def views(self) -> dict[str, "View"]:
-        """The readable views, in creation order (a damaged one raises; see :meth:`scan_views`)."""
+        """The readable views, in creation order (a damaged one raises; see :meth:`scan_views`). Folders
+        that are not views are skipped, with one warning per Cache (see :meth:`non_views`)."""
         views, broken = self.scan_views()
         if broken:
             key, reason = next(iter(broken.items()))
             raise CacheFormatError(f"view {key} cannot be opened: {reason} (run 'featcache verify')")
+        if self._non_views and not self._warned_non_views:
+            self._warned_non_views = True
+            LOGGER.warning(non_view_line(self._non_views))
         return views
 
     def scan_views(self) -> tuple[dict[str, "View"], dict[str, str]]:
-        """(readable views in creation order, {name: why} of the folders in features.zarr that are not).
+        """(readable views in creation order, {name: why} of the views in features.zarr that are damaged).
 
         Views are discovered from the groups themselves, never from a shared list that concurrent
-        creators would have to read-modify-write (such a list lost views in hostile trials).
+        creators would have to read-modify-write (such a list lost views in hostile trials). A folder
+        without a group's ``zarr.json`` (a user's scratch folder, a view creation killed before its
+        metadata, what an object store lists after a recursive delete) is no view: it is skipped and
+        recorded for :meth:`non_views`, and creating that view later finishes it.
         """
         attrs = self.attrs()
         if not attrs:
             return {}, {}
         group = open_root(self.features)
-        views, broken = [], {}
+        views, broken, self._non_views = [], {}, []
         for name in self._child_names():
             try:
-                views.append(View(self, name, group[name]))
+                node = group[name]
+            except KeyError:
+                self._non_views.append(name)
+                continue
+            except (ValueError, TypeError) as e:  # a damaged zarr.json
+                broken[name] = _reason(e)
+                continue
+            if not isinstance(node, zarr.Group):
+                self._non_views.append(name)
+                continue
+            try:
+                views.append(View(self, name, node))
             except (KeyError, ValueError, TypeError, CacheFormatError) as e:
-                broken[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                broken[name] = _reason(e)
         legacy = {k: i for i, k in enumerate(attrs.get("views", []))}  # caches written before discovery
         views.sort(key=lambda v: (v.created, legacy.get(v.key, len(legacy)), v.key))
         return {v.key: v for v in views}, broken
+
+    def non_views(self) -> list[str]:
+        """Names of the folders in ``features.zarr`` that are not views (skipped by every reader)."""
+        self.scan_views()
+        return list(self._non_views)
 
     def _child_names(self) -> list[str]:
         fs, path = self.features.fs, self.features.path
@@ -212,21 +238,28 @@ class Cache:
         """
         root = self._init_features(shard_size)
         if spec.key in root:
-            return self._existing_view(root, spec)
-        shard = self.attrs()["shard_size"]
-        attributes = {attrs_json.KEY: attrs_json.encode({"format": FORMAT_VERSION, **spec.to_dict(), "created": time.time()})}
-        attributes["coordinates"] = IMAGE_ID  # xarray reads the view's image_id array as its coordinate
-        try:
-            group = root.create_group(spec.key, attributes=attributes)
-        except ContainsGroupError:  # another process created it since our check: it must hold the same spec
-            group = root[spec.key]
-        for name, layout in array_layouts(spec, self.num_images, shard).items():
+            view = self._existing_view(root, spec)
+            if not _missing_arrays(view.group):
+                return view
+            group = view.group  # a creation killed before its last array: finish it
+        else:
+            group = self._create_group(root, spec)
+        for name, layout in array_layouts(spec, self.num_images, self.attrs()["shard_size"]).items():
             try:
                 group.create_array(name, **layout)
             except ContainsArrayError:
-                pass  # created by that other process
+                pass  # created by that other process, or before the kill
         write_image_ids(group, self.image_ids())
         return self._existing_view(root, spec)
+
+    @staticmethod
+    def _create_group(root: zarr.Group, spec: ViewSpec) -> zarr.Group:
+        attributes = {attrs_json.KEY: attrs_json.encode({"format": FORMAT_VERSION, **spec.to_dict(), "created": time.time()})}
+        attributes["coordinates"] = IMAGE_ID  # xarray reads the view's image_id array as its coordinate
+        try:
+            return root.create_group(spec.key, attributes=attributes)
+        except ContainsGroupError:  # another process created it since our check: it must hold the same spec
+            return root[spec.key]
 
     def image_ids(self) -> np.ndarray:
         """The manifest's ``image_id`` column, in row order (what each view's ``image_id`` array holds)."""
@@ -313,6 +346,29 @@ class Cache:
         return view
 
 
+def _missing_arrays(group: zarr.Group) -> list[str]:
+    """The arrays of a view group whose metadata does not exist (damaged metadata counts as present:
+    verify reports it, nothing here writes over it)."""
+    missing = []
+    for name in (*ARRAYS, IMAGE_ID):
+        try:
+            group[name]
+        except KeyError:
+            missing.append(name)
+        except (ValueError, TypeError):
+            pass
+    return missing
+
+
+def non_view_line(names: list[str]) -> str:
+    """The line that reports folders of ``features.zarr`` that are not views."""
+    return "; ".join(f"features.zarr/{n}: a folder that is not a view (left alone)" for n in names)
+
+
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def _check_root_attrs(attrs: dict, num_images: int, shard_size: int | None) -> None:
     if attrs.get("format") != FORMAT_VERSION:
         raise CacheFormatError(f"cache format {attrs.get('format')} is not {FORMAT_VERSION}")
@@ -355,7 +411,7 @@ class View:
 
     @cached_property
     def shard_size(self) -> int:
-        return self.group["valid"].chunks[0]
+        return self._arrays["valid"].chunks[0]
 
     @property
     def num_shards(self) -> int:
@@ -380,7 +436,7 @@ class View:
         where the cache ended)."""
         arrays = self._arrays
         old = min(a.shape[0] for a in arrays.values())
-        ids = self.group.get(IMAGE_ID)  # absent in caches from before image ids: consolidate() writes it
+        ids = self.image_id_array()  # absent in caches from before image ids: consolidate() writes it
         if old >= rows and (ids is None or ids.shape[0] >= rows):
             return False
         if old < rows:
@@ -429,8 +485,33 @@ class View:
 
     @cached_property
     def _arrays(self) -> dict[str, zarr.Array]:
-        """The view's arrays, opened once: the driver fixes their metadata when it creates them."""
-        return {name: self.group[name] for name in ARRAYS}
+        """The view's arrays, opened once: the driver fixes their metadata when it creates them.
+        Damaged or missing metadata raises one line naming its file (never a KeyError or a JSON error)."""
+        return {name: self.array(name) for name in ARRAYS}
+
+    @property
+    def arrays(self) -> dict[str, zarr.Array]:
+        """``dense``, ``summary``, ``box`` and ``valid``, opened once (a CacheFormatError when damaged)."""
+        return self._arrays
+
+    def array(self, name: str) -> zarr.Array:
+        """The view's array ``name`` opened afresh; a CacheFormatError naming its ``zarr.json`` when that
+        is missing or damaged."""
+        try:
+            node = self.group[name]
+        except (KeyError, ValueError, TypeError) as e:
+            reason = "missing" if isinstance(e, KeyError) else f"unreadable ({_reason(e)})"
+            raise CacheFormatError(f"features.zarr/{self.key}/{name}/zarr.json is {reason}: the array's metadata "
+                                   "is damaged (run 'featcache verify')") from None
+        if not isinstance(node, zarr.Array):
+            raise CacheFormatError(f"features.zarr/{self.key}/{name} is not an array (run 'featcache verify')")
+        return node
+
+    def image_id_array(self) -> zarr.Array | None:
+        """The view's ``image_id`` coordinate; None in caches written before it (``consolidate`` adds it)."""
+        if not self.cache.features.join(self.key, IMAGE_ID).exists():
+            return None
+        return self.array(IMAGE_ID)
 
     @cached_property
     def _layouts(self) -> dict[str, shardwriter.ArrayLayout | None]:

@@ -26,9 +26,18 @@ def summarize(cache: Cache) -> dict:
         "num_images": cache.num_images,
         "shard_size": attrs.get("shard_size"),
         "created_with": attrs.get("created_with"),
-        "views": {key: _view_summary(view) for key, view in cache.views.items()},
+        "views": {key: _view_summary(view) for key, view in _views(cache).items()},
+        "not_views": cache.non_views(),
         "errors": {"total": errors.num_rows, "by_stage": {s: stages.count(s) for s in sorted(set(stages))}},
     }
+
+
+def _views(cache: Cache) -> dict[str, View]:
+    """The cache's views; a damaged one raises (one line), folders that are not views are listed apart."""
+    views, broken = cache.scan_views()
+    if broken:
+        cache.views  # noqa: B018 - raises the one line naming the damaged view
+    return views
 
 
 def format_version(cache: Cache) -> int:
@@ -60,8 +69,7 @@ def _view_summary(view: View) -> dict:
 
 
 def _arrays(view: View) -> dict:
-    return {name: {"shape": list(view.group[name].shape), "dtype": str(view.group[name].dtype)}
-            for name in ("dense", "summary", "box", "valid")}
+    return {name: {"shape": list(array.shape), "dtype": str(array.dtype)} for name, array in view.arrays.items()}
 
 
 def _stats_summary(view: View) -> dict | None:

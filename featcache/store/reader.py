@@ -160,7 +160,7 @@ class ViewReader:
         self._ranges = _ranges_for(view)
         self._index_cache: dict[int, np.ndarray] = {}
         self._objects: dict[tuple, object] = {}
-        self._arrays = {name: view.group[name] for name in ("dense", "summary", "box", "valid")}
+        self._arrays = {name: view.array(name) for name in ("dense", "summary", "box", "valid")}
         self._dtypes = {name: np.dtype(a.dtype).newbyteorder("<") for name, a in self._arrays.items()}
         self._fast = all(_fast_layout(a.metadata.to_dict()) for a in self._arrays.values())
         self._keys = {name: a.metadata for name, a in self._arrays.items()}

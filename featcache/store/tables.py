@@ -7,6 +7,7 @@ of every array in ``features.zarr``; ``image_id`` is the stable key a user joins
 from __future__ import annotations
 
 import io
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -72,10 +73,22 @@ def read_manifest(root: Location) -> pa.Table:
         table = read_table(loc)
     except FileNotFoundError as e:
         raise SourceNotFoundError(f"no {MANIFEST} under {root.uri}: run 'featcache index' first") from e
+    except NotADirectoryError as e:  # a reader's words: "a file stands where a folder is needed writing" misleads
+        raise SourceNotFoundError(f"{_file_on_the_way(root)} is a file, not a cache folder") from e
     missing = [c for c in MANIFEST_COLUMNS if c not in table.column_names]
     if missing:
         raise CacheFormatError(f"{loc.uri} lacks the columns {missing}")
     return table
+
+
+def _file_on_the_way(root: Location) -> str:
+    """The part of ``root`` that is a file (a local path's first file component; else ``root`` itself)."""
+    if not root.is_local:
+        return root.uri
+    path = root.path
+    while path and not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return path or root.uri
 
 
 def file_column(manifest: pa.Table, name: str) -> list:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from featcache.errors import CacheFormatError, UsageError
-from featcache.store.cache import Cache, View
+from featcache.store.cache import Cache, View, non_view_line
 from featcache.store.commits import Commit
 from featcache.store.codec import load_int8_phis, read_stats
 from featcache.store.zarrio import array_layouts, object_checksum, shard_object_keys
@@ -64,15 +64,18 @@ def verify(cache: Cache, views: list[str] | None = None, workers: int = 4) -> Re
     report.problems += _check_root(cache)
     found, broken = cache.scan_views()
     for name, reason in broken.items():
-        if cache.features.join(name, "zarr.json").exists():
-            report.problems.append(Problem(name, None, "metadata", f"the view's zarr.json cannot be read: {reason}"))
-        else:
-            report.notes.append(f"features.zarr/{name}: a folder that is not a view (left alone)")
+        report.problems.append(Problem(name, None, "metadata", f"the view's zarr.json cannot be read: {reason}"))
+    report.notes += [non_view_line([name]) for name in cache.non_views()]
     for key in views or list(found):
         if key in broken:
             continue
         if key not in found:
             cache.view(key)  # raises naming the views there are
+        try:
+            found[key].arrays  # noqa: B018 - every check below reads them
+        except CacheFormatError as e:
+            report.problems.append(Problem(key, None, "metadata", str(e)))
+            continue
         _check_view(found[key], report, workers)
     return report
 
@@ -86,7 +89,7 @@ def _check_root(cache: Cache) -> list[Problem]:
 
 
 def _check_view(view: View, report: Report, workers: int) -> None:
-    report.problems += _check_shapes(view)
+    report.problems += _check_shapes(view) + _check_image_ids(view)
     committed = sorted(view.committed_shards())
     stats_hash = None
     if committed and view.spec.codec == "int8-phis":
@@ -108,11 +111,30 @@ def _check_shapes(view: View) -> list[Problem]:
     layouts = array_layouts(view.spec, view.num_images, view.cache.shard_size)
     found = []
     for name, layout in layouts.items():
-        arr = view.group[name]
+        arr = view.arrays[name]
         if tuple(arr.shape) != tuple(layout["shape"]) or str(arr.dtype) != str(np.dtype(layout["dtype"])):
             found.append(Problem(view.key, None, "shape", f"{name} is {arr.shape} {arr.dtype}, the attrs say "
                                                          f"{layout['shape']} {layout['dtype']}"))
     return found
+
+
+def _check_image_ids(view: View) -> list[Problem]:
+    """The ``image_id`` coordinate (what xarray users join on) is readable and holds the manifest's ids."""
+    try:
+        ids = view.image_id_array()
+        if ids is None:  # a cache from before image ids: the next extract or stats writes them
+            return []
+        stored = np.asarray(ids[:], dtype=object)
+    except CacheFormatError as e:
+        return [Problem(view.key, None, "metadata", str(e))]
+    except (ValueError, RuntimeError, OSError) as e:  # a damaged chunk
+        return [Problem(view.key, None, "metadata", f"{view.key}/image_id cannot be read: {type(e).__name__}: {e}")]
+    expected = view.cache.image_ids()
+    if stored.shape != expected.shape or not (stored == expected).all():
+        rows = np.flatnonzero(stored != expected).tolist() if stored.shape == expected.shape else []
+        return [Problem(view.key, None, "metadata", f"{view.key}/image_id differs from the manifest's image_id "
+                                                    f"column (rows {rows[:10] or 'count'})")]
+    return []
 
 
 def _check_codec(view: View) -> tuple[list[Problem], str | None]:
@@ -173,7 +195,7 @@ def _check_objects(view: View, shard: int, recorded: dict[str, int]) -> list[Pro
 
 def _check_values(view: View, start: int, stop: int, errors: dict[int, str], shard: int) -> list[Problem]:
     try:
-        valid = np.asarray(view.group["valid"][start:stop])
+        valid = np.asarray(view.arrays["valid"][start:stop])
         expected = np.ones(stop - start, dtype=np.uint8)
         expected[[i - start for i in errors]] = 0
         found = []
@@ -191,9 +213,9 @@ def _check_values(view: View, start: int, stop: int, errors: dict[int, str], sha
 def _nonfinite_rows(view: View, start: int, stop: int, valid: np.ndarray) -> list[int]:
     bad = []
     for name in ("summary", "box"):
-        x = np.asarray(view.group[name][start:stop], dtype=np.float32)
+        x = np.asarray(view.arrays[name][start:stop], dtype=np.float32)
         bad += (np.flatnonzero(~np.isfinite(x).all(axis=1) & valid) + start).tolist()
-    dense = view.group["dense"]
+    dense = view.arrays["dense"]
     for r in range(start, stop, _ROWS_PER_READ):
         e = min(r + _ROWS_PER_READ, stop)
         x = np.asarray(dense[r:e])
