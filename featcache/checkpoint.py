@@ -137,8 +137,17 @@ def warmup_cosine(step: int, steps: int, warmup: int, lr: float, min_lr: float) 
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records of a JSON-lines log made after ``step`` (a resumed run logs them again)."""
+    """Drop the records of a JSON-lines log made after ``step`` (a resumed run logs them again), and
+    a torn last line (a disk that filled, or a kill, while it was written)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = [line for line in map(_record, path.read_text().splitlines()) if line and line[1]["step"] <= step]
+    _replace_text(path, "".join(text + "\n" for text, _ in keep))
+
+
+def _record(line: str) -> tuple[str, dict] | None:
+    """A log line and its record; None for a blank or torn line."""
+    try:
+        return (line, json.loads(line)) if line.strip() else None
+    except json.JSONDecodeError:
+        return None

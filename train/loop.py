@@ -39,7 +39,8 @@ from featcache.train import prune
 from featcache.train.losses import angle_loss, damp_call, mesa_loss, spatial_mse
 from featcache.train.student import Student, StudentConfig, build_student
 
-WEIGHTS, STATE = "{}.safetensors", "{}.state.safetensors"
+SET_WEIGHTS, SET_STATE = "student.safetensors", "state.safetensors"  # one checkpoint set's files
+WEIGHTS, STATE = "{}.safetensors", "{}.state.safetensors"  # the pair of runs written before sets
 
 
 @dataclass
@@ -358,25 +359,31 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------
 
     def save(self, name: str) -> None:
-        """``checkpoints/<name>.safetensors`` (student weights) and ``<name>.state.safetensors``
-        (optimizer, EMA, RNG; the rest as JSON metadata), each written whole then renamed."""
-        folder = self.out / "checkpoints"
-        folder.mkdir(parents=True, exist_ok=True)
+        """``checkpoints/<name>/``: student weights and state (optimizer, EMA, RNG; the rest as JSON
+        metadata) written as one set (:func:`featcache.checkpoint.write_set`): a kill at any moment
+        leaves the previous pair or the new one, never one of each."""
         tensors, meta = checkpoint.optimizer_tensors(self.optimizer)
         if self.ema is not None:
             tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
         tensors["rng.torch"] = torch.get_rng_state()
         meta.update({"step": str(self.step), "best": repr(self.best)})
         wmeta = {"step": str(self.step), "student": json.dumps(self.student_cfg.to_dict()), "format": "featcache-student-1"}
-        checkpoint.save(folder / STATE.format(name), tensors, meta)
-        checkpoint.save(folder / WEIGHTS.format(name), self.student.state_dict(), wmeta)
+        weights = self.student.state_dict()
+        checkpoint.write_set(self.out / "checkpoints" / name,
+                             {SET_STATE: lambda path: checkpoint.save(path, tensors, meta),
+                              SET_WEIGHTS: lambda path: checkpoint.save(path, weights, wmeta)},
+                             {"step": self.step})
+        for legacy in _legacy_files(self.out, name):  # a resumed older run: its pair is stale now
+            legacy.unlink(missing_ok=True)
 
     def load(self, name: str = "last") -> None:
-        folder = self.out / "checkpoints"
-        weights_path, state_path = folder / WEIGHTS.format(name), folder / STATE.format(name)
+        found = checkpoint_files(self.out, name)
+        if found is None:
+            raise UsageError(f"{self.out} holds no '{name}' checkpoint: nothing to resume")
+        weights_path, state_path = found
         wmeta, smeta = checkpoint.metadata(weights_path), checkpoint.metadata(state_path)
         if wmeta.get("step") != smeta.get("step"):
-            raise UsageError(f"{folder}: {name} weights (step {wmeta.get('step')}) and state (step "
+            raise UsageError(f"{self.out / 'checkpoints'}: {name} weights (step {wmeta.get('step')}) and state (step "
                              f"{smeta.get('step')}) differ: the run stopped while saving; cannot resume exactly")
         self.student.load_state_dict(load_file(str(weights_path)))
         state = load_file(str(state_path))
@@ -385,6 +392,22 @@ class Trainer:
             self.ema.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")})
         torch.set_rng_state(state["rng.torch"])
         self.step, self.best = int(smeta["step"]), float(smeta["best"])
+
+
+def _legacy_files(run: Path, name: str) -> tuple[Path, Path]:
+    """Where runs written before checkpoint sets kept ``name``'s weights and state."""
+    folder = run / "checkpoints"
+    return folder / WEIGHTS.format(name), folder / STATE.format(name)
+
+
+def checkpoint_files(run: Path, name: str) -> tuple[Path, Path] | None:
+    """The weights and state files of checkpoint ``name`` (``last``, ``best``) of ``run``: its current
+    set, else the pair an older featcache wrote; None when the run has neither."""
+    found = checkpoint.read_set(run / "checkpoints" / name)
+    if found is not None:
+        return found[0] / SET_WEIGHTS, found[0] / SET_STATE
+    weights, state = _legacy_files(run, name)
+    return (weights, state) if weights.exists() or state.exists() else None
 
 
 def train(cfg: TrainConfig | None, out: str | Path, resume: bool = False, init: str | None = None,
@@ -428,11 +451,10 @@ def load_student(run: str | Path, which: str = "best") -> Student:
     file, in eval mode, ready for downstream use."""
     path = Path(run)
     if path.is_dir():
-        folder = path / "checkpoints"
-        candidates = [folder / WEIGHTS.format(which), folder / WEIGHTS.format("last")]
-        path = next((p for p in candidates if p.exists()), None)
-        if path is None:
-            raise UsageError(f"{run} holds no checkpoint (looked for {', '.join(str(p) for p in candidates)})")
+        found = checkpoint_files(path, which) or checkpoint_files(path, "last")
+        if found is None:
+            raise UsageError(f"{run} holds no checkpoint (no checkpoints/{which} or checkpoints/last)")
+        path = found[0]
     meta = checkpoint.metadata(path)
     if meta.get("format") != "featcache-student-1":
         raise UsageError(f"{path} is not a featcache student checkpoint")

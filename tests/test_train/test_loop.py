@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from featcache import checkpoint
 from featcache.cli import main
 from featcache.geometry import crop_targets
 from featcache.train import config, load_student, train
@@ -118,8 +119,11 @@ def test_the_run_folder_holds_config_checkpoints_metrics_and_pictures(long_run, 
     run, _ = long_run
     saved = config.load(run / "config.toml")  # the resolved config reads back as the run's
     assert saved.cache == cache_root and saved.optim.steps == 40 and saved.teachers[2].spatial == 0.5
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "best.safetensors", "best.state.safetensors", "last.safetensors", "last.state.safetensors"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "last"]
+    for name in ("best", "last"):  # one checkpoint set each: weights and state
+        found = checkpoint.read_set(run / "checkpoints" / name)
+        assert sorted(p.name for p in found[0].iterdir()) == ["state.safetensors", "student.safetensors"]
+    assert checkpoint.read_set(run / "checkpoints" / "last")[1] == {"step": 40}
     train_records = [r for r in _records(run) if "lr" in r]
     assert [r["step"] for r in train_records] == [10, 20, 30, 40]
     assert all(r["samples_per_s"] > 0 and r["bytes_read_per_s"] > 0 for r in train_records)
@@ -158,7 +162,7 @@ def test_resume_after_kill_9_reproduces_the_uninterrupted_losses(cache_root, con
     killed = tmp_path / "killed"
     proc = subprocess.Popen([cli, "train", cache_root, "--config", str(config_file), "--out", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    state = killed / "checkpoints" / "last.state.safetensors"
+    state = killed / "checkpoints" / "last" / checkpoint.POINTER
     deadline = time.monotonic() + 240
     while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -1,0 +1,105 @@
+"""A run folder through failures: checkpoints land as a set whatever moment a kill strikes, older
+run folders still resume, a failed start leaves no folder behind, and a finished run says how to go on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from featcache import checkpoint
+from featcache.cli import main
+from featcache.train import config, train
+from tests.support import training
+from tests.test_train.test_loop import CONFIG, LOSS_KEYS, _losses
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory) -> str:
+    base = tmp_path_factory.mktemp("runfolder")
+    root = base / "cache"
+    training.build(root, training.photos(base / "photos"), training.teachers(base / "models"))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "train.toml"
+    path.write_text(CONFIG)
+    return path
+
+
+@pytest.fixture(scope="module")
+def whole(cache_root, config_file, tmp_path_factory) -> Path:
+    """The 12-step run, uninterrupted."""
+    run = tmp_path_factory.mktemp("whole") / "run"
+    train(config.load(config_file, cache=cache_root), run)
+    return run
+
+
+def _killed_at_save(cache_root: str, config_file: Path, run: Path, call: int) -> None:
+    """Train in a subprocess that SIGKILLs itself as it begins its ``call``-th checkpoint file write
+    (1-2: best at step 0, 3-4: last at step 4, 5-6: last at step 8; state first, then weights)."""
+    code = (
+        "import os, signal, sys\n"
+        "from featcache import checkpoint\n"
+        "from featcache.train import config, train\n"
+        "real, calls = checkpoint.save, [0]\n"
+        "def save(*args, **kwargs):\n"
+        "    calls[0] += 1\n"
+        f"    if calls[0] == {call}:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(*args, **kwargs)\n"
+        "checkpoint.save = save\n"
+        f"train(config.load({str(config_file)!r}, cache={cache_root!r}), {str(run)!r})\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+
+
+def _resume_matches(run: Path, whole: Path) -> None:
+    cli = str(Path(sys.executable).with_name("featcache"))
+    resumed = subprocess.run([cli, "train", "--out", str(run), "--resume"], capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _losses(whole), _losses(run)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in a:
+        for k in LOSS_KEYS:
+            assert b[step][k] == pytest.approx(a[step][k], rel=1e-6, abs=1e-9), (step, k)
+
+
+def test_a_kill_between_a_checkpoints_two_files_resumes_with_the_same_losses(cache_root, config_file, whole,
+                                                                             tmp_path):
+    run = tmp_path / "run"
+    _killed_at_save(cache_root, config_file, run, call=6)  # step 8's state written, its weights not yet
+    _resume_matches(run, whole)
+
+
+def test_a_run_folder_of_the_older_layout_still_resumes(cache_root, config_file, whole, tmp_path):
+    """Runs written before checkpoint sets kept checkpoints/last.safetensors + last.state.safetensors."""
+    run = tmp_path / "run"
+    _killed_at_save(cache_root, config_file, run, call=5)  # the step-4 checkpoint is whole
+    folder = run / "checkpoints"
+    for name in ("best", "last"):
+        found = checkpoint.read_set(folder / name)
+        shutil.copyfile(found[0] / "student.safetensors", folder / f"{name}.safetensors")
+        shutil.copyfile(found[0] / "state.safetensors", folder / f"{name}.state.safetensors")
+        shutil.rmtree(folder / name)
+    _resume_matches(run, whole)
+    assert sorted(p.name for p in folder.iterdir()) == ["best", "last"]  # the stale older pair is gone
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
+    """A disk that fills (or a kill) while a line is written leaves half a line."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "a": 1.0}\n{"step": 2, "a": 2.0}\n{"step": 3, "a"')
+    checkpoint.truncate_metrics(path, 2)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1, "a": 1.0},
+                                                                            {"step": 2, "a": 2.0}]
