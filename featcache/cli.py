@@ -555,12 +555,16 @@ def plan_cmd(
 
 
 def _manifest(cfg):
-    """The job's output or source manifest (a cache root or an index), or None."""
+    """The job's output or source manifest (a cache root or an index), or None. An object store that
+    cannot be used is refused in one line first, as every command reading one does."""
     from featcache.fsio import locate
     from featcache.store import tables
 
     for root in (cfg.output, cfg.source):
-        if root and "*" not in root and locate(root).join(tables.MANIFEST).exists():
+        if not root or "*" in root:  # a glob of shards or images holds no manifest
+            continue
+        check_reachable(root)
+        if locate(root).join(tables.MANIFEST).exists():
             return tables.read_manifest(locate(root))
     return None
 

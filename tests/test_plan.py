@@ -209,3 +209,37 @@ def test_plan_predicts_the_bytes_of_caches_written_here(written, n, capsys):
         real = _view_bytes(root, v["key"])
         assert abs((v["bytes"] + v["overhead_bytes"]) / real - 1) < 0.05, (v["key"], real, v)
     assert plan["total_bytes"] == sum(v["bytes"] + v["overhead_bytes"] for v in plan["views"])
+
+
+# ---- an object-store job: nothing read with --images, one line without (issue 23, item 10) ------------
+
+
+@pytest.fixture
+def no_credentials(s3_root, monkeypatch, tmp_path):
+    """An s3:// cache root on the test server, and an environment with no S3 credentials at all."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.setenv(name, str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup
+    return s3_root
+
+
+def _s3_job(tmp_path, root: str, teacher: str) -> str:
+    job = tmp_path / "s3job.yaml"
+    job.write_text(json.dumps({"source": root, "output": root, "teachers": [{"family": "dinov3", "source": teacher}]}))
+    return str(job)
+
+
+@pytest.mark.s3
+def test_plan_with_images_reads_nothing_from_an_s3_output(no_credentials, tiny, tmp_path, capsys):
+    assert main(["plan", _s3_job(tmp_path, no_credentials, tiny["dinov3"]), "--images", "100", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 100
+
+
+@pytest.mark.s3
+def test_plan_counting_an_s3_manifest_without_credentials_is_one_line(no_credentials, tiny, tmp_path, capsys):
+    from tests.test_s3_preflight import assert_one_line, run_cli
+
+    result = run_cli(["plan", _s3_job(tmp_path, no_credentials, tiny["dinov3"])], capsys)
+    assert_one_line(result, f"S3 credentials missing or refused for {no_credentials}")
