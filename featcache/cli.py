@@ -587,17 +587,24 @@ def viz_cmd(
 
     if not out.lower().endswith(".png"):
         raise UsageError(f"--out {out!r}: viz writes PNG files (name it .png)")
+    for location in (root, against):  # the preflight of extract: one line for an unusable object store
+        if location:
+            check_reachable(location)
     cache = featcache.open_cache(root)
+    summary = None
     if error or against:
         keys = error or views or []
         if not keys or len(keys) > 2:
             raise UsageError("give --error VIEW (with --against ROOT) or --error A --error B")
         other = featcache.open_cache(against) if against else None
-        picture = viz.render_error(cache, image, keys[0], keys[1] if len(keys) > 1 else None, other)
+        found = viz.error_map(cache, image, keys[0], keys[1] if len(keys) > 1 else None, other)
+        picture, summary = viz.draw_error(cache, found), found.summary()
     else:
         picture = viz.render(cache, image, views)
     picture.save(out, format="PNG")
     typer.echo(f"wrote {out} ({picture.width}x{picture.height})")
+    if summary:
+        typer.echo(summary)
 
 
 @app.command("demo")

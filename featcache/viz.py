@@ -12,6 +12,8 @@ names the statistic and its scale (0 to the 99th percentile; cells above it show
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -47,6 +49,8 @@ ERROR_NAME = "relative error ‖a−b‖ / ‖b‖ per cell"
 
 
 def _row(cache, image_id: str) -> int:
+    """The manifest row of ``image_id``, once the manifest is known to be the one the rows were written for."""
+    cache.check_manifest()  # rows are positions: a reordered manifest would pair an image with another's features
     ids = cache.manifest.column("image_id").to_pylist()
     try:
         return ids.index(image_id)
@@ -55,10 +59,15 @@ def _row(cache, image_id: str) -> int:
                          f"image_id column, e.g. {ids[0]!r})") from None
 
 
+def _view(cache, key: str):
+    views = cache.views
+    if key not in views:
+        raise UsageError(f"no view {key!r} in {cache.root.uri}; views: {', '.join(views) or 'none'}")
+    return views[key]
+
+
 def _dense(cache, key: str, row: int) -> np.ndarray:
-    if key not in cache.views:
-        raise UsageError(f"no view {key!r} in {cache.root.uri}; views: {', '.join(cache.views) or 'none'}")
-    view = cache.view(key)
+    view = _view(cache, key)
     if row // view.shard_size not in view.committed_shards():
         raise UsageError(f"{key}: the shard holding image row {row} is not committed yet")
     with view.reader() as reader:
@@ -181,18 +190,67 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.linalg.norm(a - b, axis=-1) / np.maximum(np.linalg.norm(b, axis=-1), 1e-12)
 
 
-def render_error(cache, image_id: str, view_a: str, view_b: str | None = None, other=None) -> Image.Image:
-    """Heatmap of the error of ``view_a`` against ``view_b`` (same cache) or against the same view
-    of the cache ``other``."""
+@dataclass(frozen=True)
+class ErrorMap:
+    """The per-cell error of one view against another (same cache) or against itself in another cache."""
+
+    row: int
+    err: np.ndarray  # (h, w) relative error per cell, on the finer grid
+    label: str  # "a = <view>, b = <view or cache view>"
+
+    def summary(self) -> str:
+        """One line: the statistic, its mean, 99th percentile and maximum over the cells."""
+        e = self.err
+        return (f"{ERROR_NAME}: mean {e.mean():.3g}, 99th percentile {np.percentile(e, 99):.3g}, "
+                f"max {e.max():.3g} over {e.size} cells")
+
+
+def error_map(cache, image_id: str, view_a: str, view_b: str | None = None, other=None) -> ErrorMap:
+    """The error of ``view_a`` against ``view_b`` (same cache) or against the same view of the cache
+    ``other``; refused when the two come from different teachers (unrelated feature spaces)."""
     row = _row(cache, image_id)
-    a = _dense(cache, view_a, row)
     if other is not None:
-        b, label = _dense(other, view_b or view_a, _row(other, image_id)), f"{other.root.uri} {view_b or view_a}"
+        b_cache, b_key, b_row, label = other, view_b or view_a, _row(other, image_id), f"{other.root.uri} {view_b or view_a}"
     elif view_b:
-        b, label = _dense(cache, view_b, row), view_b
+        b_cache, b_key, b_row, label = cache, view_b, row, view_b
     else:
         raise UsageError("an error map needs a second view or a second cache")
-    err = relative_error(a, b)
-    vmax = float(np.percentile(err, 99)) or float(err.max())
-    return strip([_image_panel(cache, row), panel(heat(err, vmax), f"a = {view_a}, b = {label}"),
-                   colorbar(vmax, ERROR_NAME, clipped=bool(err.max() > vmax))])
+    _same_teacher(cache, view_a, b_cache, b_key)
+    err = relative_error(_dense(cache, view_a, row), _dense(b_cache, b_key, b_row))
+    return ErrorMap(row, err, f"a = {view_a}, b = {label}")
+
+
+def _same_teacher(cache_a, key_a: str, cache_b, key_b: str) -> None:
+    """Refuse two views whose features come from different teachers: an error between them means nothing."""
+    a, b = (_view(c, k).spec.teacher for c, k in ((cache_a, key_a), (cache_b, key_b)))
+    if _teacher_identity(a) != _teacher_identity(b):
+        raise UsageError(f"{key_a} and {key_b} come from different teachers ({_teacher_name(a)}, {_teacher_name(b)}): "
+                         "their features live in unrelated spaces, so an error between them means nothing; "
+                         "compare two views of one teacher, or one view of two caches written by the same teacher")
+
+
+def _teacher_identity(teacher: dict) -> tuple:
+    """What makes two views' features comparable: the family and its weights (by hash when recorded)."""
+    weights = teacher.get("weights_hash") or (teacher.get("source"), teacher.get("name"))
+    return teacher.get("family"), weights
+
+
+def _teacher_name(teacher: dict) -> str:
+    digest = teacher.get("weights_hash")
+    return f"{teacher.get('family')} weights {digest[:19]}" if digest else f"{teacher.get('family')} from {teacher.get('source')}"
+
+
+def draw_error(cache, m: ErrorMap) -> Image.Image:
+    """The image, the error heatmap and its colour bar (0 to the 99th percentile; a map of zeros, two
+    identical caches, keeps a 0-to-1 scale and says so in the bar's name)."""
+    vmax = float(np.percentile(m.err, 99)) or float(m.err.max())
+    name = ERROR_NAME if vmax > 0 else f"{ERROR_NAME}: all 0 (identical)"
+    scale = vmax if vmax > 0 else 1.0
+    return strip([_image_panel(cache, m.row), panel(heat(m.err, scale), m.label),
+                  colorbar(scale, name, clipped=bool(m.err.max() > scale))])
+
+
+def render_error(cache, image_id: str, view_a: str, view_b: str | None = None, other=None) -> Image.Image:
+    """Heatmap of the error of ``view_a`` against ``view_b`` (same cache) or against the same view
+    of the cache ``other`` (see :func:`error_map`)."""
+    return draw_error(cache, error_map(cache, image_id, view_a, view_b, other))

@@ -11,6 +11,7 @@ from featcache import viz
 from featcache.fsio import locate
 from featcache.store import Cache, tables
 from tests.support.caches import spec, write_all
+from tests.test_s3_preflight import closed_endpoint  # noqa: F401 (fixture)
 
 
 @pytest.fixture
@@ -95,3 +96,88 @@ def test_labels_use_only_glyphs_the_font_draws():
     for text in (viz.ERROR_NAME, "≥0.5", "a…b"):
         drawn = viz.drawable(text)
         assert all(bytes(viz.FONT.getmask(c)) != bytes(viz.FONT.getmask("\ue000")) for c in drawn if c != " ")
+
+
+# ---- issue 23: a reordered manifest, two teachers, identical caches, S3 preflight, non-view folders -----
+
+
+def _viz(root, *args: str, out) -> list[str]:
+    from featcache.cli import main
+
+    return [str(main(["viz", str(root), "--image", "img1", "--out", str(out), *args]))]
+
+
+def test_viz_refuses_a_reordered_manifest(cache, tmp_path, capsys):
+    """Rows are positions: after the manifest's rows were reversed (index column kept with its rows), viz
+    drew img1 beside img2's features; it refuses in one line, as extract, stats, train and verify do."""
+    manifest = cache.manifest
+    tables.write_table(cache.root.join(tables.MANIFEST), manifest.take(list(reversed(range(manifest.num_rows)))))
+    for args in ([], ["--error", list(cache.views)[0], "--error", list(cache.views)[1]]):
+        assert _viz(cache.root.uri, *args, out=tmp_path / "v.png") == ["2"]
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "manifest.parquet no longer matches the cache: row 0" in err[0], err
+        assert not (tmp_path / "v.png").exists()
+
+
+def test_an_error_map_between_two_teachers_is_refused(cache, tmp_path, capsys):
+    other = spec("other-teacher@224", grid=(4, 6))
+    other = other.__class__(**{**other.__dict__, "teacher": {"family": "siglip2", "source": "elsewhere",
+                                                               "weights_hash": "sha256:abc"}})
+    write_all(cache.create_view(other), seed=3)
+    assert _viz(cache.root.uri, "--error", list(cache.views)[0], "--error", other.key, out=tmp_path / "e.png") == ["2"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "different teachers" in err[0] and other.key in err[0], err
+
+
+def test_identical_caches_give_a_number_and_a_sane_colour_bar(cache, tmp_path, capsys):
+    import shutil
+
+    twin = tmp_path / "twin"
+    shutil.copytree(cache.root.path, twin)
+    key = list(cache.views)[0]
+    png = tmp_path / "same.png"
+    assert _viz(cache.root.uri, "--error", key, "--against", str(twin), out=png) == ["0"]
+    out = capsys.readouterr().out
+    assert "relative error ‖a−b‖ / ‖b‖ per cell: mean 0, 99th percentile 0, max 0 over 24 cells" in out, out
+    picture = np.asarray(Image.open(png).convert("RGB"))
+    assert len(_bar_columns(picture)) == viz.BAR  # the whole gradient, not a black bar labelled 0/0/0
+    keys = list(cache.views)
+    assert _viz(cache.root.uri, "--error", keys[0], "--error", keys[1], out=png) == ["0"]
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("relative error ‖a−b‖ / ‖b‖ per cell: mean ") and "over 96 cells" in line, line
+
+
+def test_viz_skips_a_folder_that_is_not_a_view(cache, tmp_path, capsys):
+    import os
+
+    os.mkdir(os.path.join(cache.root.path, "features.zarr", "junk"))
+    assert _viz(cache.root.uri, out=tmp_path / "v.png") == ["0"]
+    assert "features.zarr/junk: a folder that is not a view (left alone)" in capsys.readouterr().err
+
+
+@pytest.mark.s3
+def test_viz_on_an_unreachable_endpoint_is_one_line(closed_endpoint, tmp_path, capsys):
+    from tests.test_s3_preflight import assert_one_line, run_cli
+
+    result = run_cli(["viz", "s3://b/cache", "--image", "x", "--out", str(tmp_path / "v.png")], capsys)
+    assert_one_line(result, f"cannot reach the S3 endpoint {closed_endpoint} for s3://b/cache")
+    result = run_cli(["viz", str(tmp_path), "--image", "x", "--error", "v", "--against", "s3://b/other",
+                      "--out", str(tmp_path / "v.png")], capsys)
+    assert_one_line(result, f"cannot reach the S3 endpoint {closed_endpoint} for s3://b/other")
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("variable, value", [("AWS_SECRET_ACCESS_KEY", "wrong-secret"), ("AWS_ACCESS_KEY_ID", None)])
+def test_viz_with_refused_or_missing_credentials_is_one_line(s3_root, monkeypatch, tmp_path, variable, value, capsys):
+    from tests.test_s3_preflight import assert_one_line, run_cli
+
+    if value is None:
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    else:
+        monkeypatch.setenv(variable, value)
+    result = run_cli(["viz", s3_root, "--image", "x", "--out", str(tmp_path / "v.png")], capsys)
+    assert_one_line(result, f"S3 credentials missing or refused for {s3_root}")
