@@ -522,6 +522,8 @@ def plan_cmd(
 
     from featcache import estimate, roofline
     from featcache.extract import config as job
+    from featcache.extract.progress import plural
+    from featcache.log import waiting
 
     teachers = [job.parse_teacher_flag(t) for t in teacher] if teacher else None
     cfg = job.load(config, teachers=teachers, output=None if config else "plan", shard_size=shard_size)
@@ -540,17 +542,22 @@ def plan_cmd(
                               "the job's output or source)")
     n = images or manifest.num_rows
     local = "cuda" if torch.cuda.is_available() else "cpu"
-    hw = roofline.measure(local) if device == "measured" else roofline.HARDWARE[device]
+    hw = roofline.HARDWARE.get(device)
+    if device == "measured":
+        with waiting(f"calibrating the roofline of this {local}…"):
+            hw = roofline.measure(local)
     measured, megapixels = None, None
     if measure:
         scratch = cfg.output if cfg.output and "://" not in cfg.output and os.path.isdir(cfg.output) else None
-        measured = estimate.measure_job(cfg, manifest, hw, sample, scratch=scratch)
+        with waiting(f"timing {sample} of the job's images through its teachers here…"):
+            measured = estimate.measure_job(cfg, manifest, hw, sample, scratch=scratch)
         megapixels = float(sum(w * h for w, h in zip(manifest.column("width").to_pylist(),
                                                      manifest.column("height").to_pylist()))) / manifest.num_rows / 1e6
-    result = estimate.estimate(cfg, n, hw, efficiency, gpus, storage_gbps, cfg.shard_size or 64,
-                               image_id_bytes=24 if manifest is None else estimate.image_id_bytes(manifest),
-                               train_samples_per_s=train_samples_per_s, measured=measured,
-                               megapixels_per_image=megapixels)
+    with waiting(f"describing {plural(len(cfg.teachers), 'teacher')} from their configs…"):
+        result = estimate.estimate(cfg, n, hw, efficiency, gpus, storage_gbps, cfg.shard_size or 64,
+                                   image_id_bytes=24 if manifest is None else estimate.image_id_bytes(manifest),
+                                   train_samples_per_s=train_samples_per_s, measured=measured,
+                                   megapixels_per_image=megapixels)
     typer.echo(json.dumps(result, indent=1) if as_json else estimate.table(result))
 
 

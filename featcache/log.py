@@ -9,8 +9,10 @@ starting with a carriage return) goes straight to the terminal, and only while I
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+import threading
 
 LOGGER = logging.getLogger("featcache")
 
@@ -62,3 +64,26 @@ def configure_cli(quiet: bool = False, verbose: bool = False) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         LOGGER.addHandler(handler)
     LOGGER.propagate = False
+
+
+# ---- a line for a long wait (issue 23, item 15) ------------------------------------------------------
+
+#: a wait longer than this gets a line saying what it waits for (no command stays silent for 10 s)
+NOTICE_AFTER_S = 3.0
+
+
+@contextlib.contextmanager
+def waiting(text: str):
+    """Say ``text`` (INFO) once the block has run for :data:`NOTICE_AFTER_S`: a quick block, or a quick
+    failure whose one-line error should stand alone, says nothing (at 0 s, it is said at once)."""
+    if NOTICE_AFTER_S <= 0:
+        LOGGER.info(text)
+        yield
+        return
+    timer = threading.Timer(NOTICE_AFTER_S, LOGGER.info, (text,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()

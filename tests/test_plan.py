@@ -243,3 +243,27 @@ def test_plan_counting_an_s3_manifest_without_credentials_is_one_line(no_credent
 
     result = run_cli(["plan", _s3_job(tmp_path, no_credentials, tiny["dinov3"])], capsys)
     assert_one_line(result, f"S3 credentials missing or refused for {no_credentials}")
+
+
+# ---- no long silence (issue 23, item 15) ---------------------------------------------------------------
+
+
+def test_plan_says_what_it_waits_for(tiny, indexed_job, monkeypatch, capsys):
+    """A wait longer than ``log.NOTICE_AFTER_S`` gets a line on stderr naming it (here: every wait, at
+    0 s); stdout keeps the JSON alone."""
+    import featcache.log
+
+    monkeypatch.setattr(featcache.log, "NOTICE_AFTER_S", 0.0)
+    assert main(["plan", indexed_job, "--device", "measured", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["images"] == 4
+    lines = err.strip().splitlines()
+    assert lines == ["calibrating the roofline of this cpu…", "describing 2 teachers from their configs…"], lines
+
+
+def test_a_plan_for_a_stated_device_calibrates_nothing(tiny, monkeypatch, capsys):
+    import featcache.log
+
+    monkeypatch.setattr(featcache.log, "NOTICE_AFTER_S", 0.0)
+    assert main(["plan", "--teacher", f"family=dinov3,source={tiny['dinov3']}", "--images", "10", "--json"]) == 0
+    assert capsys.readouterr().err.strip().splitlines() == ["describing 1 teacher from their configs…"]
