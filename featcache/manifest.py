@@ -26,6 +26,7 @@ import pyarrow.csv as pacsv
 
 from featcache.errors import ImageError, SourceNotFoundError, UsageError
 from featcache.fsio import Location, check_reachable, locate
+from featcache.log import LOGGER
 from featcache.images import header_of_local, header_of_remote, is_image_name
 from featcache.sources import Member, listing, parquet, tars
 from featcache.sources.globs import GLOB_CHARS, glob_paths
@@ -286,7 +287,8 @@ def _manifest_table(good: list) -> pa.Table:
 
 def _check_replaceable(root: Location, manifest: pa.Table) -> None:
     """A manifest under existing features may only be rewritten with the same images in the same order
-    (checked against the cache's fingerprint, so a deleted manifest can be restored by indexing again)."""
+    (checked against the cache's fingerprint, so a deleted manifest can be restored by indexing again).
+    Files that changed since the last index are accepted: their shards are uncommitted in every view."""
     if not root.join("features.zarr").exists():
         return
     cache = Cache(root)
@@ -295,12 +297,27 @@ def _check_replaceable(root: Location, manifest: pa.Table) -> None:
         if detail:
             raise UsageError(f"{root.uri} already holds features for another image list ({detail}); "
                              "index into a new root")
+        _accept_changes(cache, manifest)
         return
     old = tables.read_manifest(root)  # a cache from before fingerprints: compare with its manifest
     same = all(old.column(c).equals(manifest.column(c)) for c in ("image_id", "uri")) \
         if old.num_rows == manifest.num_rows else False
     if not same:
         raise UsageError(f"{root.uri} already holds features for another image list; index into a new root")
+    _accept_changes(cache, manifest)
+
+
+def _accept_changes(cache: Cache, manifest: pa.Table) -> None:
+    """Uncommit the shards of the images that changed since the last index (when a manifest is there to
+    compare with), and say so."""
+    if not cache.root.join(tables.MANIFEST).exists():  # a deleted manifest being restored: nothing to compare
+        return
+    rows = cache.uncommit_changed(manifest)
+    if rows:
+        ids = manifest.column("image_id").to_pylist()
+        shown = ", ".join(ids[r] for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+        LOGGER.info(f"{len(rows)} image(s) changed since the last index ({shown}): their shards are uncommitted in "
+                    "every view, and the next 'featcache extract' recomputes them")
 
 
 def _write_index_errors(root: Location, rows: list[tuple[str, str | None, str]]) -> None:

@@ -421,3 +421,84 @@ def test_a_deleted_manifest_is_restored_by_indexing_the_same_source_again(tmp_pa
     assert len(err) == 1 and "already holds features for another image list" in err[0]
     assert main(["index", str(src), "--out", root]) == 0
     assert featcache.verify(root).ok
+
+
+# ---- issue 23, item 18: a re-index that accepts changed files uncommits their shards ------------------
+
+
+def _reindex_cache(tmp_path, n: int = 5, shard_size: int = 2):
+    """``n`` real photos indexed, one store-level view with every shard written (no teachers needed)."""
+    from tests.support.caches import spec, write_all
+
+    src = tmp_path / "src"
+    src.mkdir()
+    names = ["astronaut", "camera", "chelsea", "coffee", "horse"][:n]
+    for name in names:
+        shutil.copyfile(photo(name), src / photo(name).name)
+    featcache.index(src, tmp_path / "cache")
+    cache = featcache.open_cache(str(tmp_path / "cache"))
+    for key in ("a@224", "b@224"):
+        write_all(cache.create_view(spec(key), shard_size=shard_size))
+    return src, str(tmp_path / "cache")
+
+
+def test_reindexing_a_replaced_file_uncommits_its_shard_in_every_view(tmp_path):
+    src, root = _reindex_cache(tmp_path)
+    shutil.copyfile(photo("rocket"), src / "camera.png")  # row 1: shard 0
+    st = os.stat(src / "horse.png")
+    os.utime(src / "horse.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # row 4: shard 2, touched only
+    featcache.index(src, root)
+    cache = featcache.open_cache(root)
+    assert {k: sorted(v.committed_shards()) for k, v in cache.views.items()} == {"a@224": [1], "b@224": [1]}
+    assert featcache.verify(root).ok
+    featcache.index(src, root)  # nothing changed since: nothing more is uncommitted
+    assert sorted(featcache.open_cache(root).view("a@224").committed_shards()) == [1]
+
+
+def test_reindexing_unchanged_files_keeps_every_shard(tmp_path):
+    src, root = _reindex_cache(tmp_path)
+    featcache.index(src, root)
+    assert {k: sorted(v.committed_shards()) for k, v in featcache.open_cache(root).views.items()} == {
+        "a@224": [0, 1, 2], "b@224": [0, 1, 2]}
+
+
+@pytest.fixture(scope="module")
+def demo_teachers(tmp_path_factory):
+    from featcache.demo import save_demo_teachers
+
+    return save_demo_teachers(tmp_path_factory.mktemp("demo-teachers"))
+
+
+def test_reindex_then_extract_recomputes_changed_images_end_to_end(tmp_path, demo_teachers):
+    """Extract, replace camera.png: following "re-index to accept the change" paired the new pixels with
+    the old features. Now the re-index uncommits camera's shard and the next extract recomputes it; an
+    image changed before extraction (horse, failed as changed) is extracted after re-indexing."""
+    import io
+
+    import numpy as np
+
+    from featcache.extract.config import from_dict
+    from featcache.pipelines.extract import run
+    from featcache.pipelines.ray_session import ray_session
+    from tests.test_extract.conftest import direct, stored
+
+    src, out = tmp_path / "src", tmp_path / "cache"
+    src.mkdir()
+    for name in ("astronaut", "camera", "chelsea", "coffee", "horse"):
+        shutil.copyfile(photo(name), src / photo(name).name)
+    featcache.index(src, out)
+    shutil.copyfile(photo("coins"), src / "horse.png")  # before extraction: horse fails as changed
+    job = from_dict({"source": str(out), "output": str(out), "shard_size": 2, "batch_size": 2, "stats": False,
+                     "teachers": [{"family": "dinov3", "source": demo_teachers["dinov3"], "codec": "f32"}]}, "t")
+    with ray_session():  # one embedded Ray for both jobs
+        assert run(job, stream=io.StringIO()).failed_images == 1
+        shutil.copyfile(photo("rocket"), src / "camera.png")  # after extraction
+        assert main(["index", str(src), "--out", str(out)]) == 0
+        assert sorted(featcache.open_cache(str(out)).view("dinov3@64").committed_shards()) == [1]
+        result = run(job, stream=io.StringIO())
+    assert result.exit_code == 0 and result.processed == 2 and result.skipped == 1
+    got, want = stored(out, "dinov3@64"), direct(featcache.open_cache(str(out)), "dinov3@64")
+    assert want["valid"].all() and np.array_equal(got["valid"], want["valid"])
+    for name in ("dense", "summary", "box"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4)
+    assert featcache.verify(str(out)).ok and tables.read_errors(locate(str(out))).num_rows == 0

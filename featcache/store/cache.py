@@ -17,6 +17,7 @@ from importlib import metadata
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import zarr
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
@@ -206,6 +207,20 @@ class Cache:
         except (KeyError, FileNotFoundError, ValueError):
             return np.zeros(0, dtype="<u8")
 
+    def uncommit_changed(self, manifest: pa.Table) -> list[int]:
+        """Before ``manifest`` (the same rows, re-indexed) replaces the cache's: the rows whose file is not
+        the one indexed before (size, mtime, etag, width, height or place in its container differ) have
+        their shards uncommitted in every view, so that the next extract recomputes them from the new
+        bytes (rows are positions: the features of the old bytes must not stay beside the new pixels).
+        Returns those rows. The caller writes the manifest afterwards: a re-index killed in between
+        finds the same rows again."""
+        rows = changed_rows(self.manifest, manifest)
+        if rows and self.attrs():
+            for key, view in self.scan_views()[0].items():
+                for shard in sorted({r // view.shard_size for r in rows}):
+                    commits.remove_commit(self.root, key, shard)
+        return rows
+
     def grow(self, manifest: pa.Table) -> None:
         """Record ``manifest``, an extension of the cache's rows, as the rows the cache is written for
         (driver only): each view's last shard, when partial, is uncommitted (it is recomputed whole),
@@ -344,6 +359,23 @@ class Cache:
             raise UsageError(f"view {spec.key} already exists with other settings ({_diff(view.spec, spec)}); "
                              "write to a new cache root or view key")
         return view
+
+
+#: Manifest columns that describe a row's bytes (its identity, index/image_id/uri, is the fingerprint's).
+_CONTENT_COLUMNS = ("width", "height", *tables.FILE_COLUMNS, *tables.MEMBER_COLUMNS)
+
+
+def changed_rows(old: pa.Table, new: pa.Table) -> list[int]:
+    """Rows of two manifests of the same images whose recorded content differs (a column missing from
+    either, as in manifests written before it, tells nothing)."""
+    n = min(old.num_rows, new.num_rows)
+    changed = np.zeros(n, dtype=bool)
+    for name in _CONTENT_COLUMNS:
+        if name in old.column_names and name in new.column_names:
+            a, b = old.column(name).slice(0, n), new.column(name).slice(0, n)
+            differ = pc.or_(pc.fill_null(pc.not_equal(a, b), False), pc.not_equal(pc.is_null(a), pc.is_null(b)))
+            changed |= differ.to_numpy(zero_copy_only=False)
+    return np.flatnonzero(changed).tolist()
 
 
 def _missing_arrays(group: zarr.Group) -> list[str]:
