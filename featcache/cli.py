@@ -434,41 +434,75 @@ def _roofline_model(name: str, window: int | None) -> _Model:
     return _Model(cfg.roofline_shape(), 224, lambda device: build_student(cfg).to(device).eval())
 
 
-@app.command("roofline")
+class _RooflineCommand(typer.core.TyperCommand):
+    """``featcache roofline plot ...`` is a command of its own (its arguments, its ``--help``)."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        if args[:1] == ["plot"]:  # runs the plot and exits (SystemExit with its code)
+            typer.main.get_command(_roofline_plot_app).main(args[1:], prog_name=f"{ctx.command_path} plot")
+        return super().parse_args(ctx, args)
+
+
+_roofline_plot_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+@_roofline_plot_app.command()
+@user_errors
+def roofline_plot_cmd(
+    results: str = typer.Argument(..., help="A CSV of a pruning sweep's results: columns pattern, "
+                                  "degree, speedup and one quality column (e.g. heldout_loss; lower is better), "
+                                  "one row per point (dense: degree 0, speedup 1)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="The PNG to write."),
+) -> None:
+    """The Sparsity Roofline picture of a pruning sweep: quality against predicted speedup, a line per
+    pattern through its degrees, the dense point for reference."""
+    from featcache.sparsity_plot import draw
+
+    if not out or not out.lower().endswith(".png"):
+        raise UsageError("roofline plot RESULTS.csv --out PICTURE.png")
+    picture = draw(results, out)
+    typer.echo(f"wrote {out} ({picture.width}x{picture.height})")
+
+
+@app.command("roofline", cls=_RooflineCommand)
 @user_errors
 def roofline_cmd(
     model: str = typer.Argument(..., help="A teacher preset (siglip2-g-384, dinov3-7b, sam3) or student-SIZE "
-                                          "(student-tiny ... student-huge); or 'plot RESULTS.csv --out PNG'."),
-    results: Optional[str] = typer.Argument(None, help="With 'plot': a CSV of pattern, degree, speedup and "
-                                                        "one quality column."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="With 'plot': the PNG to write."),
+                                          "(student-tiny ... student-huge)."),
     res: Optional[int] = typer.Option(None, "--res", help="Input size in px [the teacher's native size; 224 "
                                                           "for a student]."),
     batch: int = typer.Option(1, "--batch", min=1, help="Images per forward."),
-    device: str = typer.Option("h100", "--device", help="a100, h100, h200, or measured (calibrated on this "
-                                                        "machine's CPU, or its GPU with --measure on CUDA)."),
+    device: str = typer.Option("h100", "--device", help="a100, h100, h200 (published bf16 peaks and memory "
+                                                        "bandwidths), or measured (calibrated on this machine's "
+                                                        "CPU, or its GPU with --measure on CUDA)."),
     window: Optional[int] = typer.Option(None, "--window", help="A student's ViTDet window (tokens per side)."),
-    sparsity: Optional[list[str]] = typer.Option(None, "--sparsity", help="pattern:degree on the blocks' linear "
-                                                 "layers: unstructured:0.9, block:0.75, 2:4 (repeatable)."),
+    sparsity: Optional[list[str]] = typer.Option(None, "--sparsity", help="A pattern on the blocks' linear "
+                                                 "layers, repeatable: unstructured:D, block:D (4x4 blocks), "
+                                                 "blockRxC:D (e.g. block4x4:0.75, block16x16:0.9), 2:4; D is the "
+                                                 "fraction of weights removed."),
     measure: bool = typer.Option(False, "--measure", help="Also run the model here (random weights) and print "
                                                           "predicted vs measured; implies --device measured."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (a list with --sparsity)."),
 ) -> None:
-    """Predicted time of a model's forward per layer type from the roofline (ALGORITHMS.md §8); or
-    'plot': the Sparsity Roofline picture of a pruning sweep's results."""
+    """Predicted time of a model's forward, per layer type, from the roofline: each operation takes
+    max(FLOPs / peak, bytes / bandwidth) on the device (matrix products' FLOPs, a multiply-add being two;
+    each tensor read and written once; attention as one fused kernel), summed over the forward.
+
+    With --sparsity, the blocks' linear layers are sparse and the predicted speedup is printed:
+    unstructured (CSR) and block (BSR) keep a fraction 1 - D of the FLOPs and weights, plus int32 indices
+    (one per kept weight, or per kept R x C block); 2:4 keeps all the FLOPs but runs them at the device's
+    2:4 sparse peak (twice the dense one on A100, H100, H200), with half the weights and 2 bits of index
+    per kept weight. Attention stays dense, which bounds the speedup. No sparse kernel is run.
+
+    'featcache roofline plot RESULTS.csv --out PNG' draws a pruning sweep (see its --help).
+    """
     from featcache import roofline
 
-    if model == "plot":
-        from featcache.sparsity_plot import draw
-
-        if not results or not out or not out.lower().endswith(".png"):
-            raise UsageError("roofline plot RESULTS.csv --out PICTURE.png")
-        picture = draw(results, out)
-        typer.echo(f"wrote {out} ({picture.width}x{picture.height})")
-        return
-
     target = _roofline_model(model, window)
-    res = res or target.resolution
+    res = target.resolution if res is None else res
+    if res < target.shape.patch:
+        raise UsageError(f"--res {res}: give an input size of at least {target.shape.patch} px (one patch)")
+    patterns = [_sparsity(spec) for spec in sparsity or []]
     cuda = measure and device == "cuda"
     hw = roofline.measure("cuda" if cuda else "cpu") if measure or device in ("measured", "cuda") else \
         roofline.HARDWARE.get(device)
@@ -478,13 +512,9 @@ def roofline_cmd(
     reports = [roofline.report(model, res, batch, hw, roofline.predict(dense, hw))]
     if measure:
         reports[0]["measured_seconds"] = target.measure(res, batch, "cuda" if cuda else "cpu")
-    for spec in sparsity or []:
-        pattern, _, degree = ("2:4", "", "0.5") if spec == "2:4" else spec.rpartition(":")
-        try:
-            sparse_ops = [roofline.sparse(o, pattern, float(degree)) for o in dense]
-        except ValueError as e:
-            raise UsageError(f"--sparsity {spec!r}: {e}") from None
-        r = roofline.report(f"{model} {pattern} {degree}", res, batch, hw, roofline.predict(sparse_ops, hw))
+    for s in patterns:
+        sparse_ops = [roofline.sparse(o, s.pattern, s.degree, s.block) for o in dense]
+        r = roofline.report(f"{model} {s}", res, batch, hw, roofline.predict(sparse_ops, hw))
         r["speedup"] = reports[0]["predicted_seconds"] / r["predicted_seconds"]
         reports.append(r)
     if as_json:
@@ -492,6 +522,16 @@ def roofline_cmd(
         return
     typer.echo("\n\n".join(roofline.table(r) + (f"\npredicted speedup {r['speedup']:.3f}" if "speedup" in r else "")
                             for r in reports))
+
+
+def _sparsity(spec: str):
+    """A ``--sparsity`` spec as a roofline.Sparsity, refused in one line."""
+    from featcache.roofline import parse_sparsity
+
+    try:
+        return parse_sparsity(spec)
+    except ValueError as e:
+        raise UsageError(f"--sparsity {spec!r}: {e}") from None
 
 
 @app.command("plan")

@@ -21,6 +21,52 @@ from dataclasses import dataclass
 PATTERNS = ("dense", "unstructured", "block", "2:4")
 INDEX_BYTES = 4  # a column index of CSR / BSR (int32)
 POINTER_BYTES = 4  # a row pointer (int32)
+BLOCK = (4, 4)  # the block of ``block:D`` when the spec names none
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """A sparse pattern on the blocks' linear layers: ``str()`` gives its spec back (block size named)."""
+
+    pattern: str  # unstructured, block or 2:4
+    degree: float  # the fraction of weights removed
+    block: tuple[int, int] = BLOCK  # rows x columns of a block (``block`` only)
+
+    def __str__(self) -> str:
+        if self.pattern == "2:4":
+            return "2:4"
+        name = f"block{self.block[0]}x{self.block[1]}" if self.pattern == "block" else self.pattern
+        return f"{name}:{self.degree:g}"
+
+
+def parse_sparsity(spec: str) -> Sparsity:
+    """``unstructured:D``, ``block:D`` (4 x 4 blocks), ``blockRxC:D`` or ``2:4`` (D = 0.5) as a
+    :class:`Sparsity`; a ValueError says what is wrong with any other."""
+    name, sep, degree = ("2:4", ":", "0.5") if spec == "2:4" else spec.rpartition(":")
+    if not sep:
+        raise ValueError("give pattern:degree, e.g. unstructured:0.9, block:0.75, block8x8:0.75 or 2:4")
+    pattern, block = ("block", _block_size(name[5:])) if name.startswith("block") else (name, BLOCK)
+    if pattern not in PATTERNS[1:]:
+        raise ValueError(f"unknown sparsity pattern {pattern!r}; patterns: unstructured, block[RxC], 2:4")
+    try:
+        value = float(degree)
+    except ValueError:
+        value = -1.0
+    if pattern == "2:4" and value != 0.5:
+        raise ValueError(f"2:4 sparsity removes exactly half the weights (degree 0.5), not {degree}")
+    if not 0 < value < 1:
+        raise ValueError(f"the degree is the fraction of weights removed: 0 < D < 1, not {degree}")
+    return Sparsity(pattern, value, block)
+
+
+def _block_size(text: str) -> tuple[int, int]:
+    """``RxC`` after ``block`` (empty: 4 x 4), both positive."""
+    if not text:
+        return BLOCK
+    r, x, c = text.partition("x")
+    if not (x and r.isdigit() and c.isdigit() and int(r) > 0 and int(c) > 0):
+        raise ValueError(f"block size {text!r}: give blockRxC with positive R and C, e.g. block8x8:0.75")
+    return int(r), int(c)
 
 
 @dataclass(frozen=True)
@@ -41,8 +87,8 @@ class VitShape:
 @dataclass(frozen=True)
 class Op:
     """One operation of a forward, ``count`` times: its FLOPs and bytes, and for a linear layer its
-    (M, K, N) (what a sparse pattern acts on). ``peak_scale``: how much faster than the dense peak
-    its FLOPs run (2 for 2:4 sparse tensor cores)."""
+    (M, K, N) (what a sparse pattern acts on). ``sparse_cores``: its FLOPs run on 2:4 sparse tensor
+    cores, at the device's ``sparse_peak``."""
 
     kind: str
     flops: float
@@ -50,13 +96,13 @@ class Op:
     linear: tuple[int, int, int] | None = None
     count: int = 1
     sparsifiable: bool = False
-    peak_scale: float = 1.0
+    sparse_cores: bool = False
 
 
 @dataclass(frozen=True)
 class Hardware:
-    """Peak rates of a device: dense and 2:4-sparse FLOP/s, memory bytes/s, and the element size its
-    models run in (2: bf16 on GPUs; 4: float32 on a CPU)."""
+    """Peak rates of a device: dense and 2:4-sparse FLOP/s (the rate of ops on its sparse tensor
+    cores), memory bytes/s, and the element size its models run in (2: bf16 on GPUs; 4: float32 on a CPU)."""
 
     name: str
     peak: float
@@ -125,13 +171,14 @@ def vit_flops(shape: VitShape, height: int, width: int, channels: int = 3) -> in
     return int(sum(o.flops * o.count for o in ops(shape, height, width, channels=channels)))
 
 
-def sparse(op: Op, pattern: str, degree: float, block: tuple[int, int] = (4, 4)) -> Op:
+def sparse(op: Op, pattern: str, degree: float, block: tuple[int, int] = BLOCK) -> Op:
     """``op`` with a fraction ``degree`` of its weights removed in ``pattern`` (a non-linear op, or one
     not sparsifiable, is returned as it is):
 
     - unstructured (CSR): b(MK + MN) + δKN(b + i) + (N + 1)p, FLOPs x δ;
     - block r x c (BSR): b(MK + MN) + δKN·b + (δKN / rc)·i + (N/r + 1)p, FLOPs x δ;
-    - 2:4 (degree 0.5 only): dense FLOPs at twice the peak; weights KN/2·b plus 2 bits per kept value.
+    - 2:4 (degree 0.5 only): dense FLOPs on the sparse tensor cores (``Hardware.sparse_peak``);
+      weights KN/2·b plus 2 bits per kept value.
     with δ = 1 − degree, b the element size, i and p the index and pointer sizes."""
     if pattern not in PATTERNS:
         raise ValueError(f"unknown sparsity pattern {pattern!r}; patterns: {', '.join(PATTERNS)}")
@@ -151,7 +198,7 @@ def sparse(op: Op, pattern: str, degree: float, block: tuple[int, int] = (4, 4))
                                    + delta * k * n / (r * c) * INDEX_BYTES + (n / r + 1) * POINTER_BYTES)
     if degree != 0.5:
         raise ValueError(f"2:4 sparsity removes exactly half the weights (degree 0.5), not {degree}")
-    return dataclasses.replace(op, bytes=act + k * n / 2 * b + k * n / 2 * 2 / 8, peak_scale=2.0)
+    return dataclasses.replace(op, bytes=act + k * n / 2 * b + k * n / 2 * 2 / 8, sparse_cores=True)
 
 
 @dataclass(frozen=True)
@@ -164,10 +211,10 @@ class Timed:
 
 
 def predict(model: list[Op], hw: Hardware) -> list[Timed]:
-    """Per op: t = max(F / (peak · scale), Q / bandwidth), times its count."""
+    """Per op: t = max(F / peak, Q / bandwidth), times its count (the sparse peak for 2:4 ops)."""
     out = []
     for o in model:
-        compute, memory = o.flops / (hw.peak * o.peak_scale), o.bytes / hw.bandwidth
+        compute, memory = o.flops / (hw.sparse_peak if o.sparse_cores else hw.peak), o.bytes / hw.bandwidth
         out.append(Timed(o, o.count * max(compute, memory), "compute" if compute >= memory else "memory"))
     return out
 
@@ -186,7 +233,7 @@ def by_kind(timed: list[Timed]) -> dict[str, dict]:
     return table
 
 
-def speedup(model: list[Op], hw: Hardware, pattern: str, degree: float, block: tuple[int, int] = (4, 4)) -> float:
+def speedup(model: list[Op], hw: Hardware, pattern: str, degree: float, block: tuple[int, int] = BLOCK) -> float:
     """Σ t_dense / Σ t_sparse for the pattern on every sparsifiable linear layer."""
     dense = sum(t.seconds for t in predict(model, hw))
     return dense / sum(t.seconds for t in predict([sparse(o, pattern, degree, block) for o in model], hw))
