@@ -267,3 +267,12 @@ def test_a_plan_for_a_stated_device_calibrates_nothing(tiny, monkeypatch, capsys
     monkeypatch.setattr(featcache.log, "NOTICE_AFTER_S", 0.0)
     assert main(["plan", "--teacher", f"family=dinov3,source={tiny['dinov3']}", "--images", "10", "--json"]) == 0
     assert capsys.readouterr().err.strip().splitlines() == ["describing 1 teacher from their configs…"]
+
+
+def test_plan_teacher_help_names_every_key_a_teacher_takes():
+    """``plan --teacher`` takes what extract's does, upsampler= included, and its help says so itself."""
+    from tests.test_roofline import _help
+
+    text = _help("plan")
+    for key in ("family=", "source=", "resolutions=", "mosaic=", "codec=", "name=", "preset=", "upsampler="):
+        assert key in text.split("--teacher", 1)[1].split("--images")[0], key
