@@ -538,7 +538,11 @@ def _sparsity(spec: str):
 @user_errors
 def plan_cmd(
     config: Optional[str] = typer.Argument(None, help="The extract job file (YAML or TOML); flags override it."),
-    teacher: Optional[list[str]] = typer.Option(None, "--teacher", help="As extract's --teacher (repeatable)."),
+    teacher: Optional[list[str]] = typer.Option(None, "--teacher", help="Repeatable, as extract's --teacher: "
+                                                "family=dinov3,source=DIR_OR_HF_ID[,resolutions=224+512][,mosaic=K]"
+                                                "[,codec=f32|int8-phis][,name=N][,upsampler=CKPT], or "
+                                                "preset=sam3[,mosaic=3] (upsampler=CKPT: a 'featcache featsharp "
+                                                "train' checkpoint; one view at its canvas)."),
     images: Optional[int] = typer.Option(None, "--images", min=1, help="Images the job covers [the manifest's "
                                                                        "count of the source or output]."),
     device: Optional[str] = typer.Option(None, "--device", help="a100, h100, h200, or measured (this machine) "
