@@ -17,3 +17,8 @@ def __getattr__(name: str):
 
         return getattr(api, name)
     raise AttributeError(f"module 'featcache' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's names and the lazy public API (``dir(featcache)`` and completion show what exists)."""
+    return sorted(set(globals()) | set(__all__))

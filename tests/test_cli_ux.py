@@ -74,3 +74,24 @@ def test_an_embedded_ray_starts_without_rays_token_warning(capfd):
         assert ray.get(ray.put(7)) == 7
     err = capfd.readouterr().err
     assert "starting Ray (embedded" in err and "Token authentication is enabled" not in err, err
+
+
+def test_quiet_after_the_command_works_as_before_it(tmp_path, capsys):
+    """``featcache inspect -q ROOT`` was refused; it prints what ``featcache -q inspect ROOT`` prints."""
+    from tests.support.caches import make_cache
+
+    root = str(tmp_path / "cache")
+    make_cache(root)
+    assert main(["-q", "inspect", root]) == 0
+    before = capsys.readouterr()
+    assert main(["inspect", "-q", root]) == 0 and main(["inspect", "--quiet", root, "--json"]) == 0
+    after = capsys.readouterr()
+    assert after.out.startswith(before.out) and "dinov3@224" in before.out and after.err == before.err == ""
+
+
+def test_dir_lists_the_lazy_public_api():
+    import featcache
+
+    names = dir(featcache)
+    assert set(featcache.__all__) <= set(names) and {"open_cache", "verify", "inspect", "index"} <= set(names)
+    assert "__version__" in names and names == sorted(names)
