@@ -104,8 +104,12 @@ def index_cmd(
 def inspect_cmd(
     root: str = typer.Argument(..., help="Cache root (local directory or fsspec URL)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="As 'featcache -q inspect': only warnings and "
+                                                            "errors on stderr."),
 ) -> None:
     """Show what a cache holds: images, views, shapes, dtypes, bytes, commits, errors, statistics."""
+    if quiet is True:  # not its typer default: demo calls this function directly
+        configure_cli(quiet=True)
     check_reachable(root)
     info = featcache.inspect(root)
     if as_json:
