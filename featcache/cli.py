@@ -294,7 +294,7 @@ def train_cmd(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the batches, crops and weights."),
     device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu or cuda."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes (data.workers)."),
-    prune_spec: Optional[str] = typer.Option(None, "--prune", help="unstructured:D, block:D or 2:4: magnitude-"
+    prune_spec: Optional[str] = typer.Option(None, "--prune", help="unstructured:D, block:D (4x4), blockRxC:D or 2:4: magnitude-"
                                              "prune the block linears (of the --init weights), then distil."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Any config key: --set loss.mesa=0.5 "
                                                                       "(repeatable; values in TOML syntax)."),

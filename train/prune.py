@@ -2,7 +2,7 @@
 
 ``prune = "unstructured:0.9"`` removes, in each block linear layer (qkv, proj, the MLP's two), the
 fraction of weights with the smallest magnitudes; ``block:0.75`` the 4 x 4 tiles of the weight with the
-smallest norms; ``2:4`` the two smaller of every four consecutive input weights of each output. The
+smallest norms (``block8x8:0.75``: 8 x 8 tiles; rows x columns of the (out, in) weight); ``2:4`` the two smaller of every four consecutive input weights of each output. The
 masks are taken once, when training starts (from the ``--init`` weights), and re-applied after every
 optimizer step, so the distillation that follows trains only the weights kept. A resumed run takes
 them again from its checkpoint's weights: the pruned ones are exact zeros, so they are the same masks.
@@ -14,21 +14,16 @@ import torch
 from torch import nn
 
 from featcache.errors import UsageError
-from featcache.roofline import PATTERNS
-
-BLOCK = (4, 4)
+from featcache.roofline import BLOCK, Sparsity, parse_sparsity
 
 
-def parse(spec: str) -> tuple[str, float]:
-    """``pattern:degree`` (``2:4`` alone means degree 0.5) → (pattern, degree), refused in one line."""
-    pattern, degree = ("2:4", "0.5") if spec == "2:4" else spec.rpartition(":")[::2]
+def parse(spec: str) -> Sparsity:
+    """``unstructured:D``, ``block:D``, ``blockRxC:D`` or ``2:4`` (the roofline's specs), refused in one line."""
     try:
-        value = float(degree)
-    except ValueError:
-        value = -1.0
-    if pattern not in PATTERNS[1:] or not 0 < value < 1 or (pattern == "2:4" and value != 0.5):
-        raise UsageError(f"prune {spec!r}: give unstructured:D or block:D with 0 < D < 1, or 2:4")
-    return pattern, value
+        return parse_sparsity(spec)
+    except ValueError as e:
+        raise UsageError(f"prune {spec!r}: give unstructured:D or block:D (blockRxC:D for R x C blocks) "
+                         f"with 0 < D < 1, or 2:4 ({e})") from None
 
 
 def block_linears(student: nn.Module) -> dict[str, nn.Linear]:
@@ -37,8 +32,8 @@ def block_linears(student: nn.Module) -> dict[str, nn.Linear]:
 
 
 @torch.no_grad()
-def mask_of(weight: torch.Tensor, pattern: str, degree: float) -> torch.Tensor:
-    """The keep-mask (bool, the weight's shape (out, in)) of one weight."""
+def mask_of(weight: torch.Tensor, pattern: str, degree: float, block: tuple[int, int] = BLOCK) -> torch.Tensor:
+    """The keep-mask (bool, the weight's shape (out, in)) of one weight (``block``: rows x columns)."""
     w = weight.abs().float()
     if pattern == "2:4":
         groups = w.reshape(w.shape[0], -1, 4)
@@ -46,7 +41,7 @@ def mask_of(weight: torch.Tensor, pattern: str, degree: float) -> torch.Tensor:
         keep.scatter_(2, groups.topk(2, dim=2).indices, True)
         return keep.reshape(w.shape)
     if pattern == "block":
-        r, c = BLOCK
+        r, c = block
         tiles = w.reshape(w.shape[0] // r, r, w.shape[1] // c, c).pow(2).sum(dim=(1, 3))
         return _top(tiles, degree).repeat_interleave(r, 0).repeat_interleave(c, 1)
     return _top(w, degree)
@@ -62,13 +57,13 @@ def _top(score: torch.Tensor, degree: float) -> torch.Tensor:
 
 def masks(student: nn.Module, spec: str) -> dict[str, torch.Tensor]:
     """Per block linear layer, its keep-mask under ``spec``."""
-    pattern, degree = parse(spec)
+    s = parse(spec)
     layers = block_linears(student)
     for name, m in layers.items():
-        r, c = BLOCK if pattern == "block" else (1, 4 if pattern == "2:4" else 1)
+        r, c = s.block if s.pattern == "block" else (1, 4 if s.pattern == "2:4" else 1)
         if m.weight.shape[0] % r or m.weight.shape[1] % c:
             raise UsageError(f"prune {spec!r}: {name} is {tuple(m.weight.shape)}, not a multiple of {r}x{c}")
-    return {name: mask_of(m.weight, pattern, degree) for name, m in layers.items()}
+    return {name: mask_of(m.weight, s.pattern, s.degree, s.block) for name, m in layers.items()}
 
 
 @torch.no_grad()
