@@ -108,6 +108,8 @@ def _add_member(samples: list[_Sample], info: tarfile.TarInfo, reader: "_Window"
     if not samples or samples[-1].key != key:
         samples.append(_Sample(key, info.name))
     sample = samples[-1]
+    if name in sample.fields and sample.error is None:  # which of the two is the sample's? webdataset raises
+        sample.error = f"sample {key!r} holds the member {info.name} more than once (webdataset refuses duplicate fields)"
     sample.fields.append(name)
     if name in fields and sample.image is None:
         sample.image = (info.name, info.offset_data, info.size, _image_header(reader, info, tar))
@@ -155,7 +157,7 @@ def _sort_samples(samples: list[_Sample], out: _TarResult, tar: str) -> None:
             out.ignored.append((tar_uri(tar, s.first), f"sample {s.key!r} has no image member (its fields: "
                                                        f"{', '.join(s.fields)}; see --image-ext)"))
             continue
-        if s.key in seen:
+        if s.key in seen and s.error is None:
             s.error = f"sample key {s.key!r} comes back later in the same tar (keys must be unique)"
         seen.add(s.key)
         out.samples.append(s)

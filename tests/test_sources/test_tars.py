@@ -189,3 +189,15 @@ def test_cli_index_of_tars(layouts, tmp_path, capsys):
     assert "--image-ext is for webdataset tars" in capsys.readouterr().err
     assert main(["index", f"{layouts.tars}/{{00007..00008}}.tar", "--out", str(tmp_path / "f")]) == 2
     assert "none of the 0 images" in capsys.readouterr().err
+
+
+def test_a_member_name_twice_in_one_sample_is_listed_not_dropped(tmp_path):
+    """Two members named ``k/1.png``: the second was silently dropped (webdataset raises on it); the
+    sample is ambiguous, so it is listed in errors.parquet with the reason, and the other samples indexed."""
+    coffee, astronaut = photo("coffee").read_bytes(), photo("astronaut").read_bytes()
+    path = write_tar(tmp_path / "s.tar", [("k/1.png", coffee), ("k/1.png", astronaut), ("k/2.png", coffee)])
+    result = featcache.index(path, tmp_path / "c")
+    assert [r["image_id"] for r in _manifest(tmp_path / "c")] == ["k/2"]
+    reason = "sample 'k/1' holds the member k/1.png more than once (webdataset refuses duplicate fields)"
+    assert result.failed == [(tar_uri(str(path), "k/1.png"), reason)]
+    assert _errors(tmp_path / "c")[tar_uri(str(path), "k/1.png")]["reason"] == reason
