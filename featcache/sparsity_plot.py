@@ -16,6 +16,8 @@ from featcache.errors import UsageError
 from featcache.viz import FONT
 
 COLOURS = {"dense": (0, 0, 0), "unstructured": (31, 119, 180), "block": (255, 127, 14), "2:4": (44, 160, 44)}
+#: for a second pattern of a family (another block size) and any other pattern
+MORE_COLOURS = [(214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127)]
 W, H, LEFT, RIGHT, TOP, BOTTOM = 640, 440, 70, 150, 30, 50
 
 
@@ -52,8 +54,7 @@ def draw(path: str, out: str) -> Image.Image:
     d.line([px(1.0), TOP, px(1.0), H - BOTTOM], fill=(200, 200, 200))
     d.text((LEFT + 120, H - 20), "predicted speedup over dense (roofline)", fill=(0, 0, 0), font=FONT)
     d.text((LEFT, 8), f"Sparsity Roofline: {name} against predicted speedup", fill=(0, 0, 0), font=FONT)
-    for k, pattern in enumerate(sorted({r["pattern"] for r in rows}, key=list(COLOURS).index)):
-        colour = COLOURS.get(pattern, (128, 0, 128))
+    for k, (pattern, colour) in enumerate(colours({r["pattern"] for r in rows}).items()):
         pts = sorted((r for r in rows if r["pattern"] == pattern), key=lambda r: r["degree"])
         if len(pts) > 1:
             d.line([(px(r["speedup"]), py(r["quality"])) for r in pts], fill=colour, width=2)
@@ -64,6 +65,18 @@ def draw(path: str, out: str) -> Image.Image:
         d.text((W - RIGHT + 10, TOP + 16 * k), f"— {pattern}", fill=colour, font=FONT)
     img.save(out, format="PNG")
     return img
+
+
+def colours(patterns: set[str]) -> dict[str, tuple[int, int, int]]:
+    """A colour per pattern, in legend order: a family's own (``block4x4`` and ``block`` are of the
+    block family) for its first pattern, the next of :data:`MORE_COLOURS` for any other."""
+    family = lambda p: "block" if p.startswith("block") else p  # noqa: E731
+    order = sorted(patterns, key=lambda p: (list(COLOURS).index(family(p)) if family(p) in COLOURS else len(COLOURS), p))
+    out, spare = {}, iter(MORE_COLOURS * (1 + len(order) // len(MORE_COLOURS)))
+    for p in order:
+        taken = family(p) in COLOURS and COLOURS[family(p)] in out.values()
+        out[p] = next(spare) if taken or family(p) not in COLOURS else COLOURS[family(p)]
+    return out
 
 
 def _span(lo: float, hi: float) -> tuple[float, float]:

@@ -206,3 +206,17 @@ def test_roofline_plot_help_is_the_plot_s_own():
     text = _help("roofline", "plot")
     assert text.startswith("Usage: featcache roofline plot [OPTIONS] {results}"), text
     assert "--out" in text and "quality column" in text and "--sparsity" not in text
+
+
+def test_the_plot_draws_block_sizes_as_their_own_curves(tmp_path):
+    """A sweep's pattern names its block size (block4x4, block8x8): one curve each, in distinct colours."""
+    from PIL import Image
+
+    from featcache.sparsity_plot import draw
+
+    results = tmp_path / "r.csv"
+    results.write_text("pattern,degree,speedup,heldout_loss\ndense,0,1,0.5\nblock4x4,0.5,1.6,0.6\nblock4x4,0.9,3,0.7\n"
+                       "block8x8,0.5,1.7,0.62\nblock8x8,0.9,3.2,0.75\n")
+    with draw(str(results), str(tmp_path / "r.png")) as im:
+        pixels = set(im.convert("RGB").getdata())
+    assert (255, 127, 14) in pixels and (214, 39, 40) in pixels  # block4x4, then the next colour for block8x8
