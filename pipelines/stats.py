@@ -44,6 +44,7 @@ def run(root: str, views: list[str] | None = None, token_budget: int | None = No
     """
     if token_budget is not None and token_budget < 1:
         raise UsageError(f"token budget must be >= 1, not {token_budget}")
+    compute.check_seed(seed)  # before anything is read or Ray starts (issue 23: stats --seed -1)
     check_reachable(root)  # one line for an unreachable endpoint, refused credentials, a missing bucket
     cache = Cache.open(root)
     keys = views or list(cache.views)

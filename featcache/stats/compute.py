@@ -51,6 +51,13 @@ class Partial:
         return cls(Moments.from_arrays(d), np.asarray(d["summary_sum"]), int(d["summary_count"]))
 
 
+def check_seed(seed: int) -> int:
+    """``seed``, refused in one line unless it is a non-negative integer (numpy's seeding takes no other)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UsageError(f"--seed must be >= 0, not {seed}")
+    return seed
+
+
 def groups(shards: list[int]) -> list[list[int]]:
     shards = sorted(shards)
     return [shards[i:i + GROUP] for i in range(0, len(shards), GROUP)]
@@ -242,6 +249,7 @@ def compute_view(view, seed: int = 0, token_budget: int | None = None, run=_loca
     ``run(fn, calls)`` returns ``[fn(*args) for args in calls]``: a loop in this process by default,
     Ray tasks in ``pipelines/stats.py``. Results are merged in group order whatever ``run`` does.
     """
+    check_seed(seed)
     if view.spec.codec == "int8-phis":
         raise UsageError(f"{view.key} stores int8 codes in the PHI-S space of its calibration statistics: "
                          "they cannot be recomputed (extract into a new view to change them)")

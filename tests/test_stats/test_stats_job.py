@@ -167,3 +167,17 @@ def test_stats_json_carries_the_values_in_the_attrs(cache_root, tmp_path, capsys
     assert row["key"] == "dinov3@224" and row["channels"] == 24 and row["tokens"] == attrs["tokens"] == (N - 2) * 24
     assert row["alpha"] == attrs["alpha"] and row["dispersion"] == attrs["dispersion"]
     assert row["hadamard"] == attrs["hadamard"] and row["hadamard"] is not None
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_negative_seed_is_one_line_before_ray_starts(tmp_path, capfd, frozen):
+    """``stats --seed -1`` ended in a traceback from numpy's seeding; with frozen statistics it was ignored."""
+    root = str(tmp_path / "cache")
+    _, view = make_cache(root, n=8, shard_size=4)
+    write_all(view)
+    if frozen:
+        assert main(["stats", root]) == 0
+    capfd.readouterr()
+    assert main(["stats", root, "--seed", "-1"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == ["featcache: error: --seed must be >= 0, not -1"], err
