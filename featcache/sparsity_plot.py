@@ -2,7 +2,8 @@
 sparsity pattern, one point per degree (after Shinn et al., "The Sparsity Roofline", 2023).
 
 Input: a CSV with columns ``pattern``, ``degree``, ``speedup`` and one quality column (its header is the
-y axis's name); a ``dense`` row (speedup 1) is drawn as the reference point. Drawn with Pillow.
+y axis's name), and optionally ``steps`` (the training each point had; not drawn); a ``dense`` row
+(speedup 1) is drawn as the reference point. Drawn with Pillow.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def read(path: str) -> tuple[str, list[dict]]:
         raise UsageError(f"no such results file: {path}")
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    names = [c for c in (rows[0].keys() if rows else []) if c not in ("pattern", "degree", "speedup")]
+    names = [c for c in (rows[0].keys() if rows else []) if c not in ("pattern", "degree", "speedup", "steps")]
     if not rows or len(names) != 1 or not {"pattern", "degree", "speedup"} <= set(rows[0]):
         raise UsageError(f"{path}: need columns pattern, degree, speedup and one quality column")
     try:

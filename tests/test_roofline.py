@@ -215,8 +215,8 @@ def test_the_plot_draws_block_sizes_as_their_own_curves(tmp_path):
     from featcache.sparsity_plot import draw
 
     results = tmp_path / "r.csv"
-    results.write_text("pattern,degree,speedup,heldout_loss\ndense,0,1,0.5\nblock4x4,0.5,1.6,0.6\nblock4x4,0.9,3,0.7\n"
-                       "block8x8,0.5,1.7,0.62\nblock8x8,0.9,3.2,0.75\n")
+    results.write_text("pattern,degree,steps,speedup,heldout_loss\ndense,0,9,1,0.5\nblock4x4,0.5,9,1.6,0.6\n"
+                       "block4x4,0.9,9,3,0.7\nblock8x8,0.5,9,1.7,0.62\nblock8x8,0.9,9,3.2,0.75\n")
     with draw(str(results), str(tmp_path / "r.png")) as im:
         pixels = set(im.convert("RGB").getdata())
     assert (255, 127, 14) in pixels and (214, 39, 40) in pixels  # block4x4, then the next colour for block8x8
