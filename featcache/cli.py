@@ -195,9 +195,11 @@ def extract_cmd(
                                                                        "cache root whose manifest to use."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Cache root (local directory or s3://...)."),
     teacher: Optional[list[str]] = typer.Option(
-        None, "--teacher", "-t", help="Repeatable: family=dinov3,source=DIR_OR_HF_ID[,resolutions=224+512]"
-                                      "[,mosaic=K][,codec=f32|int8-phis][,name=N], or preset=sam3[,mosaic=3]. "
-                                      "Replaces the config's teachers."),
+        None, "--teacher", "-t", help="Repeatable: family=F,source=DIR_OR_HF_ID or preset=P, then any of "
+                                      "[,resolutions=224+512] [,mosaic=K] [,codec=f32|int8-phis] [,name=N] "
+                                      "[,revision=REV] [,upsampler=DIR] (DIR: a `featcache featsharp train` "
+                                      "checkpoint; one upsampled view), written without spaces, e.g. "
+                                      "preset=sam3,mosaic=3. Replaces the config's teachers."),
     view_policy: Optional[str] = typer.Option(None, "--view-policy", help="squash (default) or center."),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Images per shard [64]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per teacher forward [16]."),
@@ -302,7 +304,7 @@ def train_cmd(
 ) -> None:
     """Distil a student from the cache's teacher views (no teacher runs); --resume continues a run."""
     from featcache.train import config as train_config
-    from featcache.train.loop import train
+    from featcache.train.loop import resumable, train
 
     sets = list(overrides or [])
     for key, value in (("optim.steps", steps), ("optim.batch_size", batch_size), ("optim.lr", lr),
@@ -312,6 +314,7 @@ def train_cmd(
             sets.append(f"{key}={value}")
     if resume:
         if config or root or sets or init:
+            resumable(out)  # a finished run: say how to go on (--init), not only what --resume refuses
             raise UsageError("--resume continues the run in --out with its own config: give no ROOT, "
                              "--config, --init or overrides")
         cfg = None
@@ -673,8 +676,10 @@ def demo_cmd(out: str = typer.Option("demo-cache", "--out", "-o", help="Cache ro
     cfg = job.from_dict(demo_config(out, str(photos / "*.[pj][np]g"), save_demo_teachers()), "demo")
     try:
         _run_extract(cfg)
-    finally:
+    except typer.Exit:  # the job ran and some images or shards failed: show what it left
         inspect_cmd(out, as_json=False)
+        raise
+    inspect_cmd(out, as_json=False)  # a job that did not run (a FeatcacheError) shows no table
 
 
 def main(argv: list[str] | None = None) -> int:
