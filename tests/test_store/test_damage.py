@@ -111,3 +111,38 @@ def test_readers_on_a_file_do_not_speak_of_writing(tmp_path, capsys, command):
     assert "writing" not in line and str(path) in line, line
     assert "is a file, not a cache folder" in line, line
 
+
+
+@pytest.fixture(scope="module")
+def demo_dinov3(tmp_path_factory) -> str:
+    from featcache.demo import save_demo_teachers
+
+    return save_demo_teachers(tmp_path_factory.mktemp("teachers"))["dinov3"]
+
+
+@pytest.mark.parametrize("array", ["dense", "image_id"])
+def test_extract_repair_reports_damaged_array_metadata_in_one_line(tmp_path, demo_dinov3, capsys, array):
+    """``extract --repair`` ended in a JSONDecodeError traceback: the damage is found before Ray starts."""
+    import shutil
+
+    from featcache.extract.plan import prepare
+    from tests.support.images import photo
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copyfile(photo("coffee"), src / "coffee.png")
+    argv = ["--source", str(src), "--out", str(tmp_path / "c"), "--no-stats",
+            "--teacher", f"family=dinov3,source={demo_dinov3},codec=f32"]
+    prepare(_job(src, tmp_path / "c", demo_dinov3))  # the views, as extract creates them (no Ray)
+    meta = tmp_path / "c" / "features.zarr" / "dinov3@64" / array / "zarr.json"
+    meta.write_bytes(meta.read_bytes()[:40])
+    assert main(["extract", *argv, "--repair"]) == 2
+    line = _one_line(capsys)
+    assert f"features.zarr/dinov3@64/{array}/zarr.json is unreadable" in line and "starting Ray" not in line
+
+
+def _job(src, out, teacher: str):
+    from featcache.extract.config import from_dict
+
+    return from_dict({"source": str(src), "output": str(out), "stats": False,
+                      "teachers": [{"family": "dinov3", "source": teacher, "codec": "f32"}]}, "test")
