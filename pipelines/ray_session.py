@@ -14,9 +14,10 @@ from featcache.log import LogStream
 @contextmanager
 def ray_session(address: str | None = None, stream=None):
     """Join the cluster at ``address`` ("auto", "ray://host:port", "host:port") or, when it is None, at
-    ``RAY_ADDRESS``; with neither, start an embedded local Ray sized to this machine and stop it
-    afterwards. One line on ``stream`` (stderr) says which, before Ray is reached. A runtime the caller
-    already started is used as it is."""
+    ``RAY_ADDRESS``; with neither, start an embedded local Ray sized to this machine (a private one,
+    even beside a cluster that ``ray start`` left running here) and stop it afterwards. One line on
+    ``stream`` (stderr) says which, before Ray is reached. A runtime the caller already started is used
+    as it is."""
     import ray
 
     if ray.is_initialized():  # a caller (e.g. a notebook or a test session) owns the Ray runtime
@@ -71,7 +72,23 @@ def resolve_address(address: str | None) -> tuple[str | None, str]:
     env = os.environ.get("RAY_ADDRESS", "").strip()
     if env and env != "local":  # "local" is Ray's word for a new local runtime: the embedded one
         return env, f"joining the Ray cluster at {env} (RAY_ADDRESS)…"
-    return None, f"starting Ray (embedded, {os.cpu_count()} CPUs)…"
+    note = f"starting Ray (embedded, {os.cpu_count()} CPUs)…"
+    running = _running_cluster()
+    if running:
+        note = (f"starting Ray (embedded, {os.cpu_count()} CPUs; not joining the Ray cluster at {running} that "
+                "`ray start` left on this machine: --ray-address auto joins it)…")
+    return None, note
+
+
+def _running_cluster() -> str | None:
+    """The address of the cluster ``ray start`` last started on this machine (what a bare
+    ``ray.init()`` would join), if its address file is there. Ray's own reader (a private module):
+    a Ray that moved it only loses the cluster's name from the note."""
+    try:
+        from ray._private.services import find_bootstrap_address
+    except ImportError:
+        return None
+    return find_bootstrap_address(None)
 
 
 def _init_options(address: str | None) -> dict:
@@ -79,5 +96,7 @@ def _init_options(address: str | None) -> dict:
     quiet = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
     if address:
         return dict(address=address, **quiet)
-    # Ray lowers its workers' priority (niceness 15) by default; here the workers are the job.
-    return dict(num_cpus=os.cpu_count(), include_dashboard=False, _system_config={"worker_niceness": 0}, **quiet)
+    # "local": a private runtime even when `ray start` left a cluster here (a bare ray.init() joins that
+    # one, then refuses num_cpus). Ray lowers its workers' priority (niceness 15) by default; here they are the job.
+    return dict(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                _system_config={"worker_niceness": 0}, **quiet)
