@@ -31,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from featcache.errors import FeatcacheError, ShardFailedError, StorageError, UsageError
-from featcache.extract import calibration, pools
+from featcache.extract import calibration, limits, pools
 from featcache.extract.config import ExtractConfig
 from featcache.extract.finalize import consolidate_if_changed, failed_images, job_errors, write_run_record
 from featcache.extract.plan import Plan, prepare
@@ -144,8 +144,7 @@ def _footprint(plan: Plan, i: int) -> pools.Footprint:
     from featcache.teachers import teacher_parameters
 
     t, spec = plan.config.teachers[i], plan.teachers[i]
-    inputs = [spec.input_size if v.mosaic > 1 else v.size for v in plan.views if v.teacher == i]
-    tokens = max(h // spec.patch_size * (w // spec.patch_size) for h, w in inputs) + spec.prefix_tokens
+    tokens = limits.forward_tokens(spec, [v for v in plan.views if v.teacher == i])
     return pools.footprint(spec.name, teacher_parameters(t.family, t.source, t.revision), torch.bfloat16,
                            plan.config.batch_size, tokens, spec.channels)
 
@@ -407,8 +406,10 @@ class Scheduler:
         """Wait until ``slot``'s actor has loaded its teachers; a worker that cannot start stops the job."""
         try:
             slot.identity = self.ray.get(slot.actor.ready.remote())
-        except self.ray.exceptions.RayActorError as e:
+        except (self.ray.exceptions.RayActorError, self.ray.exceptions.OutOfMemoryError) as e:
             lines = [x for x in str(e).strip().splitlines() if x.strip()]
+            if isinstance(e, self.ray.exceptions.OutOfMemoryError):  # Ray's memory monitor killed it
+                lines = [lines[0]] if lines else []
             raise UsageError(f"a worker could not start: {lines[-1] if lines else type(e).__name__}") from None
         if "error" in slot.identity:
             raise FeatcacheError(slot.identity["error"])

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from featcache.errors import SourceNotFoundError, UsageError
+from featcache.extract import limits
 from featcache.extract.config import DEFAULT_SHARD_SIZE, ExtractConfig, TeacherConfig
 from featcache.fsio import Location, check_reachable, locate
 from featcache.sources.patterns import has_braces
@@ -78,15 +79,16 @@ def prepare(config: ExtractConfig) -> Plan:
     config = config.checked()
     check_inputs(config)  # before the teachers: describing them may fetch configs from the HF hub
     specs = [describe_teacher(t.family, t.source, t.revision, name=t.name) for t in config.teachers]
+    pairs = [pair for i, (t, spec) in enumerate(zip(config.teachers, specs)) for pair in view_specs(i, t, spec, config)]
+    limits.check_sizes(config.shard_size or DEFAULT_SHARD_SIZE, config.batch_size, specs, pairs)  # before any folder
     note = ensure_manifest(config)  # after the teachers: a bad teacher fails before any indexing
     cache = Cache.open(config.output)
     grown = cache.grow_views()  # after a grow (or one interrupted): every view's arrays at the new length
     shard_size = config.shard_size or cache.shard_size or DEFAULT_SHARD_SIZE
     views: list[ViewTask] = []
-    for i, (t, spec) in enumerate(zip(config.teachers, specs)):
-        for task, view_spec in view_specs(i, t, spec, config):
-            create_or_check(cache, view_spec, shard_size)
-            views.append(task)
+    for task, view_spec in pairs:
+        create_or_check(cache, view_spec, shard_size)
+        views.append(task)
     keys = [v.key for v in views]
     if len(set(keys)) != len(keys):
         raise UsageError(f"two teachers produce the view {next(k for k in keys if keys.count(k) > 1)}: "

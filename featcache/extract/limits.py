@@ -1,0 +1,98 @@
+"""Sizes an extract job refuses before it makes any folder: shards and batches that cannot fit.
+
+A worker holds a whole shard of each view in host memory (its stored dtype, then its encoded
+objects), and zarr's per-shard objects (the dense shard index, the summary, box and valid chunks)
+are allocated at the full shard size even when the cache has fewer images. So a shard of
+``shard_size`` rows needs about ``shard_size`` x :func:`row_bytes` summed over the job's views. One
+forward holds the activations of ``min(batch_size, shard_size)`` images (a batch never spans two
+shards), estimated as :func:`featcache.extract.pools.footprint` does. Either above half the memory
+of this machine (:data:`SHARE`: the rest is for the teachers, the decoded images of this shard and
+the next, and Ray) is refused in one line that says the largest size that fits. The figures are
+planning estimates: what passes may still be too large on a smaller worker node.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from featcache.errors import UsageError
+from featcache.store.spec import ViewSpec
+from featcache.teachers import TeacherSpec
+
+SHARE = 0.5  # of the machine's memory that one shard's buffers, or one batch's activations, may take
+INDEX_BYTES = 16  # a sharded zarr array's index entry per inner chunk: offset and length, uint64 each
+
+
+def machine_memory() -> int:
+    """Bytes of memory this process may use: the machine's, or its container's (cgroup v2/v1) limit
+    when that is lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def row_bytes(spec: ViewSpec) -> int:
+    """Host bytes one image row of ``spec`` takes in a shard being written: dense and summary twice
+    (the buffer, then the encoded object), the shard index entries of its tiles, box and valid."""
+    itemsize = np.dtype(spec.dtype).itemsize
+    summary = spec.summary_channels * max(itemsize, 2)  # an int8 view keeps float16 summaries
+    dense = spec.grid[0] * spec.grid[1] * spec.channels * itemsize
+    tiles = spec.tiles[0] * spec.tiles[1]
+    return 2 * (dense + summary) + INDEX_BYTES * tiles + 4 * 4 + 1
+
+
+def check_shard_size(shard_size: int, views: list[ViewSpec], memory: int) -> None:
+    """Refuse a shard whose buffers for ``views`` exceed :data:`SHARE` of ``memory``."""
+    per_row = sum(row_bytes(v) for v in views)
+    budget = int(SHARE * memory)
+    if shard_size * per_row > budget:
+        raise UsageError(f"shard_size {shard_size} needs {_gib(shard_size * per_row)} of buffers per shard for "
+                         f"{', '.join(v.key for v in views)}, more than half of this machine's {_gib(memory)} "
+                         f"of memory: give a shard size of at most {max(1, budget // per_row)}")
+
+
+def check_batch_size(batch_size: int, shard_size: int, teacher: TeacherSpec, tokens: int, memory: int) -> None:
+    """Refuse a batch whose forward through ``teacher`` at ``tokens`` tokens (its largest input) would
+    hold activations above :data:`SHARE` of ``memory``."""
+    from featcache.extract.pools import ACTIVATION_FACTOR
+
+    per_image = tokens * teacher.channels * ACTIVATION_FACTOR
+    batch = min(batch_size, shard_size)
+    budget = int(SHARE * memory)
+    if batch * per_image > budget:
+        raise UsageError(f"batch_size {batch_size} needs ~{_gib(batch * per_image)} of activations per forward of "
+                         f"{teacher.name} ({tokens} tokens of {teacher.channels} channels), more than half of this "
+                         f"machine's {_gib(memory)} of memory: give a batch size of at most "
+                         f"{max(1, budget // per_image)}")
+
+
+def check_sizes(shard_size: int, batch_size: int, teachers: list[TeacherSpec], views: list,
+                memory: int | None = None) -> None:
+    """Refuse a job whose shards or batches cannot fit this machine; ``views``: (ViewTask, ViewSpec)
+    pairs, as ``plan.view_specs`` gives them."""
+    memory = memory or machine_memory()
+    check_shard_size(shard_size, [spec for _, spec in views], memory)
+    for i, teacher in enumerate(teachers):
+        tasks = [task for task, _ in views if task.teacher == i]
+        check_batch_size(batch_size, shard_size, teacher, forward_tokens(teacher, tasks), memory)
+
+
+def forward_tokens(teacher: TeacherSpec, tasks: list) -> int:
+    """The tokens of ``teacher``'s largest forward among its view ``tasks``: a mosaic runs at the
+    teacher's native size, an upsampled view runs the teacher at its native size too."""
+    inputs = [teacher.input_size if task.mosaic > 1 or task.upsampler else task.size for task in tasks]
+    p = teacher.patch_size
+    return max(h // p * (w // p) for h, w in inputs) + teacher.prefix_tokens
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
