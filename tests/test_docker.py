@@ -5,10 +5,12 @@ typer app, `ray start --help`, the SeaweedFS binary's `weed help`)."""
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,7 +64,16 @@ def check_weed(argv: list[str]) -> None:
     assert _flags(argv[2:]) <= known, f"{argv}: unknown weed {argv[1]} flags {_flags(argv[2:]) - known}"
 
 
-CHECKS = {"featcache": check_featcache, "ray": check_ray, "weed": check_weed}
+def check_python(argv: list[str]) -> None:
+    """``python -c CODE [ARGS]`` whose code compiles (what it does is run by the test of its service)."""
+    assert argv[1] == "-c", f"{argv}: only `python -c` is expected in a service"
+    try:
+        compile(argv[2], "<compose>", "exec")
+    except SyntaxError as e:
+        raise AssertionError(f"{argv}: {e}") from None
+
+
+CHECKS = {"featcache": check_featcache, "ray": check_ray, "weed": check_weed, "python": check_python}
 
 
 def check_command(argv: list[str]) -> None:
@@ -104,19 +115,71 @@ def test_compose_usage_commands_are_real():
 
 
 def test_the_checks_refuse_made_up_commands():
-    for argv in (["featcache", "extrakt"], ["featcache", "extract", "--ouput", "x"],
+    for argv in (["featcache", "extrakt"], ["featcache", "extract", "--ouput", "x"], ["python", "-c", "import ("],
                  ["ray", "start", "--headless"], ["weed", "serve"], ["weed", "server", "-s4"], ["docker", "ps"]):
         with pytest.raises(AssertionError):
             check_command(argv)
 
 
-def test_ray_workers_reserve_gpus():
+def test_each_ray_worker_has_its_own_gpu():
     services = _compose()["services"]
     workers = [s for name, s in services.items() if "worker" in name]
-    assert workers
+    assert len(workers) >= 2
+    ids = []
     for worker in workers:
-        devices = worker["deploy"]["resources"]["reservations"]["devices"]
-        assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+        assert "replicas" not in worker.get("deploy", {})  # Compose gives every replica the same device
+        (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"] and "count" not in device
+        ids += device["device_ids"]
+    assert sorted(ids) == [str(i) for i in range(len(workers))]  # one device each, none shared
+
+
+def _bucket_service() -> tuple[str, dict, str]:
+    """(name, service) of the service that creates the bucket the usage example writes to, and that bucket."""
+    (out,) = [c[c.index("--out") + 1] for c in usage_commands() if "--out" in c]
+    bucket = re.match(r"s3://([^/]+)/", out).group(1)
+    services = _compose()["services"]
+    ((name, service),) = [(n, s) for n, s in services.items()
+                          if s.get("image") == "featcache" and bucket in s.get("command", [])]
+    return name, service, bucket
+
+
+def test_the_bucket_the_example_writes_to_is_created_before_ray_starts(s3_server, monkeypatch):
+    name, service, bucket = _bucket_service()
+    assert service["command"][0] == "python" and service["restart"] == "on-failure"
+    head = _compose()["services"]["ray-head"]
+    assert head["depends_on"][name] == {"condition": "service_completed_successfully"}
+    assert service["environment"]["AWS_ENDPOINT_URL"] == "http://s3:8333"
+    # the command itself, against a real SeaweedFS, with the environment compose gives it (the endpoint ours)
+    env = {**os.environ, **s3_server.env(), "AWS_ENDPOINT_URL": s3_server.endpoint}
+    env.pop("FEATCACHE_S3_ENDPOINT", None)
+    env.pop("AWS_ENDPOINT_URL_S3", None)
+    for _ in range(2):  # creating it again (a restarted stack) is fine
+        run = subprocess.run([sys.executable, *service["command"][1:]], env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert run.returncode == 0, run.stderr
+    s3_server.client().head_bucket(Bucket=bucket)
+
+
+def test_ray_head_publishes_the_dashboard_and_gcs_ports_for_ray_job_submit():
+    head = _compose()["services"]["ray-head"]
+    argv = shlex.split(head["command"])
+    option = lambda flag: argv[argv.index(flag) + 1]  # noqa: E731
+    assert option("--include-dashboard") == "true" and option("--dashboard-host") == "0.0.0.0"
+    published = {p.rsplit(":", 1)[1]: p for p in head["ports"]}
+    for port in (option("--dashboard-port"), option("--port")):  # on the host's loopback only
+        assert published[port] == f"127.0.0.1:{port}:{port}"
+    assert f"ray job submit --address http://127.0.0.1:{option('--dashboard-port')}" in COMPOSE.read_text()
+
+
+def test_seaweedfs_and_ray_versions_are_pinned_to_the_ones_tested_here():
+    import ray
+
+    weed = subprocess.run([shutil.which("weed"), "version"], capture_output=True, text=True, timeout=60).stdout
+    tested = re.search(r"version \S+ (\d+\.\d+)", weed).group(1)
+    s3 = next(s for s in _compose()["services"].values() if "seaweedfs" in s.get("image", ""))
+    assert s3["image"] == f"chrislusf/seaweedfs:{tested}"
+    assert f'"ray[default]=={ray.__version__}"' in DOCKERFILE.read_text()  # the dashboard ray job submit needs
 
 
 def test_seaweedfs_data_and_hf_cache_are_named_volumes():
