@@ -340,10 +340,12 @@ app.add_typer(featsharp_app, name="featsharp")
 def featsharp_train_cmd(
     out: str = typer.Option(..., "--out", "-o", help="Checkpoint folder (weights, config, state, metrics)."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="family=siglip2,source=DIR_OR_HF_ID[,revision=R], "
-                                                                   "or preset=siglip2-g-384."),
+                                                                   "or preset=siglip2-g-384.  [required for a new run]"),
     images: Optional[str] = typer.Option(None, "--images", help="Training images: a folder, a glob or a "
-                                                                 ".parquet/.csv list (as index takes)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out exactly."),
+                                                                 ".parquet/.csv list (as index takes).  "
+                                                                 "[required for a new run]"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out exactly "
+                                                        "(then give only --out)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps [2000]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Canvases per step [4]."),
     views: Optional[int] = typer.Option(None, "--views", help="Jittered views per canvas [2]."),
@@ -355,7 +357,9 @@ def featsharp_train_cmd(
                                                                       "values in JSON syntax)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object when the run ends."),
 ) -> None:
-    """Train an upsampler by multi-view consistency on unlabelled images; --resume continues a run."""
+    """Train an upsampler by multi-view consistency on unlabelled images.
+
+    A new run needs --out, --teacher and --images; --resume continues the run in --out (nothing else given)."""
     from featcache.upsample import training
 
     flags = {"steps": steps, "batch_size": batch_size, "views": views, "lr": lr, "factor": factor,

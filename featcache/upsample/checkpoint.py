@@ -12,19 +12,21 @@ description and of every tensor of the weights file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from featcache import checkpoint
 from featcache.errors import UsageError
 from featcache.teachers.spec import TeacherSpec
 from featcache.upsample.featsharp import FeatSharp, FeatSharpConfig
+from featcache.upsample.settings import type_problem
 
 WEIGHTS, DESCRIPTION = "featsharp.safetensors", "featsharp.json"
 FORMAT = "featcache-featsharp-1"
@@ -57,17 +59,89 @@ def save_upsampler(folder: Path, model: FeatSharp, teacher: TeacherSpec, step: i
 
 def describe_upsampler(folder: str | Path) -> Description:
     """A checkpoint's description and hash, without building the model; a UsageError when the folder
-    holds none."""
+    holds none, or when its description or weights are damaged or do not fit each other."""
     folder = Path(folder)
     if not (folder / DESCRIPTION).is_file() or not (folder / WEIGHTS).is_file():
         raise UsageError(f"{folder} is not an upsampler checkpoint (no {DESCRIPTION} + {WEIGHTS}): "
                          "make one with 'featcache featsharp train'")
     raw = (folder / DESCRIPTION).read_bytes()
-    d = json.loads(raw)
-    if d.get("format") != FORMAT:
-        raise UsageError(f"{folder}: upsampler format {d.get('format')!r}, this featcache reads {FORMAT!r}")
-    return Description(FeatSharpConfig.from_dict(d["config"]), TeacherSpec.from_dict(d["teacher"]), int(d["step"]),
-                       d["heldout"], _digest(raw, folder / WEIGHTS))
+    d = _parse(folder / DESCRIPTION, raw)
+    return dataclasses.replace(d, sha256=_checked_digest(folder / WEIGHTS, raw, d.config))
+
+
+def _parse(path: Path, raw: bytes) -> Description:
+    """The description in ``raw`` (the bytes of ``path``), every field checked."""
+    try:
+        d = json.loads(raw)
+        if not isinstance(d, dict):
+            raise TypeError(f"a JSON {type(d).__name__}, not an object")
+        if d.get("format") != FORMAT:
+            raise UsageError(f"{path.parent}: upsampler format {d.get('format')!r}, this featcache reads {FORMAT!r}")
+        config, heldout = FeatSharpConfig.from_dict(d["config"]), d["heldout"]
+        problem = type_problem(config) or _heldout_problem(heldout)
+        if problem or not isinstance(d["step"], int) or d["step"] < 0:
+            raise TypeError(problem or f"step {d['step']!r} is not a count")
+        return Description(config, TeacherSpec.from_dict(d["teacher"]), d["step"], heldout)
+    except UsageError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError) as e:  # JSONDecodeError is a ValueError
+        raise UsageError(f"{path} is damaged ({_reason(e)}): train the upsampler again") from None
+
+
+def _heldout_problem(heldout) -> str | None:
+    if not isinstance(heldout, dict) or not isinstance(heldout.get("fraction"), (int, float)) \
+            or not isinstance(heldout.get("seed"), int):
+        return f"heldout {json.dumps(heldout)} is not {{fraction, seed}}"
+    return None
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return f"no {text}" if isinstance(e, KeyError) else text
+
+
+def _checked_digest(weights: Path, description: bytes, config: FeatSharpConfig) -> str:
+    """The checkpoint's hash, once every tensor the upsampler needs is in ``weights`` with its dtype and
+    shape (checked from the header, before a tensor is read) and no other is."""
+    expected = _expected_tensors(config)
+    try:
+        with safe_open(str(weights), "pt") as f:
+            _check_tensors(weights, {k: f.get_slice(k) for k in f.keys()}, expected)
+        return _digest(description, weights)
+    except (SafetensorError, OSError, ValueError) as e:
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(f"{weights} is damaged ({_reason(e)}): train the upsampler again") from None
+
+
+def _expected_tensors(config: FeatSharpConfig) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Name → (dtype, shape) of the upsampler's state, from a model built on the meta device (no memory)."""
+    c = config.channels
+    with torch.device("meta"):
+        model = FeatSharp(config, (torch.zeros(c), torch.eye(c), torch.eye(c)))
+    return {k: (v.dtype, tuple(v.shape)) for k, v in model.state_dict().items()}
+
+
+def _check_tensors(weights: Path, found: dict, expected: dict) -> None:
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or extra:
+        raise UsageError(f"{weights} does not fit the described upsampler: it "
+                         + "; ".join(filter(None, [missing and f"lacks {', '.join(missing[:3])}",
+                                                   extra and f"holds unexpected {', '.join(extra[:3])}"])))
+    for name, (dtype, shape) in expected.items():
+        raw, got_shape = found[name].get_dtype(), tuple(found[name].get_shape())
+        if _DTYPES.get(raw) != dtype:
+            raise UsageError(f"{weights}: {name} is {_name(_DTYPES[raw]) if raw in _DTYPES else raw}, "
+                             f"the upsampler needs {_name(dtype)}")
+        if got_shape != shape:
+            raise UsageError(f"{weights}: {name} has shape {got_shape}, the upsampler needs {shape}")
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _digest(description: bytes, weights: Path) -> str:

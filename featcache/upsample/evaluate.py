@@ -26,6 +26,7 @@ from featcache.teachers import create_teacher
 from featcache.upsample import run
 from featcache.upsample.checkpoint import load_upsampler
 from featcache.upsample.featsharp import assemble
+from featcache.upsample.settings import torch_device
 from featcache.upsample.training import is_heldout
 from featcache.upsample.warp import Jitter, homographies, render, warp
 
@@ -74,9 +75,10 @@ def heldout_ids(src: str, heldout: dict, every: bool) -> tuple[list[str], dict[s
 def evaluate(ckpt: str, images: str, views: int = 4, every: bool = False, batch_size: int = 2, seed: int = 1234,
              device: str = "cpu", picture: str | None = None) -> EvalResult:
     """Errors of the upsampler in ``ckpt`` and of bilinear upsampling on the held-out images of ``images``."""
+    device = torch_device(device)  # refused before anything loads, as a training run's
     model, description = load_upsampler(ckpt, device)
     t = description.teacher
-    teacher = create_teacher(t.family, t.source, t.revision, device=device, name=t.name)
+    teacher = create_teacher(t.family, t.source, t.revision, device=str(device), name=t.name)
     if t.weights_hash and teacher.spec.weights_hash != t.weights_hash:
         raise UsageError(f"{t.source} holds other weights than the teacher {ckpt} was trained for")
     ids, uris = heldout_ids(images, description.heldout, every)

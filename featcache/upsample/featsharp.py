@@ -45,6 +45,12 @@ class FeatSharpConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "grid", tuple(self.grid))
+        sizes = {"channels": self.channels, "grid": min(self.grid, default=0), "patch": self.patch,
+                 "key_dim": self.key_dim, "heads": self.heads}
+        small = [name for name, value in sizes.items() if not value >= 1]
+        if small or not self.mlp_ratio > 0:
+            raise ValueError(f"{small[0]} must be >= 1, not {sizes[small[0]]}" if small else
+                             f"mlp_ratio must be > 0, not {self.mlp_ratio}")
         if self.factor < 2:
             raise ValueError(f"an upsampling factor must be >= 2, not {self.factor}")
         if (2 * self.channels) % self.heads:

@@ -13,11 +13,9 @@ CUDA. The teacher's PHI-S statistics at its native size are fitted first on trai
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,88 +36,10 @@ from featcache.teachers import create_teacher
 from featcache.upsample import run
 from featcache.upsample.checkpoint import load_upsampler, save_upsampler
 from featcache.upsample.featsharp import FeatSharp, FeatSharpConfig
-from featcache.upsample.warp import Jitter, homographies, render, seam_map, warp
+from featcache.upsample.settings import Settings, from_dict, settings_from, torch_device  # noqa: F401 (the API)
+from featcache.upsample.warp import homographies, render, seam_map, warp
 
 SETTINGS, STATE, METRICS = "train.json", "state.safetensors", "metrics.jsonl"
-
-
-@dataclass(frozen=True)
-class Settings:
-    """One training run; every field can be given on the command line."""
-
-    family: str
-    source: str
-    images: str
-    revision: str | None = None
-    steps: int = 2000
-    batch_size: int = 4  # canvases per step
-    views: int = 2  # jittered views per canvas
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    warmup: int = 100
-    factor: int = 3
-    window: int = 7
-    heads: int = 8
-    key_dim: int = 32
-    mlp_ratio: float = 1.0
-    heldout: float = 0.1  # the fraction of image ids never trained on (``eval`` uses them)
-    stats_images: int = 64  # images the teacher's PHI-S statistics are fitted on
-    seam_weight: float = 1.0  # extra weight of the cells next to a tile seam
-    zoom: tuple[float, float] = (0.95, 1.05)
-    rotate: float = 5.0
-    shift: float = 0.03
-    perspective: float = 0.02
-    policy: str = "squash"
-    device: str = "auto"
-    seed: int = 0
-    log_every: int = 10
-    save_every: int = 200
-
-    def __post_init__(self):
-        object.__setattr__(self, "zoom", tuple(self.zoom))
-        for name in ("steps", "batch_size", "views", "factor", "stats_images", "log_every", "save_every"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be >= 1, not {getattr(self, name)}")
-        if not 0 <= self.heldout < 1:
-            raise UsageError(f"heldout must be in [0, 1), not {self.heldout}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UsageError(f"device {self.device!r} is not one of auto, cpu, cuda")
-
-    @property
-    def jitter(self) -> Jitter:
-        return Jitter(self.zoom, self.rotate, self.shift, self.perspective)
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "zoom": list(self.zoom)}
-
-
-def settings_from(teacher: str, images: str, flags: dict, overrides: list[str]) -> Settings:
-    """Settings from the command line: ``--teacher`` (family=,source=[,revision=] or preset=), the
-    images, the named flags (None: the default) and ``--set key=value`` pairs (JSON values)."""
-    from featcache.extract.config import parse_teacher_flag
-    from featcache.teachers.presets import preset
-
-    t = parse_teacher_flag(teacher)
-    if "preset" in t:
-        p = preset(t.pop("preset"))
-        t = {"family": p.family, "source": p.source, **t}
-    unknown = set(t) - {"family", "source", "revision"}
-    if unknown or not {"family", "source"} <= set(t):
-        raise UsageError(f"--teacher {teacher!r}: give family=,source=[,revision=] or preset= (not {sorted(unknown)})")
-    values = {**t, "images": images, **{k: v for k, v in flags.items() if v is not None}}
-    fields = {f.name for f in dataclasses.fields(Settings)}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or key.strip() not in fields:
-            raise UsageError(f"--set {item!r}: expected key=value with a key of {', '.join(sorted(fields))}")
-        try:
-            values[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[key.strip()] = raw
-    try:
-        return Settings(**values)
-    except TypeError as e:
-        raise UsageError(f"featsharp settings: {e}") from None
 
 
 def is_heldout(image_id: str, fraction: float, seed: int) -> bool:
@@ -154,8 +74,7 @@ class Trainer:
     def __init__(self, settings: Settings, out: Path, stream=None):
         self.s, self.out = settings, out
         self.stream = stream or LogStream()
-        self.device = torch.device("cuda" if settings.device == "cuda" or (
-            settings.device == "auto" and torch.cuda.is_available()) else "cpu")
+        self.device = torch_device(settings.device)
         self.teacher = create_teacher(settings.family, settings.source, settings.revision, device=str(self.device))
         self.train_ids, self.uris = self._images()
         self.step = 0
@@ -328,7 +247,7 @@ def train(settings: Settings | None, out: str | Path, resume: bool = False, stre
     if resume:
         if not saved.exists():
             raise UsageError(f"{out} holds no FeatSharp run to resume (no {SETTINGS})")
-        own = Settings(**json.loads(saved.read_text()))
+        own = _saved_settings(saved)
         if settings is not None and settings.to_dict() != own.to_dict():
             raise UsageError(f"--resume continues {out} with its own {SETTINGS}; give no other settings")
         trainer = Trainer(own, out, stream)
@@ -346,3 +265,12 @@ def train(settings: Settings | None, out: str | Path, resume: bool = False, stre
         saved.write_text(json.dumps(settings.to_dict(), indent=1))
     return trainer.run()
 
+
+
+def _saved_settings(path: Path) -> Settings:
+    """A run folder's own settings, refused in one line when the file is damaged."""
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is damaged ({e}): start a new run in another --out") from None
+    return from_dict(values, str(path))

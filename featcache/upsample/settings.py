@@ -1,0 +1,186 @@
+"""The settings of a FeatSharp training run: typed, checked before anything is loaded or written.
+
+A value can come from a flag, from ``--set key=value`` (JSON) or from a run folder's ``train.json``
+(``--resume``): each is checked against its field's type and range here, so a bad one is refused in
+one line naming the key, never deep inside the training step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass
+
+import torch
+
+from featcache.errors import UsageError
+from featcache.teachers.views import POLICIES
+from featcache.upsample.warp import Jitter
+
+DEVICES = ("auto", "cpu", "cuda")
+#: integer settings that must be at least 1, and numbers that must be at least 0
+POSITIVE = ("steps", "batch_size", "views", "factor", "window", "heads", "key_dim", "stats_images", "log_every",
+            "save_every")
+NON_NEGATIVE = ("min_lr", "warmup", "seam_weight", "rotate", "shift", "perspective", "seed")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One training run; every field can be given on the command line."""
+
+    family: str
+    source: str
+    images: str
+    revision: str | None = None
+    steps: int = 2000
+    batch_size: int = 4  # canvases per step
+    views: int = 2  # jittered views per canvas
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup: int = 100
+    factor: int = 3
+    window: int = 7
+    heads: int = 8
+    key_dim: int = 32
+    mlp_ratio: float = 1.0
+    heldout: float = 0.1  # the fraction of image ids never trained on (``eval`` uses them)
+    stats_images: int = 64  # images the teacher's PHI-S statistics are fitted on
+    seam_weight: float = 1.0  # extra weight of the cells next to a tile seam
+    zoom: tuple[float, float] = (0.95, 1.05)
+    rotate: float = 5.0
+    shift: float = 0.03
+    perspective: float = 0.02
+    policy: str = "squash"
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 200
+
+    def __post_init__(self):
+        check_types(self)
+        object.__setattr__(self, "zoom", tuple(self.zoom))
+        _check_ranges(self)
+
+    @property
+    def jitter(self) -> Jitter:
+        return Jitter(self.zoom, self.rotate, self.shift, self.perspective)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "zoom": list(self.zoom)}
+
+
+def check_types(obj) -> None:
+    """A UsageError naming the first field of dataclass ``obj`` whose value is not of its type."""
+    problem = type_problem(obj)
+    if problem:
+        raise UsageError(f"featsharp setting {problem}")
+
+
+def type_problem(obj) -> str | None:
+    """The first field of dataclass ``obj`` whose value is not of its annotated type (an int is a
+    float too; a bool is not a number; floats are finite), as ``name=value: expected ...``; else None."""
+    for name, hint in typing.get_type_hints(type(obj)).items():
+        value = getattr(obj, name)
+        if not _fits(value, hint):
+            return f"{name}={json.dumps(value, default=str)}: expected {_describe(hint)}"
+    return None
+
+
+def _fits(value, hint) -> bool:
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_fits(value, a) for a in args)
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, (list, tuple)) and len(value) == len(args) and all(map(_fits, value, args))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+
+
+def _describe(hint) -> str:
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {len(typing.get_args(hint))} numbers"
+    return {int: "an integer", float: "a number", str: "a string", type(None): "null"}.get(hint, str(hint))
+
+
+def _check_ranges(s: Settings) -> None:
+    """Values a run cannot use, refused before anything is loaded (zero steps, a negative rate, ...)."""
+    for name in POSITIVE:
+        if getattr(s, name) < 1:
+            raise UsageError(f"featsharp setting {name} must be >= 1, not {getattr(s, name)}")
+    for name in NON_NEGATIVE:
+        if getattr(s, name) < 0:
+            raise UsageError(f"featsharp setting {name} must be >= 0, not {getattr(s, name)}")
+    if not s.lr > 0 or not s.mlp_ratio > 0:
+        raise UsageError(f"featsharp settings lr and mlp_ratio must be > 0, not {s.lr} and {s.mlp_ratio}")
+    if s.min_lr > s.lr:
+        raise UsageError(f"featsharp setting min_lr ({s.min_lr}) must not exceed lr ({s.lr})")
+    if not 0 <= s.heldout < 1:
+        raise UsageError(f"featsharp setting heldout must be in [0, 1), not {s.heldout}")
+    if not 0 < s.zoom[0] <= s.zoom[1]:
+        raise UsageError(f"featsharp setting zoom must be [low, high] with 0 < low <= high, not {list(s.zoom)}")
+    _choice("policy", s.policy, POLICIES)
+    _choice("device", s.device, DEVICES)
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UsageError(f"featsharp setting {name} {value!r} is not one of {', '.join(choices)}")
+
+
+def torch_device(name: str) -> torch.device:
+    """The device a run or an evaluation asked for (``auto``: CUDA when there is one); a UsageError
+    when it asks for CUDA on a machine without it, before any model is built."""
+    _choice("device", name, DEVICES)
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device 'cuda' was asked for, but torch sees no CUDA GPU on this machine: "
+                         "use --device cpu (or auto)")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def settings_from(teacher: str, images: str, flags: dict, overrides: list[str]) -> Settings:
+    """Settings from the command line: ``--teacher`` (family=,source=[,revision=] or preset=), the
+    images, the named flags (None: the default) and ``--set key=value`` pairs (JSON values)."""
+    values = {**_teacher(teacher), "images": images, **{k: v for k, v in flags.items() if v is not None}}
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or key.strip() not in fields:
+            raise UsageError(f"--set {item!r}: expected key=value with a key of {', '.join(sorted(fields))}")
+        try:
+            values[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key.strip()] = raw  # a bare word: a string (refused by the type check where one does not fit)
+    return from_dict(values, "featsharp settings")
+
+
+def from_dict(values: dict, where: str) -> Settings:
+    """Settings from a dict (the command line's, or a run folder's ``train.json``); unknown or missing
+    keys are refused in one line."""
+    if not isinstance(values, dict):
+        raise UsageError(f"{where}: expected a JSON object of settings, not {type(values).__name__}")
+    try:
+        return Settings(**values)
+    except TypeError as e:
+        raise UsageError(f"{where}: {e}") from None
+
+
+def _teacher(text: str) -> dict:
+    from featcache.extract.config import parse_teacher_flag
+    from featcache.teachers.presets import preset
+
+    t = parse_teacher_flag(text)
+    if "preset" in t:
+        p = preset(t.pop("preset"))
+        t = {"family": p.family, "source": p.source, **t}
+    unknown = set(t) - {"family", "source", "revision"}
+    if unknown or not {"family", "source"} <= set(t):
+        raise UsageError(f"--teacher {text!r}: give family=,source=[,revision=] or preset= (not {sorted(unknown)})")
+    return t

@@ -1,0 +1,47 @@
+"""Fixtures of the FeatSharp tests, made once per session: the photos, a patch-local teacher and a
+two-step checkpoint (a fresh copy per test that damages it)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from featcache.upsample import training
+from tests.support.teachers import save_patch_local
+from tests.support.training import photos
+
+#: a run small enough for a test: two canvases of two views a step, 4 heads over the fuser's 64 channels
+TINY = dict(batch_size=2, views=2, heads=4, stats_images=4, warmup=2, log_every=1)
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory):
+    """The 26 photos scikit-image ships (about a tenth held out by the id rule)."""
+    return photos(tmp_path_factory.mktemp("featsharp_photos"))
+
+
+@pytest.fixture(scope="session")
+def patch_local_dir(tmp_path_factory):
+    """DINOv3 with no blocks at 64 px (a 4x4 grid of 32 channels): each patch's features depend on
+    its pixels only, so its map of a 3x canvas is the exact map its tiles give."""
+    return save_patch_local(tmp_path_factory.mktemp("featsharp_teacher") / "t")[0]
+
+
+def settings(teacher, images, **kw) -> training.Settings:
+    """Settings of a tiny run of ``teacher`` on ``images`` (``kw`` overrides)."""
+    return training.Settings(family="dinov3", source=str(teacher), images=str(images), **{**TINY, **kw})
+
+
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory, patch_local_dir, photo_dir):
+    """A finished two-step run (read only: copy it to damage it)."""
+    out = tmp_path_factory.mktemp("featsharp_run") / "run"
+    training.train(settings(patch_local_dir, photo_dir, steps=2, save_every=1), out)
+    return out
+
+
+@pytest.fixture
+def run_copy(trained_dir, tmp_path):
+    """A copy of the two-step run this test may damage."""
+    return shutil.copytree(trained_dir, tmp_path / "run")
