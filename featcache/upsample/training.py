@@ -71,10 +71,14 @@ class Downsampler(nn.Module):
 class Trainer:
     """One run in folder ``out``: teacher, images, upsampler, the training-only modules, optimizer."""
 
+    PROGRESS_SECONDS = 5.0  # the longest quiet stretch between steps (a line says how far the run is)
+
     def __init__(self, settings: Settings, out: Path, stream=None):
         self.s, self.out = settings, out
         self.stream = stream or LogStream()
         self.device = torch_device(settings.device)
+        self._said = time.perf_counter()
+        self._say(f"loading the teacher {settings.family} from {settings.source} on {self.device}…")
         self.teacher = create_teacher(settings.family, settings.source, settings.revision, device=str(self.device))
         self.train_ids, self.uris = self._images()
         self.step = 0
@@ -120,6 +124,7 @@ class Trainer:
         """PHI-S of the teacher's maps of canvases' global views (its native size), on up to
         ``stats_images`` training images."""
         ids = self.train_ids[:: max(1, len(self.train_ids) // self.s.stats_images)][: self.s.stats_images]
+        self._say(f"fitting PHI-S of {self.teacher.spec.name} on {len(ids)} images…")
         moments = Moments.empty(self.teacher.spec.channels)
         for start in range(0, len(ids), self.s.batch_size):
             canvas = self._canvases(ids[start:start + self.s.batch_size])
@@ -181,6 +186,8 @@ class Trainer:
     def run(self) -> dict:
         """Train to ``steps``; log every ``log_every``, checkpoint every ``save_every`` and at the end."""
         window, began = [], time.perf_counter()
+        self._say(f"training {self.s.steps - self.step} steps of {self.s.batch_size} canvases x {self.s.views} "
+                  f"views (a line every {self.s.log_every} steps; the first step warms up)…")
         while self.step < self.s.steps:
             lr = checkpoint.warmup_cosine(self.step, self.s.steps, self.s.warmup, self.s.lr, self.s.min_lr)
             for group in self.optimizer.param_groups:
@@ -194,6 +201,8 @@ class Trainer:
             if self.step % self.s.log_every == 0 or self.step == self.s.steps:
                 self._log(window, lr, time.perf_counter() - began)
                 window, began = [], time.perf_counter()
+            elif time.perf_counter() - self._said >= self.PROGRESS_SECONDS:
+                self._say(f"step {self.step}/{self.s.steps} ({(time.perf_counter() - began) / len(window):.2f} s/step)")
             if self.step % self.s.save_every == 0 or self.step == self.s.steps:
                 self.save()
         return {"steps": self.step, "out": str(self.out)}
@@ -208,6 +217,7 @@ class Trainer:
 
     def _say(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
+        self._said = time.perf_counter()
 
     # ---- checkpoints --------------------------------------------------------------------------
 

@@ -137,3 +137,20 @@ def test_a_damaged_checkpoint_is_one_line_in_eval_and_in_extract(run_copy, patch
     teacher = f"family=dinov3,source={patch_local_dir},upsampler={run_copy},codec=f32"
     assert main(["extract", "--source", str(photo_dir), "--out", str(tmp_path / "cache"), "-t", teacher]) == 2
     _one_line(capsys, says)
+
+
+def test_train_says_what_it_waits_for_before_each_long_stretch(patch_local_dir, photo_dir, tmp_path, capsys,
+                                                               monkeypatch):
+    """Loading the teacher, fitting PHI-S and the first step can each take many seconds with a real
+    teacher: a line says so before each; between logged steps a line comes every PROGRESS_SECONDS
+    (0 here: after every step)."""
+    from featcache.upsample import training
+
+    monkeypatch.setattr(training.Trainer, "PROGRESS_SECONDS", 0.0)
+    assert main(_train_argv(tmp_path / "run", patch_local_dir, photo_dir, "--steps", "3",
+                            "--set", "log_every=100")) == 0
+    lines = capsys.readouterr().err.splitlines()
+    firsts = ["loading the teacher dinov3 from", "fitting PHI-S of", "PHI-S of", "training 3 steps of 2 canvases",
+              "step 1/3 (", "step 2/3 (", "step 3/3: loss"]
+    at = [next(k for k, line in enumerate(lines) if line.startswith(first)) for first in firsts]
+    assert at == sorted(at) and at[0] == 0, lines
