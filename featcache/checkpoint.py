@@ -15,22 +15,39 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from featcache.errors import UsageError
 
 
 def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """``tensors`` (moved to the CPU, made contiguous) and string ``metadata`` into ``path``, atomically."""
+    """``tensors`` (moved to the CPU, made contiguous) and string ``metadata`` into ``path``, atomically.
+
+    safetensors reports a failed write (a full disk) as its own error: it becomes the OSError it
+    wraps, so that the CLI says "no space left on device writing ..." in one line."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    except SafetensorError as e:
+        tmp.unlink(missing_ok=True)
+        raise _os_error(e, path) from e
     os.replace(tmp, path)
+
+
+def _os_error(e: SafetensorError, path: Path) -> Exception:
+    """The OSError inside a safetensors write error ("IoError(Os { code: 28, ... })"), else ``e``."""
+    found = re.search(r"Os \{ code: (\d+)", str(e))
+    if found is None:
+        return e
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
 
 
 POINTER = "current.json"
@@ -106,8 +123,13 @@ def metadata(path: Path) -> dict[str, str]:
     """The metadata of a safetensors file; a UsageError when it does not exist."""
     if not Path(path).exists():
         raise UsageError(f"{path} does not exist: nothing to resume or load")
-    with safe_open(str(path), "pt") as f:
-        return f.metadata() or {}
+    if not Path(path).is_file():
+        raise UsageError(f"{path} is a folder, not a safetensors file")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except SafetensorError as e:
+        raise UsageError(f"{path} is not a safetensors file (or is damaged): {e}") from None
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -8,7 +8,10 @@ found in: a misspelt ``warmup_step`` never silently trains with the default.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,10 +114,7 @@ class TrainConfig:
             from featcache.train.prune import parse
 
             parse(self.prune)
-        o = self.optim
-        for name in ("steps", "batch_size", "accumulate"):
-            if getattr(o, name) < 1:
-                raise UsageError(f"optim.{name} must be >= 1, not {getattr(o, name)}")
+        self._check_ranges()
         if not 0 <= self.resolution.high_prob <= 1:
             raise UsageError(f"resolution.high_prob must be in [0, 1], not {self.resolution.high_prob}")
         if not self.resolution.low or (self.resolution.high_prob > 0 and not self.resolution.high):
@@ -128,6 +128,23 @@ class TrainConfig:
             raise UsageError(f"data.heldout must be in [0, 1), not {self.data.heldout}")
         return self
 
+    def _check_ranges(self) -> None:
+        """Every number inside the range it can be used in (a negative rate, a zero period are refused
+        here, not found as a ZeroDivisionError mid-run)."""
+        for key, op, bound in _RANGES:
+            section, _, name = key.rpartition(".")
+            value = getattr(getattr(self, section) if section else self, name)
+            if not _COMPARE[op](value, bound):
+                raise UsageError(f"{key} must be {op} {bound}, not {value!r}")
+        if not 0 <= self.loss.ema_decay <= 1 or not all(0 <= b < 1 for b in self.optim.betas):
+            raise UsageError(f"loss.ema_decay must be in [0, 1] ({self.loss.ema_decay}) and each of optim.betas "
+                             f"in [0, 1) ({self.optim.betas})")
+        if min(self.resolution.low + self.resolution.high) < 1:
+            raise UsageError(f"resolutions must be >= 1, not {self.resolution.low + self.resolution.high}")
+        for t in self.teachers:
+            if t.spatial < 0 or t.summary < 0:
+                raise UsageError(f"teacher {t.name}: spatial ({t.spatial}) and summary ({t.summary}) must be >= 0")
+
     @property
     def patch(self) -> int:
         return self.student.get("patch", StudentConfig.patch)
@@ -138,6 +155,15 @@ class TrainConfig:
     def to_toml(self) -> str:
         return _toml(self.to_dict())
 
+
+#: (key, comparison, bound) each number must satisfy
+_RANGES = [("optim.steps", ">=", 1), ("optim.batch_size", ">=", 1), ("optim.accumulate", ">=", 1),
+           ("optim.lr", ">", 0), ("optim.min_lr", ">=", 0), ("optim.weight_decay", ">=", 0), ("optim.clip", ">", 0),
+           ("optim.warmup", ">=", 0), ("seed", ">=", 0), ("log_every", ">=", 1), ("checkpoint_every", ">=", 1),
+           ("eval.every", ">=", 1), ("eval.resolution", ">=", 1), ("data.workers", ">=", 0), ("data.prefetch", ">=", 1),
+           ("data.heldout_images", ">=", 0), ("loss.mesa", ">=", 0), ("loss.mesa_start", ">=", 0),
+           ("loss.damp", ">=", 0)]
+_COMPARE = {">": operator.gt, ">=": operator.ge}
 
 _SECTIONS = {"resolution": Resolutions, "crop": CropConfig, "loss": Losses,
              "optim": Optim, "data": Data, "eval": Evaluation}
@@ -159,7 +185,7 @@ def from_dict(d: dict, where: str = "config") -> TrainConfig:
                 raise UsageError(f"{where}: 'teachers' must be a list of tables ([[teachers]])")
             kwargs[name] = [_section(TeacherTarget, t, f"{where} [[teachers]] #{k + 1}") for k, t in enumerate(value)]
         else:
-            kwargs[name] = value
+            kwargs[name] = _typed(TrainConfig, name, value, where)
     try:
         return TrainConfig(**kwargs).check(where)
     except TypeError as e:
@@ -193,11 +219,45 @@ def _section(cls, value, where: str):
     missing = [n for n in required if n not in value]
     if missing:
         raise UsageError(f"{where}: missing key(s) {', '.join(missing)}")
+    value = {k: _typed(cls, k, v, where) for k, v in value.items()}
     value = {k: tuple(v) if cls is CropConfig and isinstance(v, list) else v for k, v in value.items()}
     try:
         return cls(**value)
     except (TypeError, ValueError) as e:
         raise UsageError(f"{where}: {e}") from None
+
+
+def _typed(cls, name: str, value, where: str):
+    """``value`` when it has the type of field ``name`` of dataclass ``cls`` (an int where a float
+    goes is one), else a UsageError naming the key, the value and the type (as nanoGPT's configurator)."""
+    hint = typing.get_type_hints(cls)[name]
+    if not _fits(value, hint):
+        raise UsageError(f"{where}: {name} = {value!r} is not {_type_name(hint)}")
+    return value
+
+
+def _fits(value, hint) -> bool:
+    """Whether a parsed TOML value has the annotated type ``hint``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_fits(value, a) for a in args)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return value is None if hint is type(None) else isinstance(value, typing.get_origin(hint) or hint)
+
+
+def _type_name(hint) -> str:
+    """``list[float]`` as "a list of float", ``str | None`` as "a str or none"."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in args)
+    if typing.get_origin(hint) in (list, tuple):
+        return f"a list of {args[0].__name__}"
+    return "none" if hint is type(None) else f"a{'n' if hint.__name__[0] in 'aeiou' else ''} {hint.__name__}"
 
 
 def load(path: str | Path | None = None, cache: str | None = None, overrides: list[str] | None = None) -> TrainConfig:

@@ -15,7 +15,9 @@ losses an uninterrupted run logs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from safetensors.torch import load_file
 
 from featcache import checkpoint
 from featcache.errors import UsageError
+from featcache.fsio import check_reachable
 from featcache.geometry import lookup_targets
 from featcache.log import LogStream
 from featcache.store.cache import Cache
@@ -107,6 +110,68 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return checkpoint.warmup_cosine(step, o.steps, o.warmup, o.lr, o.min_lr)
 
 
+def resolve_device(name: str) -> torch.device:
+    """The run's device: ``auto`` is CUDA when torch sees it; ``cuda`` without it is refused, as extract does."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"device must be auto, cpu or cuda[:N], not {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} was asked for, but torch sees no CUDA device here: use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"device {name!r} was asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def open_cache(uri: str) -> Cache:
+    """The cache to train from, its manifest checked; an unusable object-store location is refused in one
+    line first (the preflight extract uses)."""
+    check_reachable(uri)
+    cache = Cache.open(uri)
+    cache.check_manifest()
+    return cache
+
+
+def check_batch(cfg: TrainConfig, train_rows: int, device: torch.device) -> None:
+    """Refuse, before anything is allocated, a batch that cannot be drawn from the training rows or whose
+    activations alone (a lower bound) would not fit in the device's free memory."""
+    batch = cfg.optim.batch_size
+    if train_rows == 0:
+        raise UsageError(f"no training rows: every usable row of {cfg.cache} is held out or none is committed")
+    if batch > train_rows:
+        raise UsageError(f"optim.batch_size {batch} is larger than the {train_rows} training rows of {cfg.cache}: "
+                         f"use at most {train_rows}")
+    need, free = activation_bytes(cfg) * batch, free_memory(device)
+    if free is not None and need > free:
+        raise UsageError(f"optim.batch_size {batch} needs at least {need / 2**30:.1f} GiB of activations at "
+                         f"resolution {max(cfg.resolution.low + cfg.resolution.high)}, but {device} has "
+                         f"{free / 2**30:.1f} GiB free: use a smaller batch (optim.accumulate keeps the effective one)")
+
+
+def activation_bytes(cfg: TrainConfig) -> int:
+    """A lower bound of the float32 activations one image keeps for the backward pass at the largest
+    resolution: per block, the tokens times the width times (4 for q, k, v and the output + 2 times the
+    MLP ratio), no attention maps, no teacher targets."""
+    vit = StudentConfig.from_dict(cfg.student).vit()
+    res = max(cfg.resolution.low + (cfg.resolution.high if cfg.resolution.high_prob > 0 else []))
+    tokens = (res // cfg.patch) ** 2
+    return int(vit.depth * tokens * vit.width * (4 + 2 * vit.mlp_ratio) * 4)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes the device can still give: CUDA's free memory, the host's MemAvailable; None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only: not norms, biases, tokens or the position table."""
     decay, keep = [], []
@@ -119,17 +184,22 @@ class Trainer:
     """One run: its folder, data, student, optimizer, EMA; :meth:`run` trains to ``optim.steps``."""
 
     def __init__(self, cfg: TrainConfig, out: str | Path, stream=None):
+        """Check everything the run needs (device, cache, views, rows, batch size, kNN labels) and
+        build it; nothing is written (:meth:`start` creates the folder)."""
         self.cfg, self.out = cfg, Path(out)
         self.stream = stream or LogStream()
-        self.device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.cache = Cache.open(cfg.cache)
-        self.cache.check_manifest()
+        self.device = resolve_device(cfg.device)
+        self.cache = open_cache(cfg.cache)
         self.targets = describe_targets(self.cache, cfg)
         self.mesa = cfg.loss.mesa > 0
         self.dataset = CacheDataset(self.cache.root.uri, {t.name: t.views for t in self.targets}, cfg.patch,
                                     cfg.crop, cfg.data.space, mesa=self.mesa)
+        self._say_rows(len(self.dataset.views.rows))
         self.train_rows, self.heldout_rows = split_rows(self.cache, self.dataset.views.rows, cfg.data.heldout, cfg.seed)
         self.heldout_rows = self.heldout_rows[:cfg.data.heldout_images]
+        check_batch(cfg, len(self.train_rows), self.device)
+        if cfg.eval.knn:
+            self._knn_heads()
         self.plan = BatchPlan(self.train_rows, cfg.optim.batch_size, cfg.seed, cfg.resolution.low,
                               cfg.resolution.high, cfg.resolution.high_prob)
         self.dataset.lookahead = self.plan
@@ -145,6 +215,30 @@ class Trainer:
         self._phis: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self._teacher_knn: dict[str, float] = {}
 
+    def _say(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
+
+    def _say_rows(self, usable: int) -> None:
+        """Say when rows are left out: a partly extracted cache trains on its committed rows only."""
+        if usable < self.cache.num_images:
+            self._say(f"training on the {usable} of {self.cache.num_images} images whose every view is committed "
+                      f"and valid; {self.cache.num_images - usable} left out (extraction unfinished or failed "
+                      "images: 'featcache inspect' tells which)")
+
+    def start(self) -> None:
+        """Create the run folder and write the resolved config (the cache as an absolute path or URL,
+        so ``--resume`` works from any directory); a folder a failed start left is taken over."""
+        saved = self.out / "config.toml"
+        if saved.exists():
+            print(f"{self.out} holds a run that stopped before its first checkpoint: starting it over",
+                  file=self.stream, flush=True)
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            for folder in ("checkpoints", "pictures"):
+                shutil.rmtree(self.out / folder, ignore_errors=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.cfg = dataclasses.replace(self.cfg, cache=self.cache.root.uri)
+        saved.write_text(self.cfg.to_toml())
+
     # ---- the loop -------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
@@ -159,6 +253,10 @@ class Trainer:
         batches = iter(loader)
         keep = prune.masks(self.student, cfg.prune) if cfg.prune else {}
         prune.apply(self.student, keep)
+        self._say(f"training {self.cfg.optim.steps - self.step} steps of {self.cfg.optim.batch_size} images from "
+                  f"{len(self.train_rows)} rows on {self.device}"
+                  + (f"; first the untrained student's held-out losses on {len(self.heldout_rows)} images"
+                     if self.step == 0 and len(self.heldout_rows) else ""))
         if self.step == 0:
             self._evaluate()  # the held-out losses before any training: the baseline every later one is read against
         while self.step < cfg.optim.steps:
@@ -303,11 +401,7 @@ class Trainer:
         from featcache.train.data import crop_pixels
         from featcache.train.evaluate import knn_top1, labels_and_splits, split_masks, teacher_knn
 
-        heads = [t for t in self.targets if t.summary_channels]
-        if self.cfg.eval.knn_teacher:
-            heads = [t for t in heads if t.name == self.cfg.eval.knn_teacher]
-        if not heads:
-            raise UsageError(f"eval.knn needs a teacher with summaries (eval.knn_teacher={self.cfg.eval.knn_teacher!r})")
+        heads = self._knn_heads()
         labels, split = labels_and_splits(self.cache.manifest)
         rows = usable_rows(self.cache, [t.views["low"] for t in heads])
         res = self.cfg.eval.resolution
@@ -334,6 +428,18 @@ class Trainer:
                 self._teacher_knn[t.name] = teacher_knn(self.cache, t.views["low"])
             result[f"knn/{t.name}/teacher"] = self._teacher_knn[t.name]
         return result
+
+    def _knn_heads(self) -> list[Target]:
+        """The teachers kNN evaluates; refused when there is none or the manifest has no labels."""
+        from featcache.train.evaluate import labels_and_splits
+
+        heads = [t for t in self.targets if t.summary_channels]
+        if self.cfg.eval.knn_teacher:
+            heads = [t for t in heads if t.name == self.cfg.eval.knn_teacher]
+        if not heads:
+            raise UsageError(f"eval.knn needs a teacher with summaries (eval.knn_teacher={self.cfg.eval.knn_teacher!r})")
+        labels_and_splits(self.cache.manifest)
+        return heads
 
     @torch.no_grad()
     def pictures(self) -> None:
@@ -414,36 +520,67 @@ def train(cfg: TrainConfig | None, out: str | Path, resume: bool = False, init: 
           stream=None) -> TrainResult:
     """Run (``resume``: continue) the training run in folder ``out``.
 
-    A new run refuses a folder that already holds one; ``resume`` takes the config saved in the
-    folder (``cfg`` may be None, or must equal it) and continues from ``checkpoints/last.*``
-    exactly. ``init`` starts a new run from the student weights of a checkpoint file or run folder.
+    A new run refuses a folder that already holds one (a ``last`` checkpoint: a folder a failed start
+    left without one is taken over); ``resume`` takes the config saved in the folder (``cfg`` may be
+    None, or must equal it) and continues from ``checkpoints/last`` exactly; a finished run is
+    refused, saying how to go on. ``init`` starts a new run from the student weights of a checkpoint
+    file or run folder. Everything is checked before the folder is created or changed.
     """
-    out = Path(out)
-    saved = out / "config.toml"
+    out = run_folder(out)
     if resume:
-        if not saved.exists():
-            raise UsageError(f"{out} holds no run to resume (no config.toml)")
-        run_cfg = train_config.load(saved)
-        if cfg is not None and cfg.to_dict() != run_cfg.to_dict():
-            raise UsageError(f"--resume continues {out} with its own config.toml; give no other config or flags")
-        cfg = run_cfg
-    else:
-        if cfg is None:
-            raise UsageError("a new run needs a config")
-        if saved.exists():
-            raise UsageError(f"{out} already holds a run: --resume to continue it, or choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        saved.write_text(cfg.to_toml())
+        cfg = _resume_config(out, cfg)
+    elif cfg is None:
+        raise UsageError("a new run needs a config")
+    elif checkpoint_files(out, "last") is not None:
+        raise UsageError(f"{out} already holds a run: --resume to continue it, or choose another --out")
     trainer = Trainer(cfg, out, stream)
     if resume:
         trainer.load("last")
         checkpoint.truncate_metrics(out / "metrics.jsonl", trainer.step)
         print(f"resuming {out} at step {trainer.step}", file=trainer.stream, flush=True)
-    elif init is not None:
-        student = load_student(init)
+        return trainer.run()
+    student = load_student(init) if init is not None else None
+    trainer.start()
+    if student is not None:
         missing = trainer.student.load_state_dict(student.state_dict(), strict=False)
         print(f"initialized from {init} ({len(missing.missing_keys)} tensors not in it)", file=trainer.stream, flush=True)
     return trainer.run()
+
+
+def run_folder(out: str | Path) -> Path:
+    """``out`` as a local run folder; an object-store URL is refused (training writes local files)."""
+    if "://" in str(out):
+        raise UsageError(f"--out {out}: a run folder must be a local path (training does not write to object "
+                         "stores yet); train into a local folder and copy it")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a run folder")
+    return out
+
+
+def resumable(out: str | Path) -> TrainConfig:
+    """The config of the run in ``out``, refused unless it has a checkpoint to resume and steps left."""
+    return _resume_config(run_folder(out), None)
+
+
+def _resume_config(out: Path, cfg: TrainConfig | None) -> TrainConfig:
+    """The config of the run in ``out``, which has a checkpoint to resume and steps left to train."""
+    saved = out / "config.toml"
+    if not saved.exists():
+        raise UsageError(f"{out} holds no run to resume (no config.toml)")
+    run_cfg = train_config.load(saved)
+    if cfg is not None and cfg.to_dict() != run_cfg.to_dict():
+        raise UsageError(f"--resume continues {out} with its own config.toml; give no other config or flags")
+    found = checkpoint_files(out, "last")
+    if found is None:
+        raise UsageError(f"{out} holds no checkpoint to resume (the run stopped before its first): start it "
+                         "again with the same command, without --resume")
+    step = int(checkpoint.metadata(found[1]).get("step", -1))
+    if step >= run_cfg.optim.steps:
+        raise UsageError(f"{out} already finished its {run_cfg.optim.steps} steps; to train further, start a new "
+                         f"run from its weights: featcache train {run_cfg.cache} --init {out} --out NEW_RUN "
+                         "--steps N")
+    return run_cfg
 
 
 def load_student(run: str | Path, which: str = "best") -> Student:

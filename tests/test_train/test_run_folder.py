@@ -103,3 +103,84 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
     checkpoint.truncate_metrics(path, 2)
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1, "a": 1.0},
                                                                             {"step": 2, "a": 2.0}]
+
+
+def _cli(args: list[str], capsys) -> tuple[int, list[str]]:
+    code = main(args)
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def _new(cache_root, config_file, run, *args) -> list[str]:
+    return ["train", str(cache_root), "--config", str(config_file), "--out", str(run), *args]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "teachers=[{name='x', low='nope@64'}]"], "view nope@64 is not in"),
+    (["--set", "eval.knn=true"], "needs a 'label' column"),
+    (["--device", "cuda"], "device 'cuda' was asked for, but torch sees no CUDA device"),
+    (["--batch-size", "100000"], "optim.batch_size 100000 is larger than the 23 training rows"),
+    (["--set", "student.size='base'", "--set", "resolution.low=[8192]", "--set", "eval.resolution=64",
+      "--batch-size", "20"], "GiB of activations at resolution 8192"),
+    (["--init", "NOT_SAFETENSORS"], "is not a safetensors file"),
+])
+def test_a_failed_start_leaves_no_folder_and_the_retry_runs(cache_root, config_file, tmp_path, capsys, args,
+                                                           message):
+    import torch
+
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    (tmp_path / "NOT_SAFETENSORS").write_text("weights? no")
+    args = [str(tmp_path / a) if a == "NOT_SAFETENSORS" else a for a in args]
+    run = tmp_path / "run"
+    code, err = _cli(_new(cache_root, config_file, run, *args), capsys)
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not run.exists()
+    code, err = _cli(_new(cache_root, config_file, run, "--steps", "1"), capsys)
+    assert code == 0, err
+
+
+def test_a_missing_cache_leaves_no_folder(config_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    code, err = _cli(_new(tmp_path / "no-cache", config_file, run), capsys)
+    assert code == 2 and len(err) == 1 and "no-cache" in err[0], err
+    assert not run.exists()
+
+
+def test_a_folder_without_a_checkpoint_is_not_a_run(cache_root, config_file, tmp_path, capsys):
+    """What a failed start of an older featcache left: config.toml, metrics, no checkpoint."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(config.load(config_file, cache=cache_root).to_toml())
+    (run / "metrics.jsonl").write_text('{"step": 0, "heldout/x": 1.0}\n')
+    code, err = _cli(["train", "--out", str(run), "--resume"], capsys)
+    assert code == 2 and len(err) == 1 and "holds no checkpoint to resume" in err[0], err
+    code, err = _cli(_new(cache_root, config_file, run, "--steps", "1"), capsys)
+    assert code == 0, err
+    assert any("starting it over" in line for line in err), err
+    assert "heldout/x" not in (run / "metrics.jsonl").read_text()
+
+
+def test_the_run_records_its_cache_as_an_absolute_path(cache_root, config_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(Path(cache_root).parent)
+    run = tmp_path / "run"
+    code, err = _cli(_new(Path(cache_root).name, config_file, run, "--steps", "1"), capsys)
+    assert code == 0, err
+    assert config.load(run / "config.toml").cache == str(Path(cache_root).resolve())
+
+
+def test_an_object_store_run_folder_is_refused(cache_root, config_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = _cli(_new(cache_root, config_file, "s3://bucket/run"), capsys)
+    assert code == 2 and len(err) == 1 and "must be a local path" in err[0], err
+    assert list(tmp_path.iterdir()) == []  # no folder named 's3:'
+
+
+def test_a_finished_run_says_how_to_train_further(cache_root, config_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _cli(_new(cache_root, config_file, run, "--steps", "1"), capsys)[0] == 0
+    for extra in ([], ["--steps", "10"]):
+        code, err = _cli(["train", "--out", str(run), "--resume", *extra], capsys)
+        assert code == 2 and len(err) == 1 and "already finished its 1 steps" in err[0], err
+        assert f"--init {run} --out NEW_RUN" in err[0]
+    code, err = _cli(_new(cache_root, config_file, tmp_path / "more", "--init", str(run), "--steps", "2"), capsys)
+    assert code == 0 and any(f"initialized from {run}" in line for line in err), err
