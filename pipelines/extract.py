@@ -361,6 +361,8 @@ class Scheduler:
         self.slots: list[_Slot] = []
         self.stopped: Stopped | None = None
         self.device, self.n_workers, self.threads, self.gpus = self._sizing()
+        alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        limits.check_placement(self.n_workers, self._resources(), alive)  # Ray would wait for them forever
         self.replacements = self.n_workers * (self.config.max_retries + 1)
         self.kwargs = dict(root=plan.cache.root.uri, teachers=[plan.teachers[i].to_dict() for i in pool],
                            views=[v.to_dict() for v in views], device=self.device, compile=self.config.compile,
@@ -384,10 +386,13 @@ class Scheduler:
         threads = c.threads_per_worker or max(1, (cpus // n) if c.cpu_workers else per_node)
         return device, max(1, min(n, len(self.queue))), threads, 0.0
 
+    def _resources(self) -> dict[str, float]:
+        """What one actor reserves: its torch threads' CPUs on the CPU, a CPU and its share of a GPU on CUDA."""
+        return {"CPU": self.threads if self.device == "cpu" else 1, "GPU": self.gpus}
+
     def _spawn(self) -> _Slot:
-        options = {"num_cpus": self.threads if self.device == "cpu" else 1}
-        if self.gpus:
-            options["num_gpus"] = self.gpus
+        need = self._resources()
+        options = {"num_cpus": need["CPU"], **({"num_gpus": need["GPU"]} if need["GPU"] else {})}
         return _Slot(self.actor_cls.options(**options).remote(self.kwargs, self.threads))
 
     def _start(self) -> list[_Slot]:

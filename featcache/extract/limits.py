@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import UsageError
+from featcache.extract.progress import plural
 from featcache.store.spec import ViewSpec
 from featcache.teachers import TeacherSpec
 
@@ -96,3 +97,25 @@ def forward_tokens(teacher: TeacherSpec, tasks: list) -> int:
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
+
+
+def placeable(nodes: list[dict], need: dict[str, float]) -> int:
+    """How many actors that each need ``need`` (Ray resource -> amount, e.g. {"CPU": 2, "GPU": 0.5})
+    fit at once on ``nodes`` (each alive node's total resources, as ``ray.nodes()`` lists them)."""
+    total = 0
+    for resources in nodes:
+        fits = [int((resources.get(name, 0) + 1e-6) // amount) for name, amount in need.items() if amount > 0]
+        total += min(fits) if fits else 0
+    return total
+
+
+def check_placement(workers: int, need: dict[str, float], nodes: list[dict]) -> None:
+    """Refuse ``workers`` actors of ``need`` each that the cluster's ``nodes`` cannot hold at once:
+    Ray would wait for them forever (no autoscaler adds a node here)."""
+    fits = placeable(nodes, need)
+    if workers > fits:
+        each = ", ".join(f"{amount:g} {name}" for name, amount in need.items() if amount > 0)
+        have = ", ".join(f"{sum(n.get(name, 0) for n in nodes):g} {name}" for name in need if need[name] > 0)
+        raise UsageError(f"the Ray cluster cannot place {plural(workers, 'worker')} of {each} each: its "
+                         f"{plural(len(nodes), 'node')} ({have} in all) can hold {fits}; give fewer "
+                         "--cpu-workers or --threads-per-worker (or --workers-per-gpu), or join a larger cluster")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -80,3 +82,26 @@ def test_limits_are_exact_and_leave_ordinary_sizes_alone(job_teachers):
     limits.check_batch_size(most + 1, most, spec, tokens, gib)  # a batch never spans two shards
     with pytest.raises(UsageError, match=f"at most {most}$"):
         limits.check_batch_size(most + 1, most + 1, spec, tokens, gib)
+
+
+def test_placeable_counts_whole_actors_per_node():
+    two_nodes = [{"CPU": 2.0, "memory": 1e9}, {"CPU": 3.0, "GPU": 1.0}]
+    assert limits.placeable(two_nodes, {"CPU": 1}) == 5
+    assert limits.placeable(two_nodes, {"CPU": 2}) == 2  # one per node: 3 CPUs hold one 2-CPU actor
+    assert limits.placeable(two_nodes, {"CPU": 1000}) == 0
+    assert limits.placeable(two_nodes, {"CPU": 1, "GPU": 1 / 3}) == 3  # three thirds of a GPU, not 2.9999
+    limits.check_placement(5, {"CPU": 1}, two_nodes)
+    refused = r"cannot place 3 workers of 2 CPU each: its 2 nodes \(5 CPU in all\) can hold 2;"
+    with pytest.raises(UsageError, match=refused):
+        limits.check_placement(3, {"CPU": 2}, two_nodes)
+
+
+@pytest.mark.slow
+def test_workers_the_cluster_cannot_place_are_refused_not_waited_for(tmp_path, photos_dir, job_teachers):
+    proc = subprocess.run([sys.executable, "-m", "featcache.cli", "extract", "--source", str(photos_dir), "--out",
+                           str(tmp_path / "cache"), "--teacher", f"family=dinov3,source={job_teachers['dinov3']}",
+                           "--no-stats", "--shard-size", "2", "--cpu-workers", "2", "--threads-per-worker", "1000"],
+                          capture_output=True, text=True, timeout=180)  # it waited forever
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "featcache: error: the Ray cluster cannot place 2 workers of 1000 CPU each: its 1 node ("), proc.stderr
