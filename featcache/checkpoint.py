@@ -42,11 +42,11 @@ def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str])
 
 
 def _os_error(e: SafetensorError, path: Path) -> Exception:
-    """The OSError inside a safetensors write error ("IoError(Os { code: 28, ... })"), else ``e``."""
-    found = re.search(r"Os \{ code: (\d+)", str(e))
+    """The OSError inside a safetensors write error ("I/O error: ... (os error 28)"), else ``e``."""
+    found = re.search(r"\(os error (\d+)\)|Os \{ code: (\d+)", str(e))
     if found is None:
         return e
-    code = int(found.group(1))
+    code = int(found.group(1) or found.group(2))
     return OSError(code, os.strerror(code), str(path))
 
 

@@ -184,3 +184,22 @@ def test_a_finished_run_says_how_to_train_further(cache_root, config_file, tmp_p
         assert f"--init {run} --out NEW_RUN" in err[0]
     code, err = _cli(_new(cache_root, config_file, tmp_path / "more", "--init", str(run), "--steps", "2"), capsys)
     assert code == 0 and any(f"initialized from {run}" in line for line in err), err
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_the_same_command_then_starts_it(cache_root, config_file,
+                                                                                   tmp_path, capfd):
+    """A tmpfs too small for the first checkpoint: exit 1, one line, no traceback; with space made, the
+    same command takes the folder over (it holds no checkpoint, so it is no run yet) and finishes."""
+    from tests.test_extract.test_storage_errors import _mounted, _remount
+
+    with _mounted(tmp_path / "small", "size=96k") as mount:
+        run = mount / "run"
+        code = main(_new(cache_root, config_file, run, "--steps", "2"))
+        err = capfd.readouterr().err
+        assert "Traceback" not in err, err
+        last = err.strip().splitlines()[-1]
+        assert code == 1 and last.startswith("featcache: error: no space left on device writing"), last
+        assert not list(run.rglob("*.tmp")) and not list((run / "checkpoints").rglob("set-*/*"))
+        _remount(mount, "size=64m")
+        assert main(_new(cache_root, config_file, run, "--steps", "2")) == 0, capfd.readouterr().err
+        assert max(_losses(run)) == 2
