@@ -204,7 +204,8 @@ def _list_glob(pattern: str) -> tuple[list[Entry], list[tuple[str, str]]]:
 def _list_table(loc: Location) -> list[Entry]:
     try:
         with loc.fs.open(loc.path, "rb") as f:
-            table = pacsv.read_csv(f) if loc.path.lower().endswith(".csv") else tables.pq.read_table(f)
+            # ParquetFile, not read_table: its IO threads can outlive the call (see tables.read_table)
+            table = pacsv.read_csv(f) if loc.path.lower().endswith(".csv") else tables.pq.ParquetFile(f).read()
     except FileNotFoundError as e:
         raise SourceNotFoundError(f"no such list: {loc.uri}") from e
     except (pa.ArrowInvalid, OSError) as e:

@@ -61,9 +61,14 @@ def write_table(loc: Location, table: pa.Table) -> None:
 
 
 def read_table(loc: Location) -> pa.Table:
-    """Read a whole Parquet file from any filesystem."""
+    """Read a whole Parquet file from any filesystem.
+
+    Read through ``ParquetFile`` in the calling thread: ``pq.read_table`` of a Python file object
+    pre-buffers on Arrow's IO threads, and a read still in flight when it returns can end during
+    interpreter exit, where taking the GIL kills that thread and aborts the process (exit 134,
+    "terminate called without an active exception")."""
     with loc.fs.open(loc.path, "rb") as f:
-        return pq.read_table(f)
+        return pq.ParquetFile(f).read()
 
 
 def read_manifest(root: Location) -> pa.Table:
