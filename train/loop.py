@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from featcache import checkpoint
-from featcache.errors import UsageError
+from featcache.errors import FeatcacheError, UsageError
 from featcache.fsio import check_reachable
 from featcache.geometry import lookup_targets
 from featcache.log import LogStream
@@ -108,6 +108,20 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up to ``optim.lr``, then cosine to ``optim.min_lr`` at the last step."""
     o = cfg.optim
     return checkpoint.warmup_cosine(step, o.steps, o.warmup, o.lr, o.min_lr)
+
+
+def _next(batches):
+    """The loader's next batch. An error of featcache's raised in a DataLoader worker comes back as
+    torch rebuilds it: its message is "Caught X in DataLoader worker process N" and the worker's whole
+    traceback; it goes on with the worker's own one-line message, as with no workers."""
+    try:
+        return next(batches)
+    except FeatcacheError as e:
+        text = str(e)
+        if text.startswith("Caught ") and "Original Traceback" in text:
+            last = text.strip().splitlines()[-1]
+            e.args = (last.split(": ", 1)[1] if last.startswith(f"{type(e).__module__}.") else last,)
+        raise
 
 
 def resolve_device(name: str) -> torch.device:
@@ -265,7 +279,7 @@ class Trainer:
                 g["lr"] = lr
             terms: dict[str, float] = {}
             for micro in range(acc):
-                batch = to_device(next(batches), self.device, non_blocking=True)
+                batch = to_device(_next(batches), self.device, non_blocking=True)
                 loss, parts = self._loss(batch, self.step * acc + micro)
                 (loss / acc).backward()
                 for k, v in parts.items():

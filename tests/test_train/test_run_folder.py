@@ -203,3 +203,34 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_same_command_then_starts_
         _remount(mount, "size=64m")
         assert main(_new(cache_root, config_file, run, "--steps", "2")) == 0, capfd.readouterr().err
         assert max(_losses(run)) == 2
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_damaged_features_stop_the_run_in_one_line_naming_the_row_and_object(cache_root, config_file, tmp_path,
+                                                                              capfd, workers):
+    """A flipped byte in every dense object of dinov3@64: the first batch fails its crc32c check, in the
+    loop's process or in a DataLoader worker alike (no held-out rows: the first read is a batch's)."""
+    root = tmp_path / "cache"
+    shutil.copytree(cache_root, root)
+    for obj in (root / "features.zarr" / "dinov3@64" / "dense" / "c").rglob("*"):
+        if obj.is_file():
+            data = bytearray(obj.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            obj.write_bytes(bytes(data))
+    code = main(_new(root, config_file, tmp_path / "run", "--steps", "2", "--workers", str(workers),
+                     "--set", "data.heldout=0.0"))
+    err = capfd.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("featcache: error:")]
+    assert code == 1 and "Traceback" not in err and len(errors) == 1 and errors == err.strip().splitlines()[-1:], err
+    assert "dinov3@64: image row" in errors[0] and "fails its crc32c check in" in errors[0], errors
+    assert str(root / "features.zarr" / "dinov3@64" / "dense" / "c") in errors[0]
+
+
+def test_a_partly_extracted_cache_says_which_rows_it_trains_on(cache_root, config_file, tmp_path, capfd):
+    root = tmp_path / "cache"
+    shutil.copytree(cache_root, root)
+    (root / "_commits" / "dinov3@64" / "1.json").unlink()  # shard 1 (rows 8..15) not committed in one view
+    assert main(_new(root, config_file, tmp_path / "run", "--steps", "1")) == 0
+    err = capfd.readouterr().err
+    assert ("training on the 18 of 26 images whose every view is committed and valid; 8 left out "
+            "(extraction unfinished or failed images") in err, err
