@@ -687,11 +687,18 @@ def demo_cmd(out: str = typer.Option("demo-cache", "--out", "-o", help="Cache ro
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point. Usage errors are typer's (exit 2); featcache errors become one line, exit 2."""
+    """Entry point. Usage errors are typer's (exit 2); featcache errors become one line, exit 2. A
+    SIGTERM during a Ray job ends like Ctrl-C (130), but with 143 (128 + 15): what schedulers and
+    shells report for a terminated process, so a scheduler's stop is not mistaken for a user's."""
+    from featcache.pipelines.ray_session import Terminated
+
     try:
         app(args=argv, prog_name="featcache")
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Terminated:
+        typer.echo("featcache: terminated (SIGTERM); committed shards are kept: the same command resumes", err=True)
+        return 143
     return 0
 
 

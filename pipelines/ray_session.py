@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from contextlib import contextmanager
 
 from featcache.errors import UsageError
@@ -31,10 +32,21 @@ def ray_session(address: str | None = None, stream=None):
         except (ConnectionError, RuntimeError, ValueError) as e:
             where = address or "a local Ray"
             raise UsageError(f"cannot start or reach {where}: {str(e).strip().splitlines()[0]}") from None
+        before = signal.signal(signal.SIGTERM, _terminate)  # in place of ray.init's sys.exit(15)
         try:
             yield
         finally:
             ray.shutdown()
+            signal.signal(signal.SIGTERM, before)
+
+
+class Terminated(BaseException):
+    """A SIGTERM while Ray runs: unwinds like Ctrl-C's KeyboardInterrupt (no ``except Exception``
+    stops it; Ray is shut down on the way out), then the command exits 143 (128 + SIGTERM)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 @contextmanager

@@ -3,6 +3,7 @@ without an active exception"), and a SIGTERM mid-extract as cleanly as a Ctrl-C.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 
@@ -27,3 +28,25 @@ def test_reading_a_manifest_then_exiting_never_aborts(tmp_path):
                              text=True, timeout=60)
         codes.append((run.returncode, run.stderr))
     assert codes == [(0, "")] * 25
+
+
+def test_sigterm_mid_extract_ends_like_ctrl_c_with_143(tmp_path, photos_dir, job_teachers):
+    """SIGTERM once the job runs: Ray's own handler exited 15 (or the process died by SIGABRT) after a
+    native dump; now it unwinds as Ctrl-C does (Ray shut down, committed shards kept), one line, 143."""
+    out = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-m", "featcache.cli", "extract", "--source", str(photos_dir), "--out",
+                             str(out), "--teacher", f"family=dinov3,source={job_teachers['dinov3']}", "--no-stats",
+                             "--shard-size", "1"], stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # until the workers are loading: Ray runs, with its actors
+        lines.append(line)
+        if line.startswith("loading teachers on"):
+            break
+    assert lines and lines[-1].startswith("loading teachers on"), "".join(lines)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 143, rest
+    assert rest.strip().splitlines()[-1] == ("featcache: terminated (SIGTERM); committed shards are kept: the same "
+                                             "command resumes"), rest
+    for noise in ("Traceback", "SIGTERM received", "*** ", "terminate called", "Aborted"):  # Ray's native dump
+        assert noise not in rest, rest
