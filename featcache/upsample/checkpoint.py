@@ -1,13 +1,19 @@
 """An upsampler's checkpoint folder: what extraction and ``featsharp eval`` load.
 
-    CKPT/featsharp.safetensors   the upsampler's weights and buffers (PHI-S statistics included)
-    CKPT/featsharp.json          {upsampler, config, teacher (spec with its weights hash), step, heldout rule}
-    CKPT/train.json              the training settings (``featsharp train`` only)
-    CKPT/state.safetensors       optimizer, downsampler, uncertainty head, RNG (to resume training)
-    CKPT/metrics.jsonl           one line per logged step
+    CKPT/current.json                  the pointer to the current checkpoint set (``featcache.checkpoint``)
+    CKPT/set-<n>/featsharp.safetensors the upsampler's weights and buffers (PHI-S statistics included)
+    CKPT/set-<n>/featsharp.json        {upsampler, config, teacher (spec with its weights hash), step, heldout rule}
+    CKPT/set-<n>/state.safetensors     optimizer, downsampler, uncertainty head, RNG (to resume training)
+    CKPT/train.json                    the training settings (``featsharp train`` only)
+    CKPT/metrics.jsonl                 one line per logged step
+
+A step's files are written as one set (a new ``set-<n>/``, then the pointer replaced): whenever a
+run is killed, a reader (``extract``, ``eval``, ``--resume``) finds the previous step's files or the
+new step's, never a mix. A folder of the first layout (the files in CKPT itself, no pointer) is
+still read; the first checkpoint a resumed run writes moves it to the set layout.
 
 The checkpoint's hash (what a view records, and what resume compares) is the sha256 of the JSON
-description and of every tensor of the weights file.
+description and of every tensor of the weights file: it does not depend on the layout.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -47,20 +54,33 @@ class Description:
                 "teacher": self.teacher.to_dict(), "step": self.step, "heldout": self.heldout}
 
 
-def save_upsampler(folder: Path, model: FeatSharp, teacher: TeacherSpec, step: int, heldout: dict) -> None:
-    """The weights file, then the description (a reader finds them consistent once both exist)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    description = Description(model.config, teacher, step, heldout)
-    checkpoint.save(folder / WEIGHTS, model.state_dict(), {"format": FORMAT, "step": str(step)})
-    tmp = folder / (DESCRIPTION + ".tmp")
-    tmp.write_text(json.dumps(description.to_dict(), indent=1))
-    tmp.replace(folder / DESCRIPTION)
+def save_upsampler(folder: Path, model: FeatSharp, teacher: TeacherSpec, step: int, heldout: dict,
+                   more: dict[str, Callable[[Path], None]] | None = None) -> None:
+    """The weights and description (and the writers of ``more`` files, such as the training state)
+    as one checkpoint set of ``folder``, then the files of the first layout removed (now stale)."""
+    description = json.dumps(Description(model.config, teacher, step, heldout).to_dict(), indent=1)
+    files = {WEIGHTS: lambda p: checkpoint.save(p, model.state_dict(), {"format": FORMAT, "step": str(step)}),
+             DESCRIPTION: lambda p: p.write_text(description), **(more or {})}
+    checkpoint.write_set(folder, files, {"step": step})
+    for name in files:
+        (folder / name).unlink(missing_ok=True)
+
+
+def current(folder: str | Path) -> Path:
+    """The folder holding a checkpoint's files now: its current set, or ``folder`` itself (the first
+    layout, or a set folder given directly)."""
+    folder = Path(folder)
+    try:
+        found = checkpoint.read_set(folder)
+    except (ValueError, KeyError, TypeError) as e:  # a pointer edited by hand (it is never torn)
+        raise UsageError(f"{folder / checkpoint.POINTER} is damaged ({_reason(e)}): train the upsampler again") from None
+    return found[0] if found else folder
 
 
 def describe_upsampler(folder: str | Path) -> Description:
     """A checkpoint's description and hash, without building the model; a UsageError when the folder
     holds none, or when its description or weights are damaged or do not fit each other."""
-    folder = Path(folder)
+    folder = current(folder)
     if not (folder / DESCRIPTION).is_file() or not (folder / WEIGHTS).is_file():
         raise UsageError(f"{folder} is not an upsampler checkpoint (no {DESCRIPTION} + {WEIGHTS}): "
                          "make one with 'featcache featsharp train'")
@@ -158,6 +178,7 @@ def _digest(description: bytes, weights: Path) -> str:
 
 def load_upsampler(folder: str | Path, device: str | torch.device = "cpu") -> tuple[FeatSharp, Description]:
     """The upsampler of a checkpoint folder, in eval mode on ``device``, and its description."""
+    folder = current(folder)  # once: a run still training may make another set current meanwhile
     description = describe_upsampler(folder)
     c = description.config.channels
     model = FeatSharp(description.config, (torch.zeros(c), torch.eye(c), torch.eye(c)))

@@ -126,6 +126,8 @@ def _check_ranges(s: Settings) -> None:
         raise UsageError(f"featsharp setting heldout must be in [0, 1), not {s.heldout}")
     if not 0 < s.zoom[0] <= s.zoom[1]:
         raise UsageError(f"featsharp setting zoom must be [low, high] with 0 < low <= high, not {list(s.zoom)}")
+    if s.window % 2 == 0:  # the neighbourhood needs a centre: refused before the teacher loads
+        raise UsageError(f"featsharp setting window must be odd, not {s.window}")
     _choice("policy", s.policy, POLICIES)
     _choice("device", s.device, DEVICES)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -34,7 +35,7 @@ from featcache.stats.moments import Moments
 from featcache.stats.phis import PhiS
 from featcache.teachers import create_teacher
 from featcache.upsample import run
-from featcache.upsample.checkpoint import load_upsampler, save_upsampler
+from featcache.upsample.checkpoint import DESCRIPTION, WEIGHTS, current, load_upsampler, save_upsampler
 from featcache.upsample.featsharp import FeatSharp, FeatSharpConfig
 from featcache.upsample.settings import Settings, from_dict, settings_from, torch_device  # noqa: F401 (the API)
 from featcache.upsample.warp import homographies, render, seam_map, warp
@@ -222,29 +223,49 @@ class Trainer:
     # ---- checkpoints --------------------------------------------------------------------------
 
     def save(self) -> None:
+        """The step's upsampler and training state, written as one checkpoint set."""
         tensors, meta = checkpoint.optimizer_tensors(self.optimizer)
         tensors.update({f"down.{k}": x for k, x in self.down.state_dict().items()})
         tensors.update({f"uncertainty.{k}": x for k, x in self.uncertainty.state_dict().items()})
         tensors["rng.torch"] = torch.get_rng_state()
-        checkpoint.save(self.out / STATE, tensors, {**meta, "step": str(self.step)})
+        state = {STATE: lambda path: checkpoint.save(path, tensors, {**meta, "step": str(self.step)})}
         save_upsampler(self.out, self.model, self.teacher.spec, self.step,
-                       {"fraction": self.s.heldout, "seed": self.s.seed, "images": self.s.images})
+                       {"fraction": self.s.heldout, "seed": self.s.seed, "images": self.s.images}, more=state)
 
     def resume(self) -> None:
-        meta = checkpoint.metadata(self.out / STATE)
-        model, description = load_upsampler(self.out, self.device)
-        if int(meta["step"]) != description.step:
+        """Everything as the last checkpoint left it, read from one set (or from the first layout)."""
+        where = current(self.out)
+        model, description = load_upsampler(where, self.device)
+        meta, state = _state(where / STATE)
+        if int(meta["step"]) != description.step:  # the first layout only: a set is never mixed
             raise UsageError(f"{self.out}: upsampler (step {description.step}) and state (step {meta['step']}) differ: "
                              "the run stopped while saving; cannot resume exactly")
         c = description.config
         self._make(c, (model.phis_mean.cpu(), model.phis_rotation.cpu(), model.phis_inverse.cpu()))
         self.model.load_state_dict(model.state_dict())
-        state = load_file(str(self.out / STATE))
         self.down.load_state_dict({k[5:]: x for k, x in state.items() if k.startswith("down.")})
         self.uncertainty.load_state_dict({k[12:]: x for k, x in state.items() if k.startswith("uncertainty.")})
         checkpoint.restore_optimizer(self.optimizer, state, meta, self.device)
         torch.set_rng_state(state["rng.torch"])
         self.step = description.step
+
+
+def _state(path: Path) -> tuple[dict, dict]:
+    """A training state file's metadata and tensors, refused in one line when damaged."""
+    try:
+        meta = checkpoint.metadata(path)
+        int(meta["step"])
+        return meta, load_file(str(path))
+    except (SafetensorError, KeyError, ValueError, OSError) as e:
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(f"{path} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+                         "the run cannot resume exactly") from None
+
+
+def has_checkpoint(out: Path) -> bool:
+    """Whether a run folder holds a checkpoint (a set, or any file of the first layout)."""
+    return checkpoint.read_set(out) is not None or any((out / n).exists() for n in (STATE, WEIGHTS, DESCRIPTION))
 
 
 def train(settings: Settings | None, out: str | Path, resume: bool = False, stream=None) -> dict:
@@ -261,9 +282,14 @@ def train(settings: Settings | None, out: str | Path, resume: bool = False, stre
         if settings is not None and settings.to_dict() != own.to_dict():
             raise UsageError(f"--resume continues {out} with its own {SETTINGS}; give no other settings")
         trainer = Trainer(own, out, stream)
-        trainer.resume()
-        checkpoint.truncate_metrics(out / METRICS, trainer.step)
-        trainer._say(f"resuming {out} at step {trainer.step}")
+        if has_checkpoint(out):
+            trainer.resume()
+            checkpoint.truncate_metrics(out / METRICS, trainer.step)
+            trainer._say(f"resuming {out} at step {trainer.step}")
+        else:  # stopped before its first checkpoint: the settings alone start it again, as the first time
+            trainer._say(f"{out} holds no checkpoint yet: starting its run from step 0")
+            trainer.build()
+            (out / METRICS).unlink(missing_ok=True)
     else:
         if settings is None:
             raise UsageError("a new FeatSharp run needs settings")
@@ -272,9 +298,10 @@ def train(settings: Settings | None, out: str | Path, resume: bool = False, stre
         trainer = Trainer(settings, out, stream)
         trainer.build()  # a teacher, images or settings that cannot be used leave no folder behind
         out.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(settings.to_dict(), indent=1))
+        tmp = saved.with_name(SETTINGS + ".tmp")  # whole or absent: a kill here leaves no damaged settings
+        tmp.write_text(json.dumps(settings.to_dict(), indent=1))
+        tmp.replace(saved)
     return trainer.run()
-
 
 
 def _saved_settings(path: Path) -> Settings:

@@ -3,16 +3,45 @@ two-step checkpoint (a fresh copy per test that damages it)."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from pathlib import Path
 
 import pytest
+import torch
 
+from featcache import checkpoint
 from featcache.upsample import training
 from tests.support.teachers import save_patch_local
 from tests.support.training import photos
 
 #: a run small enough for a test: two canvases of two views a step, 4 heads over the fuser's 64 channels
 TINY = dict(batch_size=2, views=2, heads=4, stats_images=4, warmup=2, log_every=1)
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """One torch thread: these small models gain nothing from two, and on a shared machine two
+    threads that wait on each other's barrier run several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Every test of this folder on one torch thread (restored after each module)."""
+    with one_torch_thread():
+        yield
+
+
+def upsampler_file(run: Path, name: str) -> Path:
+    """Where a run folder keeps its upsampler's ``name`` now (its current checkpoint set)."""
+    found = checkpoint.read_set(run)
+    return (found[0] if found else run) / name
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +66,8 @@ def settings(teacher, images, **kw) -> training.Settings:
 def trained_dir(tmp_path_factory, patch_local_dir, photo_dir):
     """A finished two-step run (read only: copy it to damage it)."""
     out = tmp_path_factory.mktemp("featsharp_run") / "run"
-    training.train(settings(patch_local_dir, photo_dir, steps=2, save_every=1), out)
+    with one_torch_thread():
+        training.train(settings(patch_local_dir, photo_dir, steps=2, save_every=1), out)
     return out
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from featcache import checkpoint
 from featcache.cli import main
+from tests.test_upsample.conftest import upsampler_file
 
 
 def _one_line(capsys, says: str) -> None:
@@ -25,19 +25,13 @@ def _train_argv(out, teacher, images, *more) -> list[str]:
             "--set", "stats_images=4", *more]
 
 
-def upsampler_file(run: Path, name: str) -> Path:
-    """Where a run folder keeps its upsampler's ``name`` now (its current checkpoint set)."""
-    found = checkpoint.read_set(run)
-    return (found[0] if found else run) / name
-
-
 @pytest.mark.parametrize("more, says", [
     (["--lr", "-1"], "lr and mlp_ratio must be > 0, not -1.0"),
     (["--set", "heads=notjson"], 'heads="notjson": expected an integer'),
     (["--set", "seed=1.5"], "seed=1.5: expected an integer"),
     (["--set", "zoom=5"], "zoom=5: expected a list of 2 numbers"),
     (["--set", "lr=NaN"], "lr=NaN: expected a number"),
-    (["--set", "window=4"], "window must be odd and positive, not 4"),
+    (["--set", "window=4"], "window must be odd, not 4"),
     (["--set", "heads=0"], "heads must be >= 1, not 0"),
     (["--set", "policy=crop"], "policy 'crop' is not one of squash, center"),
     (["--set", "min_lr=0.1"], "min_lr (0.1) must not exceed lr (0.001)"),
