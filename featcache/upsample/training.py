@@ -265,7 +265,7 @@ def _state(path: Path) -> tuple[dict, dict]:
 
 def has_checkpoint(out: Path) -> bool:
     """Whether a run folder holds a checkpoint (a set, or any file of the first layout)."""
-    return checkpoint.read_set(out) is not None or any((out / n).exists() for n in (STATE, WEIGHTS, DESCRIPTION))
+    return current(out) != out or any((out / n).exists() for n in (STATE, WEIGHTS, DESCRIPTION))
 
 
 def train(settings: Settings | None, out: str | Path, resume: bool = False, stream=None) -> dict:

@@ -148,3 +148,12 @@ def test_train_says_what_it_waits_for_before_each_long_stretch(patch_local_dir, 
               "step 1/3 (", "step 2/3 (", "step 3/3: loss"]
     at = [next(k for k, line in enumerate(lines) if line.startswith(first)) for first in firsts]
     assert at == sorted(at) and at[0] == 0, lines
+
+
+def test_a_damaged_pointer_is_one_line_in_eval_and_resume(run_copy, photo_dir, capsys):
+    (run_copy / "current.json").write_text('{"set": ')  # written whole by featcache: edited by hand
+    assert main(["featsharp", "eval", str(run_copy), "--images", str(photo_dir)]) == 2
+    _one_line(capsys, "current.json is damaged")
+    assert main(["featsharp", "train", "--out", str(run_copy), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "current.json is damaged" in err[-1] and not any("Traceback" in x for x in err), err
