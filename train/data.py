@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -22,9 +23,14 @@ from featcache import geometry
 from PIL import Image
 
 from featcache.decode import decode_rgb
-from featcache.errors import UsageError
+from featcache.errors import StorageError, UsageError
+from featcache.log import LogStream
+from featcache.retry import describe, is_transient
 from featcache.sources.read import ImageReader
 from featcache.store.cache import Cache
+
+#: Tries of one read before a run stops: the first and extract's default of three retries
+MAX_READ_ATTEMPTS = 4
 
 #: The student's input normalization (ImageNet statistics); :func:`normalize` applies it.
 MEAN = (0.485, 0.456, 0.406)
@@ -240,9 +246,14 @@ class CacheDataset(torch.utils.data.Dataset):
         return decode_rgb(self.views.image_bytes(row) if data is None else data, uri, self.max_pixels, reduce)
 
     def __getitem__(self, item: Item) -> dict:
-        return self._sample(item, self._plan(item))
+        return retrying(lambda: self._sample(item, self._plan(item)), f"reading image row {item.row}")
 
     def __getitems__(self, items: list[Item]) -> dict:
+        """A batch, read again after a transient storage error (:func:`retrying`)."""
+        rows = ", ".join(str(item.row) for item in items)
+        return retrying(lambda: self._batch(items), f"reading the batch of image rows {rows}")
+
+    def _batch(self, items: list[Item]) -> dict:
         """A batch (the DataLoader's fetch), assembled here: the images' files are read first (small
         reads that would otherwise queue behind the windows), every sample's windows are asked of the
         kernel (and, with :attr:`lookahead`, the next step's), then a thread reads them straight into
@@ -368,6 +379,25 @@ class CacheDataset(torch.utils.data.Dataset):
 
 
 _TORCH = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
+
+
+def retrying(read, doing: str, attempts: int | None = None):
+    """``read()``, tried again after a transient error (a lost connection, a busy server: the rule
+    extract applies to shards, ``featcache.retry.is_transient``) with the same back-off, saying so on
+    stderr; after ``attempts`` (:data:`MAX_READ_ATTEMPTS`) tries one line, exit 1 (a StorageError), and
+    ``--resume`` continues."""
+    attempts = attempts or MAX_READ_ATTEMPTS
+    for n in range(1, attempts + 1):
+        try:
+            return read()
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            if n == attempts:
+                raise StorageError(f"{doing} failed {n} times ({describe(e)}); when the storage answers again, "
+                                   "continue with 'featcache train --out RUN --resume'", getattr(e, "errno", None)) from e
+            print(f"{doing}: attempt {n} failed ({describe(e)}); retrying", file=LogStream(), flush=True)
+            time.sleep(min(15.0, 2.0 ** (n - 1)))
 
 
 def grid_px(grid: tuple[int, int], patch: int) -> tuple[int, int]:

@@ -263,7 +263,7 @@ def test_a_run_folder_is_never_overwritten_and_resume_takes_no_new_config(cache_
     assert main(["train", cache_root, "--config", str(config_file), "--out", str(run)]) == 2
     assert "already holds a run: --resume to continue it" in capsys.readouterr().err
     assert main(["train", "--out", str(run), "--resume", "--lr", "1"]) == 2
-    assert "give no ROOT, --config, --init or overrides" in capsys.readouterr().err
+    assert "already finished its 1 steps; to train further, start a new run from its weights" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 2
     assert "holds no run to resume" in capsys.readouterr().err
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from featcache.errors import StorageError
+
+from tests.support.fixtures import private_s3_server  # noqa: F401  (a fixture)
 from tests.test_s3_preflight import assert_one_line, closed_endpoint, run_cli  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.s3
@@ -37,3 +40,58 @@ def test_missing_credentials(s3_root, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     result = run_cli(_train(s3_root, tmp_path / "run"), capsys)
     assert_one_line(result, f"S3 credentials missing or refused for {s3_root}")
+
+
+def _s3_trainer(root: str, tmp_path):
+    from featcache.train import config
+    from featcache.train.loop import Trainer
+    from tests.support import training
+
+    training.build(root, training.photos(tmp_path / "photos"), training.teachers(tmp_path / "models"))
+    cfg = config.load(None, cache=root, overrides=[
+        'teachers=[{name="dinov3", low="dinov3@64"}]', 'student.size="micro"', "resolution.low=[64]",
+        "optim.steps=3", "optim.batch_size=4", "optim.warmup=1", "data.heldout=0.0", "eval.pictures=false"])
+    return Trainer(cfg, tmp_path / "run")
+
+
+@pytest.fixture
+def own_server(private_s3_server, monkeypatch):
+    """A server this test alone stops and starts, with the environment pointing at it."""
+    for name, value in private_s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    private_s3_server.make_bucket("train")
+    return private_s3_server
+
+
+def test_the_server_stopping_mid_run_is_retried(own_server, tmp_path, caplog, capfd, monkeypatch):
+    """SeaweedFS stops for 10 s after the trainer opened the cache (s3fs's own retries absorb a few
+    seconds, not that): the reads are retried with extract's back-off and the run finishes when the
+    server is back. Six tries here (1 + 2 + 4 + 8 + 15 s of back-off) leave room for a slow restart."""
+    from featcache.train import data
+
+    monkeypatch.setattr(data, "MAX_READ_ATTEMPTS", 6)
+    import logging
+    import threading
+
+    caplog.set_level(logging.INFO, logger="featcache")
+    trainer = _s3_trainer("s3://train/cache", tmp_path)
+    trainer.out.mkdir()
+    own_server.stop()
+    back = threading.Timer(10.0, own_server.start)  # longer than s3fs retries on its own
+    back.start()
+    try:
+        result = trainer.run()
+    finally:
+        back.join()
+    err = caplog.text + capfd.readouterr().err  # featcache's log (on stderr once a CLI call set it up)
+    assert result.steps == 3 and "attempt 1 failed" in err and "retrying" in err, err
+
+
+def test_a_server_that_stays_down_ends_the_run_in_one_line(own_server, tmp_path, capfd):
+    trainer = _s3_trainer("s3://train/cache", tmp_path)
+    trainer.out.mkdir()
+    own_server.stop()
+    with pytest.raises(StorageError, match=r"failed 4 times \(.*\); when the storage answers again, continue "
+                                           r"with 'featcache train --out RUN --resume'") as e:
+        trainer.run()
+    assert "\n" not in str(e.value) and e.value.exit_code == 1
