@@ -84,12 +84,15 @@ def read_set(folder: Path) -> tuple[Path, dict] | None:
     pointer = Path(folder) / POINTER
     if not pointer.is_file():
         return None
-    record = json.loads(pointer.read_text())  # replaced whole, never written in place: always complete
-    path = pointer.parent / record["set"]
-    missing = [name for name in record["files"] if not (path / name).is_file()]
+    try:  # replaced whole, never written in place: complete unless damaged by hand
+        record = json.loads(pointer.read_text())
+        path, files, meta = pointer.parent / record["set"], record["files"], record["meta"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UsageError(f"{pointer} is damaged ({e}): it names the current checkpoint set") from None
+    missing = [name for name in files if not (path / name).is_file()]
     if missing:
         raise UsageError(f"{path}: checkpoint files {', '.join(missing)} are missing (removed by hand?)")
-    return path, record["meta"]
+    return path, meta
 
 
 def _replace_text(path: Path, text: str) -> None:

@@ -68,3 +68,12 @@ def test_a_kill_between_two_files_leaves_the_old_set_and_the_next_write_recovers
     found = checkpoint.read_set(tmp_path)
     assert found[1] == {"step": 3} and _contents(found) == {"a": "a3", "b": "b3"}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([found[0].name, "current.json"])
+
+
+def test_a_damaged_pointer_is_one_line(tmp_path):
+    from featcache.errors import UsageError
+
+    checkpoint.write_set(tmp_path, {"a": _writer("a1")}, {"step": 1})
+    (tmp_path / "current.json").write_text('{"set": "set-00')
+    with pytest.raises(UsageError, match="current.json is damaged"):
+        checkpoint.read_set(tmp_path)
