@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from contextlib import contextmanager
 
 from featcache.errors import UsageError
@@ -32,12 +33,14 @@ def ray_session(address: str | None = None, stream=None):
         except (ConnectionError, RuntimeError, ValueError) as e:
             where = address or "a local Ray"
             raise UsageError(f"cannot start or reach {where}: {str(e).strip().splitlines()[0]}") from None
-        before = signal.signal(signal.SIGTERM, _terminate)  # in place of ray.init's sys.exit(15)
+        main = threading.current_thread() is threading.main_thread()  # only it may set a handler
+        before = signal.signal(signal.SIGTERM, _terminate) if main else None  # in place of ray.init's sys.exit(15)
         try:
             yield
         finally:
             ray.shutdown()
-            signal.signal(signal.SIGTERM, before)
+            if main:
+                signal.signal(signal.SIGTERM, before)
 
 
 class Terminated(BaseException):

@@ -50,3 +50,30 @@ def test_sigterm_mid_extract_ends_like_ctrl_c_with_143(tmp_path, photos_dir, job
                                              "command resumes"), rest
     for noise in ("Traceback", "SIGTERM received", "*** ", "terminate called", "Aborted"):  # Ray's native dump
         assert noise not in rest, rest
+
+
+def test_a_ray_session_opened_off_the_main_thread_runs_and_shuts_ray_down():
+    """A job run from a thread (a notebook's executor, a test) cannot set a signal handler there: the
+    session must still yield and shut Ray down, or Ray's processes die with the thread that started them
+    and take the process down a minute later."""
+    import threading
+
+    import ray
+
+    from featcache.pipelines.ray_session import ray_session
+
+    seen = {}
+
+    def job():
+        try:
+            with ray_session(None):
+                seen["resources"] = ray.cluster_resources().get("CPU")
+        except BaseException as e:  # the thread's failure, kept for the assertion below
+            seen["error"] = repr(e)
+        seen["initialized_after"] = ray.is_initialized()
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    thread.join(120)
+    assert "error" not in seen, seen["error"]
+    assert seen["resources"] and seen["initialized_after"] is False
