@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from featcache import checkpoint
+from featcache.devices import resolve_device
 from featcache.errors import FeatcacheError, UsageError
 from featcache.fsio import check_reachable
 from featcache.geometry import lookup_targets
@@ -122,21 +123,6 @@ def _next(batches):
             last = text.strip().splitlines()[-1]
             e.args = (last.split(": ", 1)[1] if last.startswith(f"{type(e).__module__}.") else last,)
         raise
-
-
-def resolve_device(name: str) -> torch.device:
-    """The run's device: ``auto`` is CUDA when torch sees it; ``cuda`` without it is refused, as extract does."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"device must be auto, cpu or cuda[:N], not {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {name!r} was asked for, but torch sees no CUDA device here: use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"device {name!r} was asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 def open_cache(uri: str) -> Cache:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from featcache.devices import resolve_device
 from featcache.errors import UsageError
 from featcache.teachers.views import POLICIES
 from featcache.upsample.warp import Jitter
@@ -141,10 +142,7 @@ def torch_device(name: str) -> torch.device:
     """The device a run or an evaluation asked for (``auto``: CUDA when there is one); a UsageError
     when it asks for CUDA on a machine without it, before any model is built."""
     _choice("device", name, DEVICES)
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device 'cuda' was asked for, but torch sees no CUDA GPU on this machine: "
-                         "use --device cpu (or auto)")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+    return resolve_device(name)
 
 
 def settings_from(teacher: str, images: str, flags: dict, overrides: list[str]) -> Settings:

@@ -47,10 +47,10 @@ def test_cuda_on_a_machine_without_it_is_one_line(patch_local_dir, photo_dir, tr
                                                   monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine's answer, on any machine
     assert main(_train_argv(tmp_path / "run", patch_local_dir, photo_dir, "--device", "cuda")) == 2
-    _one_line(capsys, "device 'cuda' was asked for, but torch sees no CUDA GPU")
+    _one_line(capsys, "device 'cuda' was asked for, but torch sees no CUDA device")
     assert not (tmp_path / "run").exists()
     assert main(["featsharp", "eval", str(trained_dir), "--images", str(photo_dir), "--device", "cuda"]) == 2
-    _one_line(capsys, "device 'cuda' was asked for, but torch sees no CUDA GPU")
+    _one_line(capsys, "device 'cuda' was asked for, but torch sees no CUDA device")
     assert main(["featsharp", "eval", str(trained_dir), "--images", str(photo_dir), "--device", "tpu"]) == 2
     _one_line(capsys, "device 'tpu' is not one of auto, cpu, cuda")
 
