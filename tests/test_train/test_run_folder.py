@@ -15,25 +15,10 @@ import pytest
 from featcache import checkpoint
 from featcache.cli import main
 from featcache.train import config, train
-from tests.support import training
-from tests.test_train.test_loop import CONFIG, LOSS_KEYS, _losses
+from tests.test_train.test_loop import LOSS_KEYS, _losses
+from tests.test_train.test_loop import cache_root, config_file  # noqa: F401 (fixtures: this module's own copies)
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def cache_root(tmp_path_factory) -> str:
-    base = tmp_path_factory.mktemp("runfolder")
-    root = base / "cache"
-    training.build(root, training.photos(base / "photos"), training.teachers(base / "models"))
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def config_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "train.toml"
-    path.write_text(CONFIG)
-    return path
 
 
 @pytest.fixture(scope="module")
