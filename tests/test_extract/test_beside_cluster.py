@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 
 import featcache
 from tests.support.seaweed import free_ports
-from tests.test_extract.test_cluster import RAY, _cluster_processes
+from tests.test_extract.test_cluster import RAY, _cluster_processes, stop_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +34,7 @@ def running_head():
                        check=True, capture_output=True, timeout=120, env=env)
         yield f"127.0.0.1:{port}", env
     finally:
-        for pid in _cluster_processes(tmp):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        subprocess.run(["rm", "-rf", tmp])
+        stop_cluster(tmp)
 
 
 def test_demo_beside_a_running_cluster_starts_its_own_ray(running_head, tmp_path):

@@ -66,12 +66,18 @@ def two_node_cluster(tmp_path):
                        timeout=120, env=env)
         yield f"127.0.0.1:{port}", env
     finally:
-        for pid in _cluster_processes(temp_dir):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        subprocess.run(["rm", "-rf", temp_dir])
+        stop_cluster(temp_dir)
+
+
+def stop_cluster(temp_dir: str) -> None:
+    """Kill the processes of the Ray cluster whose temp dir is ``temp_dir`` (only those: ``ray stop``
+    would stop every Ray on the machine) and remove the folder."""
+    for pid in _cluster_processes(temp_dir):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    subprocess.run(["rm", "-rf", temp_dir])
 
 
 def test_two_node_cluster_equals_the_embedded_run(embedded, two_node_cluster, tmp_path, photos_dir, job_teachers):
