@@ -210,8 +210,6 @@ def test_roofline_plot_help_is_the_plot_s_own():
 
 def test_the_plot_draws_block_sizes_as_their_own_curves(tmp_path):
     """A sweep's pattern names its block size (block4x4, block8x8): one curve each, in distinct colours."""
-    from PIL import Image
-
     from featcache.sparsity_plot import draw
 
     results = tmp_path / "r.csv"
