@@ -21,15 +21,18 @@ import os
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from featcache.errors import CacheFormatError
-from featcache.extract.plan import Plan
 from featcache.images import is_image_name
 from featcache.store import commits, tables
 from featcache.store.cache import Cache, versions
+
+if TYPE_CHECKING:  # annotations only: plan imports this module (no cycle at run time)
+    from featcache.extract.plan import Plan
 
 #: The key of the errors table's Parquet metadata that records which markers its rows came from.
 COVERAGE_KEY = b"featcache.commits"
