@@ -75,3 +75,16 @@ def trained_dir(tmp_path_factory, patch_local_dir, photo_dir):
 def run_copy(trained_dir, tmp_path):
     """A copy of the two-step run this test may damage."""
     return shutil.copytree(trained_dir, tmp_path / "run")
+
+
+def interrupt_at(monkeypatch, step: int) -> None:
+    """Make the trainer stop with a KeyboardInterrupt as it reaches ``step`` (as Ctrl-C would);
+    ``monkeypatch.undo()`` puts the real loss back."""
+    original = training.Trainer.loss
+
+    def stopping(self, at):
+        if at == step:
+            raise KeyboardInterrupt
+        return original(self, at)
+
+    monkeypatch.setattr(training.Trainer, "loss", stopping)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from featcache import checkpoint
 from featcache.upsample import training
 from featcache.upsample.checkpoint import current, describe_upsampler
-from tests.test_upsample.conftest import one_torch_thread, settings
+from tests.test_upsample.conftest import interrupt_at, one_torch_thread, settings
 
 STEPS = dict(steps=2, save_every=1)
 
@@ -112,14 +112,8 @@ def _first_layout(run) -> None:
 
 def test_a_checkpoint_of_the_first_layout_loads_resumes_and_moves_to_sets(straight, patch_local_dir, photo_dir,
                                                                           tmp_path, monkeypatch):
-    old, original = tmp_path / "old", training.Trainer.loss
-
-    def stop_at_2(self, step):
-        if step == 1:
-            raise KeyboardInterrupt
-        return original(self, step)
-
-    monkeypatch.setattr(training.Trainer, "loss", stop_at_2)
+    old = tmp_path / "old"
+    interrupt_at(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         training.train(settings(patch_local_dir, photo_dir, **STEPS), old)
     monkeypatch.undo()

@@ -13,7 +13,7 @@ from featcache.cli import main
 from featcache.upsample import training
 from featcache.upsample.checkpoint import describe_upsampler, load_upsampler
 from featcache.upsample.evaluate import evaluate
-from tests.test_upsample.conftest import settings, upsampler_file
+from tests.test_upsample.conftest import interrupt_at, settings, upsampler_file
 
 #: a learning run a test can afford (one thread: ~4 s of CPU): 60 steps at a high rate, a third of
 #: the photos held out; the realistic run (128-px teacher, 300 steps) is ``benchmarks/featsharp.py --learning``
@@ -39,17 +39,10 @@ def test_an_interrupted_run_resumes_exactly(patch_local_dir, photo_dir, tmp_path
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     s = settings(patch_local_dir, photo_dir, steps=6, save_every=3, log_every=1)
     training.train(s, straight)
-    original = training.Trainer.loss
-
-    def stop_at_4(self, step):
-        if step == 4:
-            raise KeyboardInterrupt
-        return original(self, step)
-
-    monkeypatch.setattr(training.Trainer, "loss", stop_at_4)
+    interrupt_at(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         training.train(s, broken)
-    monkeypatch.setattr(training.Trainer, "loss", original)
+    monkeypatch.undo()
     with pytest.raises(Exception, match="already holds a FeatSharp run"):
         training.train(s, broken)
     training.train(None, broken, resume=True)
