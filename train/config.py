@@ -18,6 +18,7 @@ from pathlib import Path
 from featcache.errors import UsageError
 from featcache.geometry import CropConfig
 from featcache.train.student import StudentConfig
+from featcache.typecheck import fits
 
 #: The report's student resolutions (ALGORITHMS.md §6).
 LOW = (128, 192, 224, 256, 384, 432)
@@ -231,23 +232,9 @@ def _typed(cls, name: str, value, where: str):
     """``value`` when it has the type of field ``name`` of dataclass ``cls`` (an int where a float
     goes is one), else a UsageError naming the key, the value and the type (as nanoGPT's configurator)."""
     hint = typing.get_type_hints(cls)[name]
-    if not _fits(value, hint):
+    if not fits(value, hint):
         raise UsageError(f"{where}: {name} = {value!r} is not {_type_name(hint)}")
     return value
-
-
-def _fits(value, hint) -> bool:
-    """Whether a parsed TOML value has the annotated type ``hint``."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (types.UnionType, typing.Union):
-        return any(_fits(value, a) for a in args)
-    if origin in (list, tuple):
-        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return value is None if hint is type(None) else isinstance(value, typing.get_origin(hint) or hint)
 
 
 def _type_name(hint) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import types
 import typing
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 from featcache.devices import resolve_device
 from featcache.errors import UsageError
 from featcache.teachers.views import POLICIES
+from featcache.typecheck import fits
 from featcache.upsample.warp import Jitter
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -85,22 +85,9 @@ def type_problem(obj) -> str | None:
     float too; a bool is not a number; floats are finite), as ``name=value: expected ...``; else None."""
     for name, hint in typing.get_type_hints(type(obj)).items():
         value = getattr(obj, name)
-        if not _fits(value, hint):
+        if not fits(value, hint):
             return f"{name}={json.dumps(value, default=str)}: expected {_describe(hint)}"
     return None
-
-
-def _fits(value, hint) -> bool:
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return any(_fits(value, a) for a in args)
-    if typing.get_origin(hint) is tuple:
-        return isinstance(value, (list, tuple)) and len(value) == len(args) and all(map(_fits, value, args))
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return isinstance(value, hint) and not (hint is int and isinstance(value, bool))
 
 
 def _describe(hint) -> str:
