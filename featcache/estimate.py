@@ -84,18 +84,13 @@ def image_id_bytes(manifest) -> float:
 
 def forward_flops_and_ops(shape: roofline.VitShape, task: ViewTask, spec: ViewSpec, teacher, batch: int,
                           itemsize: int) -> tuple[float, list[roofline.Op], int]:
-    """(FLOPs per image, ops of one forward batch, images that batch holds) for a view."""
-    if task.upsampler:  # the global view and f² tiles at the teacher's size, per image
-        f = spec.grid[0] // teacher.grid()[0]
-        h, w = teacher.input_size
-        model = roofline.ops(shape, h, w, batch * (1 + f * f), itemsize)
-    elif task.mosaic > 1:  # k² images per native-size input
-        h, w = teacher.input_size
-        model = roofline.ops(shape, h, w, max(1, batch // task.mosaic**2), itemsize)
-        batch = max(1, batch // task.mosaic**2) * task.mosaic**2
-    else:
-        model = roofline.ops(shape, task.size[0], task.size[1], batch, itemsize)
-    return sum(o.flops * o.count for o in model) / batch, model, batch
+    """(FLOPs per image, ops of the forwards of one worker batch, images that batch holds) for a
+    view: the forwards its kind runs (a mosaic: ``batch`` native-size mosaics of k² images; an
+    upsampled view: 1 + f² forwards of ``batch`` native-size inputs), as the memory estimates count them."""
+    forward = task.kind.forward(teacher, batch)
+    model = [dataclasses.replace(o, count=o.count * forward.count)
+             for o in roofline.ops(shape, *forward.size, forward.inputs, itemsize)]
+    return sum(o.flops * o.count for o in model) / forward.images, model, forward.images
 
 
 def describe(t) -> tuple:
@@ -143,7 +138,6 @@ def measure_job(config: ExtractConfig, manifest, hw: roofline.Hardware | None = 
     from featcache.errors import ImageError, UsageError
     from featcache.sources.read import ImageReader
     from featcache.teachers import create_teacher
-    from featcache.teachers.views import make_views
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hw = hw or roofline.measure(device, seconds)
@@ -162,15 +156,14 @@ def measure_job(config: ExtractConfig, manifest, hw: roofline.Hardware | None = 
         teacher = create_teacher(t.family, t.source, t.revision, device=device, name=t.name, hash_weights=False)
         shape = teacher_shape(t.family, t.source, t.revision, teacher.spec.prefix_tokens)
         for task, spec in view_specs(i, t, teacher.spec, config):
-            if task.upsampler:  # its efficiency is stated, not measured
+            kind = task.kind
+            if not kind.measured:  # an upsampled view's efficiency is stated
                 continue
-            per_batch = config.batch_size * task.mosaic ** 2
+            per_batch = kind.images_per_batch(config.batch_size)
             batch = [images[j % len(images)].to(device) for j in range(per_batch)]
-            view = lambda: make_views(batch, teacher.spec, size=task.size, policy=config.view_policy,  # noqa: E731
-                                      device=device, mosaic=task.mosaic)[0]
+            view = lambda: kind.views(teacher.spec, batch, config.view_policy, device)[0]  # noqa: E731
             pixels = view()
-            run = (lambda: teacher.extract_mosaic(pixels, task.mosaic, dtype=None)) if task.mosaic > 1 else \
-                (lambda: teacher.extract(pixels, dtype=None))
+            run = lambda: kind.features(teacher, pixels, None, config.batch_size)  # noqa: E731
             with torch.inference_mode():
                 forward = roofline.fastest(run, device, seconds)
             _, model, images_per_call = forward_flops_and_ops(shape, task, spec, teacher.spec, config.batch_size,

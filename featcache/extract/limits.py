@@ -88,11 +88,9 @@ def check_sizes(shard_size: int, batch_size: int, teachers: list[TeacherSpec], v
 
 
 def forward_tokens(teacher: TeacherSpec, tasks: list) -> int:
-    """The tokens of ``teacher``'s largest forward among its view ``tasks``: a mosaic runs at the
-    teacher's native size, an upsampled view runs the teacher at its native size too."""
-    inputs = [teacher.input_size if task.mosaic > 1 or task.upsampler else task.size for task in tasks]
-    p = teacher.patch_size
-    return max(h // p * (w // p) for h, w in inputs) + teacher.prefix_tokens
+    """The tokens of one input of ``teacher``'s largest forward among its view ``tasks`` (each view's
+    kind says its input: a mosaic's and an upsampled view's are the teacher's native size)."""
+    return max(task.kind.forward(teacher, 1).tokens(teacher) for task in tasks)
 
 
 def _gib(n: int) -> str:

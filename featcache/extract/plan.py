@@ -22,6 +22,7 @@ import pyarrow as pa
 from featcache.errors import SourceNotFoundError, UsageError
 from featcache.extract import limits
 from featcache.extract.config import DEFAULT_SHARD_SIZE, ExtractConfig, TeacherConfig
+from featcache.extract.viewkinds import Mosaic, Plain, Upsampled, ViewKind
 from featcache.fsio import Location, check_reachable, locate
 from featcache.sources.patterns import has_braces
 from featcache.store import commits, tables
@@ -44,14 +45,22 @@ class ViewTask:
     size: tuple[int, int]
     mosaic: int = 1
     upsampler: str | None = None  # checkpoint folder: the view is the upsampler's map of a canvas of ``size``
+    factor: int = 1  # the upsampler's: its canvas is factor x the teacher's size
+
+    @property
+    def kind(self) -> ViewKind:
+        """Plain, mosaic or upsampled: what knows this view's forwards and runs its teacher."""
+        if self.upsampler:
+            return Upsampled(self.factor)
+        return Mosaic(self.mosaic) if self.mosaic > 1 else Plain(tuple(self.size))
 
     def to_dict(self) -> dict:
         return {"key": self.key, "teacher": self.teacher, "size": list(self.size), "mosaic": self.mosaic,
-                "upsampler": self.upsampler}
+                "upsampler": self.upsampler, "factor": self.factor}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ViewTask":
-        return cls(d["key"], d["teacher"], tuple(d["size"]), d["mosaic"], d.get("upsampler"))
+        return cls(d["key"], d["teacher"], tuple(d["size"]), d["mosaic"], d.get("upsampler"), d.get("factor", 1))
 
 
 @dataclass
@@ -364,6 +373,6 @@ def upsampled_view(index: int, t: TeacherConfig, spec: TeacherSpec, config: Extr
     size, grid = c.canvas, c.out_grid
     key = f"{spec.name}-featsharp{c.factor}x@" + (f"{size[0]}" if size[0] == size[1] else f"{size[0]}x{size[1]}")
     upsampler = {"name": "featsharp", "path": folder, "sha256": d.sha256, "step": d.step, "config": c.to_dict()}
-    return (ViewTask(key, index, size, 1, folder),
+    return (ViewTask(key, index, size, 1, folder, c.factor),
             ViewSpec(key=key, grid=grid, channels=spec.channels, summary_channels=spec.summary_channels, input_size=size,
                      codec=t.codec, view_policy=config.view_policy, teacher=spec.to_dict(), upsampler=upsampler))

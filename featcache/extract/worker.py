@@ -48,8 +48,6 @@ from featcache.stats.calibrate import Calibration
 from featcache.store.cache import Cache
 from featcache.store.codec import Int8Phis, load_int8_phis
 from featcache.teachers import TeacherSpec, create_teacher
-from featcache.teachers.views import make_views
-from featcache.upsample import run as upsample_run
 from featcache.upsample.checkpoint import load_upsampler
 
 #: spec fields a worker's loaded teacher may differ in from the driver's description
@@ -307,37 +305,18 @@ class ShardWorker:
     def _features(self, task: ViewTask, images: list, good: list[int], stages: "_Stages",
                   dtype: torch.dtype | None = torch.float32):
         """(rows, dense, summary, boxes) per batch of ``good`` images: the teacher's outputs (in
-        ``dtype``; ``None``: the forward's own) as tensors on the teacher's device."""
-        teacher = self.teachers[task.teacher]
-        per_batch = self.batch_size * task.mosaic ** 2
+        ``dtype``; ``None``: the forward's own) as tensors on the teacher's device, as the view's
+        kind (plain, mosaic, upsampled: ``featcache.extract.viewkinds``) runs the teacher."""
+        teacher, kind = self.teachers[task.teacher], task.kind
+        per_batch = kind.images_per_batch(self.batch_size)
         for b in range(0, len(good), per_batch):
             rows = good[b:b + per_batch]
             with stages.time("views"):
                 batch = [images[j].to(self.device, non_blocking=True) for j in rows]
-            if task.upsampler:
-                yield (rows, *self._upsampled(task, teacher, batch, stages, dtype))
-                continue
-            with stages.time("views"):
-                pixels, boxes = make_views(batch, teacher.spec, size=task.size, policy=self.policy,
-                                           device=self.device, mosaic=task.mosaic)
+                pixels, boxes = kind.views(teacher.spec, batch, self.policy, self.device)
             with stages.time("forward"):
-                if task.mosaic > 1:
-                    out = teacher.extract_mosaic(pixels, task.mosaic, dtype=dtype)
-                else:
-                    out = teacher.extract(pixels, dtype=dtype)
-            yield rows, out.dense, out.summary, boxes
-
-    def _upsampled(self, task: ViewTask, teacher, batch: list, stages: "_Stages", dtype: torch.dtype | None):
-        """(dense (B, H, W, C) in the teacher's raw space, the global views' summaries, boxes) of an
-        upsampled view: canvases, the teacher on their global views and tiles, the upsampler."""
-        model = self.upsamplers[task.key]
-        with stages.time("views"):
-            canvas, boxes = upsample_run.canvases(batch, teacher.spec, model.config.factor, self.policy, self.device)
-        with stages.time("forward"), torch.inference_mode():
-            with torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
-                out = upsample_run.upsample(model, teacher, canvas, self.batch_size)
-            dense, summary = model.denormalize(out.dense.float()), out.summary
-        return (dense, summary, boxes) if dtype is None else (dense.to(dtype), summary.to(dtype), boxes)
+                dense, summary = kind.features(teacher, pixels, dtype, self.batch_size, self.upsamplers.get(task.key))
+            yield rows, dense, summary, boxes
 
     def _encoder(self, key: str, dtype: torch.dtype):
         """(device features → the view's stored dense values, on the device: int8-phis codes or a
@@ -362,7 +341,7 @@ class ShardWorker:
         spec = self.cache_views[key].spec
         t0 = time.perf_counter()
         calibration = Calibration(spec.channels, len(rows) * spec.grid[0] * spec.grid[1], seed)
-        per_batch = self.batch_size * task.mosaic ** 2
+        per_batch = task.kind.images_per_batch(self.batch_size)
         for b in range(0, len(rows), per_batch):  # one batch of images decoded at a time
             decode_one = functools.partial(self._decode_one, groups=RowGroups())
             images = list(self.pool.map(decode_one, rows[b:b + per_batch]))
