@@ -208,7 +208,7 @@ def train_step(root: Path, out: Path, batch_size: int, student: str, steps: int 
         t0 = time.perf_counter()
         batch = collate([trainer.dataset[item] for item in trainer.plan.batch(k)])
         t1 = time.perf_counter()
-        loss, _ = trainer._loss(batch, k)
+        loss = trainer.task.forward(batch, k)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainer.student.parameters(), cfg.optim.clip)
         trainer.optimizer.step()

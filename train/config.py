@@ -17,6 +17,7 @@ from pathlib import Path
 
 from featcache.errors import UsageError
 from featcache.geometry import CropConfig
+from featcache.train.losses import check_terms
 from featcache.train.student import StudentConfig
 from featcache.typecheck import fits
 
@@ -52,6 +53,7 @@ class Losses:
     mesa_start: int = 0  # first step MESA counts
     ema_decay: float = 0.999
     damp: float = 0.0  # DAMP σ
+    terms: dict[str, float] = field(default_factory=dict)  # weight of each other registered loss (train.losses)
 
 
 @dataclass
@@ -116,6 +118,7 @@ class TrainConfig:
 
             parse(self.prune)
         self._check_ranges()
+        check_terms(self.loss.terms)
         if not 0 <= self.resolution.high_prob <= 1:
             raise UsageError(f"resolution.high_prob must be in [0, 1], not {self.resolution.high_prob}")
         if not self.resolution.low or (self.resolution.high_prob > 0 and not self.resolution.high):
@@ -315,4 +318,6 @@ def _value(v) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, list):
         return "[" + ", ".join(_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table, as loss.terms = {"tv" = 0.1}
+        return "{" + ", ".join(f"{_value(str(k))} = {_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")

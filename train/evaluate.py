@@ -5,11 +5,17 @@ cosine similarity between L2-normalized embeddings, the ``k`` nearest training r
 with weight ``exp(sim / T)``. ``teacher_knn`` scores the cached teacher summaries of a view (the number a
 student's summary head is distilled towards), ``student_knn`` a student's embeddings of the same images.
 Labels (and an optional ``split`` column) come from the cache's manifest; see :mod:`featcache.train.digits`.
+
+The training loop's evaluators live here too (as big_vision's ``evaluators``): objects with an ``every``
+(steps) that, called with the step, return their metrics; :class:`HeldoutLosses` and :class:`Knn`, and
+:class:`featcache.train.pictures.Pictures`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +24,12 @@ import torch.nn.functional as F
 
 from featcache.errors import UsageError
 from featcache.store import Cache
+from featcache.train.data import Item, collate, crop_pixels, to_device, usable_rows
+from featcache.train.pictures import Pictures
+
+if TYPE_CHECKING:
+    from featcache.train.config import TrainConfig
+    from featcache.train.task import DistillTask, Target
 
 QUERY_ELEMENTS = 1 << 24  # similarities held at once (64 MB of float32): bounds memory at any set size
 TEST_EVERY = 4  # without a split column, every 4th row (by index) is a test row: a 3:1 split
@@ -147,3 +159,101 @@ def student_knn(embed: Callable[[torch.Tensor], torch.Tensor], images: Iterable[
         raise UsageError(f"{len(x)} embeddings for {len(labels)} labels")
     train, test = split_masks(split, len(labels))
     return knn_top1(x[torch.from_numpy(train)], labels[train], x[torch.from_numpy(test)], labels[test], k=k)
+
+
+# ---- the training loop's evaluators --------------------------------------------------------------
+
+class Evaluator(Protocol):
+    """What the loop calls every ``every`` steps (and at step 0 and the last): its metrics, by name."""
+
+    every: int
+
+    def __call__(self, step: int) -> dict[str, float]: ...
+
+
+class HeldoutLosses:
+    """Each loss term of the task on the held-out rows (``heldout/<term>``): the whole view at
+    ``eval.resolution``, no flip, no noise, the student in eval mode."""
+
+    def __init__(self, task: DistillTask, rows: np.ndarray, cfg: TrainConfig):
+        self.task, self.rows = task, rows
+        self.every, self.resolution, self.batch_size = cfg.eval.every, cfg.eval.resolution, cfg.optim.batch_size
+
+    @torch.no_grad()
+    def __call__(self, step: int) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        with self.task.evaluating():
+            for start in range(0, len(self.rows), self.batch_size):
+                rows = self.rows[start:start + self.batch_size]
+                batch = collate([self.task.dataset[Item(int(r), self.resolution, "low", ())] for r in rows])
+                values = self.task.forward(to_device(batch, self.task.device), None)
+                del values["loss"]
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(rows)
+        return {f"heldout/{k}": v / len(self.rows) for k, v in sums.items()}
+
+
+def knn_heads(targets: list[Target], teacher: str | None, manifest: pa.Table) -> list[Target]:
+    """The teachers kNN evaluates (those with summaries, or ``teacher`` alone); refused when there is
+    none or the manifest has no labels."""
+    heads = [t for t in targets if t.summary_channels and (not teacher or t.name == teacher)]
+    if not heads:
+        raise UsageError(f"eval.knn needs a teacher with summaries (eval.knn_teacher={teacher!r})")
+    labels_and_splits(manifest)
+    return heads
+
+
+class Knn:
+    """kNN top-1 on the manifest's labels for every summary teacher (or ``eval.knn_teacher``): the
+    student's summaries (whole image at ``eval.resolution``) next to the cached teacher's, as
+    ``knn/<teacher>/student`` and ``knn/<teacher>/teacher``. Refused at construction when it cannot run."""
+
+    def __init__(self, task: DistillTask, cache: Cache, cfg: TrainConfig):
+        self.task, self.cache = task, cache
+        self.heads = knn_heads(task.targets, cfg.eval.knn_teacher, cache.manifest)
+        self.every, self.resolution, self.batch_size = cfg.eval.every, cfg.eval.resolution, cfg.optim.batch_size
+        self._images: list[torch.Tensor] | None = None
+        self._teacher: dict[str, float] = {}  # the cached summaries do not change: scored once
+
+    def __call__(self, step: int) -> dict[str, float]:
+        labels, split = labels_and_splits(self.cache.manifest)
+        rows = usable_rows(self.cache, [t.views["low"] for t in self.heads])
+        summaries = self._summaries(rows)
+        train, test = (torch.from_numpy(m) for m in split_masks(None if split is None else split[rows], len(rows)))
+        y = torch.as_tensor(labels[rows])
+        result = {}
+        for t in self.heads:
+            x = summaries[t.name]
+            result[f"knn/{t.name}/student"] = knn_top1(x[train], y[train], x[test], y[test])
+            if t.name not in self._teacher:
+                self._teacher[t.name] = teacher_knn(self.cache, t.views["low"])
+            result[f"knn/{t.name}/teacher"] = self._teacher[t.name]
+        return result
+
+    @torch.no_grad()
+    def _summaries(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """The student's summaries of ``rows`` per head (float32, on the CPU); the crops are made once."""
+        if self._images is None:
+            res = self.resolution
+            self._images = [crop_pixels(im, (0, 0, im.width * s, im.height * s), (res, res), scale=s)
+                            for im, s in map(self.task.dataset.image, rows)]
+        parts: dict[str, list] = {t.name: [] for t in self.heads}
+        with self.task.evaluating():
+            for start in range(0, len(rows), self.batch_size):
+                pixels = torch.stack(self._images[start:start + self.batch_size]).to(self.task.device)
+                out = self.task.features(pixels, None)
+                for t in self.heads:
+                    parts[t.name].append(out.summary[t.name].float().cpu())
+        return {name: torch.cat(p) for name, p in parts.items()}
+
+
+def evaluators_for(cfg: TrainConfig, task: DistillTask, cache: Cache, heldout: np.ndarray,
+                   pictures: Path) -> list[Evaluator]:
+    """The evaluators a run's config asks for: held-out losses (when rows are held out), kNN
+    (``eval.knn``), pictures into folder ``pictures`` (``eval.pictures``, of the first held-out row)."""
+    found: list[Evaluator] = [HeldoutLosses(task, heldout, cfg)] if len(heldout) else []
+    if cfg.eval.knn:
+        found.append(Knn(task, cache, cfg))
+    if cfg.eval.pictures and len(heldout):
+        found.append(Pictures(task, int(heldout[0]), cfg, pictures))
+    return found

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,16 +30,15 @@ from featcache import checkpoint
 from featcache.devices import resolve_device
 from featcache.errors import FeatcacheError, UsageError
 from featcache.fsio import check_reachable
-from featcache.geometry import lookup_targets
 from featcache.log import LogStream
 from featcache.store.cache import Cache
 from featcache.train import config as train_config
 from featcache.train.config import TrainConfig
-from featcache.train.data import (BatchPlan, CacheDataset, Item, StepSampler, collate, normalize, split_rows,
-                                  to_device, usable_rows)
+from featcache.train.data import BatchPlan, CacheDataset, StepSampler, collate, split_rows, to_device
 from featcache.train.ema import EMA
+from featcache.train.evaluate import evaluators_for
 from featcache.train import prune
-from featcache.train.losses import angle_loss, damp_call, mesa_loss, spatial_mse
+from featcache.train.task import DistillTask, Target, describe_targets
 from featcache.train.student import Student, StudentConfig, build_student
 
 SET_WEIGHTS, SET_STATE = "student.safetensors", "state.safetensors"  # one checkpoint set's files
@@ -54,50 +52,6 @@ class TrainResult:
     heldout: dict[str, float] = field(default_factory=dict)
     knn: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
-
-
-@dataclass
-class Target:
-    """What the loop knows of one teacher: its views per partition, channels, dispersion, weights."""
-
-    name: str
-    views: dict[str, str]
-    channels: int
-    summary_channels: int
-    dispersion: dict[str, float]
-    spatial: float
-    summary: float
-
-
-def describe_targets(cache: Cache, cfg: TrainConfig) -> list[Target]:
-    """Check every view a run needs (present, statistics when PHI-S targets are asked for, one
-    channel count per teacher) and read each view's summary dispersion from its statistics."""
-    targets = []
-    known = cache.views
-    for t in cfg.teachers:
-        views = {"low": t.view("low"), "high": t.view("high")}
-        specs = {}
-        for part, key in views.items():
-            if key not in known:
-                raise UsageError(f"teacher {t.name}: view {key} is not in {cache.root.uri} "
-                                 f"(views: {', '.join(known) or 'none'})")
-            view = known[key]
-            if (cfg.data.space == "phis" or view.spec.summary_channels) and not view.stats:
-                raise UsageError(f"view {key} has no statistics yet: run 'featcache stats {cache.root.uri}'")
-            specs[part] = view.spec
-        if len({(s.channels, s.summary_channels) for s in specs.values()}) > 1:
-            raise UsageError(f"teacher {t.name}: views {views['low']} and {views['high']} have different channels")
-        disp = {}
-        if specs["low"].summary_channels and t.summary > 0:
-            for part, key in views.items():
-                d = known[key].stats.get("dispersion")
-                if not d or d <= 0:
-                    raise UsageError(f"view {key} has no summary dispersion in its statistics (no valid summary "
-                                     f"yet?): run 'featcache stats {cache.root.uri} --recompute', or set summary = 0")
-                disp[part] = float(d)
-        targets.append(Target(t.name, views, specs["low"].channels, specs["low"].summary_channels, disp,
-                              t.spatial, t.summary))
-    return targets
 
 
 def student_config(cfg: TrainConfig, targets: list[Target]) -> StudentConfig:
@@ -172,6 +126,12 @@ def free_memory(device: torch.device) -> int | None:
         return None
 
 
+def due(step: int, every: int, last: int) -> bool:
+    """Whether a periodic action (a log line, an evaluator, a checkpoint) runs at ``step``: every
+    ``every`` steps (step 0 included) and at the ``last``."""
+    return step % every == 0 or step == last
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only: not norms, biases, tokens or the position table."""
     decay, keep = [], []
@@ -198,8 +158,6 @@ class Trainer:
         self.train_rows, self.heldout_rows = split_rows(self.cache, self.dataset.views.rows, cfg.data.heldout, cfg.seed)
         self.heldout_rows = self.heldout_rows[:cfg.data.heldout_images]
         check_batch(cfg, len(self.train_rows), self.device)
-        if cfg.eval.knn:
-            self._knn_heads()
         self.plan = BatchPlan(self.train_rows, cfg.optim.batch_size, cfg.seed, cfg.resolution.low,
                               cfg.resolution.high, cfg.resolution.high_prob)
         self.dataset.lookahead = self.plan
@@ -209,11 +167,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(_param_groups(self.student, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                            betas=tuple(cfg.optim.betas))
         self.ema = EMA(self.student) if self.mesa else None
+        self.task = DistillTask(cfg, self.student, self.targets, self.dataset, self.device, self.ema)
+        self.evaluators = evaluators_for(cfg, self.task, self.cache, self.heldout_rows, self.out / "pictures")
         self.step = 0
         self.best = float("inf")
-        self._knn_images: list | None = None
-        self._phis: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
-        self._teacher_knn: dict[str, float] = {}
 
     def _say(self, line: str) -> None:
         print(line, file=self.stream, flush=True)
@@ -242,12 +199,9 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
+        """Train from ``self.step`` to ``optim.steps``, logging, evaluating and saving whenever :func:`due`."""
         cfg, t0 = self.cfg, time.perf_counter()
-        acc = cfg.optim.accumulate
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=StepSampler(self.plan, self.step * acc, cfg.optim.steps * acc),
-            num_workers=cfg.data.workers, collate_fn=collate, pin_memory=self.device.type == "cuda",
-            prefetch_factor=cfg.data.prefetch if cfg.data.workers else None)
+        loader = self._loader()
         self.student.train()
         window = {"samples": 0, "bytes": 0, "t": time.perf_counter(), "terms": {}}
         batches = iter(loader)
@@ -260,84 +214,58 @@ class Trainer:
         if self.step == 0:
             self._evaluate()  # the held-out losses before any training: the baseline every later one is read against
         while self.step < cfg.optim.steps:
-            lr = lr_at(self.step, cfg)
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-            terms: dict[str, float] = {}
-            for micro in range(acc):
-                batch = to_device(_next(batches), self.device, non_blocking=True)
-                loss, parts = self._loss(batch, self.step * acc + micro)
-                (loss / acc).backward()
-                for k, v in parts.items():
-                    terms[k] = terms.get(k, 0.0) + v / acc
-                window["samples"] += len(batch["row"])
-                window["bytes"] += batch["bytes"]
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.clip)
-            self.optimizer.step()
-            prune.apply(self.student, keep)
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                self.ema.update(self.student, cfg.loss.ema_decay if self.step >= cfg.loss.mesa_start else 0.0)
-            self.step += 1
-            for k, v in terms.items():
-                window["terms"].setdefault(k, []).append(v)
-            if self.step % cfg.log_every == 0 or self.step == cfg.optim.steps:
+            lr, grad_norm = self._train_step(batches, keep, window)
+            if due(self.step, cfg.log_every, cfg.optim.steps):
                 self._log_window(window, lr, float(grad_norm))
-            if self.step % cfg.eval.every == 0 or self.step == cfg.optim.steps:
-                self._evaluate()
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.optim.steps:
+            self._evaluate()
+            if due(self.step, cfg.checkpoint_every, cfg.optim.steps):
                 self.save("last")
-        heldout = self._last_eval
-        knn = {k: v for k, v in heldout.items() if k.startswith("knn/")}
-        return TrainResult(str(self.out), self.step, {k: v for k, v in heldout.items() if not k.startswith("knn/")},
-                           knn, time.perf_counter() - t0)
+        return self._result(time.perf_counter() - t0)
 
-    def _forward(self, pixels: torch.Tensor, noise_step: int | None):
-        pixels = normalize(pixels) if pixels.dtype == torch.uint8 else pixels  # a loader's batch, on the device
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
-        with autocast:
-            if noise_step is not None and self.cfg.loss.damp > 0 and self.student.training:
-                g = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 1_000_003 + noise_step)
-                return damp_call(self.student, self.cfg.loss.damp, pixels, generator=g)
-            return self.student(pixels)
+    def _loader(self) -> torch.utils.data.DataLoader:
+        """The micro-batches of steps ``self.step`` to ``optim.steps``, as the plan draws them."""
+        cfg, acc = self.cfg, self.cfg.optim.accumulate
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=StepSampler(self.plan, self.step * acc, cfg.optim.steps * acc),
+            num_workers=cfg.data.workers, collate_fn=collate, pin_memory=self.device.type == "cuda",
+            prefetch_factor=cfg.data.prefetch if cfg.data.workers else None)
 
-    def _loss(self, batch: dict, micro_step: int | None) -> tuple[torch.Tensor, dict[str, float]]:
-        """The weighted loss of one batch and each term (per teacher) as floats."""
-        out = self._forward(batch["image"], micro_step)
-        total, parts = 0.0, {}
-        for t in self.targets:
-            b = batch[t.name]
-            target = self.targets_of(b, out.grid)
-            spatial = spatial_mse(out.dense[t.name].float(), target, b["omega"])
-            parts[f"{t.name}/spatial"] = float(spatial.detach())
-            total = total + t.spatial * spatial
-            if t.summary_channels and t.summary > 0:
-                disp = t.dispersion[batch["partition"]]
-                summary = angle_loss(out.summary[t.name].float(), b["summary"], disp)
-                parts[f"{t.name}/summary"] = float(summary.detach())
-                total = total + t.summary * summary
-        if self.mesa and micro_step is not None and micro_step // self.cfg.optim.accumulate >= self.cfg.loss.mesa_start:
-            with torch.no_grad():  # no EMA forward before MESA starts: its loss would not count
-                ema_out = self.ema.module(normalize(batch["image2"]))
-            mesa = mesa_loss(out.features.float(), ema_out.features.float(), batch["mesa"]["map"],
-                             batch["mesa"]["omega"])
-            parts["mesa"] = float(mesa.detach())
-            total = total + self.cfg.loss.mesa * mesa
-        return total, parts
+    def _train_step(self, batches, keep: dict, window: dict) -> tuple[float, torch.Tensor]:
+        """One optimizer step (clipped, pruned, then the EMA); returns its learning rate and gradient norm."""
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        terms = self._backward(batches, window)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.clip)
+        self.optimizer.step()
+        prune.apply(self.student, keep)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.student, cfg.loss.ema_decay if self.step >= cfg.loss.mesa_start else 0.0)
+        self.step += 1
+        for k, v in terms.items():
+            window["terms"].setdefault(k, []).append(v)
+        return lr, grad_norm
 
-    def targets_of(self, part: dict, grid: tuple[int, int]) -> torch.Tensor:
-        """One teacher's targets on the student grid, (B, h, w, C) float32: the batched lookup of its
-        windows, then (for float views) the PHI-S transform on the device (DESIGN.md §5)."""
-        windows = part["window"].permute(0, 3, 1, 2)
-        target = lookup_targets(windows, part["map"], part["extent"], grid).permute(0, 2, 3, 1)
-        key = part["key"]
-        if key not in self._phis:
-            phis = self.dataset.views.phis_transform(key)
-            self._phis[key] = None if phis is None else tuple(torch.from_numpy(a).to(self.device) for a in phis)
-        if self._phis[key] is not None:
-            mean, rotation = self._phis[key]
-            target = (target - mean) @ rotation.T
-        return target
+    def _backward(self, batches, window: dict) -> dict[str, float]:
+        """The gradient of the step's ``optim.accumulate`` micro-batches; each term's mean over them."""
+        acc = self.cfg.optim.accumulate
+        terms: dict[str, float] = {}
+        for micro in range(acc):
+            batch = to_device(_next(batches), self.device, non_blocking=True)
+            values = self.task.forward(batch, self.step * acc + micro)
+            (values.pop("loss") / acc).backward()
+            for k, v in values.items():
+                terms[k] = terms.get(k, 0.0) + v / acc
+            window["samples"] += len(batch["row"])
+            window["bytes"] += batch["bytes"]
+        return terms
+
+    def _result(self, seconds: float) -> TrainResult:
+        knn = {k: v for k, v in self._last_eval.items() if k.startswith("knn/")}
+        heldout = {k: v for k, v in self._last_eval.items() if k not in knn}
+        return TrainResult(str(self.out), self.step, heldout, knn, seconds)
 
     # ---- records ---------------------------------------------------------------------------
 
@@ -349,7 +277,7 @@ class Trainer:
                   "samples_per_s": round(window["samples"] / seconds, 3),
                   "bytes_read_per_s": round(window["bytes"] / seconds, 1)}
         self._append(record)
-        terms = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if "/" in k or k == "mesa")
+        terms = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k in window["terms"])
         print(f"step {self.step}/{self.cfg.optim.steps}  {terms}  {record['samples_per_s']:.1f} samples/s",
               file=self.stream, flush=True)
         window.update(samples=0, bytes=0, t=now, terms={})
@@ -360,107 +288,24 @@ class Trainer:
 
     _last_eval: dict = {}
 
-    @torch.no_grad()
-    def heldout_losses(self) -> dict[str, float]:
-        """Each loss term on the held-out rows: the whole view at ``eval.resolution``, no flip, no noise."""
-        if len(self.heldout_rows) == 0:
-            return {}
-        was = self.student.training
-        self.student.eval()
-        res = self.cfg.eval.resolution
-        sums: dict[str, float] = {}
-        bs = self.cfg.optim.batch_size
-        for start in range(0, len(self.heldout_rows), bs):
-            rows = self.heldout_rows[start:start + bs]
-            batch = collate([self.dataset[Item(int(r), res, "low", ())] for r in rows])
-            _, parts = self._loss(to_device(batch, self.device), None)
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v * len(rows)
-        self.student.train(was)
-        return {f"heldout/{k}": v / len(self.heldout_rows) for k, v in sums.items()}
-
     def _evaluate(self) -> None:
-        losses = self.heldout_losses()
-        if self.cfg.eval.knn:
-            losses.update(self.knn())
-        self._last_eval = losses
-        if losses:
-            self._append({"step": self.step, **losses})
-            total = sum(v for k, v in losses.items() if k.startswith("heldout/"))
-            said = "  ".join(f"{k} {v:.4f}" for k, v in losses.items())
+        """Call the evaluators :func:`due` at this step; record what they measure and keep ``best`` at the
+        lowest sum of held-out losses."""
+        ran = [e for e in self.evaluators if due(self.step, e.every, self.cfg.optim.steps)]
+        if not ran:
+            return
+        results: dict[str, float] = {}
+        for evaluator in ran:
+            results.update(evaluator(self.step))
+        self._last_eval = results
+        if results:
+            self._append({"step": self.step, **results})
+            total = sum(v for k, v in results.items() if k.startswith("heldout/"))
+            said = "  ".join(f"{k} {v:.4f}" for k, v in results.items())
             print(f"eval at step {self.step}: {said}", file=self.stream, flush=True)
             if total < self.best:
                 self.best = total
                 self.save("best")
-        if self.cfg.eval.pictures and len(self.heldout_rows):
-            self.pictures()
-
-    def knn(self) -> dict[str, float]:
-        """kNN top-1 on the manifest's labels for every summary teacher (or ``eval.knn_teacher``):
-        the student's summaries (whole image at ``eval.resolution``) next to the cached teacher's."""
-        from featcache.train.data import crop_pixels
-        from featcache.train.evaluate import knn_top1, labels_and_splits, split_masks, teacher_knn
-
-        heads = self._knn_heads()
-        labels, split = labels_and_splits(self.cache.manifest)
-        rows = usable_rows(self.cache, [t.views["low"] for t in heads])
-        res = self.cfg.eval.resolution
-        if self._knn_images is None:
-            self._knn_images = [crop_pixels(im, (0, 0, im.width * s, im.height * s), (res, res), scale=s)
-                                for im, s in map(self.dataset.image, rows)]
-        was = self.student.training
-        self.student.eval()
-        summaries: dict[str, list] = {t.name: [] for t in heads}
-        with torch.no_grad():
-            for start in range(0, len(rows), self.cfg.optim.batch_size):
-                pixels = torch.stack(self._knn_images[start:start + self.cfg.optim.batch_size]).to(self.device)
-                out = self._forward(pixels, None)
-                for t in heads:
-                    summaries[t.name].append(out.summary[t.name].float().cpu())
-        self.student.train(was)
-        train_mask, test_mask = (torch.from_numpy(m) for m in split_masks(None if split is None else split[rows], len(rows)))
-        y = torch.as_tensor(labels[rows])
-        result = {}
-        for t in heads:
-            x = torch.cat(summaries[t.name])
-            result[f"knn/{t.name}/student"] = knn_top1(x[train_mask], y[train_mask], x[test_mask], y[test_mask])
-            if t.name not in self._teacher_knn:
-                self._teacher_knn[t.name] = teacher_knn(self.cache, t.views["low"])
-            result[f"knn/{t.name}/teacher"] = self._teacher_knn[t.name]
-        return result
-
-    def _knn_heads(self) -> list[Target]:
-        """The teachers kNN evaluates; refused when there is none or the manifest has no labels."""
-        from featcache.train.evaluate import labels_and_splits
-
-        heads = [t for t in self.targets if t.summary_channels]
-        if self.cfg.eval.knn_teacher:
-            heads = [t for t in heads if t.name == self.cfg.eval.knn_teacher]
-        if not heads:
-            raise UsageError(f"eval.knn needs a teacher with summaries (eval.knn_teacher={self.cfg.eval.knn_teacher!r})")
-        labels_and_splits(self.cache.manifest)
-        return heads
-
-    @torch.no_grad()
-    def pictures(self) -> None:
-        """PCA of student vs teacher features on the first held-out row, one picture per teacher."""
-        from featcache.train.pictures import pca_picture
-
-        row = int(self.heldout_rows[0])
-        batch = to_device(collate([self.dataset[Item(row, self.cfg.eval.resolution, "low", ())]]), self.device)
-        was = self.student.training
-        self.student.eval()
-        out = self._forward(batch["image"], None)
-        self.student.train(was)
-        image = batch["image"][0].cpu().permute(1, 2, 0).numpy()
-        folder = self.out / "pictures"
-        folder.mkdir(exist_ok=True)
-        for t in self.targets:
-            b = batch[t.name]
-            target = self.targets_of(b, out.grid)[0]
-            pca_picture(out.dense[t.name][0].float().cpu().numpy(), target.cpu().numpy(), b["omega"][0].cpu().numpy(),
-                        folder / f"step{self.step:07d}-{t.name}.png", image=image,
-                        title=f"{t.name}, image row {row}, step {self.step}")
 
     # ---- checkpoints ----------------------------------------------------------------------
 

@@ -3,18 +3,26 @@
 One PNG per image: [image | teacher PCA | student PCA | MSE per cell + colour bar]. The three principal
 components are fitted on the teacher's features over Ω (the cells with a target) and both maps are projected
 onto them with the teacher's min/max colour scaling, so equal colours mean equal features; cells outside Ω
-are grey. Panels, heatmap colours and colour bar are those of :mod:`featcache.viz`.
+are grey. Panels, heatmap colours and colour bar are those of :mod:`featcache.viz`. :class:`Pictures` is the
+training loop's evaluator that draws them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from featcache.errors import UsageError
+from featcache.train.data import Item, collate, to_device
 from featcache.viz import FONT, HEIGHT, LABEL, panel, strip, colorbar, fit, heat
+
+if TYPE_CHECKING:
+    from featcache.train.config import TrainConfig
+    from featcache.train.task import DistillTask
 
 GREY = (128, 128, 128)  # cells outside Ω
 ERROR_LABEL = "MSE per cell"
@@ -95,3 +103,28 @@ def pca_picture(student: np.ndarray, teacher: np.ndarray, omega: np.ndarray | No
     path.parent.mkdir(parents=True, exist_ok=True)
     (_titled(picture, title) if title else picture).save(path, format="PNG")
     return path, err
+
+
+class Pictures:
+    """The training loop's evaluator of pictures: PCA of student vs teacher features on held-out ``row``
+    (whole view at ``eval.resolution``), one ``step<N>-<teacher>.png`` per teacher in ``folder``; no metrics."""
+
+    def __init__(self, task: DistillTask, row: int, cfg: TrainConfig, folder: Path):
+        self.task, self.row, self.folder = task, row, Path(folder)
+        self.every, self.resolution = cfg.eval.every, cfg.eval.resolution
+
+    @torch.no_grad()
+    def __call__(self, step: int) -> dict[str, float]:
+        task = self.task
+        batch = to_device(collate([task.dataset[Item(self.row, self.resolution, "low", ())]]), task.device)
+        with task.evaluating():
+            out = task.features(batch["image"], None)
+        image = batch["image"][0].cpu().permute(1, 2, 0).numpy()
+        self.folder.mkdir(exist_ok=True)
+        for t in task.targets:
+            b = batch[t.name]
+            target = task.targets_of(b, out.grid)[0]
+            pca_picture(out.dense[t.name][0].float().cpu().numpy(), target.cpu().numpy(), b["omega"][0].cpu().numpy(),
+                        self.folder / f"step{step:07d}-{t.name}.png", image=image,
+                        title=f"{t.name}, image row {self.row}, step {step}")
+        return {}

@@ -193,7 +193,7 @@ def test_the_batched_lookup_equals_the_reference_on_real_batches(long_run, cache
         for t in trainer.targets:
             key = t.views[items[0].partition]
             assert batch[t.name]["window"].dtype == torch.float16  # read as stored; PHI-S on the device
-            got = trainer.targets_of(batch[t.name], grid)
+            got = trainer.task.targets_of(batch[t.name], grid)
             reader = trainer.dataset.reader(key)
             for k, s in enumerate(samples):
                 want, omega = crop_targets(reader, s["row"], tuple(s["box"].tolist()), grid, s["flip"], space="phis")

@@ -1,5 +1,6 @@
 """The training step as one task (issue 24): a seeded run logs exactly the losses the loop logged before
-the step moved into :class:`featcache.train.task.DistillTask` (recorded in ``data/distill_metrics.json``).
+the step moved into :class:`featcache.train.task.DistillTask` (recorded in ``data/distill_metrics.json``),
+and a new loss is one registered function and one config entry.
 
 Regenerate the record (only when a change of the numbers is intended) with
 ``python -m tests.test_train.test_task``.
@@ -13,8 +14,14 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
+from featcache.cli import main
 from featcache.train import config, train
+from featcache.train.data import collate
+from featcache.train.losses import register_loss
+from featcache.train.loop import Trainer
 from tests.support import training
 from tests.test_train.test_loop import CONFIG, cache_root  # noqa: F401 (fixture: this module's own copy)
 
@@ -42,6 +49,74 @@ def test_a_seeded_run_logs_the_losses_recorded_before_the_task(cache_root, tmp_p
     for g, w in zip(got, want):
         for k, v in w.items():
             assert g[k] == pytest.approx(v, rel=1e-6, abs=1e-6), (w["step"], k)
+
+
+@register_loss("test_cosine", per_teacher=True)
+def cosine_term(step, target):
+    """A loss only this test knows: 1 − cos(student, teacher) of the dense features, mean over Ω."""
+    pred, want = step.out.dense[target.name].float(), torch.nan_to_num(step.targets(target))
+    omega = step.batch[target.name]["omega"].float()
+    return ((1 - F.cosine_similarity(pred, want, dim=-1)) * omega).sum() / omega.sum().clamp_min(1)
+
+
+SHORT = ["optim.steps=3", "eval.every=3", "log_every=1", "eval.pictures=false", 'device="cpu"']
+
+
+def _short_run(cache: str, folder: Path, extra: list[str]) -> list[dict]:
+    (folder / "train.toml").write_text(CONFIG)
+    train(config.load(folder / "train.toml", cache=cache, overrides=SHORT + extra), folder / "run")
+    return [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_loss_registered_in_a_test_trains_with_the_weight_its_config_entry_gives(cache_root, tmp_path):
+    (tmp_path / "with").mkdir(), (tmp_path / "without").mkdir()
+    got = _short_run(cache_root, tmp_path / "with", ["loss.terms={test_cosine=0.5}"])
+    plain = _short_run(cache_root, tmp_path / "without", [])
+    assert [r["step"] for r in got] == [0, 1, 2, 3, 3]  # step 0's evaluation, three steps, the last evaluation
+    for record in got:
+        prefix = "" if "lr" in record else "heldout/"
+        for teacher in ("siglip2", "dinov3", "sam3"):
+            assert 0 < record[f"{prefix}{teacher}/test_cosine"] < 2, record
+    assert all("test_cosine" not in key for record in plain for key in record)
+    assert got[1]["dinov3/spatial"] == plain[1]["dinov3/spatial"]  # the first batch: the same weights
+    assert got[2]["dinov3/spatial"] != plain[2]["dinov3/spatial"]  # its gradient moved them differently
+    saved = config.load(tmp_path / "with" / "run" / "config.toml")
+    assert saved.loss.terms == {"test_cosine": 0.5}  # the run folder's config reads back, for --resume
+
+
+def test_the_task_returns_its_loss_as_the_weighted_sum_of_its_terms(cache_root, tmp_path):
+    (tmp_path / "train.toml").write_text(CONFIG)
+    cfg = config.load(tmp_path / "train.toml", cache=cache_root, overrides=['device="cpu"',
+                                                                           "loss.terms={test_cosine=0.5}"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    task = trainer.task
+    weights = {term.key: term.weight for term in task.terms}
+    assert weights == {"siglip2/spatial": 1.0, "siglip2/summary": 1.0, "siglip2/test_cosine": 0.5,
+                       "dinov3/spatial": 1.0, "dinov3/summary": 1.0, "dinov3/test_cosine": 0.5,
+                       "sam3/spatial": 0.5, "sam3/summary": 1.0, "sam3/test_cosine": 0.5, "mesa": 0.5}
+    batch = collate([task.dataset[item] for item in trainer.plan.batch(0)])
+    values = task.forward(batch, 0)
+    loss = values.pop("loss")
+    assert list(values) == list(weights)  # teacher by teacher, then per batch
+    assert float(loss) == pytest.approx(sum(weights[k] * v for k, v in values.items()), rel=1e-6)
+    loss.backward()
+    assert all(p.grad is not None for p in task.student.parameters() if p.requires_grad)
+    with task.evaluating():
+        held_out = task.forward(batch, None)  # an evaluation batch: no MESA
+    assert set(held_out) == {"loss"} | set(weights) - {"mesa"} and task.student.training
+
+
+@pytest.mark.parametrize("value, message", [
+    ("{nope=1}", "loss.terms: unknown loss 'nope'; known: mesa, spatial, summary, test_cosine"),
+    ("{mesa=1}", "loss.terms: the weight of mesa is set by loss.mesa, not here"),
+    ("{test_cosine=-1}", "loss.terms: the weight of test_cosine must be a number >= 0, not -1"),
+])
+def test_a_bad_loss_entry_is_a_one_line_error(cache_root, tmp_path, capsys, value, message):
+    (tmp_path / "train.toml").write_text(CONFIG)
+    code = main(["train", cache_root, "--config", str(tmp_path / "train.toml"), "--out", str(tmp_path / "r"),
+                 "--set", f"loss.terms={value}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"featcache: error: {message}"] and not (tmp_path / "r").exists()
 
 
 def _record() -> None:

@@ -8,6 +8,8 @@ student's grid with the same footprint-averaged lookup that aligns teacher targe
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -15,7 +17,11 @@ from torch import Tensor
 from featcache import geometry
 from featcache.errors import UsageError
 
+from .registry import register_loss
 from .spatial import spatial_mse
+
+if TYPE_CHECKING:
+    from featcache.train.task import Step
 
 
 def mesa_loss(x: Tensor, x_ema: Tensor, maps: Tensor, omega: Tensor) -> Tensor:
@@ -33,6 +39,18 @@ def mesa_loss(x: Tensor, x_ema: Tensor, maps: Tensor, omega: Tensor) -> Tensor:
     extents = torch.tensor([h, w], dtype=torch.long, device=x.device).expand(batch, 2)
     aligned = geometry.lookup_targets(student, maps, extents, tuple(x_ema.shape[1:3]))
     return spatial_mse(aligned.permute(0, 2, 3, 1), target, omega)
+
+
+@register_loss("mesa", weight=lambda cfg, target: cfg.loss.mesa if cfg.loss.mesa > 0 else None,
+               weight_key="loss.mesa")
+def mesa_term(step: Step, target: None) -> Tensor | None:
+    """MESA of a training batch from step ``loss.mesa_start`` on: the student on its crop against the
+    EMA student on the batch's second crop (no EMA forward before: its loss would not count)."""
+    if step.step is None or step.step < step.cfg.loss.mesa_start:
+        return None
+    ema = step.ema_output()
+    return mesa_loss(step.out.features.float(), ema.features.float(), step.batch["mesa"]["map"],
+                     step.batch["mesa"]["omega"])
 
 
 def _check_shapes(x: Tensor, x_ema: Tensor, maps: Tensor) -> None:

@@ -8,10 +8,17 @@ outside Ω have no teacher value and never reach the loss, not even through a Na
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from featcache.errors import UsageError
+
+from .registry import register_loss
+
+if TYPE_CHECKING:
+    from featcache.train.task import Step, Target
 
 
 def spatial_mse(pred: Tensor, target: Tensor, omega: Tensor) -> Tensor:
@@ -31,6 +38,14 @@ def spatial_mse(pred: Tensor, target: Tensor, omega: Tensor) -> Tensor:
     used = (count > 0).to(per_image.dtype)
     # A sum over the used images, not indexing: no host sync on the training device.
     return (per_image * used).sum() / used.sum().clamp_min(1)
+
+
+@register_loss("spatial", per_teacher=True, weight=lambda cfg, target: target.spatial,
+               weight_key="[[teachers]] spatial")
+def spatial_term(step: Step, target: Target) -> Tensor:
+    """One teacher's spatial MSE: its dense head against its targets resampled onto the student grid."""
+    aligned = step.targets(target)
+    return spatial_mse(step.out.dense[target.name].float(), aligned, step.batch[target.name]["omega"])
 
 
 def _check_shapes(pred: Tensor, target: Tensor, omega: Tensor) -> None:

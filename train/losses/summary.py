@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from featcache.errors import UsageError
+
+from .registry import register_loss
+
+if TYPE_CHECKING:
+    from featcache.train.task import Step, Target
 
 _CLAMP = 1 - 1e-7  # as featcache.stats.dispersion, so the loss and its normalizer measure Θ alike
 
@@ -33,6 +39,18 @@ def angle_loss(x: Tensor, y: Tensor, dispersion: float) -> Tensor:
     cos = F.cosine_similarity(x.to(dtype), y.to(dtype), dim=-1)
     theta = torch.acos(cos.clamp(-_CLAMP, _CLAMP))
     return theta.square().mean() / dispersion
+
+
+def _summary_weight(cfg, target: Target) -> float | None:
+    """``[[teachers]] summary``, for a teacher whose views have summaries and a weight above 0."""
+    return target.summary if target.summary_channels and target.summary > 0 else None
+
+
+@register_loss("summary", per_teacher=True, weight=_summary_weight, weight_key="[[teachers]] summary")
+def summary_term(step: Step, target: Target) -> Tensor:
+    """One teacher's summary angle loss over the dispersion of the view the batch was drawn from."""
+    dispersion = target.dispersion[step.batch["partition"]]
+    return angle_loss(step.out.summary[target.name].float(), step.batch[target.name]["summary"], dispersion)
 
 
 def _positive(dispersion) -> float:
