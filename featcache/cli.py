@@ -285,7 +285,7 @@ def stats_cmd(
 @user_errors
 def train_cmd(
     root: Optional[str] = typer.Argument(None, help="Cache root to distil from (not needed with --resume)."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="Run config (.toml); flags override it."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Run config (.toml, .yaml); flags override it."),
     out: str = typer.Option(..., "--out", "-o", help="Run folder (config, checkpoints, metrics, pictures)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out exactly."),
     init: Optional[str] = typer.Option(None, "--init", help="Start a new run from the student weights of this "
@@ -299,11 +299,13 @@ def train_cmd(
     prune_spec: Optional[str] = typer.Option(None, "--prune", help="unstructured:D, block:D (4x4), blockRxC:D or 2:4: magnitude-"
                                              "prune the block linears (of the --init weights), then distil."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Any config key: --set loss.mesa=0.5 "
-                                                                      "(repeatable; values in TOML syntax)."),
+                                                                      "(repeatable; values in TOML or JSON "
+                                                                      "syntax, a bare word is a string)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object when the run ends."),
 ) -> None:
     """Distil a student from the cache's teacher views (no teacher runs); --resume continues a run."""
     from featcache.train import config as train_config
+    from featcache.runs import refuse_flags
     from featcache.train.loop import resumable, train
 
     sets = list(overrides or [])
@@ -313,10 +315,8 @@ def train_cmd(
         if value is not None:
             sets.append(f"{key}={value}")
     if resume:
-        if config or root or sets or init:
-            resumable(out)  # a finished run: say how to go on (--init), not only what --resume refuses
-            raise UsageError("--resume continues the run in --out with its own config: give no ROOT, "
-                             "--config, --init or overrides")
+        if config or root or sets or init:  # a finished run says how to go on (--init) first
+            refuse_flags(lambda: resumable(out), "no ROOT, --config, --init or overrides")
         cfg = None
     else:
         cfg = train_config.load(config, cache=root, overrides=sets)
@@ -339,6 +339,9 @@ app.add_typer(featsharp_app, name="featsharp")
 @user_errors
 def featsharp_train_cmd(
     out: str = typer.Option(..., "--out", "-o", help="Checkpoint folder (weights, config, state, metrics)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Settings file (.toml, .yaml: family, "
+                                                                       "source, images, steps, ...); flags "
+                                                                       "override it."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="family=siglip2,source=DIR_OR_HF_ID[,revision=R], "
                                                                    "or preset=siglip2-g-384.  [required for a new run]"),
     images: Optional[str] = typer.Option(None, "--images", help="Training images: a folder, a glob or a "
@@ -354,24 +357,27 @@ def featsharp_train_cmd(
     device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu or cuda."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the batches, views, weights and held-out ids."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Any setting: --set heads=4 (repeatable; "
-                                                                      "values in JSON syntax)."),
+                                                                      "values in TOML or JSON syntax, a bare "
+                                                                      "word is a string)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object when the run ends."),
 ) -> None:
     """Train an upsampler by multi-view consistency on unlabelled images.
 
-    A new run needs --out, --teacher and --images; --resume continues the run in --out (nothing else given)."""
+    A new run needs --out, --teacher and --images (or a --config giving them); --resume continues the run in
+    --out (nothing else given)."""
+    from featcache.runs import refuse_flags
     from featcache.upsample import training
 
     flags = {"steps": steps, "batch_size": batch_size, "views": views, "lr": lr, "factor": factor,
              "device": device, "seed": seed}
     settings = None
     if resume:
-        if teacher or images or overrides or any(v is not None for v in flags.values()):
-            raise UsageError("--resume continues the run in --out with its own settings: give only --out")
+        if config or teacher or images or overrides or any(v is not None for v in flags.values()):
+            refuse_flags(lambda: training.resumable(out), "no other flags: give only --out")
     else:
-        if not teacher or not images:
-            raise UsageError("a new run needs --teacher and --images")
-        settings = training.settings_from(teacher, images, flags, overrides or [])
+        if not config and (not teacher or not images):
+            raise UsageError("a new run needs --teacher and --images (or a --config file giving them)")
+        settings = training.settings_from(teacher, images, flags, overrides or [], config)
     result = training.train(settings, out, resume=resume)
     typer.echo(json.dumps(result, indent=1, sort_keys=True) if as_json else
                f"trained {result['steps']} steps into {result['out']}")

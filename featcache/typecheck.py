@@ -2,7 +2,8 @@
 
 One rule for every config of the house (``featcache train``, ``featcache featsharp train``): an int is
 a float too, a bool is not a number, floats are finite, ``list[T]`` and ``tuple[T, ...]`` take a list of
-T, ``tuple[A, B]`` a list of exactly an A and a B, ``X | None`` either. Each caller words its own error.
+T, ``tuple[A, B]`` a list of exactly an A and a B, ``X | None`` either.
+:func:`describe` names a type for an error (``featcache.configfile`` words every one).
 """
 
 from __future__ import annotations
@@ -30,3 +31,13 @@ def fits(value, hint) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, origin or hint)
+
+
+def describe(hint) -> str:
+    """``list[float]`` as "a list of float", ``str | None`` as "a str or none", ``int`` as "an int"."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return " or ".join(describe(a) for a in args)
+    if typing.get_origin(hint) in (list, tuple):
+        return f"a list of {args[0].__name__}" if args else "a list"
+    return "none" if hint is type(None) else f"a{'n' if hint.__name__[0] in 'aeiou' else ''} {hint.__name__}"

@@ -1,4 +1,5 @@
-"""A training run's configuration: TOML in, every key checked, flags on top, the resolved whole out.
+"""A training run's configuration: TOML or YAML in (:mod:`featcache.configfile`), every key checked,
+flags on top, the resolved whole out.
 
 A run's ``config.toml`` is the resolved configuration (defaults filled in), so the run can be read
 and repeated without the file it started from. Unknown keys are refused with the section they were
@@ -9,12 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from featcache import configfile
 from featcache.errors import UsageError
 from featcache.geometry import CropConfig
 from featcache.train.losses import check_terms
@@ -154,10 +154,10 @@ class TrainConfig:
         return self.student.get("patch", StudentConfig.patch)
 
     def to_dict(self) -> dict:
-        return _plain(dataclasses.asdict(self))
+        return configfile.plain(dataclasses.asdict(self))
 
     def to_toml(self) -> str:
-        return _toml(self.to_dict())
+        return configfile.to_toml(self.to_dict())
 
 
 #: (key, comparison, bound) each number must satisfy
@@ -169,17 +169,14 @@ _RANGES = [("optim.steps", ">=", 1), ("optim.batch_size", ">=", 1), ("optim.accu
            ("loss.damp", ">=", 0)]
 _COMPARE = {">": operator.gt, ">=": operator.ge}
 
+_CROP_HINTS = typing.get_type_hints(CropConfig)
 _SECTIONS = {"resolution": Resolutions, "crop": CropConfig, "loss": Losses,
              "optim": Optim, "data": Data, "eval": Evaluation}
 
 
 def from_dict(d: dict, where: str = "config") -> TrainConfig:
     """A checked config from a plain dict (a parsed TOML file, flags applied)."""
-    d = dict(d)
-    top = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(d) - top)
-    if unknown:
-        raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(top))}")
+    configfile.check_keys(TrainConfig, d, where)
     kwargs = {}
     for name, value in d.items():
         if name in _SECTIONS:
@@ -189,7 +186,7 @@ def from_dict(d: dict, where: str = "config") -> TrainConfig:
                 raise UsageError(f"{where}: 'teachers' must be a list of tables ([[teachers]])")
             kwargs[name] = [_section(TeacherTarget, t, f"{where} [[teachers]] #{k + 1}") for k, t in enumerate(value)]
         else:
-            kwargs[name] = _typed(TrainConfig, name, value, where)
+            kwargs[name] = configfile.typed(TrainConfig, name, value, where)
     try:
         return TrainConfig(**kwargs).check(where)
     except TypeError as e:
@@ -212,112 +209,17 @@ def _student(value, where: str) -> dict:
 
 
 def _section(cls, value, where: str):
-    if not isinstance(value, dict):
-        raise UsageError(f"{where} must be a table, not {type(value).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(value) - names)
-    if unknown:
-        raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    missing = [n for n in required if n not in value]
-    if missing:
-        raise UsageError(f"{where}: missing key(s) {', '.join(missing)}")
-    value = {k: _typed(cls, k, v, where) for k, v in value.items()}
-    value = {k: tuple(v) if cls is CropConfig and isinstance(v, list) else v for k, v in value.items()}
-    try:
-        return cls(**value)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"{where}: {e}") from None
-
-
-def _typed(cls, name: str, value, where: str):
-    """``value`` when it has the type of field ``name`` of dataclass ``cls`` (an int where a float
-    goes is one), else a UsageError naming the key, the value and the type (as nanoGPT's configurator)."""
-    hint = typing.get_type_hints(cls)[name]
-    if not fits(value, hint):
-        raise UsageError(f"{where}: {name} = {value!r} is not {_type_name(hint)}")
-    return value
-
-
-def _type_name(hint) -> str:
-    """``list[float]`` as "a list of float", ``str | None`` as "a str or none"."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (types.UnionType, typing.Union):
-        return " or ".join(_type_name(a) for a in args)
-    if typing.get_origin(hint) in (list, tuple):
-        return f"a list of {args[0].__name__}"
-    return "none" if hint is type(None) else f"a{'n' if hint.__name__[0] in 'aeiou' else ''} {hint.__name__}"
+    if cls is CropConfig and isinstance(value, dict):  # its pairs are tuples; a file holds lists
+        value = {k: tuple(v) if isinstance(v, list) and fits(v, _CROP_HINTS[k]) else v for k, v in value.items()}
+    return configfile.build(cls, value, where)
 
 
 def load(path: str | Path | None = None, cache: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """The config of a run: the TOML file at ``path`` (if any), ``cache`` for its root, then each
-    ``section.key=value`` override (values parsed as TOML: ``optim.lr=3e-4``, ``crop.scale=[0.5, 1.0]``)."""
-    d: dict = {}
-    where = str(path) if path else "config"
-    if path is not None:
-        try:
-            d = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise UsageError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as e:
-            raise UsageError(f"{path} is not valid TOML: {e}") from None
+    """The config of a run: the TOML or YAML file at ``path`` (if any), ``cache`` for its root, then
+    each ``section.key=value`` override (:func:`featcache.configfile.parse_value`: ``optim.lr=3e-4``,
+    ``crop.scale=[0.5, 1.0]``)."""
+    d = configfile.read(str(path)) if path is not None else {}
     if cache is not None:
         d["cache"] = cache
-    for item in overrides or []:
-        _override(d, item)
-    return from_dict(d, where)
-
-
-def _override(d: dict, item: str) -> None:
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise UsageError(f"--set {item!r}: expected section.key=value, e.g. optim.lr=3e-4")
-    try:
-        value = tomllib.loads(f"v = {text.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text.strip()  # a bare word: a string
-    *path, last = key.strip().split(".")
-    node = d
-    for part in path:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise UsageError(f"--set {item!r}: {part} is not a section")
-    node[last] = value
-
-
-def _plain(x):
-    if isinstance(x, tuple):
-        return [_plain(v) for v in x]
-    if isinstance(x, list):
-        return [_plain(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items() if v is not None}
-    return x
-
-
-def _toml(d: dict) -> str:
-    """TOML text of a config dict (scalars, lists, tables, arrays of tables: all a config holds)."""
-    lines = [f"{k} = {_value(v)}" for k, v in d.items() if not isinstance(v, (dict, list)) or
-             (isinstance(v, list) and not (v and isinstance(v[0], dict)))]
-    for k, v in d.items():
-        if isinstance(v, dict):
-            lines += ["", f"[{k}]"] + [f"{kk} = {_value(vv)}" for kk, vv in v.items()]
-        elif isinstance(v, list) and v and isinstance(v[0], dict):
-            for item in v:
-                lines += ["", f"[[{k}]]"] + [f"{kk} = {_value(vv)}" for kk, vv in item.items()]
-    return "\n".join(lines) + "\n"
-
-
-def _value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
-    if isinstance(v, dict):  # an inline table, as loss.terms = {"tv" = 0.1}
-        return "{" + ", ".join(f"{_value(str(k))} = {_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+    configfile.apply_overrides(d, list(overrides or []))
+    return from_dict(d, str(path) if path else "config")

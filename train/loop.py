@@ -1,10 +1,11 @@
 """``featcache train``: distil a student straight from a cache (DESIGN.md §5).
 
-Nothing here builds or runs a teacher: every target comes out of the cache. One run is one folder::
+Nothing here builds or runs a teacher: every target comes out of the cache. One run is one folder
+(:mod:`featcache.runs`, as every trainer's)::
 
     RUN/config.toml               the resolved config
-    RUN/checkpoints/last.*        student weights (safetensors) + optimizer, scheduler, EMA and RNG state
-    RUN/checkpoints/best.*        the same at the lowest held-out loss
+    RUN/checkpoints/last/         a set: student weights (safetensors) + optimizer, EMA and RNG state
+    RUN/checkpoints/best/         the same at the lowest held-out loss
     RUN/metrics.jsonl             one JSON object per logged step and per evaluation
     RUN/pictures/                 PCA of student vs teacher features and the error per cell
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from featcache.devices import resolve_device
 from featcache.errors import FeatcacheError, UsageError
 from featcache.fsio import check_reachable
 from featcache.log import LogStream
+from featcache.runs import RunFolder
 from featcache.store.cache import Cache
 from featcache.train import config as train_config
 from featcache.train.config import TrainConfig
@@ -185,16 +186,8 @@ class Trainer:
     def start(self) -> None:
         """Create the run folder and write the resolved config (the cache as an absolute path or URL,
         so ``--resume`` works from any directory); a folder a failed start left is taken over."""
-        saved = self.out / "config.toml"
-        if saved.exists():
-            print(f"{self.out} holds a run that stopped before its first checkpoint: starting it over",
-                  file=self.stream, flush=True)
-            (self.out / "metrics.jsonl").unlink(missing_ok=True)
-            for folder in ("checkpoints", "pictures"):
-                shutil.rmtree(self.out / folder, ignore_errors=True)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.cfg = dataclasses.replace(self.cfg, cache=self.cache.root.uri)
-        saved.write_text(self.cfg.to_toml())
+        RunFolder(self.out).start(self.cfg.to_toml(), self.stream, more=("pictures",))
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -283,8 +276,7 @@ class Trainer:
         window.update(samples=0, bytes=0, t=now, terms={})
 
     def _append(self, record: dict) -> None:
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        RunFolder(self.out).append(record)
 
     _last_eval: dict = {}
 
@@ -320,10 +312,8 @@ class Trainer:
         meta.update({"step": str(self.step), "best": repr(self.best)})
         wmeta = {"step": str(self.step), "student": json.dumps(self.student_cfg.to_dict()), "format": "featcache-student-1"}
         weights = self.student.state_dict()
-        checkpoint.write_set(self.out / "checkpoints" / name,
-                             {SET_STATE: lambda path: checkpoint.save(path, tensors, meta),
-                              SET_WEIGHTS: lambda path: checkpoint.save(path, weights, wmeta)},
-                             {"step": self.step})
+        RunFolder(self.out).save(name, {SET_STATE: lambda path: checkpoint.save(path, tensors, meta),
+                                        SET_WEIGHTS: lambda path: checkpoint.save(path, weights, wmeta)}, self.step)
         for legacy in _legacy_files(self.out, name):  # a resumed older run: its pair is stale now
             legacy.unlink(missing_ok=True)
 
@@ -354,7 +344,7 @@ def _legacy_files(run: Path, name: str) -> tuple[Path, Path]:
 def checkpoint_files(run: Path, name: str) -> tuple[Path, Path] | None:
     """The weights and state files of checkpoint ``name`` (``last``, ``best``) of ``run``: its current
     set, else the pair an older featcache wrote; None when the run has neither."""
-    found = checkpoint.read_set(run / "checkpoints" / name)
+    found = RunFolder(Path(run)).current(name)
     if found is not None:
         return found[0] / SET_WEIGHTS, found[0] / SET_STATE
     weights, state = _legacy_files(run, name)
@@ -363,69 +353,43 @@ def checkpoint_files(run: Path, name: str) -> tuple[Path, Path] | None:
 
 def train(cfg: TrainConfig | None, out: str | Path, resume: bool = False, init: str | None = None,
           stream=None) -> TrainResult:
-    """Run (``resume``: continue) the training run in folder ``out``.
-
-    A new run refuses a folder that already holds one (a ``last`` checkpoint: a folder a failed start
-    left without one is taken over); ``resume`` takes the config saved in the folder (``cfg`` may be
-    None, or must equal it) and continues from ``checkpoints/last`` exactly; a finished run is
-    refused, saying how to go on. ``init`` starts a new run from the student weights of a checkpoint
-    file or run folder. Everything is checked before the folder is created or changed.
+    """Run (``resume``: continue) the training run in folder ``out``, by the rules of every run folder
+    (:mod:`featcache.runs`): a new run refuses a folder that holds one (a ``last`` checkpoint; a folder
+    without one is taken over); ``resume`` takes the config saved in the folder (``cfg`` may be None,
+    or must equal it) and continues from ``checkpoints/last`` exactly (with none yet, from step 0); a
+    finished run is refused, saying how to go on. ``init`` starts a new run from the student weights of
+    a checkpoint file or run folder. Everything is checked before the folder is created or changed.
     """
-    out = run_folder(out)
-    if resume:
-        cfg = _resume_config(out, cfg)
-    elif cfg is None:
-        raise UsageError("a new run needs a config")
-    elif checkpoint_files(out, "last") is not None:
-        raise UsageError(f"{out} already holds a run: --resume to continue it, or choose another --out")
-    trainer = Trainer(cfg, out, stream)
-    if resume:
+    folder = RunFolder.open(out)
+    cfg, step = _plan(folder, cfg, resume)
+    trainer = Trainer(cfg, folder.path, stream)
+    if step is not None:
         trainer.load("last")
-        checkpoint.truncate_metrics(out / "metrics.jsonl", trainer.step)
-        print(f"resuming {out} at step {trainer.step}", file=trainer.stream, flush=True)
+        folder.resumed(trainer.step, trainer.stream)
         return trainer.run()
-    student = load_student(init) if init is not None else None
-    trainer.start()
+    student = load_student(init) if init is not None and not resume else None
+    if resume:
+        folder.restart(trainer.stream, more=("pictures",))
+    else:
+        trainer.start()
     if student is not None:
         missing = trainer.student.load_state_dict(student.state_dict(), strict=False)
         print(f"initialized from {init} ({len(missing.missing_keys)} tensors not in it)", file=trainer.stream, flush=True)
     return trainer.run()
 
 
-def run_folder(out: str | Path) -> Path:
-    """``out`` as a local run folder; an object-store URL is refused (training writes local files)."""
-    if "://" in str(out):
-        raise UsageError(f"--out {out}: a run folder must be a local path (training does not write to object "
-                         "stores yet); train into a local folder and copy it")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a run folder")
-    return out
-
-
 def resumable(out: str | Path) -> TrainConfig:
-    """The config of the run in ``out``, refused unless it has a checkpoint to resume and steps left."""
-    return _resume_config(run_folder(out), None)
+    """The config of the run in ``out``, refused when it holds none or has no steps left."""
+    return _plan(RunFolder.open(out), None, True)[0]
 
 
-def _resume_config(out: Path, cfg: TrainConfig | None) -> TrainConfig:
-    """The config of the run in ``out``, which has a checkpoint to resume and steps left to train."""
-    saved = out / "config.toml"
-    if not saved.exists():
-        raise UsageError(f"{out} holds no run to resume (no config.toml)")
-    run_cfg = train_config.load(saved)
-    if cfg is not None and cfg.to_dict() != run_cfg.to_dict():
-        raise UsageError(f"--resume continues {out} with its own config.toml; give no other config or flags")
-    found = checkpoint_files(out, "last")
-    if found is None:
-        raise UsageError(f"{out} holds no checkpoint to resume (the run stopped before its first): start it "
-                         "again with the same command, without --resume")
-    step = int(checkpoint.metadata(found[1]).get("step", -1))
-    if step >= run_cfg.optim.steps:
-        raise UsageError(f"{out} already finished its {run_cfg.optim.steps} steps; to train further, start a new "
-                         f"run from its weights: featcache train {run_cfg.cache} --init {out} --out NEW_RUN "
-                         "--steps N")
-    return run_cfg
+def _plan(folder: RunFolder, cfg: TrainConfig | None, resume: bool) -> tuple[TrainConfig, int | None]:
+    """The config a run trains with and the step it resumes from (:meth:`featcache.runs.RunFolder.plan`)."""
+    found = checkpoint_files(folder.path, "last")
+    last = None if found is None else (lambda: int(checkpoint.metadata(found[1]).get("step", -1)))
+    further = (lambda c: f"to train further, start a new run from its weights: featcache train {c.cache} --init "
+               f"{folder.path} --out NEW_RUN --steps N")
+    return folder.plan(cfg, resume, train_config.load, last, lambda c: c.optim.steps, further)
 
 
 def load_student(run: str | Path, which: str = "best") -> Student:

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tomllib
 from dataclasses import dataclass
 
+from featcache import configfile
 from featcache.decode import DEFAULT_MAX_PIXELS
 from featcache.errors import UsageError
 from featcache.extract import pools
@@ -131,7 +130,7 @@ class ExtractConfig:
 
 def load(path: str | None = None, **flags) -> ExtractConfig:
     """The config from ``path`` (TOML or YAML) with ``flags`` (those not None) on top."""
-    data = _read(path) if path else {}
+    data = configfile.read(path) if path else {}
     where = path or "flags"
     for key, value in flags.items():
         if value is not None and value != ():
@@ -195,28 +194,6 @@ def _int(text: str, what: str) -> int:
         return int(text)
     except ValueError:
         raise UsageError(f"{what}: {text!r} is not an integer") from None
-
-
-def _read(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise UsageError(f"no such config file: {path}")
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        if path.endswith(".toml"):
-            return tomllib.loads(raw.decode())
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-
-            data = yaml.safe_load(raw)
-            return {} if data is None else data
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} is not valid TOML: {e}") from None
-    except Exception as e:  # yaml.YAMLError and its subclasses
-        if type(e).__module__.startswith("yaml"):
-            raise UsageError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        raise
-    raise UsageError(f"{path}: config files are .toml, .yaml or .yml")
 
 
 def _build(cls, data: dict, where: str):

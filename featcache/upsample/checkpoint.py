@@ -1,16 +1,17 @@
-"""An upsampler's checkpoint folder: what extraction and ``featsharp eval`` load.
+"""An upsampler's checkpoint: what extraction and ``featsharp eval`` load, from a ``featsharp train``
+run folder (:mod:`featcache.runs`)::
 
-    CKPT/current.json                  the pointer to the current checkpoint set (``featcache.checkpoint``)
-    CKPT/set-<n>/featsharp.safetensors the upsampler's weights and buffers (PHI-S statistics included)
-    CKPT/set-<n>/featsharp.json        {upsampler, config, teacher (spec with its weights hash), step, heldout rule}
-    CKPT/set-<n>/state.safetensors     optimizer, downsampler, uncertainty head, RNG (to resume training)
-    CKPT/train.json                    the training settings (``featsharp train`` only)
-    CKPT/metrics.jsonl                 one line per logged step
+    RUN/config.toml                                   the training settings
+    RUN/metrics.jsonl                                 one line per logged step
+    RUN/checkpoints/last/current.json                 the pointer to the current checkpoint set
+    RUN/checkpoints/last/set-<n>/featsharp.safetensors the upsampler's weights and buffers (PHI-S statistics included)
+    RUN/checkpoints/last/set-<n>/featsharp.json       {upsampler, config, teacher (spec with its weights hash), step, heldout rule}
+    RUN/checkpoints/last/set-<n>/state.safetensors    optimizer, downsampler, uncertainty head, RNG (to resume training)
 
 A step's files are written as one set (a new ``set-<n>/``, then the pointer replaced): whenever a
 run is killed, a reader (``extract``, ``eval``, ``--resume``) finds the previous step's files or the
-new step's, never a mix. A folder of the first layout (the files in CKPT itself, no pointer) is
-still read; the first checkpoint a resumed run writes moves it to the set layout.
+new step's, never a mix. Folders of the earlier layouts are still read (and resumed in their layout):
+``train.json`` with the pointer and sets in RUN itself, and before that the files in RUN itself.
 
 The checkpoint's hash (what a view records, and what resume compares) is the sha256 of the JSON
 description and of every tensor of the weights file: it does not depend on the layout.
@@ -29,11 +30,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from featcache import checkpoint
+from featcache import checkpoint, configfile
 from featcache.errors import UsageError
+from featcache.runs import CHECKPOINTS
 from featcache.teachers.spec import TeacherSpec
 from featcache.upsample.featsharp import FeatSharp, FeatSharpConfig
-from featcache.upsample.settings import type_problem
 
 WEIGHTS, DESCRIPTION = "featsharp.safetensors", "featsharp.json"
 FORMAT = "featcache-featsharp-1"
@@ -67,14 +68,19 @@ def save_upsampler(folder: Path, model: FeatSharp, teacher: TeacherSpec, step: i
 
 
 def current(folder: str | Path) -> Path:
-    """The folder holding a checkpoint's files now: its current set, or ``folder`` itself (the first
-    layout, or a set folder given directly)."""
+    """The folder holding a checkpoint's files now: the current set of a run folder's
+    ``checkpoints/last``, else of ``folder`` itself (an older run folder, or a ``checkpoints/last``
+    given directly), else ``folder`` (the first layout, or a set folder given directly)."""
     folder = Path(folder)
-    try:
-        found = checkpoint.read_set(folder)
-    except (ValueError, KeyError, TypeError) as e:  # a pointer edited by hand (it is never torn)
-        raise UsageError(f"{folder / checkpoint.POINTER} is damaged ({_reason(e)}): train the upsampler again") from None
-    return found[0] if found else folder
+    for where in (folder / CHECKPOINTS / "last", folder):
+        try:
+            found = checkpoint.read_set(where)
+        except (ValueError, KeyError, TypeError) as e:  # a pointer edited by hand (it is never torn)
+            raise UsageError(f"{where / checkpoint.POINTER} is damaged ({_reason(e)}): train the upsampler "
+                             "again") from None
+        if found:
+            return found[0]
+    return folder
 
 
 def describe_upsampler(folder: str | Path) -> Description:
@@ -98,7 +104,7 @@ def _parse(path: Path, raw: bytes) -> Description:
         if d.get("format") != FORMAT:
             raise UsageError(f"{path.parent}: upsampler format {d.get('format')!r}, this featcache reads {FORMAT!r}")
         config, heldout = FeatSharpConfig.from_dict(d["config"]), d["heldout"]
-        problem = type_problem(config) or _heldout_problem(heldout)
+        problem = configfile.misfit(config) or _heldout_problem(heldout)
         if problem or not isinstance(d["step"], int) or d["step"] < 0:
             raise TypeError(problem or f"step {d['step']!r} is not a count")
         return Description(config, TeacherSpec.from_dict(d["teacher"]), d["step"], heldout)

@@ -1,24 +1,23 @@
 """The settings of a FeatSharp training run: typed, checked before anything is loaded or written.
 
-A value can come from a flag, from ``--set key=value`` (JSON) or from a run folder's ``train.json``
-(``--resume``): each is checked against its field's type and range here, so a bad one is refused in
-one line naming the key, never deep inside the training step.
+A value can come from a config file (TOML or YAML), a flag, ``--set key=value`` (read as ``featcache
+train`` reads it: :mod:`featcache.configfile`) or a run folder's ``config.toml`` (``--resume``; a
+``train.json`` in runs written before): each is checked against its field's type and range here, so a
+bad one is refused in one line naming the key, never deep inside the training step.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import types
-import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from featcache import configfile
 from featcache.devices import resolve_device
 from featcache.errors import UsageError
 from featcache.teachers.views import POLICIES
-from featcache.typecheck import fits
 from featcache.upsample.warp import Jitter
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -61,7 +60,9 @@ class Settings:
     save_every: int = 200
 
     def __post_init__(self):
-        check_types(self)
+        problem = configfile.misfit(self)
+        if problem:
+            raise UsageError(f"featsharp settings: {problem}")
         object.__setattr__(self, "zoom", tuple(self.zoom))
         _check_ranges(self)
 
@@ -72,30 +73,8 @@ class Settings:
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "zoom": list(self.zoom)}
 
-
-def check_types(obj) -> None:
-    """A UsageError naming the first field of dataclass ``obj`` whose value is not of its type."""
-    problem = type_problem(obj)
-    if problem:
-        raise UsageError(f"featsharp setting {problem}")
-
-
-def type_problem(obj) -> str | None:
-    """The first field of dataclass ``obj`` whose value is not of its annotated type (an int is a
-    float too; a bool is not a number; floats are finite), as ``name=value: expected ...``; else None."""
-    for name, hint in typing.get_type_hints(type(obj)).items():
-        value = getattr(obj, name)
-        if not fits(value, hint):
-            return f"{name}={json.dumps(value, default=str)}: expected {_describe(hint)}"
-    return None
-
-
-def _describe(hint) -> str:
-    if isinstance(hint, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(hint))
-    if typing.get_origin(hint) is tuple:
-        return f"a list of {len(typing.get_args(hint))} numbers"
-    return {int: "an integer", float: "a number", str: "a string", type(None): "null"}.get(hint, str(hint))
+    def to_toml(self) -> str:
+        return configfile.to_toml(self.to_dict())
 
 
 def _check_ranges(s: Settings) -> None:
@@ -132,31 +111,29 @@ def torch_device(name: str) -> torch.device:
     return resolve_device(name)
 
 
-def settings_from(teacher: str, images: str, flags: dict, overrides: list[str]) -> Settings:
-    """Settings from the command line: ``--teacher`` (family=,source=[,revision=] or preset=), the
-    images, the named flags (None: the default) and ``--set key=value`` pairs (JSON values)."""
-    values = {**_teacher(teacher), "images": images, **{k: v for k, v in flags.items() if v is not None}}
-    fields = {f.name for f in dataclasses.fields(Settings)}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or key.strip() not in fields:
-            raise UsageError(f"--set {item!r}: expected key=value with a key of {', '.join(sorted(fields))}")
-        try:
-            values[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[key.strip()] = raw  # a bare word: a string (refused by the type check where one does not fit)
-    return from_dict(values, "featsharp settings")
+def settings_from(teacher: str | None, images: str | None, flags: dict, overrides: list[str],
+                  config: str | None = None) -> Settings:
+    """Settings from the command line: the ``config`` file (TOML or YAML, the settings' own keys), then
+    ``--teacher`` (family=,source=[,revision=] or preset=), the images, the named flags (None: the
+    default) and ``--set key=value`` pairs (:func:`featcache.configfile.parse_value`)."""
+    values = configfile.read(config) if config else {}
+    values.update({**(_teacher(teacher) if teacher else {}), **({"images": images} if images else {}),
+                   **{k: v for k, v in flags.items() if v is not None}})
+    configfile.apply_overrides(values, overrides)
+    return from_dict(values, config or "featsharp settings")
 
 
 def from_dict(values: dict, where: str) -> Settings:
-    """Settings from a dict (the command line's, or a run folder's ``train.json``); unknown or missing
-    keys are refused in one line."""
+    """Settings from a dict (the command line's, or a run folder's saved config); unknown or missing
+    keys are refused in one line, as is a value of the wrong type."""
     if not isinstance(values, dict):
         raise UsageError(f"{where}: expected a JSON object of settings, not {type(values).__name__}")
-    try:
-        return Settings(**values)
-    except TypeError as e:
-        raise UsageError(f"{where}: {e}") from None
+    return configfile.build(Settings, values, where)
+
+
+def load(path: str | Path) -> Settings:
+    """The settings a run folder saved (its ``config.toml``)."""
+    return from_dict(configfile.read(str(path)), str(path))
 
 
 def _teacher(text: str) -> dict:

@@ -35,12 +35,17 @@ from featcache.stats.moments import Moments
 from featcache.stats.phis import PhiS
 from featcache.teachers import create_teacher
 from featcache.upsample import run
-from featcache.upsample.checkpoint import DESCRIPTION, WEIGHTS, current, load_upsampler, save_upsampler
+from featcache.upsample.checkpoint import (DESCRIPTION, WEIGHTS, current, describe_upsampler, load_upsampler,
+                                           save_upsampler)
 from featcache.upsample.featsharp import FeatSharp, FeatSharpConfig
+from featcache.runs import Layout, RunFolder
 from featcache.upsample.settings import Settings, from_dict, settings_from, torch_device  # noqa: F401 (the API)
+from featcache.upsample import settings as settings_file
 from featcache.upsample.warp import homographies, render, seam_map, warp
 
-SETTINGS, STATE, METRICS = "train.json", "state.safetensors", "metrics.jsonl"
+STATE = "state.safetensors"
+#: runs written before the shared run-folder layout: train.json, the checkpoint set in the folder itself
+OLDER = (Layout(config="train.json", last="."),)
 
 
 def is_heldout(image_id: str, fraction: float, seed: int) -> bool:
@@ -75,7 +80,8 @@ class Trainer:
     PROGRESS_SECONDS = 5.0  # the longest quiet stretch between steps (a line says how far the run is)
 
     def __init__(self, settings: Settings, out: Path, stream=None):
-        self.s, self.out = settings, out
+        self.s, self.out = settings, Path(out)
+        self.folder = RunFolder.open(out, "FeatSharp ", OLDER)
         self.stream = stream or LogStream()
         self.device = torch_device(settings.device)
         self._said = time.perf_counter()
@@ -211,8 +217,7 @@ class Trainer:
     def _log(self, window: list[dict], lr: float, seconds: float) -> None:
         record = {"step": self.step, "lr": lr, "seconds_per_step": seconds / len(window),
                   **{k: float(np.mean([w[k] for w in window])) for k in window[0]}}
-        with open(self.out / METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.folder.append(record)
         self._say(f"step {self.step}/{self.s.steps}: loss {record['loss']:.4f}, mse {record['mse']:.4f}, "
                   f"lr {lr:.2e}, {record['seconds_per_step']:.2f} s/step")
 
@@ -229,12 +234,12 @@ class Trainer:
         tensors.update({f"uncertainty.{k}": x for k, x in self.uncertainty.state_dict().items()})
         tensors["rng.torch"] = torch.get_rng_state()
         state = {STATE: lambda path: checkpoint.save(path, tensors, {**meta, "step": str(self.step)})}
-        save_upsampler(self.out, self.model, self.teacher.spec, self.step,
+        save_upsampler(self.folder.checkpoints("last"), self.model, self.teacher.spec, self.step,
                        {"fraction": self.s.heldout, "seed": self.s.seed, "images": self.s.images}, more=state)
 
     def resume(self) -> None:
         """Everything as the last checkpoint left it, read from one set (or from the first layout)."""
-        where = current(self.out)
+        where = current(self.folder.checkpoints("last"))
         model, description = load_upsampler(where, self.device)
         meta, state = _state(where / STATE)
         if int(meta["step"]) != description.step:  # the first layout only: a set is never mixed
@@ -263,49 +268,51 @@ def _state(path: Path) -> tuple[dict, dict]:
                          "the run cannot resume exactly") from None
 
 
-def has_checkpoint(out: Path) -> bool:
-    """Whether a run folder holds a checkpoint (a set, or any file of the first layout)."""
-    return current(out) != out or any((out / n).exists() for n in (STATE, WEIGHTS, DESCRIPTION))
-
-
 def train(settings: Settings | None, out: str | Path, resume: bool = False, stream=None) -> dict:
-    """Run (``resume``: continue) the FeatSharp training run in folder ``out``.
-
-    A new run refuses a folder that holds one; ``resume`` continues with the folder's own settings
-    (``settings``, when given, must equal them) from its last checkpoint, exactly."""
-    out = Path(out)
-    saved = out / SETTINGS
+    """Run (``resume``: continue) the FeatSharp training run in folder ``out``, by the rules of every
+    run folder (:mod:`featcache.runs`): a new run refuses a folder that holds one; ``resume`` continues
+    with the folder's own settings (``settings``, when given, must equal them) from its last
+    checkpoint, exactly. A teacher, images or settings that cannot be used leave no folder behind."""
+    folder = RunFolder.open(out, "FeatSharp ", OLDER)
+    settings, step = _plan(folder, settings, resume)
+    trainer = Trainer(settings, folder.path, stream)
+    if step is not None:
+        trainer.resume()
+        folder.resumed(trainer.step, trainer.stream)
+        return trainer.run()
+    trainer.build()
     if resume:
-        if not saved.exists():
-            raise UsageError(f"{out} holds no FeatSharp run to resume (no {SETTINGS})")
-        own = _saved_settings(saved)
-        if settings is not None and settings.to_dict() != own.to_dict():
-            raise UsageError(f"--resume continues {out} with its own {SETTINGS}; give no other settings")
-        trainer = Trainer(own, out, stream)
-        if has_checkpoint(out):
-            trainer.resume()
-            checkpoint.truncate_metrics(out / METRICS, trainer.step)
-            trainer._say(f"resuming {out} at step {trainer.step}")
-        else:  # stopped before its first checkpoint: the settings alone start it again, as the first time
-            trainer._say(f"{out} holds no checkpoint yet: starting its run from step 0")
-            trainer.build()
-            (out / METRICS).unlink(missing_ok=True)
+        folder.restart(trainer.stream)
     else:
-        if settings is None:
-            raise UsageError("a new FeatSharp run needs settings")
-        if saved.exists():
-            raise UsageError(f"{out} already holds a FeatSharp run: --resume to continue it, or choose another --out")
-        trainer = Trainer(settings, out, stream)
-        trainer.build()  # a teacher, images or settings that cannot be used leave no folder behind
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = saved.with_name(SETTINGS + ".tmp")  # whole or absent: a kill here leaves no damaged settings
-        tmp.write_text(json.dumps(settings.to_dict(), indent=1))
-        tmp.replace(saved)
+        folder.start(settings.to_toml(), trainer.stream)
     return trainer.run()
 
 
+def resumable(out: str | Path) -> Settings:
+    """The settings of the run in ``out``, refused when it holds none or has no steps left."""
+    return _plan(RunFolder.open(out, "FeatSharp ", OLDER), None, True)[0]
+
+
+def _plan(folder: RunFolder, settings: Settings | None, resume: bool) -> tuple[Settings, int | None]:
+    """The settings a run trains with and the step it resumes from (:meth:`featcache.runs.RunFolder.plan`)."""
+    return folder.plan(settings, resume, _saved_settings, _last_step(folder), lambda s: s.steps,
+                       lambda s: "to train longer, start a new run with more --steps")
+
+
+def _last_step(folder: RunFolder):
+    """The step of the folder's last checkpoint, as :meth:`RunFolder.plan` asks for it (None: none)."""
+    last = folder.checkpoints("last")
+    found = current(last)
+    if found != last or any((last / n).exists() for n in (STATE, WEIGHTS, DESCRIPTION)):
+        return lambda: describe_upsampler(last).step
+    return None
+
+
 def _saved_settings(path: Path) -> Settings:
-    """A run folder's own settings, refused in one line when the file is damaged."""
+    """A run folder's own settings (its ``config.toml``; ``train.json`` in older runs), refused in one
+    line when the file is damaged."""
+    if path.suffix != ".json":
+        return settings_file.load(path)
     try:
         values = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

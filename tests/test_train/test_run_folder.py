@@ -132,17 +132,19 @@ def test_a_missing_cache_leaves_no_folder(config_file, tmp_path, capsys):
 
 
 def test_a_folder_without_a_checkpoint_is_not_a_run(cache_root, config_file, tmp_path, capsys):
-    """What a failed start of an older featcache left: config.toml, metrics, no checkpoint."""
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.toml").write_text(config.load(config_file, cache=cache_root).to_toml())
-    (run / "metrics.jsonl").write_text('{"step": 0, "heldout/x": 1.0}\n')
-    code, err = _cli(["train", "--out", str(run), "--resume"], capsys)
-    assert code == 2 and len(err) == 1 and "holds no checkpoint to resume" in err[0], err
-    code, err = _cli(_new(cache_root, config_file, run, "--steps", "1"), capsys)
-    assert code == 0, err
-    assert any("starting it over" in line for line in err), err
-    assert "heldout/x" not in (run / "metrics.jsonl").read_text()
+    """What a failed start of an older featcache left: config.toml, metrics, no checkpoint. A new run
+    takes it over; --resume starts its run from step 0 with its own config (featcache.runs' rule)."""
+    for how, says in (("new", "starting it over"), ("resume", "holds no checkpoint yet: starting its run from step 0")):
+        run = tmp_path / how
+        run.mkdir()
+        (run / "config.toml").write_text(config.load(config_file, cache=cache_root, overrides=["optim.steps=1"]).to_toml())
+        (run / "metrics.jsonl").write_text('{"step": 0, "heldout/x": 1.0}\n')
+        args = _new(cache_root, config_file, run, "--steps", "1") if how == "new" else ["train", "--out", str(run), "--resume"]
+        code, err = _cli(args, capsys)
+        assert code == 0, err
+        assert any(says in line for line in err), err
+        assert "heldout/x" not in (run / "metrics.jsonl").read_text()
+        assert max(_losses(run)) == 1
 
 
 def test_the_run_records_its_cache_as_an_absolute_path(cache_root, config_file, tmp_path, capsys, monkeypatch):

@@ -4,14 +4,15 @@ two-step checkpoint (a fresh copy per test that damages it)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from featcache import checkpoint
 from featcache.upsample import training
+from featcache.upsample.checkpoint import current
 from tests.support.teachers import save_patch_local
 from tests.support.training import photos
 
@@ -40,8 +41,7 @@ def one_thread():
 
 def upsampler_file(run: Path, name: str) -> Path:
     """Where a run folder keeps its upsampler's ``name`` now (its current checkpoint set)."""
-    found = checkpoint.read_set(run)
-    return (found[0] if found else run) / name
+    return current(run) / name
 
 
 @pytest.fixture(scope="session")
@@ -75,6 +75,26 @@ def trained_dir(tmp_path_factory, patch_local_dir, photo_dir):
 def run_copy(trained_dir, tmp_path):
     """A copy of the two-step run this test may damage."""
     return shutil.copytree(trained_dir, tmp_path / "run")
+
+
+#: a FeatSharp run folder of the layout before featcache.runs, written by featcache 0470a58
+#: (tests/fixtures/featsharp-run-v2.py): train.json and the checkpoint set in the folder itself, stopped
+#: after step 1 of 2; its teacher and images are placeholders :func:`old_run` fills in
+OLD_RUN = Path(__file__).parents[1] / "fixtures" / "featsharp-run-v2"
+
+
+def old_run(folder: Path, teacher, images) -> Path:
+    """A copy of :data:`OLD_RUN` at ``folder`` whose train.json names ``teacher`` and ``images``."""
+    run = Path(shutil.copytree(OLD_RUN, folder))
+    saved = json.loads((run / "train.json").read_text())
+    (run / "train.json").write_text(json.dumps({**saved, "source": str(teacher), "images": str(images)}))
+    return run
+
+
+@pytest.fixture
+def old_run_copy(tmp_path, patch_local_dir, photo_dir):
+    """A copy of the older-layout run this test may damage or resume."""
+    return old_run(tmp_path / "old", patch_local_dir, photo_dir)
 
 
 def interrupt_at(monkeypatch, step: int) -> None:

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from featcache import checkpoint
-from featcache.upsample import training
+from featcache.errors import UsageError
+from featcache.upsample import settings as settings_file, training
 from featcache.upsample.checkpoint import current, describe_upsampler
 from tests.test_upsample.conftest import interrupt_at, one_torch_thread, settings
 
@@ -93,7 +94,11 @@ def test_a_kill_at_any_point_of_a_save_leaves_a_whole_step_and_resumes_exactly(s
         if found:  # what extract and eval would read now: one whole step, weights and state alike
             assert describe_upsampler(run).step == found, (step, where)
             assert checkpoint.metadata(current(run) / "state.safetensors")["step"] == str(found)
-        training.train(None, run, resume=True)
+        if found == STEPS["steps"]:  # a finished run: refused, as every trainer's (featcache.runs)
+            with pytest.raises(UsageError, match="already finished its 2 steps"):
+                training.train(None, run, resume=True)
+        else:
+            training.train(None, run, resume=True)
         got = _weights(run)
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), (step, where)
         assert describe_upsampler(run).sha256 == describe_upsampler(straight).sha256
@@ -102,12 +107,13 @@ def test_a_kill_at_any_point_of_a_save_leaves_a_whole_step_and_resumes_exactly(s
 
 
 def _first_layout(run) -> None:
-    """The folder as featcache wrote it before checkpoint sets: the files in the run folder itself."""
+    """The folder as featcache wrote it before checkpoint sets: the files and train.json in the run folder itself."""
     where = current(run)
     for path in where.iterdir():
         shutil.move(path, run / path.name)
-    where.rmdir()
-    (run / checkpoint.POINTER).unlink()
+    shutil.rmtree(run / "checkpoints")
+    (run / "train.json").write_text(json.dumps(settings_file.load(run / "config.toml").to_dict()))
+    (run / "config.toml").unlink()
 
 
 def test_a_checkpoint_of_the_first_layout_loads_resumes_and_moves_to_sets(straight, patch_local_dir, photo_dir,
