@@ -12,6 +12,10 @@ Nothing here builds or runs a teacher: every target comes out of the cache. One 
 Batches are a function of (seed, step) (:class:`featcache.train.data.BatchPlan`) and DAMP's noise
 is drawn from a generator seeded by the step, so ``resume`` continues a killed run with exactly the
 losses an uninterrupted run logs.
+
+The step itself (forward and the weighted losses) is :class:`featcache.train.task.DistillTask`; the loop
+schedules, steps the optimizer and the EMA, and calls the evaluators (:mod:`featcache.train.evaluate`),
+each periodic action when :func:`due`.
 """
 
 from __future__ import annotations
@@ -142,7 +146,8 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 class Trainer:
-    """One run: its folder, data, student, optimizer, EMA; :meth:`run` trains to ``optim.steps``."""
+    """One run: its folder, data, student, optimizer, EMA, task and evaluators; :meth:`run` trains to
+    ``optim.steps``."""
 
     def __init__(self, cfg: TrainConfig, out: str | Path, stream=None):
         """Check everything the run needs (device, cache, views, rows, batch size, kNN labels) and

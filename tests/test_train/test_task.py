@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from featcache.cli import main
 from featcache.train import config, train
 from featcache.train.data import collate
+from featcache.errors import UsageError
 from featcache.train.losses import register_loss
-from featcache.train.loop import Trainer
+from featcache.train.loop import Trainer, due
 from tests.support import training
 from tests.test_train.test_loop import CONFIG, cache_root  # noqa: F401 (fixture: this module's own copy)
 
@@ -98,7 +99,7 @@ def test_the_task_returns_its_loss_as_the_weighted_sum_of_its_terms(cache_root, 
     values = task.forward(batch, 0)
     loss = values.pop("loss")
     assert list(values) == list(weights)  # teacher by teacher, then per batch
-    assert float(loss) == pytest.approx(sum(weights[k] * v for k, v in values.items()), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(sum(weights[k] * v for k, v in values.items()), rel=1e-6)
     loss.backward()
     assert all(p.grad is not None for p in task.student.parameters() if p.requires_grad)
     with task.evaluating():
@@ -117,6 +118,18 @@ def test_a_bad_loss_entry_is_a_one_line_error(cache_root, tmp_path, capsys, valu
                  "--set", f"loss.terms={value}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == [f"featcache: error: {message}"] and not (tmp_path / "r").exists()
+
+
+def test_every_periodic_action_is_due_at_step_0_every_n_steps_and_at_the_last():
+    assert [s for s in range(11) if due(s, 4, 10)] == [0, 4, 8, 10]
+    assert [s for s in range(4) if due(s, 1, 3)] == [0, 1, 2, 3]
+
+
+def test_a_loss_name_is_registered_once():
+    with pytest.raises(UsageError, match="cannot register loss 'spatial'"):
+        register_loss("spatial")(cosine_term)
+    with pytest.raises(UsageError, match="cannot register loss 'loss'"):
+        register_loss("loss")(cosine_term)
 
 
 def _record() -> None:
