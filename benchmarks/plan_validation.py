@@ -25,7 +25,7 @@ from pathlib import Path
 from featcache import estimate, roofline
 from featcache.demo import demo_config, demo_photos, save_demo_teachers
 from featcache.extract.config import from_dict
-from featcache.fsio import locate
+from featcache.store.location import locate
 from featcache.store import tables
 from featcache.manifest import index
 from pipelines.extract import run

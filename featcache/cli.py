@@ -19,7 +19,7 @@ import typer
 import featcache
 from featcache.errors import FeatcacheError, UsageError
 from featcache.log import configure_cli
-from featcache.fsio import check_reachable
+from featcache.store.location import check_reachable
 from featcache.retry import storage_error
 
 # rich_markup_mode=None: help text is plain text, so "[64]" and "[default: ...]" are shown, not eaten as markup.
@@ -625,7 +625,7 @@ def plan_cmd(
 def _manifest(cfg):
     """The job's output or source manifest (a cache root or an index), or None. An object store that
     cannot be used is refused in one line first, as every command reading one does."""
-    from featcache.fsio import locate
+    from featcache.store.location import locate
     from featcache.store import tables
 
     for root in (cfg.output, cfg.source):

@@ -9,9 +9,9 @@ EXIF orientation). Decoding, and the guard against bombs, happen at extraction t
 
 from __future__ import annotations
 
+import errno
 import os
 import re
-import stat
 import struct
 from dataclasses import dataclass, replace
 
@@ -26,6 +26,7 @@ EXTENSIONS = frozenset(".jpg .jpeg .jpe .png .webp .bmp .tif .tiff .gif .ppm .pg
 _ORIENTATION = 0x0112
 _TRANSPOSED = {5, 6, 7, 8}
 _HEADER_BLOCK = 64 * 1024
+_MISSING = ("broken symbolic link", "file vanished")  # what the local backend says of a missing file
 _PARQUET_ROW = re.compile(r"\.parquet#row=\d+$", re.IGNORECASE)
 
 Image.init()
@@ -97,35 +98,16 @@ def _orientation(im) -> int:
     return 1
 
 
-def header_of_local(path: str) -> Header:
-    """Header of a local file; special files (FIFOs, devices) are refused without being opened."""
+def header_of(loc) -> Header:
+    """Header of the file at ``loc`` (a :class:`featcache.store.location.Location`), fetching only its
+    first blocks; its size and mtime or ETag come from opening it (no request of their own). Special
+    files (FIFOs, devices) are refused without being opened."""
     try:
-        st = os.stat(path)
+        with loc.backend.open_stamped(loc.path, block_size=_HEADER_BLOCK) as (f, stamp):
+            header = read_header(f, loc.uri)
     except FileNotFoundError as e:
-        reason = "broken symbolic link" if os.path.islink(path) else "file vanished"
-        raise ImageError(path, reason) from e
+        raise ImageError(loc.uri, e.strerror if e.strerror in _MISSING else "file not found") from e
     except OSError as e:
-        raise ImageError(path, f"cannot stat: {e.strerror}") from e
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageError(path, "not a regular file")
-    try:
-        with open(path, "rb", buffering=_HEADER_BLOCK) as f:
-            header = read_header(f, path)
-    except OSError as e:
-        raise ImageError(path, f"cannot read: {e.strerror or e}") from e
-    return replace(header, size=st.st_size, mtime=st.st_mtime)
-
-
-def header_of_remote(fs, path: str, uri: str) -> Header:
-    """Header of a file on any fsspec filesystem, fetching only the first blocks; its size and ETag
-    come from the file's details, which opening it has already fetched (no request of their own)."""
-    try:
-        with fs.open(path, "rb", block_size=_HEADER_BLOCK, cache_type="readahead") as f:
-            details = getattr(f, "details", None) or {}
-            etag = details.get("ETag", details.get("etag"))
-            return replace(read_header(f, uri), size=getattr(f, "size", None), etag=etag)
-    except FileNotFoundError as e:
-        raise ImageError(uri, "file not found") from e
-    except OSError as e:
-        raise ImageError(uri, f"cannot read: {e}") from e
-
+        special = e.errno == errno.EINVAL and e.strerror == "not a regular file"
+        raise ImageError(loc.uri, e.strerror if special else f"cannot read: {e.strerror or e}") from e
+    return replace(header, size=stamp.size, mtime=stamp.mtime, etag=stamp.etag)

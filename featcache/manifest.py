@@ -25,13 +25,14 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from featcache.errors import ImageError, SourceNotFoundError, UsageError
-from featcache.fsio import Location, check_reachable, locate
+from featcache.images import header_of, is_image_name
 from featcache.log import LOGGER
-from featcache.images import header_of_local, header_of_remote, is_image_name
 from featcache.sources import Member, listing, parquet, tars
-from featcache.sources.globs import GLOB_CHARS, glob_paths
+from featcache.sources.globs import glob_paths
 from featcache.store import tables
+from featcache.store.backend import GLOB_CHARS
 from featcache.store.cache import Cache
+from featcache.store.location import Location, check_reachable, locate
 
 _LIST_SUFFIXES = (".parquet", ".csv")
 _RESERVED = ("index", "image_id", "uri", "width", "height", *tables.FILE_COLUMNS, *tables.MEMBER_COLUMNS)
@@ -160,32 +161,24 @@ def list_source(src: str) -> tuple[list[Entry], list[tuple[str, str]]]:
     if any(c in src for c in GLOB_CHARS):
         return _list_glob(src)
     loc = locate(src)
-    if src.lower().endswith(_LIST_SUFFIXES) and not loc.fs.isdir(loc.path):
+    if src.lower().endswith(_LIST_SUFFIXES) and not loc.isdir():
         return _list_table(loc), []
-    if not loc.fs.exists(loc.path):
+    if not loc.exists():
         raise SourceNotFoundError(f"no such folder: {src}")
-    if not loc.fs.isdir(loc.path):
+    if not loc.isdir():
         raise UsageError(f"{src} is a file: SRC must be a folder, a glob, or a .parquet/.csv list with a 'uri' column")
-    files = _walk_local(loc.path) if loc.is_local else sorted(loc.fs.find(loc.path))
+    files = loc.backend.find(loc.path)
     entries, ignored = _split(loc, files, loc.path)
     if not entries:
         raise UsageError(f"no image files in {src} ({len(ignored)} other files)")
     return entries, ignored
 
 
-def _walk_local(top: str) -> list[str]:
-    """Every non-directory entry below ``top`` (dangling links and FIFOs included), sorted."""
-    out = []
-    for dirpath, _, filenames in os.walk(top):
-        out += [os.path.join(dirpath, f) for f in filenames]
-    return sorted(out, key=lambda p: p[len(top):].split(os.sep))
-
-
 def _split(base: Location, paths: list[str], prefix: str) -> tuple[list[Entry], list[tuple[str, str]]]:
     entries, ignored = [], []
     for path in paths:
         rel = path[len(prefix):].lstrip("/" + os.sep).replace(os.sep, "/")
-        loc = Location(base.fs, path, path if base.is_local else base.fs.unstrip_protocol(path))
+        loc = base.at(path)
         if is_image_name(path):
             entries.append(Entry(loc, rel))
         else:
@@ -203,7 +196,7 @@ def _list_glob(pattern: str) -> tuple[list[Entry], list[tuple[str, str]]]:
 
 def _list_table(loc: Location) -> list[Entry]:
     try:
-        with loc.fs.open(loc.path, "rb") as f:
+        with loc.backend.open(loc.path) as f:
             # ParquetFile, not read_table: its IO threads can outlive the call (see tables.read_table)
             table = pacsv.read_csv(f) if loc.path.lower().endswith(".csv") else tables.pq.ParquetFile(f).read()
     except FileNotFoundError as e:
@@ -235,17 +228,15 @@ def _list_entry(row: dict, base: str, list_uri: str, n: int) -> Entry:
 
 def _header(entry: Entry):
     try:
-        if entry.loc.is_local:
-            return header_of_local(entry.loc.path)
-        return header_of_remote(entry.loc.fs, entry.loc.path, entry.loc.uri)
+        return header_of(entry.loc)
     except ImageError as e:
         return e
 
 
 def _workers(workers: int | None, locs: list[Location]) -> int:
-    """``workers``, by default 1 for local files and 16 for remote ones."""
+    """``workers``, by default 16 where requests wait on a network (threads hide the wait), else 1."""
     if workers is None:
-        return 1 if all(loc.is_local for loc in locs) else 16
+        return 16 if any(loc.backend.capabilities.latency_bound for loc in locs) else 1
     return workers
 
 
@@ -322,12 +313,9 @@ def _accept_changes(cache: Cache, manifest: pa.Table) -> None:
 
 
 def _write_index_errors(root: Location, rows: list[tuple[str, str | None, str]]) -> None:
-    old = tables.read_errors(root).to_pylist()
-    kept = [r for r in old if r["stage"] != "index"]
     new = [{"index": None, "image_id": image_id, "uri": uri, "stage": "index", "view": None, "reason": reason}
            for uri, image_id, reason in rows]
-    # always written, empty too: tools featcache does not control read it (an earlier index's rows go)
-    tables.write_table(root.join(tables.ERRORS), tables.errors_table(kept + new))
+    tables.merge_errors(root, "index", new)  # an earlier index's rows go
 
 
 # ---- extraction's check -------------------------------------------------------------------
@@ -338,4 +326,4 @@ def changed_since_indexing(loc: Location, data: bytes, size: int | None, mtime: 
     files) the file's modification time, differs from the manifest's. Nothing recorded: no check."""
     if size is not None and len(data) != size:
         return True
-    return mtime is not None and loc.is_local and os.stat(loc.path).st_mtime != mtime
+    return mtime is not None and loc.backend.mtime(loc.path) not in (None, mtime)

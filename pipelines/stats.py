@@ -15,7 +15,7 @@ import functools
 from dataclasses import dataclass
 
 from featcache.errors import UsageError
-from featcache.fsio import check_reachable
+from featcache.store.location import check_reachable
 from featcache.retry import storage_errors
 from featcache.stats import compute
 from featcache.store.cache import Cache

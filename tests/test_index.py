@@ -19,7 +19,7 @@ import featcache
 from featcache.cli import main
 from featcache.errors import SourceNotFoundError, UsageError
 from featcache.store import tables
-from featcache.fsio import locate
+from featcache.store.location import locate
 from tests.support.images import (
     HEADER_ONLY_SIZE,
     photo,

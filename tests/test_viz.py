@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from featcache import viz
-from featcache.fsio import locate
+from featcache.store.location import locate
 from featcache.store import Cache, tables
 from tests.support.caches import spec, write_all
 from tests.test_s3_preflight import closed_endpoint  # noqa: F401 (fixture)

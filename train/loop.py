@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from featcache import checkpoint
 from featcache.devices import resolve_device
 from featcache.errors import FeatcacheError, UsageError
-from featcache.fsio import check_reachable
+from featcache.store.location import check_reachable
 from featcache.log import LogStream
 from featcache.runs import RunFolder
 from featcache.store.cache import Cache

@@ -34,10 +34,6 @@ from featcache.store.cache import Cache, versions
 if TYPE_CHECKING:  # annotations only: plan imports this module (no cycle at run time)
     from featcache.extract.plan import Plan
 
-#: The key of the errors table's Parquet metadata that records which markers its rows came from.
-COVERAGE_KEY = b"featcache.commits"
-
-
 def rebuild_errors(cache: Cache, views: list[str]) -> list[dict]:
     """Rewrite ``errors.parquet`` from every marker of ``views``: index-stage rows and the rows of
     other views kept, one row per failed (image, view) of the commits; returns the rows of ``views``."""
@@ -65,9 +61,8 @@ def update_errors(cache: Cache, views: list[str], committed: dict[str, dict] | N
         blocks += block
     new = keep + blocks
     metadata = _encode(coverage, digest if new == rows else _rows_digest(new))
-    if new != rows or (old.schema.metadata or {}).get(COVERAGE_KEY) != metadata:
-        table = tables.errors_table(new).replace_schema_metadata({COVERAGE_KEY: metadata})
-        tables.write_table(cache.root.join(tables.ERRORS), table)  # empty too
+    if new != rows or tables.errors_record(old) != metadata:
+        tables.write_errors(cache.root, new, metadata)
     return blocks
 
 
@@ -81,17 +76,15 @@ def replace_index_rows(cache: Cache, rows: list[dict]) -> None:
         [r for r in before if r["stage"] != "index"]
     if new == before:
         return
-    table = tables.errors_table(new)
-    record = _coverage_record(old)
+    record, kept = _coverage_record(old), None
     if record is not None and record.get("rows") == _rows_digest(before):  # else the job's end reads every marker
-        record["rows"] = _rows_digest(new)
-        table = table.replace_schema_metadata({COVERAGE_KEY: json.dumps(record, sort_keys=True).encode()})
-    tables.write_table(cache.root.join(tables.ERRORS), table)
+        kept = json.dumps({**record, "rows": _rows_digest(new)}, sort_keys=True).encode()
+    tables.write_errors(cache.root, new, kept)
 
 
 def _coverage_record(table: pa.Table) -> dict | None:
     """The errors table's record of its markers as stored (None when it has none, or not one this code wrote)."""
-    raw = (table.schema.metadata or {}).get(COVERAGE_KEY)
+    raw = tables.errors_record(table)
     try:
         record = json.loads(raw) if raw is not None else None
     except ValueError:
@@ -203,7 +196,7 @@ def _coverage(table: pa.Table, rows: list[dict], digest: str, views: list[str]) 
     """The markers each view's rows in ``table`` came from; {} when the table does not say, or its
     rows (of digest ``digest``) are not those it was written with, or a row of ``views`` has the index
     stage (a case only a rebuild from every marker reproduces exactly)."""
-    raw = (table.schema.metadata or {}).get(COVERAGE_KEY)
+    raw = tables.errors_record(table)
     if raw is None or any(r["stage"] == "index" and r.get("view") in views for r in rows):
         return {}
     try:
@@ -218,8 +211,7 @@ def _coverage(table: pa.Table, rows: list[dict], digest: str, views: list[str]) 
 
 def failed_images(cache: Cache, extract_rows: list[dict]) -> tuple[int, list[str]]:
     """Images that failed (distinct), counting image files the index could not read; a few reasons."""
-    index_rows = [r for r in tables.read_errors(cache.root).to_pylist()
-                  if r["stage"] == "index" and is_image_name(r["uri"] or "")]
+    index_rows = [r for r in tables.error_rows(cache.root, "index") if is_image_name(r["uri"] or "")]
     failed = {r["index"] for r in extract_rows}
     reasons = [f"{r['uri']}: {r['stage']}: {r['reason']}" for r in index_rows[:5]]
     seen = set()

@@ -23,7 +23,7 @@ from featcache.errors import SourceNotFoundError, UsageError
 from featcache.extract import limits
 from featcache.extract.config import DEFAULT_SHARD_SIZE, ExtractConfig, TeacherConfig
 from featcache.extract.viewkinds import Mosaic, Plain, Upsampled, ViewKind
-from featcache.fsio import Location, check_reachable, locate
+from featcache.store.location import Location, check_reachable, locate
 from featcache.sources.patterns import has_braces
 from featcache.store import commits, tables
 from featcache.store.cache import FEATURES, Cache
@@ -310,7 +310,7 @@ def _lists_other_images(source: str, out: Location) -> bool:
         entries, _ = list_source(source)
     except (UsageError, SourceNotFoundError):
         return True
-    refused = {r["uri"] for r in tables.read_errors(out).to_pylist() if r["stage"] == "index"}
+    refused = {r["uri"] for r in tables.error_rows(out, "index")}
     manifest = tables.read_manifest(out)
     held = list(zip(manifest.column("image_id").to_pylist(), manifest.column("uri").to_pylist()))
     return [(e.image_id, e.loc.uri) for e in entries if e.loc.uri not in refused] != held
@@ -348,7 +348,7 @@ def _index_elsewhere(source: str) -> tuple[pa.Table, list[dict]]:
     with tempfile.TemporaryDirectory(prefix="featcache-index-") as folder:
         index(source, folder)
         root = locate(folder)
-        return tables.read_manifest(root), tables.read_errors(root).to_pylist()
+        return tables.read_manifest(root), tables.error_rows(root)
 
 
 def _is_manifest_file(uri: str) -> bool:

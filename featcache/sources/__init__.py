@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from featcache.fsio import Location
+from featcache.store.location import Location
 from featcache.images import Header
 from featcache.errors import ImageError
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 
 from featcache.errors import SourceNotFoundError, UsageError
-from featcache.fsio import Location, locate
 from featcache.sources import parquet, patterns
-from featcache.sources.globs import GLOB_CHARS, glob_paths
+from featcache.sources.globs import glob_paths
+from featcache.store.backend import GLOB_CHARS
+from featcache.store.location import Location, locate
 
 #: Container kinds by the file name's suffix.
 KINDS = {".tar": "tar", ".parquet": "parquet"}
@@ -34,9 +35,9 @@ def containers(src: str, image_column: str | None) -> tuple[str, list[tuple[Loca
     if any(c in src for c in GLOB_CHARS):
         return kind, _globbed(src)
     loc = locate(src)
-    if loc.fs.isdir(loc.path):
+    if loc.isdir():
         return None  # a folder named like a file: a folder source
-    if not loc.fs.exists(loc.path):
+    if not loc.exists():
         raise SourceNotFoundError(f"no such file: {src}")
     if kind == "parquet" and not parquet.is_image_table(loc, image_column):
         return None  # a list of files
@@ -44,8 +45,7 @@ def containers(src: str, image_column: str | None) -> tuple[str, list[tuple[Loca
 
 
 def _exists(src: str) -> bool:
-    loc = locate(src)
-    return loc.fs.exists(loc.path)
+    return locate(src).exists()
 
 
 def _expanded(src: str) -> list[tuple[Location, str]]:
@@ -63,7 +63,7 @@ def _globbed(pattern: str, missing_ok: bool = False) -> list[tuple[Location, str
     if not paths and not missing_ok:
         raise UsageError(f"no files match {pattern}")
     base = _base(pattern[:min(pattern.find(c) for c in GLOB_CHARS if c in pattern)])
-    files = [Location(loc.fs, p, p if loc.is_local else loc.fs.unstrip_protocol(p)) for p in paths]
+    files = [loc.at(p) for p in paths]
     return [(f, _relative(f, base)) for f in files]
 
 

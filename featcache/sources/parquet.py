@@ -10,11 +10,7 @@ chunk, so indexing reads every image's bytes (a row group at a time), then only 
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import io
-import os
-import stat
 from dataclasses import replace
 
 import pyarrow as pa
@@ -22,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from featcache.errors import ImageError, UsageError
-from featcache.fsio import Location, Stamp
+from featcache.store.location import Location, Stamp
 from featcache.images import read_header
 from featcache.sources import Found, Member, Scan, row_uri
 
@@ -146,17 +142,7 @@ def _is_scalar(t: pa.DataType) -> bool:
             or pa.types.is_large_string(t) or pa.types.is_temporal(t))
 
 
-@contextlib.contextmanager
 def _open(loc: Location):
     """(the file, its stamp), opened so that pyarrow reads only the byte ranges it asks for; on an object
     store the stamp comes from the request that opening the file makes anyway."""
-    if loc.is_local:
-        st = os.stat(loc.path)
-        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the open
-            raise OSError(errno.EINVAL, "not a regular file", loc.path)
-        with pa.OSFile(loc.path) as f:
-            yield f, Stamp(st.st_size, mtime=st.st_mtime)
-        return
-    with loc.fs.open(loc.path, "rb", cache_type="none") as f:
-        details = getattr(f, "details", None) or {}
-        yield f, Stamp(details.get("size"), etag=details.get("ETag", details.get("etag")))
+    return loc.backend.open_stamped(loc.path)

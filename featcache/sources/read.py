@@ -15,7 +15,7 @@ from concurrent.futures import Future
 import pyarrow as pa
 
 from featcache.errors import ImageError
-from featcache.fsio import Location, Stamp, locate
+from featcache.store.location import Location, Stamp, locate
 from featcache.manifest import CHANGED, changed_since_indexing
 from featcache.sources import parquet
 from featcache.store import tables

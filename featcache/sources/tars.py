@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from featcache.errors import ImageError
-from featcache.fsio import Location, Stamp
+from featcache.store.location import Location, Stamp
 from featcache.images import EXTENSIONS, read_header
 from featcache.sources import Found, Member, Scan, tar_uri
 

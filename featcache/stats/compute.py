@@ -208,11 +208,10 @@ def _switch_attrs(view_group, summary: dict, digest: str, path: str, names: list
 def _remove_other_versions(view, keep: str) -> None:
     """Everything in ``stats/`` but the published version (older versions, pre-versioning arrays)."""
     folder = view.loc.join(STATS)
-    fs = folder.fs
-    for entry in fs.ls(folder.path, detail=False):
+    for entry in folder.backend.list(folder.path):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
         if name != keep.rsplit("/", 1)[-1] and name != "zarr.json":
-            fs.rm(entry, recursive=True)
+            folder.backend.delete(entry, recursive=True)
 
 
 def write(view, merged: Partial, angle_total: float, angle_count: int, direction: np.ndarray | None,

@@ -22,7 +22,7 @@ import zarr
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from featcache.errors import CacheFormatError, MisalignedWriteError, SourceNotFoundError, UsageError
-from featcache.fsio import Location, locate
+from featcache.store.location import Location, locate
 from featcache.log import LOGGER
 from featcache.store import attrs as attrs_json
 from featcache.store import commits, fingerprint, shardwriter, tables
@@ -33,14 +33,6 @@ from featcache.store.zarrio import consolidate, replace_image_ids, resize_rows, 
 
 FEATURES = "features.zarr"
 IMAGE_ID = "image_id"  # the manifest column each view stores as its xarray coordinate
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What the cache's filesystem offers (flags instead of isinstance checks)."""
-
-    positional_reads: bool  # os.pread on a local file: no request per read
-    atomic_rename: bool  # markers can be written by rename; object stores replace whole objects instead
 
 
 def versions() -> dict[str, str]:
@@ -60,7 +52,7 @@ class Cache:
     def __init__(self, root: Location):
         self.root = root
         self.features = root.join(FEATURES)
-        self.capabilities = Capabilities(positional_reads=root.is_local, atomic_rename=root.is_local)
+        self.capabilities = root.backend.capabilities
         self._non_views: list[str] = []
         self._warned_non_views = False
 
@@ -158,8 +150,7 @@ class Cache:
         return list(self._non_views)
 
     def _child_names(self) -> list[str]:
-        fs, path = self.features.fs, self.features.path
-        entries = fs.ls(path, detail=True, **({"refresh": True} if not self.root.is_local else {}))
+        entries = self.features.backend.list(self.features.path, detail=True)
         names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory"]
         return sorted(n for n in names if n != fingerprint.ARRAY)
 
@@ -363,6 +354,11 @@ class Cache:
 
 #: Manifest columns that describe a row's bytes (its identity, index/image_id/uri, is the fingerprint's).
 _CONTENT_COLUMNS = ("width", "height", *tables.FILE_COLUMNS, *tables.MEMBER_COLUMNS)
+
+
+def _partials(loc: Location) -> list[str]:
+    """The temporary siblings ``<object>.<hex>.partial`` a staged write killed midway left beside ``loc``."""
+    return loc.backend.glob(glob.escape(loc.path) + ".*.partial")[0]
 
 
 def changed_rows(old: pa.Table, new: pa.Table) -> list[int]:
@@ -597,12 +593,10 @@ class View:
         ``--repair`` rewrites, would fail the write). The shard writer replaces its objects whole."""
         for name, key in shard_object_keys(self._arrays, shard).items():  # the arrays stand in for the group
             loc = self.loc.join(*key.split("/"))
-            paths = glob.glob(glob.escape(loc.path) + ".*.partial") if self.loc.is_local else []
+            # only a writer that stages temporary siblings leaves them
+            paths = _partials(loc) if self.cache.capabilities.atomic_rename else []
             for path in paths + ([loc.path] if self._layouts[name] is None else []):
-                try:
-                    loc.fs.rm_file(path)
-                except FileNotFoundError:
-                    pass  # never written: nothing to remove
+                loc.backend.delete(path)  # never written: nothing to remove, no error
 
     def _aligned(self, start: int, length: int) -> tuple[int, int]:
         s, n = self.shard_size, self.num_images

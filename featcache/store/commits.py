@@ -14,7 +14,7 @@ import socket
 from dataclasses import asdict, dataclass, field
 
 from featcache.errors import CacheFormatError
-from featcache.fsio import Location
+from featcache.store.location import Location
 
 COMMITS_DIR = "_commits"
 
@@ -116,7 +116,7 @@ def _listing(root: Location, view: str, detail: bool) -> list:
     """The entries of ``_commits/<view>/``, listed afresh (markers appear while a job runs)."""
     loc = commit_dir(root, view)
     try:
-        return loc.fs.ls(loc.path, detail=detail, refresh=True)
+        return loc.backend.list(loc.path, detail=detail)
     except FileNotFoundError:
         return []
 
@@ -131,4 +131,4 @@ def remove_commit(root: Location, view: str, shard: int) -> None:
     """Withdraw a shard from readers before it is rewritten."""
     loc = commit_dir(root, view).join(f"{shard}.json")
     if loc.exists():
-        loc.fs.rm_file(loc.path)
+        loc.delete()

@@ -79,5 +79,4 @@ def _stats_summary(view: View) -> dict | None:
 
 
 def _bytes_under(view: View) -> int:
-    fs, path = view.loc.fs, view.loc.path
-    return int(sum(info["size"] for info in fs.find(path, detail=True).values() if info.get("type") == "file"))
+    return view.loc.backend.du(view.loc.path)

@@ -104,31 +104,31 @@ class _LocalRanges:
             self._fds.clear()
 
 
-class _FsspecRanges:
-    """Byte ranges by ranged reads through any fsspec filesystem."""
+class _BackendRanges:
+    """Byte ranges by ranged requests to the storage backend."""
 
-    def __init__(self, fs):
-        self.fs = fs
+    def __init__(self, backend):
+        self.backend = backend
 
     def will_need(self, path: str, offset: int, length: int) -> None:
         """No read-ahead through fsspec: the range is fetched when read."""
 
     def read(self, path: str, offset: int, length: int, writable: bool = False) -> bytes:
-        data = self.fs.cat_file(path, start=offset, end=offset + length)
+        data = self.backend.read_range(path, offset, length)
         if len(data) != length:
             raise CacheFormatError(f"{path}: short read ({len(data)} of {length} bytes at {offset})")
         return data
 
     def size(self, path: str) -> int:
-        return self.fs.size(path)
+        return self.backend.size(path)
 
     def close(self) -> None:
         pass
 
 
 def _ranges_for(view):
-    """os.pread where the cache's filesystem allows positional reads, ranged requests elsewhere."""
-    return _LocalRanges() if view.cache.capabilities.positional_reads else _FsspecRanges(view.loc.fs)
+    """os.pread where the cache's backend allows positional reads, ranged requests elsewhere."""
+    return _LocalRanges() if view.cache.capabilities.positional_reads else _BackendRanges(view.loc.backend)
 
 
 def _is_plain_crc(codecs) -> bool:

@@ -33,7 +33,7 @@ from typing import Callable
 import crc32c
 import numpy as np
 
-from featcache.fsio import Location
+from featcache.store.location import Location
 from featcache.retry import storage_errors
 
 try:  # ISA-L computes the same CRC-32 as zlib, ~8x faster here (a dependency; zlib where it has no wheel)
@@ -299,13 +299,12 @@ def write_objects(objects: list[tuple[Location, "list | Encoded"]]) -> list[int]
     ready = _Ready(encoded)
     checksums = _BESIDE.submit(lambda: [_crc32(e.parts, ready.waiter(i)) for i, e in enumerate(encoded)])
     try:
-        if objects and objects[0][0].is_local:
+        if objects and objects[0][0].backend.capabilities.atomic_rename:
             _write_local([(loc, e.parts) for (loc, _), e in zip(objects, encoded)], ready)
         else:
             for i, ((loc, _), e) in enumerate(zip(objects, encoded)):
                 ready.wait(i, len(e.parts))
-                with storage_errors(f"writing {loc.uri}"):
-                    loc.fs.pipe_file(loc.path, b"".join(e.parts))  # botocore takes bytes, not buffers: one copy
+                loc.write_bytes_atomic(b"".join(e.parts))  # botocore takes bytes, not buffers: one copy
     except BaseException:
         ready.abandon()  # the checksums' thread gives up rather than wait for slots never filled
         with contextlib.suppress(BaseException):

@@ -7,13 +7,13 @@ of every array in ``features.zarr``; ``image_id`` is the stable key a user joins
 from __future__ import annotations
 
 import io
-import os
+import posixpath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from featcache.errors import CacheFormatError, SourceNotFoundError
-from featcache.fsio import Location
+from featcache.store.location import Location
 
 MANIFEST = "manifest.parquet"
 ERRORS = "errors.parquet"
@@ -41,6 +41,8 @@ MEMBER_COLUMNS = {
     "row_group": pa.int32(),  # Parquet: the row group
     "row_in_group": pa.int64(),  # Parquet: the row within the row group
 }
+#: The key of the errors table's Parquet metadata recording which commit markers its rows came from.
+ERRORS_RECORD = b"featcache.commits"
 ERRORS_SCHEMA = pa.schema(
     [
         ("index", pa.int64()),  # null for files that never entered the manifest
@@ -67,7 +69,7 @@ def read_table(loc: Location) -> pa.Table:
     pre-buffers on Arrow's IO threads, and a read still in flight when it returns can end during
     interpreter exit, where taking the GIL kills that thread and aborts the process (exit 134,
     "terminate called without an active exception")."""
-    with loc.fs.open(loc.path, "rb") as f:
+    with loc.backend.open(loc.path) as f:
         return pq.ParquetFile(f).read()
 
 
@@ -87,13 +89,14 @@ def read_manifest(root: Location) -> pa.Table:
 
 
 def _file_on_the_way(root: Location) -> str:
-    """The part of ``root`` that is a file (a local path's first file component; else ``root`` itself)."""
-    if not root.is_local:
-        return root.uri
-    path = root.path
-    while path and not os.path.lexists(path):
-        path = os.path.dirname(path)
-    return path or root.uri
+    """The part of ``root`` that is a file: its first component that exists (else ``root`` itself)."""
+    loc = root
+    while not loc.exists():
+        parent = posixpath.dirname(loc.path)
+        if not parent or parent == loc.path:
+            return root.uri
+        loc = loc.at(parent)
+    return loc.uri
 
 
 def file_column(manifest: pa.Table, name: str) -> list:
@@ -104,6 +107,9 @@ def file_column(manifest: pa.Table, name: str) -> list:
     return manifest.column(name).to_pylist()
 
 
+# ---- errors.parquet: every part reads and writes it through these -------------------------------
+
+
 def read_errors(root: Location) -> pa.Table:
     """The errors table: empty when nothing failed, and for caches written before it always existed."""
     try:
@@ -112,6 +118,32 @@ def read_errors(root: Location) -> pa.Table:
         return ERRORS_SCHEMA.empty_table()
 
 
+def error_rows(root: Location, stage: str | None = None) -> list[dict]:
+    """The rows of the errors table as dicts, in order (those of ``stage`` alone when given)."""
+    rows = read_errors(root).to_pylist()
+    return rows if stage is None else [r for r in rows if r["stage"] == stage]
+
+
 def errors_table(rows: list[dict]) -> pa.Table:
     """Build an errors table from dicts with the columns of :data:`ERRORS_SCHEMA`."""
     return pa.Table.from_pylist([{k: r.get(k) for k in ERRORS_SCHEMA.names} for r in rows], schema=ERRORS_SCHEMA)
+
+
+def errors_record(table: pa.Table) -> bytes | None:
+    """What the rows of an errors table came from, as its writer recorded it (:func:`write_errors`)."""
+    return (table.schema.metadata or {}).get(ERRORS_RECORD)
+
+
+def write_errors(root: Location, rows: list[dict], record: bytes | None = None) -> None:
+    """Replace the errors table with ``rows`` (written empty too: tools featcache does not control read
+    it), keeping ``record`` (what the rows came from: see ``extract.finalize``) in its metadata."""
+    table = errors_table(rows)
+    if record is not None:
+        table = table.replace_schema_metadata({ERRORS_RECORD: record})
+    write_table(root.join(ERRORS), table)
+
+
+def merge_errors(root: Location, stage: str, rows: list[dict]) -> None:
+    """Put ``rows`` (of ``stage``) in place of the errors table's rows of ``stage``, after the others;
+    the table's record is dropped, as it no longer says where every row came from."""
+    write_errors(root, [r for r in error_rows(root) if r["stage"] != stage] + rows)

@@ -244,10 +244,10 @@ def _check_errors_table(view: View, commits: dict[int, Commit | None]) -> list[P
 
 def _partial_shards(view: View, committed: set[int]) -> list[str]:
     """Shards with stored objects but no marker: an interrupted write that a rerun replaces."""
-    fs, notes = view.loc.fs, []
+    notes = []
     dense_dir = view.loc.join("dense", "c")
     try:
-        present = {int(p.rstrip("/").split("/")[-1]) for p in fs.ls(dense_dir.path, detail=False)}
+        present = {int(p.rstrip("/").split("/")[-1]) for p in dense_dir.backend.list(dense_dir.path)}
     except FileNotFoundError:
         return notes
     for shard in sorted(present - committed):

@@ -15,10 +15,10 @@ import zarr
 from zarr.codecs import Crc32cCodec
 from zarr.core.buffer import Buffer
 from zarr.errors import ContainsArrayError, ZarrUserWarning
-from zarr.storage import FsspecStore, LocalStore, MemoryStore, WrapperStore
+from zarr.storage import MemoryStore, WrapperStore
 
 from featcache.errors import UsageError
-from featcache.fsio import Location, storage_options
+from featcache.store.location import Location
 from featcache.store.shardwriter import object_crc32
 from featcache.store.spec import ViewSpec
 
@@ -28,10 +28,8 @@ ARRAYS = ("dense", "summary", "box", "valid")
 
 
 def zarr_store(loc: Location, read_only: bool = False):
-    """A zarr store over a local directory or an fsspec URL (same code above this line)."""
-    if loc.is_local:
-        return LocalStore(loc.path, read_only=read_only)
-    return FsspecStore.from_url(loc.uri, storage_options=storage_options(loc.uri), read_only=read_only)
+    """A zarr store over the location, whatever its backend (same code above this line)."""
+    return loc.backend.zarr_store(loc.path, loc.uri, read_only=read_only)
 
 
 def array_layouts(spec: ViewSpec, num_images: int, shard_size: int) -> dict[str, dict]:

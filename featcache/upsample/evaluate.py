@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from featcache.decode import decode
 from featcache.errors import UsageError
-from featcache.fsio import locate
+from featcache.store.location import locate
 from featcache.manifest import list_source
 from featcache.teachers import create_teacher
 from featcache.upsample import run

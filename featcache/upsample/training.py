@@ -28,7 +28,7 @@ from torch import nn
 from featcache import checkpoint
 from featcache.decode import decode
 from featcache.errors import ImageError, UsageError
-from featcache.fsio import locate
+from featcache.store.location import locate
 from featcache.log import LogStream
 from featcache.manifest import list_source
 from featcache.stats.moments import Moments

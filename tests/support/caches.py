@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from featcache.fsio import locate
+from featcache.store.location import locate
 from featcache.store import Cache, ViewSpec, tables
 from featcache.store.codec import CODECS
 

@@ -12,7 +12,7 @@ import pytest
 
 import featcache
 from featcache.extract.config import from_dict
-from featcache.fsio import locate
+from featcache.store.location import locate
 from featcache.store import tables
 from featcache.pipelines.extract import run
 from featcache.pipelines.ray_session import ray_session

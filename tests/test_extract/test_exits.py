@@ -10,7 +10,7 @@ import sys
 from featcache.manifest import index
 from tests.support.images import photo
 
-READ_AND_EXIT = "import sys; from featcache.fsio import locate; from featcache.store import tables; " \
+READ_AND_EXIT = "import sys; from featcache.store.location import locate; from featcache.store import tables; " \
                 "tables.read_manifest(locate(sys.argv[1]))"
 
 

@@ -18,7 +18,7 @@ import featcache.store.cache as cache_module
 from featcache.cli import main
 from featcache.extract.config import from_dict
 from featcache.extract.plan import adopt
-from featcache.fsio import locate
+from featcache.store.location import locate
 from featcache.pipelines.extract import run
 from featcache.pipelines.ray_session import ray_session
 from featcache.store import tables

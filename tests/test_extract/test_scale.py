@@ -25,7 +25,7 @@ from featcache.errors import CacheFormatError
 from featcache.extract.config import ExtractConfig, from_dict
 from featcache.extract.finalize import consolidate_if_changed, job_errors, rebuild_errors, update_errors
 from featcache.extract.plan import prepare
-from featcache.fsio import locate
+from featcache.store.location import locate
 from featcache.stats import PhiS
 from featcache.stats import compute as stats_compute
 from featcache.stats.moments import Moments

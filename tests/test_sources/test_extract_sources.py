@@ -14,7 +14,7 @@ import featcache
 from featcache.extract.config import from_dict
 from featcache.extract.plan import prepare
 from featcache.extract.worker import ShardWorker
-from featcache.fsio import locate
+from featcache.store.location import locate
 from featcache.pipelines.extract import run
 from featcache.pipelines.ray_session import ray_session
 from featcache.sources import row_uri, tar_uri

@@ -15,7 +15,7 @@ from PIL import Image
 import featcache
 from featcache.cli import main
 from featcache.errors import ImageError, UsageError
-from featcache.fsio import locate
+from featcache.store.location import locate
 from featcache.manifest import CHANGED
 from featcache.sources import tar_uri, tars
 from featcache.sources.read import ImageReader

@@ -7,7 +7,7 @@ import pytest
 import zarr
 
 from featcache.errors import MisalignedWriteError, UsageError
-from featcache.fsio import storage_options
+from featcache.store.s3 import storage_options
 from featcache.store import Cache, ViewSpec
 from featcache.store import attrs as attrs_json
 from tests.support.caches import make_cache, shard_data, spec, write_all

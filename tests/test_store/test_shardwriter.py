@@ -19,7 +19,7 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, TransposeCodec, 
 from zarr.storage import MemoryStore
 
 import featcache
-from featcache.fsio import locate
+from featcache.store.location import locate
 from featcache.store import Cache, shardwriter
 from featcache.store.shardwriter import ArrayLayout, LayoutNotSupported
 from featcache.store.zarrio import ARRAYS, ChecksumStore, array_layouts, zarr_store
@@ -56,8 +56,8 @@ def _objects(root, key: str) -> dict[str, bytes]:
     loc = locate(str(root)).join("features.zarr", key)
     found = {}
     for name in ARRAYS:
-        for path in loc.fs.find(loc.join(name, "c").path):
-            found[os.path.relpath(path, loc.path) if loc.is_local else path[len(loc.path) + 1:]] = loc.fs.cat_file(path)
+        for path in loc.backend.find(loc.join(name, "c").path):
+            found[path[len(loc.path) + 1:]] = loc.backend.read(path)
     return found
 
 

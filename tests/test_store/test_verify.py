@@ -11,7 +11,7 @@ import pytest
 import featcache
 from featcache.cli import main
 from featcache.extract.finalize import rebuild_errors
-from featcache.fsio import locate
+from featcache.store.location import locate
 from featcache.store import attrs as attrs_json
 from tests.support.caches import make_cache, shard_data, write_all
 

@@ -14,7 +14,7 @@ from sklearn.datasets import load_digits
 
 from featcache.decode import decode
 from featcache.errors import UsageError
-from featcache.fsio import locate
+from featcache.store.location import locate
 from featcache.manifest import index
 from featcache.store import Cache, ViewSpec, commits, tables
 from featcache.train.digits import write_digits

@@ -1,5 +1,5 @@
 """Training from a cache on S3 refuses an unusable location as extract does: one line naming the
-URL, exit 2, before any run folder exists (the preflight of ``featcache.fsio.check_reachable``)."""
+URL, exit 2, before any run folder exists (the preflight of ``featcache.store.location.check_reachable``)."""
 
 from __future__ import annotations
 
