@@ -43,6 +43,7 @@ import zarr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from featcache.store import Cache, commits, shardwriter  # noqa: E402
+from featcache.store.local import LocalBackend  # noqa: E402
 from featcache.store.zarrio import ARRAYS, ChecksumStore, shard_object_keys, zarr_store  # noqa: E402
 from tests.support.caches import spec, write_manifest  # noqa: E402
 
@@ -92,14 +93,13 @@ def remove_shard(view) -> None:
     commits.remove_commit(view.cache.root, view.key, 0)
     for key in shard_object_keys(view.group, 0).values():
         loc = view.loc.join(*key.split("/"))
-        if loc.exists():
-            loc.fs.rm_file(loc.path)
+        loc.delete()
 
 
 def raw_write(loc, data: bytes) -> None:
     """One write of ``data``: a file written and fsynced (the writer syncs too), or one PUT."""
-    if not loc.is_local:
-        loc.fs.pipe_file(loc.path, data)
+    if not isinstance(loc.backend, LocalBackend):
+        loc.write_bytes_atomic(data)  # one PUT
         return
     with open(loc.path, "wb") as f:
         f.write(data)
@@ -129,7 +129,7 @@ def bench_storage(base: str, shapes: dict, rounds: int) -> dict:
                 "raw": lambda: raw_write(raw_loc, blob),
                 "zarr": lambda: zarr_write_shard(views["zarr"], rows)}
         clear = {"writer": lambda: remove_shard(views["writer"]),
-                 "raw": lambda: raw_loc.exists() and raw_loc.fs.rm_file(raw_loc.path),
+                 "raw": lambda: raw_loc.delete(),
                  "zarr": lambda: remove_shard(views["zarr"])}
         times, cpu = {way: [] for way in ways}, {way: [] for way in ways}
         for r in range(rounds):
