@@ -119,6 +119,8 @@ def inspect_cmd(
 
 
 def _inspect_text(info: dict) -> str:
+    from featcache.store.codec import codec_from_attrs
+
     lines = [f"cache {info['root']}: {info['images']} images, shard size {info['shard_size'] or '-'}, "
              f"{info['errors']['total']} errors {info['errors']['by_stage'] or ''}".rstrip()]
     if not info["views"]:
@@ -126,8 +128,7 @@ def _inspect_text(info: dict) -> str:
     lines += [f"  note: features.zarr/{name}: a folder that is not a view (left alone)" for name in info["not_views"]]
     for key, v in info["views"].items():
         dense = v["arrays"]["dense"]
-        codec = v["codec"] if v["codec"] != "int8-phis" else f"int8-phis (scale {v['quantization']['scale']:.3g})" \
-            if v.get("quantization") else "int8-phis (not calibrated)"
+        codec = codec_from_attrs(v).describe()  # e.g. "int8-phis (scale 0.0123)"
         lines.append(f"  {key:28s} dense {tuple(dense['shape'])} {codec}  summary "
                      f"{tuple(v['arrays']['summary']['shape'])}  shards {v['shards']['committed']}/"
                      f"{v['shards']['total']}  {_human(v['bytes_stored'])}  stats {'yes' if v['stats'] else 'no'}")

@@ -24,6 +24,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from featcache import roofline
 from featcache.extract.config import ExtractConfig
 from featcache.extract.plan import ViewTask, view_specs
@@ -36,7 +38,6 @@ from featcache.teachers.base import teacher_shape
 #: marker per shard (340 bytes, more when the shard has failed images)
 VIEW_METADATA_BYTES = 10_000
 MARKER_BYTES = 350
-ITEMSIZE = {"float16": 2, "float32": 4, "int8": 1}
 #: objects a shard of one view writes (dense, summary, box, valid, its commit marker)
 OBJECTS_PER_SHARD = 5
 
@@ -59,8 +60,9 @@ def data_bytes(spec: ViewSpec, images: int, shard_size: int) -> int:
     dense shard's index of 16 bytes per inner chunk + its crc32c; the last chunk of plain arrays padded)."""
     (h, w), (th, tw), c = spec.grid, spec.tile, spec.channels
     shards, per_image = math.ceil(images / shard_size), (h // th) * (w // tw)
-    dense = images * per_image * (th * tw * c * ITEMSIZE[spec.dtype] + 4) + shards * (shard_size * per_image * 16 + 4)
-    summary_item = 2 if spec.dtype == "int8" else ITEMSIZE[spec.dtype]
+    codec = spec.codec_type
+    dense = images * per_image * (th * tw * c * codec.bytes_per_value + 4) + shards * (shard_size * per_image * 16 + 4)
+    summary_item = np.dtype(codec.summary_dtype).itemsize
     plain = shards * (shard_size * (spec.summary_channels * summary_item + 4 * 4 + 1) + 3 * 4)
     return dense + plain
 

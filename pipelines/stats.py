@@ -55,7 +55,7 @@ def run(root: str, views: list[str] | None = None, token_budget: int | None = No
     length = cache.attrs().get("num_images")  # not the manifest: reporting kept statistics stays cheap
     for key in keys:  # kept statistics are reported without listing the view's commits
         view = cache.view(key)
-        if view.spec.codec == "int8-phis":  # its codes are stored in the PHI-S space of these statistics
+        if view.spec.codec_type.needs_calibration:  # its codes are stored in the PHI-S space of these statistics
             rows.append(_calibrated(view))
         elif view.stats and view.stats.get("frozen") and not recompute:
             s = view.stats

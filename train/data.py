@@ -183,9 +183,10 @@ class CacheReader:
 
     def device_space(self, key: str) -> str:
         """The space a loader reads ``key``'s windows in when the PHI-S transform is left to the
-        training device: stored values (f16/f32, no copy, no matrix product on the loader's CPU)
-        for float views; an int8-phis view's codes decode by table lookup, so it reads ``self.space``."""
-        return self.space if self.view(key).spec.codec == "int8-phis" else "stored"
+        training device: stored values (no copy, no matrix product on the loader's CPU) for a codec
+        that stores the raw floats (f16/f32); other codecs decode on the loader (int8-phis: one
+        table lookup per code), so they read ``self.space``."""
+        return "stored" if self.view(key).spec.codec_type.stores_raw else self.space
 
     def phis_transform(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
         """(mean, rotation) the device applies to ``key``'s looked-up targets, ``(x - mean) @ rotation.T``,
@@ -193,7 +194,7 @@ class CacheReader:
         weights sum to one per cell, so the affine transform commutes with it."""
         if self.space != "phis" or self.device_space(key) == "phis":
             return None
-        return self.view(key)._phis()
+        return self.view(key).phis()
 
     def box(self, key: str, row: int) -> tuple[float, ...]:
         reader = self.view(key)

@@ -6,20 +6,22 @@ from __future__ import annotations
 import numpy as np
 
 from featcache.stats.compute import store
-from featcache.store.codec import QUANTIZATION, load_int8_phis, view_attrs
+from featcache.store.statsio import view_attrs
 
 
 def todo(plan) -> tuple[list[str], list[int]]:
-    """The int8-phis views of ``plan`` that have no calibration yet, and the image rows to calibrate
-    them on. A view calibrated earlier is checked first: codes whose statistics no longer match the
-    recorded hash stop the job here, with one line, instead of failing every shard."""
+    """The views of ``plan`` whose codec needs a calibration (int8-phis) they do not have yet, and the
+    image rows to calibrate them on. A view calibrated earlier is checked first: codes whose
+    statistics no longer match the recorded hash stop the job here, with one line, instead of
+    failing every shard."""
     keys = []
     for task in plan.views:
         view = plan.cache.view(task.key)
-        if view.spec.codec != "int8-phis":
+        codec = view.spec.codec_type
+        if not codec.needs_calibration:
             continue
-        if QUANTIZATION in view.attrs:
-            load_int8_phis(view)
+        if codec.from_attrs(view.attrs).calibrated:
+            codec.open(view)  # reads its statistics, checked against the hash its codes were written with
         else:
             keys.append(task.key)
     return keys, sample_rows(plan.cache.num_images, plan.config.calibration_images, plan.config.seed)
@@ -37,9 +39,9 @@ def store_calibration(view, result: dict) -> tuple[str, bool]:
     """Write a worker's calibration (stats arrays, summary, scale) into ``view`` unless one is there
     already (another job got there first: its codes may be written, so it stays). Returns the
     view's stats hash and whether this result was stored."""
-    existing = view_attrs(view).get(QUANTIZATION)
-    if existing is not None:
-        return existing["stats_hash"], False
+    existing = view.spec.codec_type.from_attrs(view_attrs(view))
+    if existing.calibrated:
+        return existing.commit_info()["stats_hash"], False
     return store(view, result["arrays"], result["summary"], result["quantization"]), True
 
 

@@ -27,7 +27,7 @@ from featcache.errors import UsageError
 from featcache.extract import pools
 from featcache.extract.pools import POOL_MODES
 from featcache.teachers.views import POLICIES
-from featcache.store.codec import CODECS
+from featcache.store.codec import codec_named
 
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_SHARD_SIZE = 64
@@ -49,8 +49,7 @@ class TeacherConfig:
     def __post_init__(self):
         object.__setattr__(self, "resolutions", tuple(self.resolutions))
         where = f"teacher {self.name or self.family}"
-        if self.codec not in CODECS:
-            raise UsageError(f"{where}: codec {self.codec!r} is not one of {', '.join(CODECS)}")
+        codec_named(self.codec, where)  # an unknown one: the registry's line, listing the known codecs
         if self.mosaic < 1:
             raise UsageError(f"{where}: mosaic must be >= 1, not {self.mosaic}")
         if self.mosaic > 1 and self.resolutions:

@@ -46,7 +46,7 @@ from featcache.retry import storage_error, storage_errors
 from featcache.sources.read import ImageReader, RowGroups
 from featcache.stats.calibrate import Calibration
 from featcache.store.cache import Cache
-from featcache.store.codec import Int8Phis, load_int8_phis
+from featcache.store.codec import Codec
 from featcache.teachers import TeacherSpec, create_teacher
 from featcache.upsample.checkpoint import load_upsampler
 
@@ -92,7 +92,7 @@ class ShardWorker:
         self.pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="prefetch")  # never waits on itself
         self._prefetched: dict[int, Future] = {}
-        self._codecs: dict[str, Int8Phis] = {}
+        self._codecs: dict[str, Codec] = {}
         self._copies = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._computing: _Job | None = None  # what progress() reports
         self.write_queue, self._ahead = write_queue, None
@@ -275,17 +275,15 @@ class ShardWorker:
             dense, summary, box, errors = self._compute(task, images, good, job)
             seconds = time.perf_counter() - t
             job.stages.seconds["compute"] += seconds
-            info = {**self.info, "seconds": round(seconds, 3)}
-            if task.key in self._codecs:  # which statistics the codes were written with
-                info["stats_hash"] = self._codecs[task.key].stats_hash
+            info = {**self.info, "seconds": round(seconds, 3), **self._codec(task.key).commit_info()}
             yield _ViewOutput(task.key, dense, summary, box, {**job.failed, **errors}, info)
 
     def _compute(self, task: ViewTask, images: list, good: list[int], job: "_Job"):
         """One view of the job's shard: (dense, summary, box) as host arrays in the stored dtypes,
         and the rows whose features are not finite."""
         spec, n = self.cache_views[task.key].spec, job.stop - job.start
-        dense_dtype, summary_dtype = self._dtypes[task.key]
-        encode, dense_dtype = self._encoder(task.key, dense_dtype)
+        summary_dtype = self._dtypes[task.key][1]
+        encode, dense_dtype = self._encoder(task.key)
         host = _HostShard((n, *spec.grid, spec.channels), dense_dtype, (n, spec.summary_channels), summary_dtype,
                           good, self._copies, job.stages)
         for rows, d, s, boxes in self._features(task, images, good, job.stages, dtype=None):
@@ -318,18 +316,16 @@ class ShardWorker:
                 dense, summary = kind.features(teacher, pixels, dtype, self.batch_size, self.upsamplers.get(task.key))
             yield rows, dense, summary, boxes
 
-    def _encoder(self, key: str, dtype: torch.dtype):
-        """(device features → the view's stored dense values, on the device: int8-phis codes or a
-        cast; the dtype they come in)."""
-        if self.cache_views[key].spec.codec == "int8-phis":
-            codec = self._codec(key)
-            return (lambda d: codec.encode(torch.nan_to_num(d))), torch.int8
-        return (lambda d: d.to(dtype)), dtype
+    def _encoder(self, key: str):
+        """(device features → the view's stored dense values, on the device: its codec's encoding, e.g.
+        int8-phis codes or a cast; the dtype they come in)."""
+        codec = self._codec(key)
+        return codec.encode, codec.torch_dtype
 
-    def _codec(self, key: str) -> Int8Phis:
-        """The view's int8-phis transform, read once its calibration is in the cache."""
+    def _codec(self, key: str) -> Codec:
+        """The view's codec, read once (an int8-phis one once its calibration is in the cache)."""
         if key not in self._codecs:
-            self._codecs[key] = load_int8_phis(self.cache_views[key])
+            self._codecs[key] = self.cache_views[key].spec.codec_type.open(self.cache_views[key])
         return self._codecs[key]
 
     # ---- int8-phis calibration ------------------------------------------------------------

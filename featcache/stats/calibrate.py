@@ -15,7 +15,7 @@ from featcache.stats.compute import stats_arrays, stats_summary
 from featcache.stats.dispersion import dispersion
 from featcache.stats.moments import Moments
 from featcache.stats.phis import PhiS
-from featcache.store.codec import LEVELS, compand, expand
+from featcache.store.codec import LEVELS, Int8Phis, compand, expand
 
 SAMPLE_TOKENS = 32_768  # PHI-S-space tokens the scale is fitted on
 MAX_VALUES = 1 << 20  # values the error is evaluated on per candidate
@@ -99,7 +99,7 @@ class Calibration:
         scale, knee, relative_mse, clipped = fit_quantizer(y, self.seed)
         summary = stats_summary(phis, self.moments, disp, len(summaries), self.seed, token_budget=None,
                                 sample_fraction=1.0, frozen=True, source="calibration", images=self.images)
-        quantization = {"codec": "int8-phis", "scale": scale, "knee": knee, "levels": LEVELS,
+        quantization = {"codec": Int8Phis.name, "scale": scale, "knee": knee, "levels": LEVELS,
                         "relative_mse": relative_mse, "clipped_fraction": clipped,
                         "calibration": {"images": self.images, "tokens": self.moments.count,
                                         "scale_tokens": int(len(y)), "seed": self.seed}}

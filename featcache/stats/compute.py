@@ -23,7 +23,8 @@ from featcache.stats.phis import PhiS
 from featcache.store import attrs as attrs_json
 from featcache.errors import CacheFormatError, UsageError
 from featcache.store.cache import Cache
-from featcache.store.codec import QUANTIZATION, STATS, read_stats_at, stats_digest, stats_path
+from featcache.store.codec import QUANTIZATION
+from featcache.store.statsio import STATS, read_stats_at, stats_digest, stats_path
 from featcache.store.zarrio import open_root
 
 GROUP = 8  # shards per partial result
@@ -249,8 +250,8 @@ def compute_view(view, seed: int = 0, token_budget: int | None = None, run=_loca
     Ray tasks in ``pipelines/stats.py``. Results are merged in group order whatever ``run`` does.
     """
     check_seed(seed)
-    if view.spec.codec == "int8-phis":
-        raise UsageError(f"{view.key} stores int8 codes in the PHI-S space of its calibration statistics: "
+    if view.spec.codec_type.needs_calibration:
+        raise UsageError(f"{view.key} stores {view.spec.codec} codes fitted to its calibration statistics: "
                          "they cannot be recomputed (extract into a new view to change them)")
     view.cache.check_manifest()
     shards = sorted(view.committed_shards())

@@ -27,9 +27,9 @@ import crc32c
 import numpy as np
 
 from featcache.errors import CacheFormatError, ChecksumError, UsageError
-from featcache.store.codec import Int8Phis, load_int8_phis, read_stats
+from featcache.store.codec import Codec, check_space
+from featcache.store.statsio import read_stats
 
-SPACES = ("raw", "phis", "stored")
 _EMPTY = np.uint64(2**64 - 1)
 _CRC = 4
 #: crc32c of any message followed by its own crc32c (little-endian): one call checks a chunk.
@@ -165,7 +165,7 @@ class ViewReader:
         self._fast = all(_fast_layout(a.metadata.to_dict()) for a in self._arrays.values())
         self._keys = {name: a.metadata for name, a in self._arrays.items()}
         self._phis_arrays: tuple[np.ndarray, np.ndarray] | None = None
-        self._codec: Int8Phis | None = None
+        self._codec: Codec | None = None
         self._lock = threading.Lock()
         self._small = _ShardLRU(max(1, small_cache_bytes // self._small_bytes_per_shard()))
         self.refresh()
@@ -202,17 +202,9 @@ class ViewReader:
           (for int8-phis: one table lookup per code, no matrix product);
         - ``stored``: the stored values as they are (float16, float32 or int8 codes).
         """
-        if space not in SPACES:
-            raise UsageError(f"space {space!r} is not one of {', '.join(SPACES)}")
+        check_space(space)  # before any read
         x = self._read_dense(i, window)
-        if space == "stored":
-            return x
-        if self.spec.codec == "int8-phis":
-            return self.codec.to_phis(x) if space == "phis" else self.codec.decode(x)
-        if space == "raw":
-            return x
-        mean, rotation = self._phis()
-        return (x.astype(np.float32) - mean) @ rotation.T
+        return x if space == "stored" else self.codec.decode(x, space, self.phis)
 
     def row(self, name: str, i: int) -> np.ndarray:
         """Row ``i`` of a small array (``summary``, ``box`` or ``valid``) without reading dense
@@ -224,14 +216,17 @@ class ViewReader:
         return self._row(name, i)
 
     @property
-    def codec(self) -> Int8Phis:
-        """The int8-phis transform (checked against the statistics hash once, on first use)."""
+    def codec(self) -> Codec:
+        """The view's codec, ready to decode (an int8-phis one checked against its statistics' hash
+        once, on first use)."""
         with self._lock:
             if self._codec is None:
-                self._codec = load_int8_phis(self.view)
+                self._codec = self.spec.codec_type.open(self.view)
         return self._codec
 
-    def _phis(self) -> tuple[np.ndarray, np.ndarray]:
+    def phis(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean μ, rotation R) of the view's PHI-S transform ``y = (x − μ) Rᵀ`` as float32, read
+        once (a view without statistics is a UsageError saying to run ``featcache stats``)."""
         if self._phis_arrays is None:
             if not self.view.stats:
                 raise UsageError(f"{self.view.key} has no statistics yet: run 'featcache stats' first")
@@ -423,8 +418,7 @@ class ViewReader:
 
     def _empty(self, i: int, window, space: str) -> Sample:
         r0, r1, c0, c1 = self._window(window)
-        stored = space == "stored" or (space == "raw" and self.spec.codec != "int8-phis")
-        dtype = self._dtypes["dense"] if stored else np.float32
+        dtype = self.spec.codec_type.dtype_in(space)
         return Sample(index=i, dense=np.zeros((r1 - r0, c1 - c0, self.spec.channels), dtype),
                       summary=np.zeros(self.spec.summary_channels, self._dtypes["summary"]),
                       box=np.zeros(4, np.float32), valid=False)

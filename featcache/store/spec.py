@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 from featcache.errors import CacheFormatError, UsageError
-from featcache.store.codec import CODECS
+from featcache.store.codec import Codec, codec_named
 
 FORMAT_VERSION = 1
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*@[0-9]+(x[0-9]+)?$")
@@ -55,20 +55,25 @@ class ViewSpec:
                 object.__setattr__(self, name, _pair(name, value))
         if self.tile is None:
             object.__setattr__(self, "tile", self.grid)
-        if self.dtype is None and self.codec in CODECS:
-            object.__setattr__(self, "dtype", CODECS[self.codec])
+        if self.dtype is None:
+            object.__setattr__(self, "dtype", self.codec_type.dtype)
         self._validate()
 
     def _validate(self) -> None:
         if self.channels < 1 or self.summary_channels < 0:
             raise UsageError(f"view {self.key}: channels must be >= 1 and summary_channels >= 0")
-        if self.codec not in CODECS or CODECS[self.codec] != self.dtype:
-            raise UsageError(f"view {self.key}: codec {self.codec!r} with dtype {self.dtype!r}; codecs: "
-                             + ", ".join(f"{c} ({d})" for c, d in CODECS.items()))
+        if self.codec_type.dtype != self.dtype:
+            raise UsageError(f"view {self.key}: codec {self.codec!r} stores {self.codec_type.dtype}, not {self.dtype}")
         if self.mosaic < 1:
             raise UsageError(f"view {self.key}: mosaic must be >= 1")
         if any(g % t for g, t in zip(self.grid, self.tile)):
             raise UsageError(f"view {self.key}: tile {self.tile} does not divide the grid {self.grid}")
+
+    @property
+    def codec_type(self) -> type[Codec]:
+        """The class of the view's codec (what it stores, whether it needs calibration); an unknown
+        name is a UsageError listing the registered ones."""
+        return codec_named(self.codec, f"view {self.key}")
 
     @property
     def tiles(self) -> tuple[int, int]:

@@ -19,7 +19,7 @@ import numpy as np
 from featcache.errors import CacheFormatError, UsageError
 from featcache.store.cache import Cache, View, non_view_line
 from featcache.store.commits import Commit
-from featcache.store.codec import load_int8_phis, read_stats
+from featcache.store.statsio import read_stats
 from featcache.store.zarrio import array_layouts, object_checksum, shard_object_keys
 
 _ROWS_PER_READ = 32
@@ -92,7 +92,7 @@ def _check_view(view: View, report: Report, workers: int) -> None:
     report.problems += _check_shapes(view) + _check_image_ids(view)
     committed = sorted(view.committed_shards())
     stats_hash = None
-    if committed and view.spec.codec == "int8-phis":
+    if committed and view.spec.codec_type.needs_calibration:
         problems, stats_hash = _check_codec(view)
         report.problems += problems
     elif view.stats:
@@ -138,9 +138,9 @@ def _check_image_ids(view: View) -> list[Problem]:
 
 
 def _check_codec(view: View) -> tuple[list[Problem], str | None]:
-    """int8-phis codes decode only with the statistics they were written with (matched by hash)."""
+    """Calibrated codes (int8-phis) decode only with the statistics they were written with (matched by hash)."""
     try:
-        return [], load_int8_phis(view).stats_hash
+        return [], view.spec.codec_type.open(view).commit_info().get("stats_hash")
     except (CacheFormatError, UsageError) as e:
         return [Problem(view.key, None, "codec", str(e))], None
 

@@ -41,7 +41,7 @@ def array_layouts(spec: ViewSpec, num_images: int, shard_size: int) -> dict[str,
         "dense": dict(shape=(n, h, w, c), chunks=(1, th, tw, c), shards=(s, h, w, c), dtype=spec.dtype,
                       dimension_names=("image", "row", "col", "channel"), **common),
         "summary": dict(shape=(n, spec.summary_channels), chunks=(s, spec.summary_channels),
-                        dtype=spec.dtype if spec.dtype != "int8" else "float16",
+                        dtype=spec.codec_type.summary_dtype,
                         dimension_names=("image", "summary_channel"), **common),
         "box": dict(shape=(n, 4), chunks=(s, 4), dtype="float32", dimension_names=("image", "xyxy"), **common),
         "valid": dict(shape=(n,), chunks=(s,), dtype="uint8", dimension_names=("image",), **common),
@@ -152,8 +152,8 @@ def resize_rows(array: Location, rows: int) -> None:
 def as_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
     """Cast to a stored dtype, refusing silent overflow for integer codecs."""
     if np.dtype(dtype).kind == "i" and x.dtype.kind == "f":
-        raise UsageError(f"cannot store floats as {dtype}: an int8-phis view takes int8 codes "
-                         "(featcache.store.codec.Int8Phis.encode)")
+        raise UsageError(f"cannot store floats as {dtype}: the view takes its codec's codes "
+                         "(featcache.store.codec.Codec.encode)")
     return np.ascontiguousarray(x, dtype=dtype)
 
 

@@ -7,7 +7,7 @@ import pyarrow as pa
 
 from featcache.store.location import locate
 from featcache.store import Cache, ViewSpec, tables
-from featcache.store.codec import CODECS
+from featcache.store.codec import codec_named, codec_names
 
 
 def write_manifest(root: str, n: int) -> None:
@@ -23,7 +23,7 @@ def write_manifest(root: str, n: int) -> None:
 
 
 def spec(key: str = "dinov3@224", grid=(4, 6), channels: int = 8, tile=None, dtype="float16") -> ViewSpec:
-    codec = {d: c for c, d in CODECS.items()}[dtype]
+    codec = {codec_named(c).dtype: c for c in codec_names()}[dtype]
     return ViewSpec(key=key, grid=grid, channels=channels, summary_channels=5, input_size=(64, 96), tile=tile,
                     codec=codec, teacher={"family": "test", "source": "none"})
 

@@ -17,7 +17,7 @@ from featcache.extract.config import from_dict
 from featcache.extract.plan import prepare
 from featcache.extract.worker import ShardWorker
 from featcache.stats import compute
-from featcache.store.codec import read_stats, stats_digest
+from featcache.store.statsio import read_stats, stats_digest
 from featcache.pipelines import stats as stats_job
 from featcache.pipelines.extract import run
 from featcache.store import attrs as attrs_json

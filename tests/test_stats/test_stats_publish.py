@@ -16,7 +16,7 @@ import featcache
 from featcache.cli import main
 from featcache.errors import CacheFormatError
 from featcache.stats import compute
-from featcache.store.codec import read_stats, stats_digest
+from featcache.store.statsio import read_stats, stats_digest
 from tests.support.caches import make_cache, write_all
 
 KEY = "dinov3@224"

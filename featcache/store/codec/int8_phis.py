@@ -1,0 +1,171 @@
+"""``int8-phis``: each patch feature stored in the view's PHI-S space as int8 codes.
+
+``int8-phis`` stores each patch feature in the view's PHI-S space (ALGORITHMS.md §1), where every
+channel has unit variance, as int8 codes with one scale ``s`` (and one knee ``b``) per view::
+
+    y = (x − μ) Rᵀ,   q = clamp(round(g(y) / s), −127, 127),   g(y) = sign(y) · b · ln(1 + |y| / b)
+    PHI-S floats:  ŷ = g⁻¹(s · q)            raw floats:  x̂ = ŷ R⁻ᵀ + μ
+
+Without a knee (``b = None``) the codes are linear, ŷ = s · q. PHI-S makes every channel look alike,
+so one quantizer serves them all; the knee keeps heavy-tailed features (rare tokens tens of standard
+deviations out) from forcing a coarse step on everything else. Both are fitted to minimize the
+measured error on the calibration sample; decoding is one table lookup per value.
+
+μ, R and R⁻¹ are the view's frozen ``stats/`` arrays, fitted on a calibration sample before any
+shard is written; the scale and the sha256 of those statistics are recorded in the view's attrs
+under ``quantization``. A reader refuses to decode when the statistics no longer match that hash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from featcache.errors import CacheFormatError, UsageError
+from featcache.store.codec.base import QUANTIZATION, Codec, PhisSource, register_codec
+from featcache.store.statsio import read_stats, view_attrs
+
+LEVELS = 127  # codes are -127..127: symmetric, so -q decodes to -ŷ
+
+
+def compand(y, knee: float | None):
+    """The code domain: ``sign(y) · b · ln(1 + |y| / b)`` (numpy or torch), identity without a knee."""
+    if knee is None:
+        return y
+    lib = _lib(y)
+    return lib.sign(y) * knee * lib.log1p(lib.abs(y) / knee)
+
+
+def expand(g, knee: float | None):
+    """Inverse of :func:`compand`."""
+    if knee is None:
+        return g
+    lib = _lib(g)
+    return lib.sign(g) * knee * lib.expm1(lib.abs(g) / knee)
+
+
+def _lib(x):
+    if isinstance(x, (np.ndarray, np.generic, float, int)):
+        return np
+    import torch
+
+    return torch
+
+
+@register_codec
+@dataclass(frozen=True)
+class Int8Phis(Codec):
+    """The int8-phis transform of one view: PHI-S mean and rotations, the code scale and knee.
+
+    Rebuilt from attrs alone (:meth:`from_attrs`) it knows its scale but not the statistics' arrays;
+    :meth:`open` reads them, checked against the hash the codes were written with. Without a
+    scale it is uncalibrated: encoding and decoding refuse."""
+
+    name = "int8-phis"
+    dtype, summary_dtype = "int8", "float16"
+    needs_calibration = True
+    error_bound = 1e-3  # in PHI-S space too, on calibrated heavy-tailed features (tests/test_stats/test_codec.py)
+
+    mean: np.ndarray | None = field(default=None, compare=False, repr=False)  # μ (C,)
+    rotation: np.ndarray | None = field(default=None, compare=False, repr=False)  # R (C, C): y = (x − μ) Rᵀ
+    inverse: np.ndarray | None = field(default=None, compare=False, repr=False)  # R⁻¹ (C, C): x = y R⁻ᵀ + μ
+    scale: float | None = None  # PHI-S units per code step near zero; None: not calibrated yet
+    knee: float | None = None  # None: linear codes; b: logarithmic beyond about |y| = b
+    stats_hash: str | None = None  # the statistics μ, R, R⁻¹ came from (recorded in each commit)
+
+    @classmethod
+    def from_attrs(cls, attrs: dict) -> "Int8Phis":
+        quant = attrs.get(QUANTIZATION)
+        if quant is None:
+            return cls()
+        return cls(scale=float(quant["scale"]), knee=quant.get("knee"), stats_hash=quant.get("stats_hash"))
+
+    @classmethod
+    def open(cls, view) -> "Int8Phis":
+        """The int8-phis transform of ``view``, checked against the stats hash its codes were written with."""
+        attrs = view_attrs(view)
+        quant, stats = attrs.get(QUANTIZATION), attrs.get("stats")
+        if quant is None:
+            raise UsageError(f"{view.key} stores int8-phis codes but has no calibration yet: "
+                             "run 'featcache extract' to calibrate it")
+        if stats is None or stats.get("hash") != quant["stats_hash"]:
+            raise CacheFormatError(f"{view.key}: its int8 codes were written with statistics {quant['stats_hash']}, "
+                                   f"the view now holds {None if stats is None else stats.get('hash')}: "
+                                   "the codes cannot be decoded")
+        try:
+            arrays = read_stats(view)
+        except CacheFormatError as e:
+            raise CacheFormatError(f"{e}: the int8 codes cannot be decoded") from None
+        return cls(arrays["mean"], arrays["rotation"], arrays["inverse"], float(quant["scale"]), quant.get("knee"),
+                   quant["stats_hash"])
+
+    def to_dict(self) -> dict:
+        if not self.calibrated:
+            return {"codec": self.name}
+        return {"codec": self.name, QUANTIZATION: {"codec": self.name, "scale": self.scale, "knee": self.knee,
+                                                   "levels": LEVELS, "stats_hash": self.stats_hash}}
+
+    @property
+    def calibrated(self) -> bool:
+        return self.scale is not None
+
+    def describe(self) -> str:
+        return f"{self.name} (scale {self.scale:.3g})" if self.calibrated else f"{self.name} (not calibrated)"
+
+    def commit_info(self) -> dict:
+        return {"stats_hash": self.stats_hash}
+
+    def encode(self, x):
+        """Raw features (..., C), a torch tensor on any device → int8 codes (same device). Non-finite
+        values, which would round to undefined codes, become 0 (NaN) or ±127 (their rows are failed)."""
+        import torch
+
+        self._ready()
+        x = torch.nan_to_num(x.float())
+        if x.device not in self._on_device:  # moved to the device once, not per batch
+            self._on_device[x.device] = (torch.as_tensor(self.mean, dtype=torch.float32, device=x.device),
+                                         torch.as_tensor(self.rotation, dtype=torch.float32, device=x.device))
+        mean, rotation = self._on_device[x.device]
+        return self.codes((x - mean) @ rotation.T)
+
+    def codes(self, y):
+        """PHI-S-space values (torch) → int8 codes."""
+        import torch
+
+        return torch.clamp(torch.round(compand(y, self.knee) / self.scale), -LEVELS, LEVELS).to(torch.int8)
+
+    def encode_numpy(self, x: np.ndarray) -> np.ndarray:
+        self._ready()
+        y = (np.asarray(x, np.float32) - self.mean.astype(np.float32)) @ self.rotation.T.astype(np.float32)
+        g = compand(y, None if self.knee is None else np.float32(self.knee))
+        return np.clip(np.rint(g / np.float32(self.scale)), -LEVELS, LEVELS).astype(np.int8)
+
+    @property
+    def table(self) -> np.ndarray:
+        """The PHI-S value of each code, indexed by the code's byte (uint8 view of the int8)."""
+        q = np.arange(256, dtype=np.uint8).view(np.int8).astype(np.float64)
+        q = np.clip(q, -LEVELS, LEVELS)  # -128 is never written
+        return expand(q * self.scale, self.knee).astype(np.float32)
+
+    def to_phis(self, q: np.ndarray, phis: PhisSource | None = None) -> np.ndarray:
+        """Codes → PHI-S-space float32 (one table lookup per value; the codes are in that space already)."""
+        self._ready()
+        return self._table[np.asarray(q).view(np.uint8)]
+
+    def to_raw(self, q: np.ndarray) -> np.ndarray:
+        """Codes → raw float32 features."""
+        return self.to_phis(q) @ self.inverse.T.astype(np.float32, copy=False) + self.mean.astype(np.float32)
+
+    def _ready(self) -> None:
+        """Refuse, in one line, to encode or decode without the calibration and its statistics."""
+        if not self.calibrated:
+            raise UsageError("int8-phis codes cannot be encoded or decoded before the view is calibrated: "
+                             "run 'featcache extract' to calibrate it")
+        if self.mean is None:
+            raise UsageError("int8-phis: this codec was rebuilt from attrs alone; open it from its view "
+                             "(Int8Phis.open) to read the statistics its codes are in")
+
+    def __post_init__(self):
+        object.__setattr__(self, "_table", self.table if self.calibrated else None)
+        object.__setattr__(self, "_on_device", {})
