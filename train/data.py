@@ -26,8 +26,8 @@ from featcache.decode import decode_rgb
 from featcache.errors import StorageError, UsageError
 from featcache.log import LogStream
 from featcache.retry import describe, is_transient
-from featcache.sources.read import ImageReader
 from featcache.store.cache import Cache
+from featcache.store.loader import CacheReader
 
 #: Tries of one read before a run stops: the first and extract's default of three retries
 MAX_READ_ATTEMPTS = 4
@@ -124,97 +124,6 @@ def reduction(boxes, size: tuple[int, int]) -> int:
     pixels of its own: the DCT's reduction then replaces most of the resize's antialiasing."""
     shrink = min(min((b[2] - b[0]) / size[1], (b[3] - b[1]) / size[0]) for b in boxes)
     return 1 << min(3, max(0, math.floor(math.log2(shrink)))) if shrink >= 1 else 1
-
-
-class CacheReader:
-    """Windows of several views of one image in one call, for training.
-
-    Picklable (a DataLoader's spawned workers receive it): its view readers, files and locks are
-    opened lazily in each process that reads, never shared across a fork. ``len()`` and
-    :attr:`rows` count only usable rows (committed and valid in every view); :meth:`row_of` looks
-    a row up by ``image_id``.
-    """
-
-    def __init__(self, root: str, keys: list[str], space: str = "phis"):
-        self.root, self.keys, self.space = root, list(keys), space
-        cache = Cache.open(root)
-        missing = [k for k in self.keys if k not in cache.views]
-        if missing:
-            raise UsageError(f"{root} has no view {', '.join(missing)} (views: {', '.join(cache.views) or 'none'})")
-        self.rows = usable_rows(cache, self.keys)
-        self.uris = cache.manifest.column("uri").to_pylist()
-        self.sizes = np.stack([cache.manifest.column(c).to_numpy() for c in ("width", "height")], axis=1)
-        self._ids: dict[str, int] | None = None
-        self._images: ImageReader | None = None
-        self._pid: int | None = None
-        self._readers: dict = {}
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_readers"], state["_pid"], state["_ids"], state["_images"] = {}, None, None, None
-        return state
-
-    def image_bytes(self, row: int) -> bytes:
-        """The encoded source image of ``row``, wherever it lies (a file, a tar member, a Parquet
-        row: a Parquet row reads its row group each time), as indexed."""
-        if self._images is None:
-            self._images = ImageReader(Cache.open(self.root).manifest)
-        return self._images.read(row)
-
-    def row_of(self, image_id: str) -> int:
-        if self._ids is None:
-            ids = Cache.open(self.root).manifest.column("image_id").to_pylist()
-            self._ids = {v: i for i, v in enumerate(ids)}
-        try:
-            return self._ids[image_id]
-        except KeyError:
-            raise UsageError(f"no image_id {image_id!r} in {self.root}") from None
-
-    def view(self, key: str):
-        """The view reader of ``key`` for this process, opened on first use."""
-        if self._pid != os.getpid():
-            self._readers, self._pid = {}, os.getpid()
-        if key not in self._readers:
-            self._readers[key] = Cache.open(self.root).view(key).reader()
-        return self._readers[key]
-
-    def device_space(self, key: str) -> str:
-        """The space a loader reads ``key``'s windows in when the PHI-S transform is left to the
-        training device: stored values (no copy, no matrix product on the loader's CPU) for a codec
-        that stores the raw floats (f16/f32); other codecs decode on the loader (int8-phis: one
-        table lookup per code), so they read ``self.space``."""
-        return "stored" if self.view(key).spec.codec_type.stores_raw else self.space
-
-    def phis_transform(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """(mean, rotation) the device applies to ``key``'s looked-up targets, ``(x - mean) @ rotation.T``,
-        or None when the windows already are in this reader's space. Exact after the lookup: its
-        weights sum to one per cell, so the affine transform commutes with it."""
-        if self.space != "phis" or self.device_space(key) == "phis":
-            return None
-        return self.view(key).phis()
-
-    def box(self, key: str, row: int) -> tuple[float, ...]:
-        reader = self.view(key)
-        if not reader.row("valid", row):
-            raise UsageError(f"{key}: image row {row} holds no features (failed or not written yet)")
-        return tuple(float(v) for v in reader.row("box", row))
-
-    def read(self, row: int, windows: dict[str, tuple[int, int, int, int] | None],
-             space: str | None = None, dense: bool = True) -> dict[str, dict]:
-        """Per view key: ``dense`` (the window, in ``space``, by default this reader's; None without
-        ``dense``), ``summary``, ``box`` and ``bytes`` (chunk bytes the window moves); a window of None
-        reads the whole map."""
-        out = {}
-        for key, window in windows.items():
-            reader = self.view(key)
-            box = self.box(key, row)
-            out[key] = {"dense": reader.read_dense(row, window, space or self.space) if dense else None, "box": box,
-                        "summary": reader.row("summary", row) if reader.spec.summary_channels else None,
-                        "bytes": reader.bytes_for(window)}
-        return out
 
 
 class CacheDataset(torch.utils.data.Dataset):
@@ -461,20 +370,6 @@ def to_device(batch, device: torch.device, non_blocking: bool = False):
     if isinstance(batch, dict):
         return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
     return batch
-
-
-def usable_rows(cache: Cache, keys: list[str]) -> np.ndarray:
-    """Rows whose every view in ``keys`` is committed and valid."""
-    ok = np.ones(cache.num_images, dtype=bool)
-    for key in keys:
-        view = cache.view(key)
-        valid = np.asarray(view.group["valid"][:]).astype(bool)
-        committed = np.zeros(cache.num_images, dtype=bool)
-        for shard in view.committed_shards():
-            start, stop = view.shard_range(shard)
-            committed[start:stop] = True
-        ok &= valid & committed
-    return np.flatnonzero(ok)
 
 
 def split_rows(cache: Cache, rows: np.ndarray, heldout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

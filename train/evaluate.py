@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from featcache.errors import UsageError
 from featcache.store import Cache
-from featcache.train.data import Item, collate, crop_pixels, to_device, usable_rows
+from featcache.store.loader import usable_rows
+from featcache.train.data import Item, collate, crop_pixels, to_device
 from featcache.train.pictures import Pictures
 
 if TYPE_CHECKING:

@@ -82,7 +82,7 @@ def _assert_same_as_loose(out, result, want):
 
 def _training_reads_the_same_bytes(out):
     """The trainer's reader gets each row's encoded image from wherever it lies (tar member, Parquet row)."""
-    from featcache.train.data import CacheReader
+    from featcache.store.loader import CacheReader
 
     reader, data = CacheReader(str(out), [KEY]), {(s, k): d for s in SHARDS for k, _, d in MEMBERS[s]}
     assert [reader.image_bytes(i) for i in range(len(GOOD))] == [data[sample] for sample in GOOD]

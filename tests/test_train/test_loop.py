@@ -272,7 +272,7 @@ def test_the_training_reader_reads_several_views_of_an_image_in_one_call(cache_r
     import shutil
 
     from featcache.store.cache import Cache
-    from featcache.train.data import CacheReader
+    from featcache.store.loader import CacheReader
 
     root = tmp_path / "c"
     shutil.copytree(cache_root, root)
