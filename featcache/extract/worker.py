@@ -84,8 +84,8 @@ class ShardWorker:
         self.info = dict(info or {})
         self.views = [ViewTask.from_dict(v) for v in views]
         self.cache_views = {v.key: self.cache.view(v.key) for v in self.views}
-        self._dtypes = {k: (_device_dtype(v.group["dense"].dtype), _device_dtype(v.group["summary"].dtype))
-                        for k, v in self.cache_views.items()}  # what the features are cast to on the device
+        #: what the summaries are cast to on the device (the dense features: each view's codec encodes them)
+        self._summary_dtypes = {k: _device_dtype(v.group["summary"].dtype) for k, v in self.cache_views.items()}
         self.shard_range = next(iter(self.cache_views.values())).shard_range  # every view shares the layout
         self.teachers = [self._load(TeacherSpec.from_dict(t), compile) for t in teachers]
         self.upsamplers = {v.key: self._load_upsampler(v) for v in self.views if v.upsampler}
@@ -282,7 +282,7 @@ class ShardWorker:
         """One view of the job's shard: (dense, summary, box) as host arrays in the stored dtypes,
         and the rows whose features are not finite."""
         spec, n = self.cache_views[task.key].spec, job.stop - job.start
-        summary_dtype = self._dtypes[task.key][1]
+        summary_dtype = self._summary_dtypes[task.key]
         encode, dense_dtype = self._encoder(task.key)
         host = _HostShard((n, *spec.grid, spec.channels), dense_dtype, (n, spec.summary_channels), summary_dtype,
                           good, self._copies, job.stages)
