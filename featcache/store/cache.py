@@ -426,7 +426,7 @@ class View:
 
     @property
     def attrs(self) -> dict:
-        """The view's ``featcache`` attribute as this group object holds it (``codec.view_attrs``
+        """The view's ``featcache`` attribute as this group object holds it (``statsio.view_attrs``
         reads the stored one afresh)."""
         return attrs_json.read(self.group.attrs)
 
