@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 from tests.support.fixtures import s3_server  # noqa: F401  (session-scoped SeaweedFS server)
+from tests.support.ray_runtime import SHARED
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach a model hub
 
@@ -34,3 +35,42 @@ def cache_root(request, tmp_path) -> str:
     if request.param == "local":
         return str(tmp_path / "cache")
     return request.getfixturevalue("s3_root")
+
+
+@pytest.fixture(scope="session")
+def training_cache(tmp_path_factory):
+    """The cache tests/support/training.py builds (26 photos, three tiny teachers, statistics) on local
+    disk, built once for the session: copy it before changing it."""
+    from tests.support import training
+
+    base = tmp_path_factory.mktemp("training_cache")
+    training.build(base / "cache", training.photos(base / "photos"), training.teachers(base / "models"))
+    return base / "cache"
+
+
+@pytest.fixture(scope="session")
+def ray_runtime():
+    """One embedded Ray shared by the tests that name this fixture (directly or through theirs); jobs
+    use it as it is. Tests that do not name it run with no runtime up (tests/support/ray_runtime.py)."""
+    SHARED.start()
+    return SHARED
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before any fixture of the test: the shared runtime up for a test that asks for it, down for the rest."""
+    if "ray_runtime" in getattr(item, "fixturenames", ()):
+        SHARED.start()
+    else:
+        SHARED.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After the test's fixtures are gone: a runtime a job left busy is stopped, not handed on."""
+    yield
+    SHARED.settle()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    SHARED.stop()

@@ -42,8 +42,9 @@ def _cluster_processes(temp_dir: str) -> list[int]:
 
 
 @pytest.fixture
-def embedded(tmp_path, photos_dir, job_teachers):
-    """The same job on the embedded Ray, run first (in this process, before the cluster exists)."""
+def embedded(tmp_path, photos_dir, job_teachers, ray_runtime):
+    """The same job on the embedded Ray, run first (in this process, before the cluster exists; the
+    tests' shared embedded runtime)."""
     out = tmp_path / "embedded"
     assert run(three_family_job(out, photos_dir, job_teachers, shard_size=2), stream=io.StringIO()).exit_code == 0
     return out

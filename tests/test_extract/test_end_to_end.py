@@ -17,6 +17,7 @@ from featcache.extract.plan import prepare
 from featcache.extract.worker import ShardWorker
 from featcache.store import tables
 from featcache.pipelines.extract import run
+from tests.support.ray_runtime import SHARED
 from tests.test_extract.conftest import direct, stored, three_family_job
 
 VIEWS = ["siglip2@64", "dinov3@64", "dinov3@96", "sam3-mosaic2@56"]
@@ -24,6 +25,7 @@ VIEWS = ["siglip2@64", "dinov3@64", "dinov3@96", "sam3-mosaic2@56"]
 
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory, photos_dir, job_teachers):
+    SHARED.stop()  # this job starts its own Ray, as a user's does: its log is checked for "starting Ray"
     out = tmp_path_factory.mktemp("e2e") / "cache"
     featcache.index(str(photos_dir), str(out))
     log = io.StringIO()
@@ -211,6 +213,7 @@ def test_an_edited_manifest_is_refused_by_extract_stats_and_verify(extracted, jo
         assert len(err) == 1 and "no longer matches" in err[0], (argv, err)
 
 
+@pytest.mark.usefixtures("ray_runtime")  # its jobs on the shared embedded Ray
 def test_repair_recomputes_what_verify_flags(extracted, job_teachers, tmp_path, capsys):
     """A truncated shard object is caught by verify; a plain rerun leaves it (its marker is there), and
     ``extract --repair`` uncommits and recomputes it: the cache then equals the undamaged one byte for byte."""
@@ -235,6 +238,7 @@ def test_repair_recomputes_what_verify_flags(extracted, job_teachers, tmp_path, 
         assert all(np.array_equal(a[k], b[k]) for k in a), key
 
 
+@pytest.mark.usefixtures("ray_runtime")  # its jobs on the shared embedded Ray
 def test_a_damaged_commit_marker_is_reported_and_repaired(extracted, job_teachers, tmp_path, capsys):
     """A marker listing a row outside its shard: a rerun reports it (exit 1, no traceback), --repair mends it."""
     import json
@@ -258,6 +262,7 @@ def test_a_damaged_commit_marker_is_reported_and_repaired(extracted, job_teacher
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.usefixtures("ray_runtime")  # no work for Ray here: it keeps the runtime up between its neighbours
 def test_quiet_verbose_and_library_logging(extracted, job_teachers, capsys):
     """The CLI shows featcache's log lines on stderr, none with --quiet; the library logs through the
     ``featcache`` logger and prints nothing itself."""
@@ -283,6 +288,7 @@ def test_quiet_verbose_and_library_logging(extracted, job_teachers, capsys):
     assert any(r.startswith("resuming: 3 of 3 shards") for r in records), records
 
 
+@pytest.mark.usefixtures("ray_runtime")  # its jobs on the shared embedded Ray
 def test_teacher_pools_run_in_turn_and_write_the_same_bytes(extracted, job_teachers, tmp_path):
     """Pools in an order other than the config's (SAM3 first): each pool's actors load only its
     teachers, and every view holds exactly what the one-pool job stored."""

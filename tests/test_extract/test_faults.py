@@ -24,7 +24,7 @@ from featcache.store import attrs as attrs_json
 from tests.support.processes import descendants, kill_all, wait_for
 from tests.test_extract.conftest import three_family_job
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_runtime")]  # the in-process jobs: one shared Ray
 SHARDS = 5  # 10 photos, 2 per shard
 
 

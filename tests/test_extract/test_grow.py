@@ -20,7 +20,6 @@ from featcache.extract.config import from_dict
 from featcache.extract.plan import adopt
 from featcache.store.location import locate
 from featcache.pipelines.extract import run
-from featcache.pipelines.ray_session import ray_session
 from featcache.store import tables
 from tests.support.caches import make_cache, spec, write_all, write_manifest
 from tests.support.images import photo
@@ -35,6 +34,8 @@ KEY = "dinov3@64"
 CREATED_ONLY = {"zarr.json", f"{KEY}/zarr.json"}
 #: What a commit marker records about who wrote the shard and when: the rest must be equal.
 WRITER = ("worker", "info", "time")
+#: One embedded Ray for every job of the module, shared with other modules (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("ray_runtime")
 
 
 class Killed(BaseException):
@@ -50,13 +51,6 @@ def _job(src, out, teachers, **overrides):
     d = {"source": str(src), "output": str(out), "shard_size": 5, "batch_size": 5,
          "teachers": [{"family": "dinov3", "source": teachers["dinov3"], "resolutions": [64]}], **overrides}
     return from_dict(d, "grow job")
-
-
-@pytest.fixture(scope="module")
-def ray_runtime():
-    """One embedded Ray for this module's jobs (``run`` uses a runtime that is already up)."""
-    with ray_session():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ from featcache.store.cache import Cache
 from featcache.pipelines.extract import run
 from tests.test_extract.test_faults import _commits, _tree
 
+pytestmark = pytest.mark.usefixtures("ray_runtime")  # the in-process jobs share one embedded Ray
 KEY = "dinov3@512"  # 32x32 cells x 32 channels in f32: 128 KiB per image, so a shard dwarfs the metadata
 PAGE = 4096
 

@@ -63,7 +63,7 @@ def test_held_out_relative_mse_in_phis_space_is_below_1e3(kind):
 
 
 def test_the_search_finds_the_best_quantizer_of_a_brute_force_grid():
-    y = sampler("mvt3", seed=2)(4096) @ np.eye(C)
+    y = sampler("mvt3", seed=2)(1024) @ np.eye(C)  # 65k values: the grid, not the sample, sets how close
     y = (y - y.mean(axis=0)) / y.std(axis=0)
     scale, knee, relative, clipped = fit_quantizer(y)
     assert clipped == 0.0  # the largest code lies 16x beyond the largest value

@@ -15,6 +15,7 @@ from featcache.stats.hadamard import hadamard
 from featcache.pipelines import stats
 from tests.support.caches import make_cache, shard_data, write_all
 
+pytestmark = pytest.mark.usefixtures("ray_runtime")  # the stats jobs share one embedded Ray
 N, SHARD = 40, 8
 FAILED = {3: "decode: broken", 17: "decode: broken"}
 

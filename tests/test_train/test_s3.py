@@ -42,12 +42,12 @@ def test_missing_credentials(s3_root, monkeypatch, tmp_path, capsys):
     assert_one_line(result, f"S3 credentials missing or refused for {s3_root}")
 
 
-def _s3_trainer(root: str, tmp_path):
+def _s3_trainer(root: str, tmp_path, built, server):
+    """A 3-step trainer on a copy at ``root`` of the training cache ``built`` (on local disk, once per session)."""
     from featcache.train import config
     from featcache.train.loop import Trainer
-    from tests.support import training
 
-    training.build(root, training.photos(tmp_path / "photos"), training.teachers(tmp_path / "models"))
+    server.filesystem().put(f"{built}/", root.removeprefix("s3://"), recursive=True)
     cfg = config.load(None, cache=root, overrides=[
         'teachers=[{name="dinov3", low="dinov3@64"}]', 'student.size="micro"', "resolution.low=[64]",
         "optim.steps=3", "optim.batch_size=4", "optim.warmup=1", "data.heldout=0.0", "eval.pictures=false"])
@@ -63,7 +63,7 @@ def own_server(private_s3_server, monkeypatch):
     return private_s3_server
 
 
-def test_the_server_stopping_mid_run_is_retried(own_server, tmp_path, caplog, capfd, monkeypatch):
+def test_the_server_stopping_mid_run_is_retried(own_server, training_cache, tmp_path, caplog, capfd, monkeypatch):
     """SeaweedFS stops for 10 s after the trainer opened the cache (s3fs's own retries absorb a few
     seconds, not that): the reads are retried with extract's back-off and the run finishes when the
     server is back. Six tries here (1 + 2 + 4 + 8 + 15 s of back-off) leave room for a slow restart."""
@@ -79,7 +79,7 @@ def test_the_server_stopping_mid_run_is_retried(own_server, tmp_path, caplog, ca
     import threading
 
     caplog.set_level(logging.INFO, logger="featcache")
-    trainer = _s3_trainer("s3://train/cache", tmp_path)
+    trainer = _s3_trainer("s3://train/cache", tmp_path, training_cache, own_server)
     trainer.out.mkdir()
     own_server.stop()
     back = threading.Timer(10.0, own_server.start)  # longer than s3fs retries on its own
@@ -92,11 +92,12 @@ def test_the_server_stopping_mid_run_is_retried(own_server, tmp_path, caplog, ca
     assert result.steps == 3 and "attempt 1 failed" in err and "retrying" in err, err
 
 
-def test_a_server_that_stays_down_ends_the_run_in_one_line(own_server, tmp_path, capfd, monkeypatch):
+def test_a_server_that_stays_down_ends_the_run_in_one_line(own_server, training_cache, tmp_path, capfd, monkeypatch):
     from featcache.train import data
 
     monkeypatch.setattr(data, "MAX_READ_ATTEMPTS", 2)  # each try waits out s3fs's own retries: keep the test short
-    trainer = _s3_trainer("s3://train/cache", tmp_path)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # and botocore one try per call, not its back-off of seconds
+    trainer = _s3_trainer("s3://train/cache", tmp_path, training_cache, own_server)
     trainer.out.mkdir()
     own_server.stop()
     with pytest.raises(StorageError, match=r"failed 2 times \(.*\); when the storage answers again, continue "
