@@ -74,3 +74,22 @@ def pytest_runtest_teardown(item, nextitem):
 
 def pytest_sessionfinish(session, exitstatus):
     SHARED.stop()
+
+
+#: No test may take longer (setup, call and teardown together): the suite's budget (issue 24).
+TEST_BUDGET_S = 60.0
+_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    _seconds[report.nodeid] = _seconds.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Name every test over the budget at the end of the run (a busy machine can push one over: a
+    warning to read, not a failure)."""
+    over = sorted(((s, n) for n, s in _seconds.items() if s > TEST_BUDGET_S), reverse=True)
+    if over:
+        terminalreporter.section(f"tests over the {TEST_BUDGET_S:.0f} s budget")
+        for seconds, nodeid in over:
+            terminalreporter.write_line(f"{seconds:7.1f}s  {nodeid}")
