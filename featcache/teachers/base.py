@@ -16,29 +16,25 @@ from typing import ClassVar
 import torch
 
 from featcache.errors import UsageError
+from featcache.registry import Registry
 from featcache.roofline import VitShape
 from featcache.teachers import loading
 from featcache.teachers.spec import TeacherSpec
 
-_FAMILIES: dict[str, type["Teacher"]] = {}
+_FAMILIES: Registry[type["Teacher"]] = Registry("teacher family", "unknown {kind} {name}; known families: {known}")
 
 
 def register(cls: type["Teacher"]) -> type["Teacher"]:
     """Class decorator: add a family to the registry (a duplicate name is an error)."""
-    if cls.family in _FAMILIES:
-        raise ValueError(f"teacher family {cls.family!r} is registered twice")
-    _FAMILIES[cls.family] = cls
-    return cls
+    return _FAMILIES.add(cls.family, cls)
 
 
 def families() -> list[str]:
-    return sorted(_FAMILIES)
+    return _FAMILIES.names()
 
 
 def family_class(name: str) -> type["Teacher"]:
-    if name not in _FAMILIES:
-        raise UsageError(f"unknown teacher family {name!r}; known families: {', '.join(families())}")
-    return _FAMILIES[name]
+    return _FAMILIES.get(name)
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ class I16Fixed(Codec):
 @pytest.fixture
 def with_test_codec(monkeypatch):
     """The registry with :class:`I16Fixed` in it, for this test only."""
-    monkeypatch.setattr(base, "_CODECS", dict(base._CODECS))
+    monkeypatch.setattr(base, "_CODECS", base._CODECS.copy())
     register_codec(I16Fixed)
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from featcache.errors import UsageError
+from featcache.registry import Registry
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -43,7 +44,7 @@ class Loss:
     weight_key: str  # where the config sets the weight, for error messages
 
 
-LOSSES: dict[str, Loss] = {}
+LOSSES: Registry[Loss] = Registry("loss", "unknown {kind} {name}; known: {known}")
 
 
 def register_loss(name: str, per_teacher: bool = False,
@@ -54,7 +55,7 @@ def register_loss(name: str, per_teacher: bool = False,
     def add(fn):
         if name in LOSSES or name == "loss" or not name.isidentifier():
             raise UsageError(f"cannot register loss {name!r}: the name is taken or not an identifier")
-        LOSSES[name] = Loss(name, fn, per_teacher, weight or (lambda cfg, target: cfg.loss.terms.get(name)), weight_key)
+        LOSSES.add(name, Loss(name, fn, per_teacher, weight or (lambda cfg, target: cfg.loss.terms.get(name)), weight_key))
         return fn
     return add
 
@@ -63,9 +64,8 @@ def check_terms(terms: dict) -> None:
     """Refuse, in one line, a ``loss.terms`` entry that names no registered loss, one whose weight is set
     elsewhere, or a weight that is not a finite number >= 0."""
     for name, weight in terms.items():
-        if name not in LOSSES:
-            raise UsageError(f"{TERMS}: unknown loss {name!r}; known: {', '.join(sorted(LOSSES))}")
-        if LOSSES[name].weight_key != TERMS:
-            raise UsageError(f"{TERMS}: the weight of {name} is set by {LOSSES[name].weight_key}, not here")
+        loss = LOSSES.get(name, TERMS)
+        if loss.weight_key != TERMS:
+            raise UsageError(f"{TERMS}: the weight of {name} is set by {loss.weight_key}, not here")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
             raise UsageError(f"{TERMS}: the weight of {name} must be a number >= 0, not {weight!r}")

@@ -16,6 +16,7 @@ from typing import Callable, ClassVar
 import numpy as np
 
 from featcache.errors import UsageError
+from featcache.registry import Registry
 
 #: What a read returns: the teacher's features, the view's PHI-S space, or the stored values as they are.
 SPACES = ("raw", "phis", "stored")
@@ -23,28 +24,23 @@ QUANTIZATION = "quantization"  # the attrs key holding a codec's fitted paramete
 #: (mean μ, rotation R) of the view's PHI-S transform, ``y = (x − μ) Rᵀ``, asked for only when needed
 PhisSource = Callable[[], tuple[np.ndarray, np.ndarray]]
 
-_CODECS: dict[str, type["Codec"]] = {}
+_CODECS: Registry[type["Codec"]] = Registry("codec")
 
 
 def register_codec(cls: type["Codec"]) -> type["Codec"]:
     """Class decorator: add a codec to the registry under its ``name`` (a duplicate name is an error)."""
-    if cls.name in _CODECS:
-        raise ValueError(f"codec {cls.name!r} is registered twice")
-    _CODECS[cls.name] = cls
-    return cls
+    return _CODECS.add(cls.name, cls)
 
 
 def codec_names() -> list[str]:
     """The registered codec names, sorted."""
-    return sorted(_CODECS)
+    return _CODECS.names()
 
 
 def codec_named(name: str, where: str | None = None) -> type["Codec"]:
     """The codec class registered as ``name``; an unknown name is a UsageError listing the known ones
     (after ``where``, e.g. the teacher or view that names it)."""
-    if name not in _CODECS:
-        raise UsageError(f"{where + ': ' if where else ''}codec {name!r} is not one of {', '.join(codec_names())}")
-    return _CODECS[name]
+    return _CODECS.get(name, where)
 
 
 def codec_from_attrs(attrs: dict) -> "Codec":
