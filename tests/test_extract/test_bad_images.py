@@ -24,6 +24,9 @@ GOOD = ("one_pixel.png", "gray.png", "gray16.png", "rgba.png", "palette.png", "c
         "фото café 1.png", "astronaut.png")
 
 
+pytestmark = pytest.mark.usefixtures("ray_runtime")  # its jobs run on the shared embedded Ray
+
+
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, job_teachers):
     src = tmp_path_factory.mktemp("bad_source")

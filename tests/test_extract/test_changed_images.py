@@ -8,26 +8,17 @@ import os
 import shutil
 
 import numpy as np
-import pytest
 
 import featcache
 from featcache.extract.config import from_dict
 from featcache.store.location import locate
 from featcache.store import tables
 from featcache.pipelines.extract import run
-from featcache.pipelines.ray_session import ray_session
 from tests.support.images import photo
 from tests.test_extract.conftest import stored
 
 CHANGED = "changed since indexing (re-index to accept the change)"
 NAMES = ("astronaut", "chelsea", "coffee", "camera", "horse")
-
-
-@pytest.fixture(scope="module")
-def ray_runtime():
-    """One embedded Ray for this module's jobs (``run`` uses a runtime that is already up)."""
-    with ray_session():
-        yield
 
 
 def _indexed(folder):

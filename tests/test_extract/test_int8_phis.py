@@ -41,6 +41,9 @@ def job(out, source, teachers: dict):
         "int8 job")
 
 
+pytestmark = pytest.mark.usefixtures("ray_runtime")  # its jobs run on the shared embedded Ray
+
+
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory, photos_dir, job_teachers):
     out = tmp_path_factory.mktemp("int8") / "cache"

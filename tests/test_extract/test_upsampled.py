@@ -32,6 +32,9 @@ def _checkpoint(teacher: str, photos, out, seed: int):
     return out
 
 
+pytestmark = pytest.mark.usefixtures("ray_runtime")  # its jobs run on the shared embedded Ray
+
+
 @pytest.fixture(scope="module")
 def upsampled(tmp_path_factory, photos_dir, job_teachers):
     """A two-step checkpoint for the tiny SigLIP, and a job that extracts its view (f32) and the

@@ -47,6 +47,9 @@ compute.compute_view(featcache.open_cache(sys.argv[1]).view("%s"), seed=5, token
 """ % KEY
 
 
+pytestmark = pytest.mark.usefixtures("ray_runtime")  # its jobs run on the shared embedded Ray
+
+
 @pytest.fixture(scope="module")
 def with_stats(tmp_path_factory):
     """A cache with statistics (seed 0, all tokens), and the hash a recompute with seed 5 gives."""
