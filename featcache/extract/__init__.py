@@ -1,4 +1,5 @@
-"""The library side of ``featcache extract``: config, plan, per-shard worker, finalize.
+"""The library side of ``featcache extract``: config, plan, view kinds, the job and its scheduler,
+the executor interface, per-shard worker, finalize.
 
-The Ray driver that runs these is ``pipelines/extract.py``.
+``pipelines/extract.py`` runs the workers as Ray actors through that interface.
 """

@@ -71,7 +71,7 @@ class ExtractConfig:
     batch_size: int = 16
     ray_address: str | None = None  # None: embedded local Ray; "auto" or "ray://host:port": a cluster
     device: str = "auto"  # auto: CUDA when the cluster has GPUs
-    cpu_workers: int | None = None  # CPU actors; default 1 per node-sized share (see pipelines.extract)
+    cpu_workers: int | None = None  # CPU actors; default 1 per node-sized share (see featcache.extract.scheduler.size_workers)
     threads_per_worker: int | None = None  # torch threads per CPU actor; default cores / workers
     workers_per_gpu: int = 1
     teacher_pools: str | list = "auto"  # auto, shared, separate, or lists of teacher names (featcache.extract.pools)
