@@ -153,6 +153,7 @@ class Trainer:
         """Check everything the run needs (device, cache, views, rows, batch size, kNN labels) and
         build it; nothing is written (:meth:`start` creates the folder)."""
         self.cfg, self.out = cfg, Path(out)
+        self.folder = RunFolder(self.out)  # its layout, resume rules and metrics file
         self.stream = stream or LogStream()
         self.device = resolve_device(cfg.device)
         self.cache = open_cache(cfg.cache)
@@ -192,7 +193,7 @@ class Trainer:
         """Create the run folder and write the resolved config (the cache as an absolute path or URL,
         so ``--resume`` works from any directory); a folder a failed start left is taken over."""
         self.cfg = dataclasses.replace(self.cfg, cache=self.cache.root.uri)
-        RunFolder(self.out).start(self.cfg.to_toml(), self.stream, more=("pictures",))
+        self.folder.start(self.cfg.to_toml(), self.stream, more=("pictures",))
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -281,7 +282,7 @@ class Trainer:
         window.update(samples=0, bytes=0, t=now, terms={})
 
     def _append(self, record: dict) -> None:
-        RunFolder(self.out).append(record)
+        self.folder.append(record)
 
     _last_eval: dict = {}
 
@@ -317,7 +318,7 @@ class Trainer:
         meta.update({"step": str(self.step), "best": repr(self.best)})
         wmeta = {"step": str(self.step), "student": json.dumps(self.student_cfg.to_dict()), "format": "featcache-student-1"}
         weights = self.student.state_dict()
-        RunFolder(self.out).save(name, {SET_STATE: lambda path: checkpoint.save(path, tensors, meta),
+        self.folder.save(name, {SET_STATE: lambda path: checkpoint.save(path, tensors, meta),
                                         SET_WEIGHTS: lambda path: checkpoint.save(path, weights, wmeta)}, self.step)
         for legacy in _legacy_files(self.out, name):  # a resumed older run: its pair is stale now
             legacy.unlink(missing_ok=True)
