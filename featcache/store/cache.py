@@ -11,7 +11,6 @@ import dataclasses
 import glob
 import json
 import time
-from dataclasses import dataclass
 from functools import cached_property
 from importlib import metadata
 
