@@ -115,6 +115,12 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def remove_set(folder: Path) -> None:
+    """Remove the checkpoint set in ``folder`` (its pointer first, then every set), leaving the folder."""
+    (folder / POINTER).unlink(missing_ok=True)
+    _remove_others(folder, keep="")
+
+
 def _remove_others(folder: Path, keep: str) -> None:
     """Sets older than ``keep`` and sets a killed writer left half-written: nothing points at them."""
     for path in folder.glob("set-*"):

@@ -132,6 +132,9 @@ class RunFolder:
             print(f"{self.path} holds a run that stopped before its first checkpoint: starting it over",
                   file=stream, flush=True)
             self.clear(more)
+            if self.layout != Layout():  # an older layout's folder: the new run writes today's
+                self.config.unlink()
+                self.layout = Layout()
         self.path.mkdir(parents=True, exist_ok=True)
         tmp = self.config.with_name(self.config.name + ".tmp")
         tmp.write_text(config_text)
@@ -147,6 +150,8 @@ class RunFolder:
         self.metrics.unlink(missing_ok=True)
         for folder in (CHECKPOINTS, *more):
             shutil.rmtree(self.path / folder, ignore_errors=True)
+        if self.layout != Layout():  # an older layout's checkpoint set lies in the folder itself
+            checkpoint.remove_set(self.checkpoints("last"))
 
     def resumed(self, step: int, stream) -> None:
         """Cut the metrics back to ``step`` (the resumed run logs the later steps again) and say so."""

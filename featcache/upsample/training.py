@@ -79,9 +79,9 @@ class Trainer:
 
     PROGRESS_SECONDS = 5.0  # the longest quiet stretch between steps (a line says how far the run is)
 
-    def __init__(self, settings: Settings, out: Path, stream=None):
+    def __init__(self, settings: Settings, out: Path, stream=None, folder: RunFolder | None = None):
         self.s, self.out = settings, Path(out)
-        self.folder = RunFolder.open(out, "FeatSharp ", OLDER)
+        self.folder = folder or RunFolder.open(out, "FeatSharp ", OLDER)
         self.stream = stream or LogStream()
         self.device = torch_device(settings.device)
         self._said = time.perf_counter()
@@ -275,7 +275,7 @@ def train(settings: Settings | None, out: str | Path, resume: bool = False, stre
     checkpoint, exactly. A teacher, images or settings that cannot be used leave no folder behind."""
     folder = RunFolder.open(out, "FeatSharp ", OLDER)
     settings, step = _plan(folder, settings, resume)
-    trainer = Trainer(settings, folder.path, stream)
+    trainer = Trainer(settings, folder.path, stream, folder)
     if step is not None:
         trainer.resume()
         folder.resumed(trainer.step, trainer.stream)
