@@ -118,11 +118,19 @@ class RayExecutor:
             return self.ray.get(ref)
         except errors.RayTaskError as e:
             raise TaskFailed(_cause(e) or e, _ANSI.sub("", str(e))) from e
-        except errors.RayError as e:  # the actor died, or its node with the result
+        except _deaths(errors) as e:  # the actor died (its slot is free again), or its node
             raise WorkerLost(e, _summary(e, isinstance(e, errors.OutOfMemoryError))) from e
+        except errors.RayError as e:  # the actor lives (a lost result, a timeout): the call failed
+            raise TaskFailed(e, _ANSI.sub("", str(e))) from e
 
     def kill(self, actor) -> None:
         self.ray.kill(actor)
+
+
+def _deaths(errors) -> tuple[type, ...]:
+    """Ray's errors that mean the actor is gone: killed, out of memory, its process or node lost."""
+    return (errors.RayActorError, errors.OutOfMemoryError, errors.WorkerCrashedError, errors.NodeDiedError,
+            errors.LocalRayletDiedError)
 
 
 def _summary(e: BaseException, out_of_memory: bool) -> str:

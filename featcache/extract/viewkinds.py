@@ -59,12 +59,6 @@ class ViewKind:
         """The forwards a worker batch of ``batch`` runs."""
         return Forward(self.input_size(teacher), batch, 1, self.images_per_batch(batch))
 
-    def activation_inputs(self, teacher: TeacherSpec, batch: int) -> tuple[int, int]:
-        """(inputs, tokens of each) that one forward holds in memory at once: what the memory
-        estimates multiply by the width and :data:`featcache.extract.pools.ACTIVATION_FACTOR`."""
-        f = self.forward(teacher, batch)
-        return f.inputs, f.tokens(teacher)
-
     def views(self, teacher: TeacherSpec, images: list, policy: str, device, upsampler=None):
         """(teacher inputs, boxes (B, 4)) of uint8 ``images`` already on ``device``."""
         raise NotImplementedError
