@@ -98,8 +98,15 @@ def test_unreadable_config_files(tmp_path, text, suffix, message):
         load(str(path))
 
 
-def test_cli_config_errors_are_one_line_and_exit_2(tmp_path):
+def test_cli_config_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    """In-process, as the CLI runs them; the first case also in a process of its own (the real exit code)."""
     (tmp_path / "job.yaml").write_text("output: /tmp/x\nteachers: []\nbatch: 3\n")
+    proc = subprocess.run([sys.executable, "-c", "import sys; from featcache.cli import main; "
+                           "sys.exit(main(sys.argv[1:]))", "extract", str(tmp_path / "job.yaml")],
+                          capture_output=True, text=True)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("featcache: error:"), proc.stderr
+    assert "unknown key 'batch'" in lines[0]
     for args, message in [([str(tmp_path / "job.yaml")], "unknown key 'batch'"),
                           ([str(tmp_path / "nope.yaml")], "no such config file"),
                           (["--out", str(tmp_path / "c")], "no teachers: give 'teachers' in the config or --teacher"),
@@ -108,10 +115,10 @@ def test_cli_config_errors_are_one_line_and_exit_2(tmp_path):
                            "codec 'int4' is not one of f16, f32, int8-phis"),
                           (["--out", str(tmp_path / "c"), "--teacher", "family=dinov3,source=/x",
                             "--calibration-images", "0"], "calibration_images must be >= 1")]:
-        proc = subprocess.run([sys.executable, "-c", "import sys; from featcache.cli import main; "
-                               "sys.exit(main(sys.argv[1:]))", "extract", *args], capture_output=True, text=True)
-        assert proc.returncode == 2, proc.stderr
-        lines = proc.stderr.strip().splitlines()
+        code = main(["extract", *args])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        lines = err.strip().splitlines()
         assert len(lines) == 1 and message in lines[0] and lines[0].startswith("featcache: error:")
 
 
