@@ -26,6 +26,7 @@ from featcache.extract.progress import plural
 from featcache.extract.scheduler import Outcome, Stopped, run_pools
 from featcache.log import LogStream
 from featcache.retry import describe, storage_error, storage_errors
+from featcache.store.zarrio import writes_settled_on_error
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def run(config: ExtractConfig, runtime: Runtime, stream=None) -> ExtractResult:
     A job stopped by a shard's error raises a StorageError or a ShardFailedError (one line)."""
     stream = stream or LogStream()
     t0 = time.perf_counter()
-    with storage_errors(f"creating the views in {config.output}"):
+    with storage_errors(f"creating the views in {config.output}"), writes_settled_on_error():
         plan = prepare(config)
     announce(plan, stream)
     keys = [v.key for v in plan.views]

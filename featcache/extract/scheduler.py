@@ -28,6 +28,7 @@ from featcache.extract.executor import Cluster, Executor, TaskFailed, WorkerLost
 from featcache.extract.plan import Plan
 from featcache.extract.progress import Progress, plural
 from featcache.retry import describe, is_transient, storage_error, storage_errors
+from featcache.store.zarrio import writes_settled_on_error
 
 MAX_BACKOFF = 15.0  # seconds: the longest wait before a transient failure's retry
 WAIT = 0.5  # seconds the loop waits for a shard to finish before it polls progress again
@@ -364,7 +365,8 @@ class Scheduler:
             except (WorkerLost, TaskFailed) as e:
                 raise FeatcacheError(f"calibration of {key} failed: {describe(e.cause)}") from None
             view = self.plan.cache.view(key)
-            with storage_errors(f"storing the calibration of {key} in {view.loc.uri}"):
+            doing = f"storing the calibration of {key} in {view.loc.uri}"
+            with storage_errors(doing), writes_settled_on_error():
                 digest, stored = calibration.store_calibration(view, result)
             if not stored:
                 say(f"{key}: another job stored its calibration first ({digest[:15]}); keeping that one")

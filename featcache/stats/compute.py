@@ -25,7 +25,7 @@ from featcache.errors import CacheFormatError, UsageError
 from featcache.store.cache import Cache
 from featcache.store.codec import QUANTIZATION
 from featcache.store.statsio import STATS, read_stats_at, stats_digest, stats_path
-from featcache.store.zarrio import open_root
+from featcache.store.zarrio import open_root, writes_settled_on_error
 
 GROUP = 8  # shards per partial result
 
@@ -156,11 +156,12 @@ def store(view, arrays: dict[str, np.ndarray], summary: dict, quantization: dict
     digest = stats_digest(arrays)
     path = stats_path(digest)
     view_group = open_root(view.cache.features, mode="a")[view.key]
-    if not _published(view, path, arrays, digest):
-        _write_arrays(view_group, path, arrays)
+    with writes_settled_on_error():
         if not _published(view, path, arrays, digest):
-            raise CacheFormatError(f"{view.key}: the statistics written under {path} read back differently")
-    _switch_attrs(view_group, summary, digest, path, sorted(arrays), quantization)
+            _write_arrays(view_group, path, arrays)
+            if not _published(view, path, arrays, digest):
+                raise CacheFormatError(f"{view.key}: the statistics written under {path} read back differently")
+        _switch_attrs(view_group, summary, digest, path, sorted(arrays), quantization)
     _remove_other_versions(view, path)
     return digest
 

@@ -7,8 +7,10 @@ are plain chunks of S rows. Every chunk carries a crc32c, and so does every shar
 
 from __future__ import annotations
 
+import asyncio
 import json
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import zarr
@@ -30,6 +32,36 @@ ARRAYS = ("dense", "summary", "box", "valid")
 def zarr_store(loc: Location, read_only: bool = False):
     """A zarr store over the location, whatever its backend (same code above this line)."""
     return loc.backend.zarr_store(loc.path, loc.uri, read_only=read_only)
+
+
+@contextmanager
+def writes_settled_on_error():
+    """Let an error out of the block only once every zarr write it started has ended.
+
+    Zarr writes a node's parent groups alongside the node, all at once; when one write fails (a
+    full disk), the error comes back while the others still run in zarr's threads, each about to
+    remove its own ``<name>.<hex>.partial`` file. Waiting for them keeps a one-line error from
+    leaving such a file behind (the caller may exit, or look, at once).
+    """
+    try:
+        yield
+    except BaseException:
+        _settle()
+        raise
+
+
+def _settle(timeout: float = 60.0) -> None:
+    """Wait (up to ``timeout`` s) for the tasks still running on zarr's event loop."""
+    from zarr.core.sync import sync
+
+    async def others() -> None:
+        running = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        await asyncio.gather(*running, return_exceptions=True)
+
+    try:
+        sync(others(), timeout=timeout)
+    except Exception:  # noqa: BLE001 - the caller's error is the one to report
+        pass
 
 
 def array_layouts(spec: ViewSpec, num_images: int, shard_size: int) -> dict[str, dict]:

@@ -107,3 +107,35 @@ def test_attrs_naming_missing_statistics_are_a_problem_not_a_keyerror(with_stats
     assert main(["inspect", copy]) == 0
     assert main(["stats", copy, "--recompute"]) == 0
     assert _check_complete(copy) == old  # same settings as the first computation: same bytes again
+
+
+def test_a_failed_publish_returns_after_every_write_it_started_has_ended(with_stats, tmp_path, monkeypatch):
+    """Zarr writes a group's parents beside the group itself, all at once; when one of them fails
+    (a full disk), the others were still running when the error reached the caller, so a
+    ``<name>.<hex>.partial`` file could outlive the one-line error (CI: a full disk under
+    ``featcache stats``). The error now comes back only once every write it started has ended."""
+    import asyncio
+    import errno
+
+    import zarr.storage
+
+    root = str(tmp_path / "cache")
+    shutil.copytree(with_stats[0], root)
+    ended: list[str] = []
+    real_set = zarr.storage.LocalStore._set
+
+    async def _set(self, key, value, exclusive=False):
+        if key.endswith("zarr.json") and "/stats/" in key and not exclusive:
+            raise OSError(errno.ENOSPC, "No space left on device", key)  # the new version's own group
+        if exclusive:
+            await asyncio.sleep(0.3)  # a parent written alongside, slower than the failure
+        try:
+            await real_set(self, key, value, exclusive)  # parents that exist: FileExistsError, kept
+        finally:
+            ended.append(key)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "_set", _set)
+    with pytest.raises(OSError):
+        compute.compute_view(featcache.open_cache(root).view(KEY), seed=5, token_budget=100)
+    assert {"zarr.json", f"{KEY}/zarr.json", f"{KEY}/stats/zarr.json"} <= set(ended), ended  # all ended first
+    assert not list(Path(root).rglob("*.partial"))
