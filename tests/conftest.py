@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from tests.support.fixtures import s3_server  # noqa: F401  (session-scoped SeaweedFS server)
-from tests.support.ray_runtime import SHARED
+from tests.support.ray_runtime import SHARED, order_for_one_runtime
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach a model hub
 
@@ -56,10 +56,19 @@ def ray_runtime():
     return SHARED
 
 
+def _asks_for_ray(item) -> bool:
+    return "ray_runtime" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(items):
+    """The modules that use the shared runtime run last, one after another (fewer starts of it)."""
+    items[:] = order_for_one_runtime(items, _asks_for_ray)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     """Before any fixture of the test: the shared runtime up for a test that asks for it, down for the rest."""
-    if "ray_runtime" in getattr(item, "fixturenames", ()):
+    if _asks_for_ray(item):
         SHARED.start()
     else:
         SHARED.stop()

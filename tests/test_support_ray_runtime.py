@@ -8,7 +8,7 @@ import io
 import ray
 
 from featcache.pipelines.ray_session import ray_session
-from tests.support.ray_runtime import SHARED
+from tests.support.ray_runtime import SHARED, order_for_one_runtime
 
 
 def test_a_job_in_a_test_that_asks_runs_on_the_shared_runtime(ray_runtime):
@@ -34,3 +34,17 @@ def test_a_runtime_left_busy_is_stopped_not_handed_on(ray_runtime):
     ray.get(leaked.pid.remote())  # placed: it holds a CPU until it is killed
     ray_runtime.settle(wait_s=0.5)
     assert not ray_runtime.up and not ray.is_initialized()  # the next test that asks starts a fresh one
+
+
+def test_the_modules_that_use_the_runtime_run_last_and_chained():
+    class Item:
+        def __init__(self, nodeid: str, asks: bool):
+            self.nodeid, self.asks = nodeid, asks
+
+    layout = {"a": "01", "b": "00", "c": "10", "d": "11", "e": "010", "f": "101", "g": "0"}
+    items = [Item(f"{m}.py::t{i}", flag == "1") for m, flags in layout.items() for i, flag in enumerate(flags)]
+    ordered = order_for_one_runtime(items, lambda item: item.asks)
+    assert [i.nodeid.split(".")[0] for i in ordered] == list("bbgeeeaafffddcc")
+    assert [i.nodeid for i in ordered if i.nodeid.startswith("f")] == ["f.py::t0", "f.py::t1", "f.py::t2"]
+    flags = "".join("1" if i.asks else "0" for i in ordered)
+    assert flags.count("01") + flags.startswith("1") == 3  # starts: e's, then a-f, f-d-c (6 in collection order)

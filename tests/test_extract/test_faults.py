@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -77,36 +78,49 @@ def _start_driver(tmp_path: Path, out: Path, source, teachers) -> subprocess.Pop
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def _actor_pids(driver: int) -> list[int]:
-    return [pid for pid, title in descendants(driver).items() if title.startswith("ray::ExtractActor")]
+class _JobThread(threading.Thread):
+    """The job run in this process, on the shared runtime, from a thread: its workers are
+    processes below this one, to be found and killed while the test waits."""
+
+    def __init__(self, job):
+        super().__init__(daemon=True)
+        self.job, self.log, self.result, self.error = job, io.StringIO(), None, None
+
+    def run(self):
+        try:
+            self.result = run(self.job, stream=self.log)
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            self.error = e
+
+
+def _actor_pids(root: int, running: bool = False) -> list[int]:
+    """The extract workers below ``root`` (``running``: only those running a shard now)."""
+    prefix = "ray::ExtractActor.process" if running else "ray::ExtractActor"
+    return [pid for pid, title in descendants(root).items() if title.startswith(prefix)]
 
 
 @pytest.mark.parametrize("moment", ["before the first commit", "right after the first commit",
                                     "just after the second commit"])
 def test_worker_killed_mid_job(moment, tmp_path, photos_dir, job_teachers, baseline):
     out = tmp_path / "cache"
-    driver = _start_driver(tmp_path, out, photos_dir, job_teachers)
-    try:
-        if moment == "before the first commit":
-            wait_for(lambda: [p for p, t in descendants(driver.pid).items() if t.startswith("ray::ExtractActor.process")],
-                     120, what="a worker running a shard")
-        else:
-            need = 1 if moment == "right after the first commit" else 2
-            wait_for(lambda: len(_commits(out)) >= need, 120, what=f"{need} commits")
-            if need == 2:
-                time.sleep(0.05)  # a moment later than the commit, not so late that the job (20 commits) ended
-        victims = _actor_pids(driver.pid)
-        assert victims, "no worker process found"
-        committed_before = len(_commits(out))
-        kill_all(victims)
-        output, _ = driver.communicate(timeout=300)
-    finally:
-        if driver.poll() is None:
-            kill_all(descendants(driver.pid))
-            driver.kill()
-    assert driver.returncode == 0, output
+    job = _JobThread(_job(out, photos_dir, job_teachers))
+    job.start()
+    if moment == "before the first commit":
+        wait_for(lambda: _actor_pids(os.getpid(), running=True), 120, what="a worker running a shard")
+    else:
+        need = 1 if moment == "right after the first commit" else 2
+        wait_for(lambda: len(_commits(out)) >= need, 120, what=f"{need} commits")
+        if need == 2:
+            time.sleep(0.05)  # a moment later than the commit, not so late that the job (20 commits) ended
+    victims = _actor_pids(os.getpid())
+    assert victims, "no worker process found"
+    committed_before = len(_commits(out))
+    kill_all(victims)
+    job.join(timeout=300)
+    assert not job.is_alive() and job.error is None, job.error
+    assert job.result.exit_code == 0, job.log.getvalue()
     assert committed_before < 4 * SHARDS  # the kill really happened mid-job
-    assert "attempt 1 failed (worker died" in output
+    assert "attempt 1 failed (worker died" in job.log.getvalue()
     _assert_same_as_baseline(out, baseline)
 
 

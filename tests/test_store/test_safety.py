@@ -36,13 +36,14 @@ def test_all_failed_shard_keeps_every_object_it_records(tmp_path):
 
 
 def test_concurrent_view_creation_loses_no_view(cache_root):
-    """8 processes create 8 different views on one root at the same moment, 20 rounds: none is lost,
-    and every view can be written, committed and read back afterwards."""
+    """8 processes create 8 different views on one root at the same moment, 20 rounds (8 on S3, where a
+    round costs ~1.3 s of client CPU on 2 cores): none is lost, and every view can be written,
+    committed and read back afterwards."""
     from featcache.store import Cache
     from tests.support.caches import write_manifest
     from tests.support.concurrent import create_views_concurrently
 
-    processes, rounds = 8, 20
+    processes, rounds = 8, 8 if cache_root.startswith("s3://") else 20
     roots = [f"{cache_root}/r{i}" for i in range(rounds)]
     for root in roots:
         write_manifest(root, 6)
