@@ -43,19 +43,20 @@ def _cluster_processes(temp_dir: str) -> list[int]:
 
 @pytest.fixture
 def embedded(tmp_path, photos_dir, job_teachers, ray_runtime):
-    """The same job on the embedded Ray, run first (in this process, before the cluster exists; the
-    tests' shared embedded runtime)."""
+    """The same job on the embedded Ray (in this process: the tests' shared embedded runtime, a
+    private one that the cluster's nodes never join)."""
     out = tmp_path / "embedded"
     assert run(three_family_job(out, photos_dir, job_teachers, shard_size=2), stream=io.StringIO()).exit_code == 0
     return out
 
 
-@pytest.fixture
-def two_node_cluster(tmp_path):
-    """(address, environment for processes that join it). The cluster has its own auth token; only
+@pytest.fixture(scope="module")
+def two_node_cluster(tmp_path_factory):
+    """(address, environment for processes that join it), one cluster for this module's tests (each
+    start costs ~8 s; a job's workers end with it). The cluster has its own auth token; only
     subprocesses see it (Ray keeps the token of its first session for the life of a process)."""
     temp_dir = f"/tmp/featcache-ray-{secrets.token_hex(4)}"  # short: Ray's socket paths have a length limit
-    token = tmp_path / "ray-token"
+    token = tmp_path_factory.mktemp("cluster") / "ray-token"
     token.write_text(secrets.token_hex(32))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
     port = free_ports(1)[0]
