@@ -1,19 +1,26 @@
 """The student ViT distilled from the cache (DESIGN.md §5), after C-RADIOv4 / AM-RADIO.
 
-A pre-norm ViT with any-resolution position encoding (a learned table on ``pos_grid`` resized bicubically to
-each input's token grid, as RADIO's CPE does at inference), one CLS token per summary teacher followed by
-register tokens, optional ViTDet windowed attention (Li et al. 2022) with a few global blocks, and one pair
-of adaptor MLPs per teacher (summary head on its CLS token, feature head on the patch tokens).
+A pre-norm ViT with RADIO's any-resolution position encoding (CPE, :func:`position_table`: a learned table on
+``pos_grid``), one CLS token per summary teacher followed by register tokens, optional ViTDet windowed attention
+(Li et al. 2022) with a few global blocks, and one pair of adaptor MLPs per teacher (summary head on its CLS
+token, feature head on the patch tokens).
+
+CPE follows NVlabs/RADIO ``radio/vit_patch_generator.py`` (``ViTPatchGenerator._get_pos_embeddings``): at the
+table's own grid the table is used as it is; otherwise, at inference, the table is resized bilinearly (corners
+aligned) to a square of the grid's longest side and its top-left h x w is taken; in training each image gets a
+random rectangle of the table (area 10-100%, aspect 3/4-4/3, anywhere it fits) sampled bilinearly on h x w points,
+so the student does not tie features to absolute positions.
 
 Token layout: ``[CLS of each summary head, in head order] + [registers] + [h*w patch tokens, row-major]``.
-In a windowed block a patch token attends to the tokens of its own window plus all prefix tokens
-(CLS + registers), and a prefix token attends to the prefix tokens only: so windows never exchange
-information except through global blocks, and the prefix tokens read the image only in global blocks.
+The prefix tokens (CLS + registers) sit the windowed blocks out, as RADIO's ``radio/vitdet.py`` (``ViTDetHook``)
+takes them out there: they leave a run of windowed blocks as they entered it, and a patch token there attends to
+its own window only. So windows exchange information only in global blocks, where every token attends to all.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +50,8 @@ SIZES: dict[str, VitSize] = {
     "huge": VitSize(1280, 32, 16),
 }
 WINDOW_RANGE = (6, 32)  # allowed vitdet_window_size, in tokens per side
+CPE_MIN_SCALE = math.sqrt(0.1)  # RADIO: a training crop covers at least 10% of the table's area
+CPE_LOG_ASPECT = math.log(4 / 3)  # and its aspect lies in [3/4, 4/3], log-uniform
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,7 @@ class StudentConfig:
 
     ``width``/``depth``/``num_heads``/``mlp_ratio`` override the named ``size``. ``global_blocks`` (windowed
     models only) defaults to the last block of each quarter of the depth; ``()`` means no global block.
+    ``pos_grid`` is the grid of the CPE table (RADIO's largest input / patch); other grids resize and crop it.
     """
 
     size: str = "base"
@@ -120,8 +130,9 @@ class StudentConfig:
         return dataclasses.replace(SIZES[self.size], **{k: v for k, v in overrides.items() if v is not None})
 
     def roofline_shape(self) -> VitShape:
-        """The backbone as ``featcache.roofline`` models it (prefix = one CLS per summary head +
-        registers; a windowed block's queries attend over their window, its prefix share left out)."""
+        """The backbone as ``featcache.roofline`` models it (prefix = one CLS per summary head + registers;
+        a windowed block's queries attend over their window; the roofline counts the few prefix tokens in
+        windowed blocks too, which the student sets aside there: under 1% at the sizes it models)."""
         vit, ws = self.vit(), self.vitdet_window_size
         prefix = sum(1 for h in self.heads if h.summary_channels) + self.registers
         return VitShape(vit.width, int(vit.width * vit.mlp_ratio), vit.depth, self.patch, prefix_tokens=prefix,
@@ -195,8 +206,40 @@ def _unwindows(t: torch.Tensor, b: int, h: int, w: int, ws: int) -> torch.Tensor
     return t.reshape(b, nh, h * w, c)
 
 
+def position_table(table: torch.Tensor, grid: tuple[int, int], training: bool, batch: int) -> torch.Tensor:
+    """RADIO's CPE: the learned ``table`` (1, D, H, W) for a ``grid`` of h x w tokens, as (1 or ``batch``, D, h, w).
+
+    At the table's own grid, the table; at inference, the table resized bilinearly to a square of side
+    max(h, w) and its top-left h x w; in training, :func:`_random_crop` per image (see the module docstring)."""
+    if tuple(table.shape[-2:]) == tuple(grid):
+        return table
+    if training:
+        return _random_crop(table, grid, batch)
+    side = max(grid)
+    square = F.interpolate(table.float(), size=(side, side), mode="bilinear", align_corners=True)
+    return square[..., :grid[0], :grid[1]].to(table.dtype)
+
+
+def _random_crop(table: torch.Tensor, grid: tuple[int, int], batch: int) -> torch.Tensor:
+    """Per image, a rectangle of ``table`` (area scale² with scale uniform in [√0.1, 1], aspect log-uniform in
+    [3/4, 4/3], clamped to the table, its corner uniform where it fits) sampled bilinearly on h x w points from
+    corner to corner. Drawn from torch's global RNG on the table's device (scales, aspects, corners, as RADIO
+    draws them), so a seeded run, and a resumed one, draws the same crops."""
+    dev, (h, w) = table.device, grid
+    scale = torch.rand(batch, device=dev) * (1 - CPE_MIN_SCALE) + CPE_MIN_SCALE
+    aspect = torch.exp(torch.rand(batch, device=dev) * 2 * CPE_LOG_ASPECT - CPE_LOG_ASPECT)
+    size = torch.stack([scale * aspect, scale / aspect], dim=-1).clamp(0, 1)  # (B, 2): x, y in table fractions
+    corner = torch.rand(batch, 2, device=dev) * (1 - size)
+    xs = corner[:, 0, None] + size[:, 0, None] * torch.linspace(0, 1, w, device=dev)  # (B, w)
+    ys = corner[:, 1, None] + size[:, 1, None] * torch.linspace(0, 1, h, device=dev)  # (B, h)
+    points = torch.stack([xs[:, None, :].expand(-1, h, -1), ys[:, :, None].expand(-1, -1, w)], dim=-1)
+    return F.grid_sample(table.float().expand(batch, -1, -1, -1), points * 2 - 1, mode="bilinear",
+                         padding_mode="zeros", align_corners=True).to(table.dtype)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention, global or ViTDet-windowed (``window`` = tokens per window side)."""
+    """Multi-head self-attention, global or ViTDet-windowed (``window`` = tokens per window side; a windowed
+    attention takes the h*w patch tokens only)."""
 
     def __init__(self, dim: int, heads: int, window: int | None):
         super().__init__()
@@ -212,15 +255,7 @@ class Attention(nn.Module):
 
     def _windowed(self, qkv: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         (h, w), ws, b = grid, self.window, qkv.shape[1]
-        p = qkv.shape[3] - h * w  # prefix tokens
-        q, k, v = _windows(qkv[:, :, :, p:], h, w, ws)
-        n_win = q.shape[0] // b
-        prefix_kv = qkv[1:, :, :, :p].unsqueeze(2).expand(-1, -1, n_win, -1, -1, -1).flatten(1, 2)
-        k, v = torch.cat([prefix_kv[0], k], dim=2), torch.cat([prefix_kv[1], v], dim=2)
-        patches = _unwindows(F.scaled_dot_product_attention(q, k, v), b, h, w, ws)
-        if p == 0:
-            return patches
-        return torch.cat([F.scaled_dot_product_attention(*qkv[:, :, :, :p]), patches], dim=2)
+        return _unwindows(F.scaled_dot_product_attention(*_windows(qkv, h, w, ws)), b, h, w, ws)
 
 
 def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -309,15 +344,24 @@ class Student(nn.Module):
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise UsageError(f"student input must be (B, 3, H, W), got {tuple(pixels.shape)}")
         grid = self.token_grid(*pixels.shape[-2:])
-        x = self._embed(pixels, grid)
-        for block in self.blocks:
-            x = block(x, grid)
+        x = self._blocks(self._embed(pixels, grid), grid)
         return self._adapt(self.norm(x), grid)
+
+    def _blocks(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The blocks in order; the prefix is set aside during each run of windowed blocks (RADIO's ViTDet)."""
+        p, aside = self.num_prefix, None
+        for block in self.blocks:
+            windowed = block.attn.window is not None
+            if windowed and aside is None:
+                aside, x = x[:, :p], x[:, p:]
+            elif not windowed and aside is not None:
+                x, aside = torch.cat([aside, x], dim=1), None
+            x = block(x, grid)
+        return x if aside is None else torch.cat([aside, x], dim=1)
 
     def _embed(self, pixels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         x = self.patch_embed(pixels)  # (B, D, h, w)
-        pos = F.interpolate(self.pos_embed, size=grid, mode="bicubic", align_corners=False, antialias=False)
-        x = (x + pos).flatten(2).transpose(1, 2)
+        x = (x + position_table(self.pos_embed, grid, self.training, x.shape[0])).flatten(2).transpose(1, 2)
         prefix = torch.cat([self.cls_tokens, self.register_tokens], dim=1).expand(x.shape[0], -1, -1)
         return torch.cat([prefix.to(x.dtype), x], dim=1)
 
@@ -334,10 +378,8 @@ class Student(nn.Module):
         d, t, hidden, a = vit.width, h * w + p, int(vit.width * vit.mlp_ratio), self.cfg.adaptor_hidden or vit.width
         total = 2 * n * 3 * self.cfg.patch**2 * d
         for block in self.blocks:
-            ws = block.attn.window
-            total += block_flops(t, d, hidden, False, t if ws is None else 0)
-            if ws is not None:  # patches over their window + the prefix; the prefix over itself
-                total += 4 * n * (ws * ws + p) * d + 4 * p * p * d
+            ws = block.attn.window  # a windowed block: the patch tokens alone, each over its window
+            total += block_flops(t, d, hidden, False, t) if ws is None else block_flops(n, d, hidden, False, ws * ws)
         for head in self.cfg.heads:
             total += 2 * a * (d + head.summary_channels) if head.summary_channels else 0
             total += 2 * n * a * (d + head.dense_channels) if head.dense_channels else 0
@@ -349,4 +391,5 @@ def build_student(cfg: StudentConfig) -> Student:
     return Student(cfg)
 
 
-__all__ = ["SIZES", "VitSize", "TeacherHead", "StudentConfig", "StudentOutput", "Student", "build_student"]
+__all__ = ["SIZES", "VitSize", "TeacherHead", "StudentConfig", "StudentOutput", "Student", "build_student",
+           "position_table"]

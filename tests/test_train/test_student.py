@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import safetensors.torch
@@ -64,13 +65,12 @@ def test_each_summary_head_reads_its_own_cls_token():
 def test_windowed_attention_equals_global_attention_under_the_vitdet_mask():
     torch.manual_seed(0)
     attn = Attention(32, 4, window=6).eval()
-    h, w, p = 12, 18, 3
-    x = torch.randn(2, p + h * w, 32)
+    h, w = 12, 18
+    x = torch.randn(2, h * w, 32)  # patch tokens only: a windowed block takes the prefix out
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    win = torch.cat([torch.full((p,), -1), (rows // 6 * 100 + cols // 6).flatten()])
-    mask = (win[:, None] == win[None, :]) | ((win[:, None] >= 0) & (win[None, :] < 0))
+    win = (rows // 6 * 100 + cols // 6).flatten()
     qkv = attn.qkv(x).view(2, -1, 3, 4, 8).permute(2, 0, 3, 1, 4)
-    ref = attn.proj(torch.nn.functional.scaled_dot_product_attention(*qkv, attn_mask=mask)
+    ref = attn.proj(torch.nn.functional.scaled_dot_product_attention(*qkv, attn_mask=win[:, None] == win[None, :])
                     .transpose(1, 2).reshape(x.shape))
     torch.testing.assert_close(attn(x, (h, w)), ref, rtol=1e-5, atol=1e-6)
 
@@ -88,6 +88,119 @@ def test_vitdet_windows_do_not_see_each_other_without_a_global_block(global_bloc
         assert max(others) == 0.0
     else:
         assert min(others) > 1e-3
+
+
+def _tokens_into(module, model, pixels: torch.Tensor) -> torch.Tensor:
+    """The tokens (B, T, D) that ``module`` (a block of ``model`` or its final norm) receives for ``pixels``."""
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(pixels)
+    handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("global_blocks", [(), (2,)], ids=["all-windowed", "global-last"])
+def test_windowed_blocks_keep_each_window_and_the_prefix_to_themselves(global_blocks):
+    """RADIO's ViTDet: up to the first global block, a window's tokens depend on its own pixels only, and
+    the CLS and register tokens sit the windowed blocks out: they leave them as they came in."""
+    model = _student(patch=4, vitdet_window_size=6, global_blocks=global_blocks, heads=HEADS, depth=3)
+    after_windows = model.blocks[2] if global_blocks else model.norm
+    p, x = model.num_prefix, _pixels(48, 72, b=1)  # 12 x 18 tokens: windows of 6 x 6 tokens = 24 x 24 px
+    y = x.clone()
+    y[..., 24:48, 48:72] += 1.0  # window A: the bottom-right one
+    a, b = _tokens_into(after_windows, model, x), _tokens_into(after_windows, model, y)
+    change = (a[:, p:] - b[:, p:]).unflatten(1, (12, 18)).abs()
+    assert change[:, 6:, 12:].min() > 0 and change[:, :6].max() == 0 and change[:, :, :12].max() == 0
+    prefix = torch.cat([model.cls_tokens, model.register_tokens], dim=1)
+    assert torch.equal(a[:, :p], prefix) and torch.equal(b[:, :p], prefix)
+    with torch.no_grad():  # nor do the patch tokens read the prefix in a windowed block
+        model.cls_tokens.add_(1.0)
+        model.register_tokens.add_(1.0)
+    assert torch.equal(_tokens_into(after_windows, model, x)[:, p:], a[:, p:])
+
+
+def test_the_prefix_reads_every_window_in_a_global_block():
+    model = _student(patch=4, vitdet_window_size=6, global_blocks=(1,), heads=HEADS, depth=3)
+    x = _pixels(48, 72, b=1)
+    y = x.clone()
+    y[..., :24, :24] += 1.0
+    p, a, b = model.num_prefix, _tokens_into(model.blocks[2], model, x), _tokens_into(model.blocks[2], model, y)
+    assert (a[:, :p] - b[:, :p]).abs().amin(dim=-1).min() > 0  # every CLS and register token saw the change
+
+
+def _position_added(model, grid: tuple[int, int], batch: int = 1) -> torch.Tensor:
+    """What the student adds to its patch tokens at ``grid``, as (B, D, h, w): with the patch embedding
+    zeroed, the patch tokens entering the first block are exactly the position encoding."""
+    with torch.no_grad():
+        model.patch_embed.weight.zero_()
+        model.patch_embed.bias.zero_()
+    p = model.cfg.patch
+    tokens = _tokens_into(model.blocks[0], model, torch.zeros(batch, 3, grid[0] * p, grid[1] * p))
+    return tokens[:, model.num_prefix:].transpose(1, 2).unflatten(2, grid)
+
+
+def _radio_inference_table(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """RADIO's CPE at inference (ViTPatchGenerator._get_pos_embeddings, eval): the table as it is at its own
+    grid; otherwise resized bilinearly (corners aligned) to a square of the grid's longest side, top-left crop."""
+    if tuple(table.shape[-2:]) == grid:
+        return table
+    side = max(grid)
+    square = torch.nn.functional.interpolate(table, size=(side, side), mode="bilinear", align_corners=True)
+    return square[..., :grid[0], :grid[1]]
+
+
+@pytest.mark.parametrize("pos_grid", [(5, 5), (4, 6)])
+@pytest.mark.parametrize("grid", [(4, 4), (3, 5), (6, 2), (8, 3), (5, 5), (4, 6)])
+def test_cpe_at_inference_is_radio_s_square_resize_and_top_left_crop(pos_grid, grid):
+    model = _student(patch=4, pos_grid=pos_grid, heads=HEADS[:1])
+    want = _radio_inference_table(model.pos_embed.detach(), grid)
+    torch.testing.assert_close(_position_added(model, grid), want, rtol=0, atol=1e-6)
+
+
+def _bilinear(table: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """(D, H, W) sampled at rows ``ys`` x columns ``xs`` (in table cells, inside the table) -> (D, h, w)."""
+    (height, width), y0, x0 = table.shape[-2:], ys.floor().long(), xs.floor().long()
+    y1, x1 = (y0 + 1).clamp(max=height - 1), (x0 + 1).clamp(max=width - 1)
+    fy, fx = (ys - y0)[:, None], xs - x0
+    rows = [table[:, r] for r in (y0.clamp(max=height - 1), y1)]
+    top, bottom = (r[:, :, x0] * (1 - fx) + r[:, :, x1] * fx for r in rows)
+    return top * (1 - fy) + bottom * fy
+
+
+def _radio_training_table(table: torch.Tensor, grid: tuple[int, int], batch: int) -> torch.Tensor:
+    """RADIO's CPE in training (ViTPatchGenerator._get_pos_embeddings, training), written out: per image a
+    random rectangle of the table — area scale^2 with scale uniform in [sqrt(0.1), 1], aspect log-uniform in
+    [3/4, 4/3] (width x aspect, height / aspect, clamped to the table), corner uniform where it fits — sampled
+    bilinearly on h x w points from corner to corner. Drawn from the global RNG: scales, aspects, corners."""
+    lo, log_aspect = 0.1 ** 0.5, math.log(4 / 3)
+    scale = torch.rand(batch) * (1 - lo) + lo
+    aspect = torch.exp(torch.rand(batch) * 2 * log_aspect - log_aspect)
+    size = torch.stack([scale * aspect, scale / aspect], dim=-1).clamp(0, 1)  # (x, y) in table fractions
+    corner = torch.rand(batch, 2) * (1 - size)
+    (h, w), (height, width) = grid, table.shape[-2:]
+    out = []
+    for (cx, cy), (sx, sy) in zip(corner.tolist(), size.tolist()):
+        ys = (cy + sy * torch.linspace(0, 1, h)) * (height - 1)
+        xs = (cx + sx * torch.linspace(0, 1, w)) * (width - 1)
+        out.append(_bilinear(table[0], ys, xs))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("pos_grid, grid", [((5, 5), (3, 5)), ((4, 6), (6, 2)), ((4, 6), (8, 8))])
+def test_cpe_in_training_is_radio_s_random_crop_of_the_table(pos_grid, grid):
+    model = _student(patch=4, pos_grid=pos_grid, heads=HEADS[:1]).train()
+    torch.manual_seed(7)
+    first = _position_added(model, grid, batch=3)
+    torch.manual_seed(7)
+    want = _radio_training_table(model.pos_embed.detach(), grid, 3)
+    torch.testing.assert_close(first, want, rtol=0, atol=1e-5)
+    assert not torch.allclose(first[0], first[1], atol=1e-3)  # each image its own crop
+    assert not torch.allclose(first, _position_added(model, grid, batch=3), atol=1e-3)  # and each draw
+    torch.manual_seed(7)
+    assert torch.equal(_position_added(model, grid, batch=3), first)  # seeded: reproducible
+    at_own_grid = _position_added(model, pos_grid, batch=2)
+    assert torch.equal(at_own_grid, model.pos_embed.detach().expand(2, -1, -1, -1))  # as RADIO: no crop there
 
 
 def test_inputs_that_do_not_tile_name_the_sizes_that_would():
