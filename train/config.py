@@ -21,6 +21,9 @@ from featcache.train.losses import check_terms
 from featcache.train.student import StudentConfig
 from featcache.typecheck import fits
 
+#: Where a run's targets come from: the cached windows, or the teachers run on each crop (ALGORITHMS.md §9).
+TARGET_SOURCES = ("cache", "online")
+
 #: The report's student resolutions (ALGORITHMS.md §6).
 LOW = (128, 192, 224, 256, 384, 432)
 HIGH = (512, 768, 1024, 1152)
@@ -72,6 +75,7 @@ class Optim:
 @dataclass
 class Data:
     space: str = "phis"  # targets in each view's PHI-S space (ALGORITHMS.md §1)
+    targets: str = "cache"  # "online": each view's teacher runs on every crop (featcache.train.online)
     workers: int = 0
     prefetch: int = 2
     heldout: float = 0.1  # fraction of rows held out when the manifest has no 'split' column
@@ -128,6 +132,9 @@ class TrainConfig:
                 raise UsageError(f"resolution {r} is not a multiple of the student's patch {self.patch}")
         if self.data.space not in ("raw", "phis"):
             raise UsageError(f"data.space must be 'raw' or 'phis', not {self.data.space!r}")
+        if self.data.targets not in TARGET_SOURCES:
+            raise UsageError(f"data.targets must be one of {', '.join(map(repr, TARGET_SOURCES))}, "
+                             f"not {self.data.targets!r}")
         if not 0 <= self.data.heldout < 1:
             raise UsageError(f"data.heldout must be in [0, 1), not {self.data.heldout}")
         return self

@@ -102,14 +102,36 @@ def crop_pixels(image: Image.Image, box, size: tuple[int, int], flip: bool = Fal
     resampling convention), so the student grid's cells have exactly the footprints
     ``featcache.geometry`` assumes; shrinking widens the filter by the shrink factor (antialiasing),
     in one pass over the box alone. A box that leaves the image (by rounding) is clipped to it."""
+    out = image.resize((size[1], size[0]), Image.BILINEAR, box=_source_box(image, box, scale))
+    if flip:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(out).transpose(2, 0, 1)))
+
+
+def crop_float(image: Image.Image, box, size: tuple[int, int], scale: int = 1, resample: str = "bilinear") -> torch.Tensor:
+    """A teacher's input for online targets, float32 ``(3, h, w)`` in [0, 1]: the box and pixel
+    convention of :func:`crop_pixels`, unflipped, with the teacher's filter (its spec's ``resize``),
+    computed in float channel by channel (Pillow's "F" mode): no uint8 rounding, which tiny teachers
+    amplify to 2% of their features, so on a view's own box it is extraction's antialiased torch
+    resize (``featcache.teachers.views.crop_resize``) to 1e-6."""
+    if resample not in _RESAMPLE:
+        raise UsageError(f"unknown resize {resample!r}; known: {', '.join(_RESAMPLE)}")
+    source = _source_box(image, box, scale)
+    rgb = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(rgb[..., c]), "F").resize(
+        (size[1], size[0]), _RESAMPLE[resample], box=source)) for c in range(3)]))
+
+
+def _source_box(image: Image.Image, box, scale: int) -> tuple[float, float, float, float]:
+    """``box`` (manifest pixels) in the pixels of ``image`` decoded at 1/``scale``, clipped to it."""
     W, H = image.size
     x0, y0, x1, y1 = (min(max(float(v) / scale, 0.0), limit) for v, limit in zip(box, (W, H, W, H)))
     if x1 <= x0 or y1 <= y0:
         raise UsageError(f"crop {box} lies outside the {W * scale}x{H * scale} image")
-    out = image.resize((size[1], size[0]), Image.BILINEAR, box=(x0, y0, x1, y1))
-    if flip:
-        out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(out).transpose(2, 0, 1)))
+    return x0, y0, x1, y1
+
+
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
@@ -133,6 +155,10 @@ class CacheDataset(torch.utils.data.Dataset):
     :class:`featcache.geometry.CropConfig`; with ``mesa`` each sample carries a second crop of the
     same image for the EMA student and the map between the two grids. Picklable, as its
     :class:`CacheReader` is.
+
+    With :attr:`teacher_inputs` set (online targets, :mod:`featcache.train.online`) no window is read:
+    each teacher's part carries instead ``pixels``, the crop's source box (unflipped) at its view's
+    input size (:func:`crop_float`), and the map from the student grid onto that whole input's grid.
     """
 
     def __init__(self, root: str, teachers: dict[str, dict[str, str]], patch: int, crop: geometry.CropConfig,
@@ -141,6 +167,8 @@ class CacheDataset(torch.utils.data.Dataset):
         keys = sorted({k for views in teachers.values() for k in views.values()})
         self.views = CacheReader(root, keys, space)
         self.lookahead: BatchPlan | None = None  # the run's batches: a batch also asks for the next one's windows
+        #: online targets: view key -> (teacher input size (h, w), resize); None reads the cached windows
+        self.teacher_inputs: dict[str, tuple[tuple[int, int], str]] | None = None
         self._pool: tuple[int, ThreadPoolExecutor] | None = None
 
     def __len__(self) -> int:
@@ -171,6 +199,8 @@ class CacheDataset(torch.utils.data.Dataset):
         decodes and resizes the images."""
         plans = [self._plan(item) for item in items]
         files = [self.views.image_bytes(item.row) for item in items]
+        if self.teacher_inputs is not None:  # online targets: no window to read
+            return collate([self._sample(item, plan, data) for item, plan, data in zip(items, plans, files)])
         self._prefetch(items, plans)
         if self.lookahead is not None and items and items[0].seed:  # the next step's, queued behind these
             following = self.lookahead.batch(items[0].seed[1] + 1)
@@ -226,13 +256,16 @@ class CacheDataset(torch.utils.data.Dataset):
         other = geometry.sample_crop(rng, (W, H), view_box, view_grid, grid, self.crop) \
             if self.mesa and item.seed else None
         windows = {}
-        for views in self.teachers.values():
+        for views in self.teachers.values() if self.teacher_inputs is None else ():
             key = views[item.partition]
             windows[key] = geometry.window_for(crop.box, self.views.box(key, item.row), self.reader(key).spec.grid)
         return crop, other, windows
 
-    def _sample(self, item: Item, plan: tuple) -> dict:
-        return {**self._features(item, plan), **self._pixels(item, plan)}
+    def _sample(self, item: Item, plan: tuple, data: bytes | None = None) -> dict:
+        pixels = self._pixels(item, plan, data)
+        if self.teacher_inputs is not None:
+            return {**self._online(item, plan, pixels.pop("teachers")), **pixels}
+        return {**self._features(item, plan), **pixels}
 
     def _pixels(self, item: Item, plan: tuple, data: bytes | None = None) -> dict:
         """The sample's student inputs: its crop (and MESA's second crop) as uint8."""
@@ -246,15 +279,49 @@ class CacheDataset(torch.utils.data.Dataset):
         out = {"image": crop_pixels(image, crop.box, size, crop.flip, scale)}
         if other is not None:
             out["image2"] = crop_pixels(image, other.box, size, other.flip, scale)
+        if self.teacher_inputs is not None:  # each teacher sees the crop's box unflipped, as a view sees its box,
+            if scale != 1:  # and in the pixels extraction decoded (no JPEG reduction); the student's stay as cached runs'
+                image, scale = self.image(item.row, 1, data)
+            out["teachers"] = {key: crop_float(image, crop.box, s, scale, resize)
+                               for key, (s, resize) in self._inputs(item.partition).items()}
         return out
+
+    def _inputs(self, partition: str) -> dict[str, tuple[tuple[int, int], str]]:
+        """The online teacher inputs (size, resize) of ``partition``'s views."""
+        return {views[partition]: self.teacher_inputs[views[partition]] for views in self.teachers.values()}
+
+    def _online(self, item: Item, plan: tuple, inputs: dict[str, torch.Tensor]) -> dict:
+        """The sample's online parts: per teacher its input pixels, the map from the student grid onto
+        the grid of the teacher's whole input (the crop itself), that grid as extent, and Ω (every
+        student cell: the teacher saw exactly the crop)."""
+        crop, other, _ = plan
+        grid = (item.resolution // self.patch,) * 2
+        sample = {**self._head(item, crop, other, grid), "bytes": 0}
+        for name, views in self.teachers.items():
+            key = views[item.partition]
+            view_grid = self.reader(key).spec.grid
+            m = geometry.cell_map(crop.box, grid, crop.box, view_grid, crop.flip)
+            sample[name] = {"pixels": inputs[key], "key": key, "map": torch.from_numpy(m.as_array()),
+                            "extent": torch.tensor(view_grid),
+                            "omega": torch.from_numpy(geometry.omega(crop.box, grid, crop.box, crop.flip))}
+        return sample
+
+    def _head(self, item: Item, crop: geometry.Crop, other: geometry.Crop | None, grid: tuple[int, int]) -> dict:
+        """What a sample says of its crops whatever the targets: row, box, flip, partition, MESA's map."""
+        sample = {"row": item.row, "box": torch.tensor(crop.box, dtype=torch.float64), "flip": crop.flip,
+                  "partition": item.partition}
+        if other is not None:
+            m = geometry.crop_to_crop_map(other.box, grid, other.flip, crop.box, grid, crop.flip)
+            sample["mesa"] = {"map": torch.from_numpy(m.as_array()),
+                              "omega": torch.from_numpy(geometry.omega(other.box, grid, crop.box, other.flip))}
+        return sample
 
     def _features(self, item: Item, plan: tuple, dense: bool = True) -> dict:
         """The sample's targets: per teacher its window (without ``dense``, an empty one of the right
         dtype: :func:`_window_batch` makes room), map, extent, Ω and summary; MESA's crop-to-crop map."""
         crop, other, windows = plan
         grid = (item.resolution // self.patch,) * 2
-        sample = {"row": item.row, "box": torch.tensor(crop.box, dtype=torch.float64), "flip": crop.flip,
-                  "partition": item.partition}
+        sample = self._head(item, crop, other, grid)
         read = {key: self.views.read(item.row, {key: w}, self.views.device_space(key), dense)[key]
                 for key, w in windows.items()}
         for key, r in read.items():
@@ -265,10 +332,6 @@ class CacheDataset(torch.utils.data.Dataset):
             key = views[item.partition]
             sample[name] = self._targets(read[key], windows[key], self.reader(key).spec.grid, crop, grid)
             sample[name]["key"] = key
-        if other is not None:
-            m = geometry.crop_to_crop_map(other.box, grid, other.flip, crop.box, grid, crop.flip)
-            sample["mesa"] = {"map": torch.from_numpy(m.as_array()),
-                              "omega": torch.from_numpy(geometry.omega(other.box, grid, crop.box, other.flip))}
         return sample
 
     @staticmethod
@@ -324,12 +387,15 @@ def collate(samples: list[dict], windows: dict[str, torch.Tensor] | None = None)
     out = {"row": torch.tensor([s["row"] for s in samples]), "image": torch.stack([s["image"] for s in samples]),
            "box": torch.stack([s["box"] for s in samples]), "flip": torch.tensor([s["flip"] for s in samples]),
            "bytes": sum(s["bytes"] for s in samples), "partition": samples[0]["partition"]}
-    for name in [k for k, v in samples[0].items() if isinstance(v, dict) and "window" in v]:
+    for name in [k for k, v in samples[0].items() if isinstance(v, dict) and "key" in v]:
         parts = [s[name] for s in samples]
         batch = (windows or {}).get(name)
-        out[name] = {"window": _window_batch(parts) if batch is None else batch, "key": parts[0]["key"],
-                     "map": torch.stack([p["map"] for p in parts]), "extent": torch.stack([p["extent"] for p in parts]),
-                     "omega": torch.stack([p["omega"] for p in parts])}
+        out[name] = {"key": parts[0]["key"], "map": torch.stack([p["map"] for p in parts]),
+                     "extent": torch.stack([p["extent"] for p in parts]), "omega": torch.stack([p["omega"] for p in parts])}
+        if "pixels" in parts[0]:  # online targets: the teacher's inputs, run on the training device
+            out[name]["pixels"] = torch.stack([p["pixels"] for p in parts])
+        else:
+            out[name]["window"] = _window_batch(parts) if batch is None else batch
         if "summary" in parts[0]:
             out[name]["summary"] = torch.stack([p["summary"] for p in parts])
     if "image2" in samples[0]:

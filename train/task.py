@@ -124,12 +124,25 @@ class DistillTask:
                                                                                      device, ema)
         self.terms = terms_of(cfg, targets)
         self._phis: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self.online = self._online() if cfg.data.targets == "online" else None
+
+    def _online(self):
+        """The online target source (``data.targets = "online"``, :mod:`featcache.train.online`): it loads
+        the views' teachers and switches the dataset to hand over their inputs instead of windows."""
+        from featcache.train.online import OnlineTargets  # a cache run never imports a teacher
+
+        views = sorted({key for t in self.targets for key in t.views.values()})
+        online = OnlineTargets(views, self.dataset, self.device, self.cfg.data.space)
+        self._phis.update(online.transforms())
+        return online
 
     def forward(self, batch: dict, micro_step: int | None) -> dict:
         """``{"loss": weighted sum, <term>: value as a float, ...}`` of one batch on the device.
 
         ``micro_step`` counts micro-batches over the run (optimizer step × ``optim.accumulate`` + the
         micro-batch): it seeds DAMP's noise; None for an evaluation batch (no noise, no MESA)."""
+        if self.online is not None:
+            self.online.fill(batch)
         out = self.features(batch["image"], micro_step)
         step = None if micro_step is None else micro_step // self.cfg.optim.accumulate
         seen = Step(out, batch, step, self)
@@ -154,7 +167,10 @@ class DistillTask:
 
     def targets_of(self, part: dict, grid: tuple[int, int]) -> torch.Tensor:
         """One teacher's targets on the student grid, (B, h, w, C) float32: the batched lookup of its
-        windows, then (for float views) the PHI-S transform on the device (DESIGN.md §5)."""
+        windows, then (for float views) the PHI-S transform on the device (DESIGN.md §5). An online
+        part's window is its teacher's map of the crop, computed here when not yet."""
+        if "window" not in part:
+            self.online.fill({"part": part})
         windows = part["window"].permute(0, 3, 1, 2)
         target = lookup_targets(windows, part["map"], part["extent"], grid).permute(0, 2, 3, 1)
         key = part["key"]
