@@ -331,6 +331,20 @@ def train_cmd(
                    + (f"; held-out: {losses}" if losses else "") + (f"; kNN top-1: {knn}" if knn else ""))
 
 
+@app.command("export")
+@user_errors
+def export_cmd(
+    run: str = typer.Argument(..., help="Run folder of 'featcache train'."),
+    out: str = typer.Option(..., "--out", "-o", help="Folder to write (new or empty): model.safetensors + config.json."),
+    which: str = typer.Option("best", "--checkpoint", help="Checkpoint to export: best (last when the run has none) or last."),
+) -> None:
+    """Write a trained student as a self-contained folder that load_student(DIR) reads without the cache or the run."""
+    from featcache.train.product import export
+
+    written = export(run, out, which)
+    typer.echo(f"exported {run} ({which}) to {written}: load it with featcache.train.load_student({str(written)!r})")
+
+
 featsharp_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                             help="Train and evaluate a FeatSharp upsampler for a fixed-resolution teacher.")
 app.add_typer(featsharp_app, name="featsharp")

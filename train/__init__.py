@@ -2,18 +2,26 @@
 
     from featcache.train import config, train, load_student
     run = train(config.load("train.toml", cache="cache/"), "runs/r1")
-    student = load_student("runs/r1")      # the trained featcache.train.student.Student, in eval mode
+    student = load_student("runs/r1")      # the student as a product (DESIGN.md §8), in eval mode:
+    out = student(image)                   # {teacher: {"summary", "dense"}} in each teacher's space
 
-The training process never imports or builds a teacher: every target is read from the cache.
+``featcache.train.loop.load_bare_student`` gives the bare ``featcache.train.student.Student`` (what
+``--init`` starts from). The training process never imports or builds a teacher: every target is read
+from the cache.
 """
 
-__all__ = ["TrainResult", "config", "load_student", "train"]
+__all__ = ["TrainResult", "config", "export", "load_student", "train"]
 
 
 def __getattr__(name: str):
-    """The loop (it reads caches: zarr) on first use; the student, losses and geometry import without it."""
-    if name in ("TrainResult", "load_student", "train"):
+    """The loop and the product (they read caches: zarr) on first use; the student, losses and geometry
+    import without them."""
+    if name in ("TrainResult", "train"):
         from featcache.train import loop
 
         return getattr(loop, name)
+    if name in ("load_student", "export"):
+        from featcache.train import product
+
+        return getattr(product, name)
     raise AttributeError(f"module 'featcache.train' has no attribute {name!r}")

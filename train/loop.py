@@ -42,7 +42,7 @@ from featcache.train.config import TrainConfig
 from featcache.train.data import BatchPlan, CacheDataset, StepSampler, collate, split_rows, to_device
 from featcache.train.ema import EMA
 from featcache.train.evaluate import evaluators_for
-from featcache.train import prune
+from featcache.train import product, prune
 from featcache.train.task import DistillTask, Target, describe_targets
 from featcache.train.student import Student, StudentConfig, build_student
 
@@ -314,12 +314,16 @@ class Trainer:
         tensors, meta = checkpoint.optimizer_tensors(self.optimizer)
         if self.ema is not None:
             tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
-        tensors["rng.torch"] = torch.get_rng_state()
+        tensors.update(checkpoint.rng_tensors(self.device))
         meta.update({"step": str(self.step), "best": repr(self.best)})
         wmeta = {"step": str(self.step), "student": json.dumps(self.student_cfg.to_dict()), "format": "featcache-student-1"}
         weights = self.student.state_dict()
+        if getattr(self, "_product", None) is None:  # the maps back to the teachers' spaces: read once, never change
+            self._product = product.describe(self.cfg, self.targets, self.cache, self.dataset.views.rows)
+        maps, pmeta = self._product
         self.folder.save(name, {SET_STATE: lambda path: checkpoint.save(path, tensors, meta),
-                                        SET_WEIGHTS: lambda path: checkpoint.save(path, weights, wmeta)}, self.step)
+                                        SET_WEIGHTS: lambda path: checkpoint.save(path, weights, wmeta),
+                                        product.PRODUCT: lambda path: product.save_maps(path, maps, pmeta)}, self.step)
         for legacy in _legacy_files(self.out, name):  # a resumed older run: its pair is stale now
             legacy.unlink(missing_ok=True)
 
@@ -337,7 +341,7 @@ class Trainer:
         checkpoint.restore_optimizer(self.optimizer, state, smeta, self.device)
         if self.ema is not None:
             self.ema.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")})
-        torch.set_rng_state(state["rng.torch"])
+        checkpoint.restore_rng(state, self.device)
         self.step, self.best = int(smeta["step"]), float(smeta["best"])
 
 
@@ -373,7 +377,7 @@ def train(cfg: TrainConfig | None, out: str | Path, resume: bool = False, init: 
         trainer.load("last")
         folder.resumed(trainer.step, trainer.stream)
         return trainer.run()
-    student = load_student(init) if init is not None and not resume else None
+    student = load_bare_student(init) if init is not None and not resume else None
     if resume:
         folder.restart(trainer.stream, more=("pictures",))
     else:
@@ -398,18 +402,32 @@ def _plan(folder: RunFolder, cfg: TrainConfig | None, resume: bool) -> tuple[Tra
     return folder.plan(cfg, resume, train_config.load, last, lambda c: c.optim.steps, further)
 
 
-def load_student(run: str | Path, which: str = "best") -> Student:
-    """The trained student of run folder ``run`` (``best``, falling back to ``last``) or of a weights
-    file, in eval mode, ready for downstream use."""
+def load_bare_student(run: str | Path, which: str = "best") -> Student:
+    """The bare trained student (outputs in the training targets' space) of run folder ``run`` (``best``,
+    falling back to ``last``) or of a weights file, in eval mode: what ``--init`` starts from. For the
+    student as a product (teacher-space outputs, its own preprocessing) use
+    :func:`featcache.train.product.load_student`."""
+    path = student_weights(run, which)
+    meta = checkpoint.metadata(path)
+    if meta.get("format") != "featcache-student-1":
+        raise UsageError(f"{path} is not a featcache student checkpoint")
+    return student_from(json.loads(meta["student"]), load_file(str(path)))
+
+
+def student_weights(run: str | Path, which: str = "best") -> Path:
+    """The student weights file of checkpoint ``which`` of run folder ``run`` (``last`` when it has no
+    ``which``), or ``run`` itself when it is a file."""
     path = Path(run)
     if path.is_dir():
         found = checkpoint_files(path, which) or checkpoint_files(path, "last")
         if found is None:
             raise UsageError(f"{run} holds no checkpoint (no checkpoints/{which} or checkpoints/last)")
         path = found[0]
-    meta = checkpoint.metadata(path)
-    if meta.get("format") != "featcache-student-1":
-        raise UsageError(f"{path} is not a featcache student checkpoint")
-    student = build_student(StudentConfig.from_dict(json.loads(meta["student"])))
-    student.load_state_dict(load_file(str(path)))
+    return path
+
+
+def student_from(architecture: dict, weights: dict[str, torch.Tensor]) -> Student:
+    """A student built from its config dict (``StudentConfig.to_dict``) with ``weights`` loaded (strictly), in eval mode."""
+    student = build_student(StudentConfig.from_dict(architecture))
+    student.load_state_dict(weights)
     return student.eval()

@@ -20,9 +20,9 @@ import torch
 from featcache import checkpoint
 from featcache.cli import main
 from featcache.geometry import crop_targets
-from featcache.train import config, load_student, train
+from featcache.train import config, train
 from featcache.train.data import CacheDataset, collate
-from featcache.train.loop import Trainer
+from featcache.train.loop import Trainer, load_bare_student
 from tests.support import training
 
 pytestmark = pytest.mark.slow
@@ -120,9 +120,9 @@ def test_the_run_folder_holds_config_checkpoints_metrics_and_pictures(long_run, 
     saved = config.load(run / "config.toml")  # the resolved config reads back as the run's
     assert saved.cache == cache_root and saved.optim.steps == 40 and saved.teachers[2].spatial == 0.5
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "last"]
-    for name in ("best", "last"):  # one checkpoint set each: weights and state
+    for name in ("best", "last"):  # one checkpoint set each: weights, state and the maps to the teachers' spaces
         found = checkpoint.read_set(run / "checkpoints" / name)
-        assert sorted(p.name for p in found[0].iterdir()) == ["state.safetensors", "student.safetensors"]
+        assert sorted(p.name for p in found[0].iterdir()) == ["product.safetensors", "state.safetensors", "student.safetensors"]
     assert checkpoint.read_set(run / "checkpoints" / "last")[1] == {"step": 40}
     train_records = [r for r in _records(run) if "lr" in r]
     assert [r["step"] for r in train_records] == [10, 20, 30, 40]
@@ -131,9 +131,9 @@ def test_the_run_folder_holds_config_checkpoints_metrics_and_pictures(long_run, 
     assert pictures == [f"step{s:07d}-{t}.png" for s in (0, 40) for t in ("dinov3", "sam3", "siglip2")]
 
 
-def test_load_student_returns_the_trained_module(long_run, cache_root):
+def test_load_bare_student_returns_the_trained_module(long_run, cache_root):
     run, _ = long_run
-    student = load_student(run, which="last")
+    student = load_bare_student(run, which="last")
     trainer = Trainer(config.load(run / "config.toml"), run)
     trainer.load("last")
     trainer.student.eval()

@@ -8,7 +8,7 @@ import torch
 
 from featcache.errors import UsageError
 from featcache.train import config, prune
-from featcache.train.loop import load_student, train
+from featcache.train.loop import load_bare_student, train
 from tests.test_train.test_loop import cache_root, config_file, long_run  # noqa: F401 (fixtures)
 
 
@@ -43,7 +43,7 @@ def test_a_pruned_run_keeps_its_pattern_while_the_kept_weights_train(long_run, c
     cfg = config.load(config_file, cache=cache_root, overrides=["optim.steps=3", "eval.every=100", f'prune="{spec}"'])
     out = tmp_path / "pruned"
     train(cfg, out, init=str(run))
-    before, after = load_student(run, which="last"), load_student(out, which="last")
+    before, after = load_bare_student(run, which="last"), load_bare_student(out, which="last")
     assert prune.density(after) == pytest.approx(density, abs=1e-3)
     masks = prune.masks(before, spec)  # the masks were taken from the --init weights
     for name, layer in prune.block_linears(after).items():
