@@ -159,6 +159,24 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
 
 
+def rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:
+    """Torch's RNG state for a checkpoint: the CPU generator (``rng.torch``) and, on a CUDA ``device``, that
+    device's generator (``rng.cuda``), which draws what runs there (drop-path masks, the CPE's crops)."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return tensors
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    """The inverse of :func:`rng_tensors`. A state without ``rng.cuda`` (saved on the CPU) leaves a CUDA
+    generator as the run seeded it, and ``rng.cuda`` is ignored on a CPU ``device``: either way the run
+    resumes, exact only for the CPU's draws."""
+    torch.set_rng_state(tensors["rng.torch"])
+    if device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+
+
 def warmup_cosine(step: int, steps: int, warmup: int, lr: float, min_lr: float) -> float:
     """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine to ``min_lr`` at step ``steps``."""
     if step < warmup:

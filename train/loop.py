@@ -222,12 +222,15 @@ class Trainer:
         return self._result(time.perf_counter() - t0)
 
     def _loader(self) -> torch.utils.data.DataLoader:
-        """The micro-batches of steps ``self.step`` to ``optim.steps``, as the plan draws them."""
+        """The micro-batches of steps ``self.step`` to ``optim.steps``, as the plan draws them. Its iterator
+        draws the workers' base seed from a generator of its own: from the global one, a resumed run would
+        draw one number more than the uninterrupted run before the student's draws (CPE crops, drop-path)."""
         cfg, acc = self.cfg, self.cfg.optim.accumulate
         return torch.utils.data.DataLoader(
             self.dataset, batch_sampler=StepSampler(self.plan, self.step * acc, cfg.optim.steps * acc),
             num_workers=cfg.data.workers, collate_fn=collate, pin_memory=self.device.type == "cuda",
-            prefetch_factor=cfg.data.prefetch if cfg.data.workers else None)
+            prefetch_factor=cfg.data.prefetch if cfg.data.workers else None,
+            generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step))
 
     def _train_step(self, batches, keep: dict, window: dict) -> tuple[float, torch.Tensor]:
         """One optimizer step (clipped, pruned, then the EMA); returns its learning rate and gradient norm."""

@@ -232,7 +232,7 @@ class Trainer:
         tensors, meta = checkpoint.optimizer_tensors(self.optimizer)
         tensors.update({f"down.{k}": x for k, x in self.down.state_dict().items()})
         tensors.update({f"uncertainty.{k}": x for k, x in self.uncertainty.state_dict().items()})
-        tensors["rng.torch"] = torch.get_rng_state()
+        tensors.update(checkpoint.rng_tensors(self.device))
         state = {STATE: lambda path: checkpoint.save(path, tensors, {**meta, "step": str(self.step)})}
         save_upsampler(self.folder.checkpoints("last"), self.model, self.teacher.spec, self.step,
                        {"fraction": self.s.heldout, "seed": self.s.seed, "images": self.s.images}, more=state)
@@ -251,7 +251,7 @@ class Trainer:
         self.down.load_state_dict({k[5:]: x for k, x in state.items() if k.startswith("down.")})
         self.uncertainty.load_state_dict({k[12:]: x for k, x in state.items() if k.startswith("uncertainty.")})
         checkpoint.restore_optimizer(self.optimizer, state, meta, self.device)
-        torch.set_rng_state(state["rng.torch"])
+        checkpoint.restore_rng(state, self.device)
         self.step = description.step
 
 

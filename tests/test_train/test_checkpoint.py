@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from featcache import checkpoint
 
@@ -77,3 +78,60 @@ def test_a_damaged_pointer_is_one_line(tmp_path):
     (tmp_path / "current.json").write_text('{"set": "set-00')
     with pytest.raises(UsageError, match="current.json is damaged"):
         checkpoint.read_set(tmp_path)
+
+
+# ---- the RNG state both trainers save (CPU generator + the training device's CUDA generator) -------------
+
+def test_on_the_cpu_the_rng_state_is_the_cpu_generator_and_restoring_it_repeats_the_draws():
+    state = checkpoint.rng_tensors(torch.device("cpu"))
+    assert set(state) == {"rng.torch"} and state["rng.torch"].dtype == torch.uint8
+    first = torch.rand(8)
+    torch.rand(3)  # the generator moves on...
+    checkpoint.restore_rng(state, torch.device("cpu"))
+    assert torch.equal(torch.rand(8), first)  # ...and is put back
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_state_without_cuda_entries_restores_the_cpu_generator_on_any_device(device):
+    """A CPU checkpoint resumed on a CUDA device: the CPU generator is restored, the CUDA one left as
+    seeded (on this CPU machine the CUDA branch itself is never reached: nothing here touches CUDA)."""
+    torch.manual_seed(3)
+    state = {"rng.torch": torch.get_rng_state()}
+    first = torch.rand(8)
+    checkpoint.restore_rng(state, torch.device(device))
+    assert torch.equal(torch.rand(8), first)
+
+
+def test_cuda_entries_are_ignored_on_a_cpu_device():
+    """A GPU checkpoint resumed on the CPU: the CUDA generator's state has nowhere to go and is left out."""
+    torch.manual_seed(4)
+    state = {"rng.torch": torch.get_rng_state(), "rng.cuda": torch.zeros(16, dtype=torch.uint8)}
+    first = torch.rand(8)
+    checkpoint.restore_rng(state, torch.device("cpu"))
+    assert torch.equal(torch.rand(8), first)
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA (untested on CPU machines)")
+def test_on_a_cuda_device_the_cuda_generator_is_saved_and_restored():
+    device = torch.device("cuda")
+    state = checkpoint.rng_tensors(device)
+    assert set(state) == {"rng.torch", "rng.cuda"}
+    first = torch.rand(8, device=device)
+    checkpoint.restore_rng(state, device)
+    assert torch.equal(torch.rand(8, device=device), first)
+
+
+def test_the_student_trainer_saves_and_restores_the_rng_of_its_device(training_cache, tmp_path):
+    from featcache.train import config
+    from featcache.train.loop import Trainer, checkpoint_files
+    from safetensors.torch import load_file
+    from tests.test_train.test_loop import CONFIG
+
+    (tmp_path / "train.toml").write_text(CONFIG)
+    trainer = Trainer(config.load(tmp_path / "train.toml", cache=str(training_cache)), tmp_path / "run")
+    trainer.save("last")
+    state = load_file(str(checkpoint_files(tmp_path / "run", "last")[1]))
+    assert {k for k in state if k.startswith("rng.")} == set(checkpoint.rng_tensors(trainer.device))
+    first = torch.rand(8, device=trainer.device)
+    trainer.load("last")
+    assert torch.equal(torch.rand(8, device=trainer.device), first)
