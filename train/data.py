@@ -108,18 +108,24 @@ def crop_pixels(image: Image.Image, box, size: tuple[int, int], flip: bool = Fal
     return torch.from_numpy(np.ascontiguousarray(np.asarray(out).transpose(2, 0, 1)))
 
 
-def crop_float(image: Image.Image, box, size: tuple[int, int], scale: int = 1, resample: str = "bilinear") -> torch.Tensor:
+def float_channels(image: Image.Image) -> list[Image.Image]:
+    """An RGB image as three float ("F" mode) images in [0, 1], for :func:`crop_float`."""
+    rgb = np.asarray(image, dtype=np.float32) / 255.0
+    return [Image.fromarray(np.ascontiguousarray(rgb[..., c]), "F") for c in range(3)]
+
+
+def crop_float(channels: list[Image.Image], box, size: tuple[int, int], scale: int = 1,
+               resample: str = "bilinear") -> torch.Tensor:
     """A teacher's input for online targets, float32 ``(3, h, w)`` in [0, 1]: the box and pixel
     convention of :func:`crop_pixels`, unflipped, with the teacher's filter (its spec's ``resize``),
-    computed in float channel by channel (Pillow's "F" mode): no uint8 rounding, which tiny teachers
-    amplify to 2% of their features, so on a view's own box it is extraction's antialiased torch
-    resize (``featcache.teachers.views.crop_resize``) to 1e-6."""
+    computed in float on :func:`float_channels`: no uint8 rounding (which tiny teachers amplify to 2%
+    of their features), so on a view's own box it is extraction's antialiased torch resize
+    (``featcache.teachers.views.crop_resize``) to 1e-6."""
     if resample not in _RESAMPLE:
         raise UsageError(f"unknown resize {resample!r}; known: {', '.join(_RESAMPLE)}")
-    source = _source_box(image, box, scale)
-    rgb = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy(np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(rgb[..., c]), "F").resize(
-        (size[1], size[0]), _RESAMPLE[resample], box=source)) for c in range(3)]))
+    source = _source_box(channels[0], box, scale)
+    return torch.from_numpy(np.stack([np.asarray(c.resize((size[1], size[0]), _RESAMPLE[resample], box=source))
+                                      for c in channels]))
 
 
 def _source_box(image: Image.Image, box, scale: int) -> tuple[float, float, float, float]:
@@ -282,7 +288,8 @@ class CacheDataset(torch.utils.data.Dataset):
         if self.teacher_inputs is not None:  # each teacher sees the crop's box unflipped, as a view sees its box,
             if scale != 1:  # and in the pixels extraction decoded (no JPEG reduction); the student's stay as cached runs'
                 image, scale = self.image(item.row, 1, data)
-            out["teachers"] = {key: crop_float(image, crop.box, s, scale, resize)
+            channels = float_channels(image)
+            out["teachers"] = {key: crop_float(channels, crop.box, s, scale, resize)
                                for key, (s, resize) in self._inputs(item.partition).items()}
         return out
 

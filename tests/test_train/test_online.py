@@ -5,6 +5,9 @@ and PHI-S'd; a short online run learns and resumes exactly."""
 
 from __future__ import annotations
 
+import itertools
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ from transformers import DINOv3ViTModel
 
 from featcache.errors import UsageError
 from featcache.geometry import cell_map, resample
-from featcache.train import config
+from featcache.train import config, train
 from featcache.train.data import Item, collate
 from featcache.train.loop import Trainer
 
@@ -105,3 +108,29 @@ def _by_hand(model, view, image: Image.Image, box, flip: bool, grid) -> np.ndarr
     aligned = resample(field, cell_map(box, grid, box, (h, w), flip), grid)
     mean, rotation = view.reader().phis()
     return (aligned - mean) @ rotation.T.astype(np.float64)
+
+
+def _losses(run: Path) -> dict[int, dict]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: v for k, v in r.items() if "/" in k or k == "mesa"} for r in records if "lr" in r}
+
+
+def test_a_short_online_run_learns_and_resumes_exactly(training_cache, tmp_path, monkeypatch):
+    """20 steps with MESA and DAMP: the loss falls; a run stopped at step 11 (its last checkpoint at 10)
+    and resumed logs steps 11-20 exactly as the uninterrupted one."""
+    cfg = _cfg(training_cache, "data.targets=online", "loss.mesa=0.5", "loss.damp=0.02", "optim.steps=20", "optim.batch_size=2",
+               "checkpoint_every=10")
+    train(cfg, tmp_path / "whole")
+    whole = _losses(tmp_path / "whole")
+    first, last = (np.mean([sum(whole[s].values()) for s in steps]) for steps in ((1, 2, 3), (18, 19, 20)))
+    assert last < 0.8 * first, (first, last)
+    loader = Trainer._loader
+    monkeypatch.setattr(Trainer, "_loader", lambda self: itertools.islice(loader(self), 11))  # then it stops
+    with pytest.raises(StopIteration):
+        train(cfg, tmp_path / "stopped")
+    monkeypatch.undo()
+    train(None, tmp_path / "stopped", resume=True)
+    resumed = _losses(tmp_path / "stopped")
+    for step in range(11, 21):
+        for k, v in whole[step].items():
+            assert resumed[step][k] == pytest.approx(v, rel=1e-6, abs=1e-9), (step, k)
