@@ -256,5 +256,6 @@ def evaluators_for(cfg: TrainConfig, task: DistillTask, cache: Cache, heldout: n
     if cfg.eval.knn:
         found.append(Knn(task, cache, cfg))
     if cfg.eval.pictures and len(heldout):
-        found.append(Pictures(task, int(heldout[0]), cfg, pictures))
+        row = int(heldout[0])
+        found.append(Pictures(task, row, cfg, pictures, cache.manifest.column("image_id")[row].as_py()))
     return found

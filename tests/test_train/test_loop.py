@@ -128,7 +128,7 @@ def test_the_run_folder_holds_config_checkpoints_metrics_and_pictures(long_run, 
     assert [r["step"] for r in train_records] == [10, 20, 30, 40]
     assert all(r["samples_per_s"] > 0 and r["bytes_read_per_s"] > 0 for r in train_records)
     pictures = sorted(p.name for p in (run / "pictures").iterdir())
-    assert pictures == [f"step{s:07d}-{t}.png" for s in (0, 40) for t in ("dinov3", "sam3", "siglip2")]
+    assert pictures == ["error-scale.json"] + [f"step{s:07d}-{t}.png" for s in (0, 40) for t in ("dinov3", "sam3", "siglip2")]
 
 
 def test_load_bare_student_returns_the_trained_module(long_run, cache_root):
