@@ -31,7 +31,8 @@ def whole(cache_root, config_file, tmp_path_factory) -> Path:
 
 def _killed_at_save(cache_root: str, config_file: Path, run: Path, call: int) -> None:
     """Train in a subprocess that SIGKILLs itself as it begins its ``call``-th checkpoint file write
-    (1-2: best at step 0, 3-4: last at step 4, 5-6: last at step 8; state first, then weights)."""
+    (1-3: best at step 0, 4-6: last at step 4, 7-9: last at step 8; state, weights, then the maps back to
+    the teachers' spaces)."""
     code = (
         "import os, signal, sys\n"
         "from featcache import checkpoint\n"
@@ -63,14 +64,14 @@ def _resume_matches(run: Path, whole: Path) -> None:
 def test_a_kill_between_a_checkpoints_two_files_resumes_with_the_same_losses(cache_root, config_file, whole,
                                                                              tmp_path):
     run = tmp_path / "run"
-    _killed_at_save(cache_root, config_file, run, call=6)  # step 8's state written, its weights not yet
+    _killed_at_save(cache_root, config_file, run, call=8)  # step 8's state written, its weights not yet
     _resume_matches(run, whole)
 
 
 def test_a_run_folder_of_the_older_layout_still_resumes(cache_root, config_file, whole, tmp_path):
     """Runs written before checkpoint sets kept checkpoints/last.safetensors + last.state.safetensors."""
     run = tmp_path / "run"
-    _killed_at_save(cache_root, config_file, run, call=5)  # the step-4 checkpoint is whole
+    _killed_at_save(cache_root, config_file, run, call=7)  # the step-4 checkpoint is whole
     folder = run / "checkpoints"
     for name in ("best", "last"):
         found = checkpoint.read_set(folder / name)
