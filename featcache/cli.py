@@ -405,19 +405,24 @@ def featsharp_eval_cmd(
     images: str = typer.Option(..., "--images", help="Images: those the checkpoint's training held out are used."),
     views: int = typer.Option(4, "--views", min=1, help="Jittered views per image."),
     every: bool = typer.Option(False, "--all", help="Use every image of --images (none was trained on)."),
-    picture: Optional[str] = typer.Option(None, "--picture", help="PNG: PCA of the global view, bilinear, "
-                                                                   "FeatSharp and the tiles of the first image."),
+    picture: Optional[str] = typer.Option(None, "--picture", help="PNG, a row per image of the first batch "
+                                                                   "(titled by image id): the image, PCA of the "
+                                                                   "global view, bilinear, FeatSharp and the tiles, "
+                                                                   "and the errors on one colour scale."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     seed: int = typer.Option(1234, "--seed", help="Seed of the jittered views."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
 ) -> None:
     """Held-out reconstruction error of the upsampler and of bilinear upsampling of the global view."""
-    from featcache.upsample.evaluate import evaluate, table
+    from featcache.upsample.evaluate import evaluate, table, worse_than_bilinear
 
     if picture and not picture.lower().endswith(".png"):
         raise UsageError(f"--picture {picture!r}: write a .png")
     result = evaluate(ckpt, images, views=views, every=every, seed=seed, device=device, picture=picture)
     typer.echo(json.dumps(result.to_dict(), indent=1, sort_keys=True) if as_json else table(result))
+    warning = worse_than_bilinear(result)
+    if warning:  # on stderr: --json's stdout stays one JSON object; exit 0, the numbers are a valid answer
+        typer.echo(warning, err=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -120,6 +120,44 @@ def panel(rgb: np.ndarray, label: str, width: int | None = None) -> Image.Image:
     return out
 
 
+# ---- titled pictures on a fixed error scale (issue 25): shared by train/pictures.py and `featsharp eval` ----
+
+TITLE_KEY, SCALE_KEY = "Title", "featcache:error-scale"  # PNG text chunks: what a reader (or test) can check
+
+
+def error_scale(err: np.ndarray) -> float:
+    """The top of a heatmap's colour scale: the 99th percentile of the finite per-cell errors, their
+    maximum when that is 0 (one bad cell in a perfect map still shows)."""
+    inside = err[np.isfinite(err)]
+    return float(np.percentile(inside, 99)) or float(inside.max())
+
+
+def titled(picture: Image.Image, title: str) -> Image.Image:
+    """``picture`` under a line of text naming it."""
+    out = Image.new("RGB", (picture.width, picture.height + LABEL), (255, 255, 255))
+    out.paste(picture, (0, LABEL))
+    ImageDraw.Draw(out).text((2, 2), fit(title, picture.width - 4), fill=(0, 0, 0), font=FONT)
+    return out
+
+
+def save_png(picture: Image.Image, path, title: str, vmax: float) -> None:
+    """Save ``picture`` at ``path`` (folders made) with its title and error scale as PNG text chunks."""
+    from pathlib import Path
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(TITLE_KEY, title)
+    info.add_text(SCALE_KEY, repr(float(vmax)))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path, format="PNG", pnginfo=info)
+
+
+def read_png_text(path) -> tuple[str, float]:
+    """(title, error scale) a picture of :func:`save_png` records."""
+    with Image.open(path) as im:
+        return im.text[TITLE_KEY], float(im.text[SCALE_KEY])
+
+
 def _vertical_text(text: str) -> Image.Image:
     """``text`` on white, rotated to read bottom-up along a colour bar."""
     left, top, right, bottom = FONT.getbbox(text)
@@ -243,7 +281,7 @@ def _teacher_name(teacher: dict) -> str:
 def draw_error(cache, m: ErrorMap) -> Image.Image:
     """The image, the error heatmap and its colour bar (0 to the 99th percentile; a map of zeros, two
     identical caches, keeps a 0-to-1 scale and says so in the bar's name)."""
-    vmax = float(np.percentile(m.err, 99)) or float(m.err.max())
+    vmax = error_scale(m.err)
     name = ERROR_NAME if vmax > 0 else f"{ERROR_NAME}: all 0 (identical)"
     scale = vmax if vmax > 0 else 1.0
     return strip([_image_panel(cache, m.row), panel(heat(m.err, scale), m.label),

@@ -10,8 +10,8 @@ One colour scale per run: a run's error maps are comparable only if their colour
 step, so :class:`Pictures` fixes each teacher's scale at the run's first picture — the 99th percentile of that
 picture's per-cell MSE (:func:`error_scale`), the untrained student's error, so later steps darken as the student
 learns — and saves it in ``RUN/pictures/error-scale.json``, which a resumed run reads back (cells above it take the
-top colour and the bar says ``≥``). Each PNG records its title and scale as text chunks (:data:`TITLE_KEY`,
-:data:`SCALE_KEY`).
+top colour and the bar says ``≥``). Each PNG records its title and scale as text chunks (:data:`featcache.viz.TITLE_KEY`,
+:data:`featcache.viz.SCALE_KEY`).
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
-from PIL.PngImagePlugin import PngInfo
+from PIL import Image
 
 from featcache.errors import UsageError
 from featcache.store.location import locate
 from featcache.train.data import Item, collate, to_device
-from featcache.viz import FONT, HEIGHT, LABEL, panel, strip, colorbar, fit, heat
+from featcache.viz import HEIGHT, colorbar, error_scale, heat, panel, save_png, strip, titled
 
 if TYPE_CHECKING:
     from featcache.train.config import TrainConfig
@@ -38,7 +37,6 @@ GREY = (128, 128, 128)  # cells outside Ω
 ERROR_LABEL = "MSE per cell"
 ERROR_NAME = "MSE per cell, mean over channels of (s − t)²"  # s: student, t: teacher; fits a bar
 SCALE_FILE = "error-scale.json"  # in the pictures folder: cleared with it when a run starts over
-TITLE_KEY, SCALE_KEY = "Title", "featcache:error-scale"  # PNG text chunks: what a reader (or test) can check
 
 
 def _check(student: np.ndarray, teacher: np.ndarray, omega: np.ndarray | None) -> np.ndarray:
@@ -78,13 +76,6 @@ def cell_mse(student: np.ndarray, teacher: np.ndarray, omega: np.ndarray) -> np.
     return err
 
 
-def error_scale(err: np.ndarray) -> float:
-    """The top of a heatmap's colour scale: the 99th percentile of the per-cell errors on Ω (finite ones),
-    their maximum when that is 0 (one bad cell in a perfect map still shows)."""
-    inside = err[np.isfinite(err)]
-    return float(np.percentile(inside, 99)) or float(inside.max())
-
-
 def _error_panels(err: np.ndarray, omega: np.ndarray, vmax: float) -> list[Image.Image]:
     rgb = heat(np.nan_to_num(err), vmax)
     rgb[~omega] = GREY
@@ -95,13 +86,6 @@ def _image_panel(image: np.ndarray, label: str = "image") -> Image.Image:
     h, w = image.shape[:2]
     width = max(1, round(HEIGHT * w / h))
     return panel(np.asarray(Image.fromarray(image).resize((width, HEIGHT), Image.BILINEAR)), label, width)
-
-
-def _titled(strip: Image.Image, title: str) -> Image.Image:
-    out = Image.new("RGB", (strip.width, strip.height + LABEL), (255, 255, 255))
-    out.paste(strip, (0, LABEL))
-    ImageDraw.Draw(out).text((2, 2), fit(title, strip.width - 4), fill=(0, 0, 0), font=FONT)
-    return out
 
 
 def pca_picture(student: np.ndarray, teacher: np.ndarray, omega: np.ndarray | None, path,
@@ -120,23 +104,8 @@ def pca_picture(student: np.ndarray, teacher: np.ndarray, omega: np.ndarray | No
     panels = [] if image is None else [_image_panel(np.asarray(image, dtype=np.uint8), image_label)]
     panels += [panel(teacher_rgb, "teacher PCA"), panel(student_rgb, "student PCA (teacher's components)")]
     picture = strip(panels + _error_panels(err, omega, vmax))
-    save_png(_titled(picture, title) if title else picture, path, title, vmax)
+    save_png(titled(picture, title) if title else picture, path, title, vmax)
     return Path(path), err
-
-
-def save_png(picture: Image.Image, path, title: str, vmax: float) -> None:
-    """Save ``picture`` at ``path`` (folders made) with its title and error scale as PNG text chunks."""
-    info = PngInfo()
-    info.add_text(TITLE_KEY, title)
-    info.add_text(SCALE_KEY, repr(float(vmax)))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path, format="PNG", pnginfo=info)
-
-
-def read_png_text(path) -> tuple[str, float]:
-    """(title, error scale) a picture of :func:`save_png` records."""
-    with Image.open(path) as im:
-        return im.text[TITLE_KEY], float(im.text[SCALE_KEY])
 
 
 class Pictures:

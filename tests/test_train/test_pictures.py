@@ -13,8 +13,8 @@ from PIL import Image
 from featcache.store import Cache
 from featcache.train import config, train
 from featcache.train.loop import Trainer
-from featcache.train.pictures import SCALE_FILE, error_scale, pca_picture, read_png_text
-from featcache.viz import HEIGHT, LABEL
+from featcache.train.pictures import SCALE_FILE, pca_picture
+from featcache.viz import HEIGHT, LABEL, error_scale, read_png_text
 from tests.test_train.test_loop import CONFIG
 
 TEACHERS = ("siglip2", "dinov3", "sam3")
