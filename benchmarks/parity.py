@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -45,8 +46,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"threads: torch {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
           flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        report = run(Path(tmp), args)
+    if args.work:  # kept: a later run with the same --work reuses its teacher and cache (recipe levers)
+        report = run(Path(args.work), args)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            report = run(Path(tmp), args)
     _print(report)
     out = Path(args.out or f"benchmarks/results/parity{'-quick' if args.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -63,29 +67,38 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--steps", type=int, help="student steps")
     ap.add_argument("--set", action="append", default=[], help="extra student config override (all three runs)")
     ap.add_argument("--ways", default="abc", help="which student rows to train (a, b, c)")
+    ap.add_argument("--work", help="folder kept for the teacher and cache, reused when they are there")
+    ap.add_argument("--tag", default="", help="suffix of the student run folders under --work")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/parity[-quick].json)")
     return ap.parse_args()
 
 
 def run(tmp: Path, args) -> dict:
     """Task, teacher, cache, the three students; the report as a dict."""
+    from featcache.store.cache import Cache
     from featcache.train import parity_task as pt
 
     t_steps, s_steps, batch, n_train, n_test = SIZES["quick" if args.quick else "default"]
     t_steps, s_steps = args.teacher_steps or t_steps, args.steps or s_steps
     task = pt.ParityTask(size=128, patch=16, seed=args.seed)
-    t0 = time.perf_counter()
-    teacher = pt.train_teacher(task, tmp / "teacher", steps=t_steps, batch=32, lr=3e-3, seed=args.seed)
+    t0, teacher = time.perf_counter(), tmp / "teacher"
+    if not (teacher / pt.PROBES).exists():
+        pt.train_teacher(task, teacher, steps=t_steps, batch=32, lr=3e-3, seed=args.seed)
     teacher_s = time.perf_counter() - t0
-    scenes_csv = pt.write_scenes(task, tmp / "scenes", n_train, n_test)
-    cache = pt.extract_cache(tmp / "cache", scenes_csv, teacher)
+    scenes_csv = tmp / "scenes" / "scenes.csv"
+    if not (tmp / "cache").exists():
+        pt.write_scenes(task, tmp / "scenes", n_train, n_test)
+        pt.extract_cache(tmp / "cache", scenes_csv, teacher)
+    cache = Cache.open(str(tmp / "cache"))
     print(f"teacher trained in {teacher_s:.0f} s ({t_steps} steps); cache {list(cache.views)}", flush=True)
     ev = Evaluation(pt, task, teacher, scenes_csv, cache)
     rows = [{"way": "teacher", **ev.teacher_row()}]
     for name, codec, extra in WAYS:
         if name[0] in args.ways:
             overrides = pt.student_overrides(task, pt.view_keys(task)[codec], s_steps, batch, args.seed)
-            rows.append({"way": name, **ev.student_row(tmp / name.replace(" ", "-"),
+            folder = tmp / f"{name.replace(' ', '-')}{args.tag}"
+            shutil.rmtree(folder, ignore_errors=True)  # this script's own run folder from an earlier try
+            rows.append({"way": name, **ev.student_row(folder,
                                                        overrides + STUDENT + extra + args.set)})
             print(rows[-1], flush=True)
     return {"task": {"size": task.size, "patch": task.patch, "train_scenes": n_train, "heldout_scenes": n_test},
