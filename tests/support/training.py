@@ -19,6 +19,18 @@ from tests.support.images import skimage_photos
 from tests.support.teachers import save_dinov3, save_sam3_video_layout, save_siglip
 
 
+#: The run configs' two teachers over the training cache's views (TOML, for a config file).
+TWO_TEACHERS = """[[teachers]]
+name = "siglip2"
+low = "siglip2@64"
+
+[[teachers]]
+name = "dinov3"
+low = "dinov3@64"
+high = "dinov3@128"
+"""
+
+
 def teachers(folder: Path) -> dict[str, str]:
     return {"siglip2": str(save_siglip(folder / "siglip2")[0]), "dinov3": str(save_dinov3(folder / "dinov3")[0]),
             "sam3": str(save_sam3_video_layout(folder / "sam3")[0])}

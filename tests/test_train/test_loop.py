@@ -27,20 +27,12 @@ from tests.support import training
 
 pytestmark = pytest.mark.slow
 
-CONFIG = """
+CONFIG = f"""
 seed = 3
 log_every = 1
 checkpoint_every = 4
 
-[[teachers]]
-name = "siglip2"
-low = "siglip2@64"
-
-[[teachers]]
-name = "dinov3"
-low = "dinov3@64"
-high = "dinov3@128"
-
+{training.TWO_TEACHERS}
 [[teachers]]
 name = "sam3"
 low = "sam3-mosaic2@56"

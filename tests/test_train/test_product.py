@@ -21,23 +21,16 @@ from featcache.store.statsio import read_stats
 from featcache.train import config, export, load_student, train
 from featcache.train.loop import load_bare_student
 from featcache.train.product import PRODUCT, valid_size
+from tests.support import training
 
 pytestmark = pytest.mark.slow
 
-CONFIG = """
+CONFIG = f"""
 seed = 5
 log_every = 100
 checkpoint_every = 100
 
-[[teachers]]
-name = "siglip2"
-low = "siglip2@64"
-
-[[teachers]]
-name = "dinov3"
-low = "dinov3@64"
-high = "dinov3@128"
-
+{training.TWO_TEACHERS}
 [student]
 size = "micro"
 
