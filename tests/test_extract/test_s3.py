@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -40,8 +39,8 @@ def test_s3_output_survives_a_server_restart(private_s3_server, monkeypatch, pho
     try:
         wait_for(lambda: (fs.invalidate_cache() or len(commits()) >= 2), 120, interval=0.1, what="2 commits on S3")
         restarted_at = len(commits())
-        server.stop()  # down for 10 s: s3fs's own retries give up, the job's shard retries take over
-        time.sleep(10)
+        server.stop()  # down until s3fs's own retries gave up and the job's shard retries took over
+        wait_for(lambda: "retrying" in log.getvalue(), 120, interval=0.1, what="a shard retried")  # ~10 s
         server.start()
     finally:
         job.join(timeout=300)
