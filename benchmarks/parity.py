@@ -96,7 +96,7 @@ def run(tmp: Path, args) -> dict:
     for name, codec, extra in WAYS:
         if name[0] in args.ways:
             overrides = pt.student_overrides(task, pt.view_keys(task)[codec], s_steps, batch, args.seed)
-            folder = tmp / f"{name.replace(' ', '-')}{args.tag}"
+            folder = tmp / "-".join([name.replace(" ", "-")] + ([args.tag] if args.tag else []))
             shutil.rmtree(folder, ignore_errors=True)  # this script's own run folder from an earlier try
             rows.append({"way": name, **ev.student_row(folder,
                                                        overrides + STUDENT + extra + args.set)})

@@ -10,13 +10,13 @@ seeded): training scenes use training digits only, held-out scenes held-out digi
     task = ParityTask(size=128, patch=16)
     teacher = train_teacher(task, folder, steps=1500)     # DINOv3ViTModel + its two linear probes, saved
     csv = write_scenes(task, folder / "scenes", 512, 128)  # PNGs + uri,label,split for 'featcache index'
+    cache = extract_cache(folder / "cache", csv, teacher)  # one f16 and one int8-phis view, with statistics
+    probe_scores(load_probes(teacher), *features_of(load_student(run), scenes.images), scenes)
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
-import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
