@@ -5,7 +5,7 @@
     student = load_student("runs/r1")      # the student as a product (DESIGN.md §8), in eval mode:
     out = student(image)                   # {teacher: {"summary", "dense"}} in each teacher's space
 
-``featcache.train.loop.load_bare_student`` gives the bare ``featcache.train.student.Student`` (what
+``featcache.train.weights.load_bare_student`` gives the bare ``featcache.train.student.Student`` (what
 ``--init`` starts from). The training process never imports or builds a teacher: every target is read
 from the cache.
 """

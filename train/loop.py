@@ -44,10 +44,9 @@ from featcache.train.ema import EMA
 from featcache.train.evaluate import evaluators_for
 from featcache.train import product, prune
 from featcache.train.task import DistillTask, Target, describe_targets
-from featcache.train.student import Student, StudentConfig, build_student
+from featcache.train.student import StudentConfig, build_student
+from featcache.train.weights import SET_STATE, SET_WEIGHTS, legacy_files, checkpoint_files, load_bare_student
 
-SET_WEIGHTS, SET_STATE = "student.safetensors", "state.safetensors"  # one checkpoint set's files
-WEIGHTS, STATE = "{}.safetensors", "{}.state.safetensors"  # the pair of runs written before sets
 
 
 @dataclass
@@ -327,7 +326,7 @@ class Trainer:
         self.folder.save(name, {SET_STATE: lambda path: checkpoint.save(path, tensors, meta),
                                         SET_WEIGHTS: lambda path: checkpoint.save(path, weights, wmeta),
                                         product.PRODUCT: lambda path: product.save_maps(path, maps, pmeta)}, self.step)
-        for legacy in _legacy_files(self.out, name):  # a resumed older run: its pair is stale now
+        for legacy in legacy_files(self.out, name):  # a resumed older run: its pair is stale now
             legacy.unlink(missing_ok=True)
 
     def load(self, name: str = "last") -> None:
@@ -346,22 +345,6 @@ class Trainer:
             self.ema.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")})
         checkpoint.restore_rng(state, self.device)
         self.step, self.best = int(smeta["step"]), float(smeta["best"])
-
-
-def _legacy_files(run: Path, name: str) -> tuple[Path, Path]:
-    """Where runs written before checkpoint sets kept ``name``'s weights and state."""
-    folder = run / "checkpoints"
-    return folder / WEIGHTS.format(name), folder / STATE.format(name)
-
-
-def checkpoint_files(run: Path, name: str) -> tuple[Path, Path] | None:
-    """The weights and state files of checkpoint ``name`` (``last``, ``best``) of ``run``: its current
-    set, else the pair an older featcache wrote; None when the run has neither."""
-    found = RunFolder(Path(run)).current(name)
-    if found is not None:
-        return found[0] / SET_WEIGHTS, found[0] / SET_STATE
-    weights, state = _legacy_files(run, name)
-    return (weights, state) if weights.exists() or state.exists() else None
 
 
 def train(cfg: TrainConfig | None, out: str | Path, resume: bool = False, init: str | None = None,
@@ -403,34 +386,3 @@ def _plan(folder: RunFolder, cfg: TrainConfig | None, resume: bool) -> tuple[Tra
     further = (lambda c: f"to train further, start a new run from its weights: featcache train {c.cache} --init "
                f"{folder.path} --out NEW_RUN --steps N")
     return folder.plan(cfg, resume, train_config.load, last, lambda c: c.optim.steps, further)
-
-
-def load_bare_student(run: str | Path, which: str = "best") -> Student:
-    """The bare trained student (outputs in the training targets' space) of run folder ``run`` (``best``,
-    falling back to ``last``) or of a weights file, in eval mode: what ``--init`` starts from. For the
-    student as a product (teacher-space outputs, its own preprocessing) use
-    :func:`featcache.train.product.load_student`."""
-    path = student_weights(run, which)
-    meta = checkpoint.metadata(path)
-    if meta.get("format") != "featcache-student-1":
-        raise UsageError(f"{path} is not a featcache student checkpoint")
-    return student_from(json.loads(meta["student"]), load_file(str(path)))
-
-
-def student_weights(run: str | Path, which: str = "best") -> Path:
-    """The student weights file of checkpoint ``which`` of run folder ``run`` (``last`` when it has no
-    ``which``), or ``run`` itself when it is a file."""
-    path = Path(run)
-    if path.is_dir():
-        found = checkpoint_files(path, which) or checkpoint_files(path, "last")
-        if found is None:
-            raise UsageError(f"{run} holds no checkpoint (no checkpoints/{which} or checkpoints/last)")
-        path = found[0]
-    return path
-
-
-def student_from(architecture: dict, weights: dict[str, torch.Tensor]) -> Student:
-    """A student built from its config dict (``StudentConfig.to_dict``) with ``weights`` loaded (strictly), in eval mode."""
-    student = build_student(StudentConfig.from_dict(architecture))
-    student.load_state_dict(weights)
-    return student.eval()

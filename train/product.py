@@ -43,6 +43,7 @@ from featcache import checkpoint
 from featcache.errors import UsageError
 from featcache.store.statsio import read_stats
 from featcache.train.data import MEAN, STD
+from featcache.train.weights import checkpoint_files, student_from
 
 FORMAT = "featcache-student-product-1"  # the product file of a checkpoint set
 EXPORT_FORMAT = "featcache-student-export-1"  # an exported folder's config.json
@@ -128,8 +129,6 @@ def load_student(run_or_dir: str | Path, which: str = "best", space: str = "teac
     """The trained student of a run folder (checkpoint ``which``, ``last`` when it has none) or of an
     exported folder, as a module in eval mode that takes images and returns each teacher's summary and
     dense features in the teacher's space (``space="phis"``: in PHI-S space)."""
-    from featcache.train.loop import student_from
-
     if space not in SPACES:
         raise UsageError(f"space {space!r}: give one of {', '.join(SPACES)}")
     path = Path(run_or_dir)
@@ -140,8 +139,6 @@ def load_student(run_or_dir: str | Path, which: str = "best", space: str = "teac
 def read_run(run: Path, which: str = "best") -> Parts:
     """A run folder's checkpoint ``which`` (``last`` when it has none) as :class:`Parts`; a folder that is
     no run, or a checkpoint written before the maps were saved, is a one-line UsageError."""
-    from featcache.train.loop import checkpoint_files
-
     found = (checkpoint_files(run, which) or checkpoint_files(run, "last")) if run.is_dir() else None
     if found is None:
         raise UsageError(f"{run} is not a training run (no checkpoints/{which} or checkpoints/last) nor an "

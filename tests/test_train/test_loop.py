@@ -21,8 +21,9 @@ from featcache import checkpoint
 from featcache.cli import main
 from featcache.geometry import crop_targets
 from featcache.train import config, train
-from featcache.train.data import CacheDataset, collate
-from featcache.train.loop import Trainer, load_bare_student
+from featcache.train.data import collate
+from featcache.train.loop import Trainer
+from featcache.train.weights import load_bare_student
 from tests.support import training
 
 pytestmark = pytest.mark.slow

@@ -22,8 +22,15 @@ TASK = ParityTask(size=64, patch=16, side=(0.5, 0.9), classes=(0, 1, 7))  # 3 di
 @pytest.fixture(scope="module")
 def parity(tmp_path_factory):
     """The trained teacher (dir, probes), its f16 cache, the held-out scenes and a student run of 300 steps."""
-    torch.set_num_threads(1)
-    tmp = tmp_path_factory.mktemp("parity")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # for this build only: the tests after it compare runs at the default count
+    try:
+        return _build(tmp_path_factory.mktemp("parity"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(tmp):
     teacher = train_teacher(TASK, tmp / "teacher", steps=300, batch=32, lr=3e-3, config=TINY)
     scenes_csv = write_scenes(TASK, tmp / "scenes", 96, 64)
     cache = extract_cache(tmp / "cache", scenes_csv, teacher, codecs=("f16",))

@@ -19,7 +19,7 @@ from featcache.errors import UsageError
 from featcache.store.cache import Cache
 from featcache.store.statsio import read_stats
 from featcache.train import config, export, load_student, train
-from featcache.train.loop import load_bare_student
+from featcache.train.weights import load_bare_student
 from featcache.train.product import PRODUCT, valid_size
 from tests.support import training
 

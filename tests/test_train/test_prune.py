@@ -8,7 +8,8 @@ import torch
 
 from featcache.errors import UsageError
 from featcache.train import config, prune
-from featcache.train.loop import load_bare_student, train
+from featcache.train.loop import train
+from featcache.train.weights import load_bare_student
 from tests.test_train.test_loop import cache_root, config_file, long_run  # noqa: F401 (fixtures)
 
 
