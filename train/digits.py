@@ -20,7 +20,7 @@ CSV = "digits.csv"
 TEST_EVERY = 4  # within each class, every 4th image (in the seeded order) is a test image
 
 
-def _choose(targets: np.ndarray, n_per_class: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def choose_split(targets: np.ndarray, n_per_class: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Dataset indices to write (sorted) and whether each is a test image: per class, a seeded
     permutation, its first ``n_per_class``, every ``TEST_EVERY``-th of them to test (stratified)."""
     rng = np.random.default_rng(seed)
@@ -51,7 +51,7 @@ def write_digits(folder, n_per_class: int | None = None, size: int = 64, seed: i
         raise UsageError(f"size={size}: the images must be at least 8 pixels (the digits are 8×8)")
     folder = Path(folder).absolute()
     digits = load_digits()
-    chosen, test = _choose(digits.target, n_per_class, seed)
+    chosen, test = choose_split(digits.target, n_per_class, seed)
     rows = []
     for k, is_test in zip(chosen, test):
         label = int(digits.target[k])

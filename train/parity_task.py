@@ -4,7 +4,7 @@ benchmark (DESIGN.md §8, ALGORITHMS.md §9) scores students against.
 Each scene is a random crop of one of scikit-image's photos with one of scikit-learn's 8×8 digits upscaled
 and pasted (an opaque square, white strokes on black) at a random place and size. Labels: the digit (image
 level) and, per teacher patch, the digit's class where the patch lies mostly inside the pasted square and
-:data:`BACKGROUND` elsewhere. The digits are split by :func:`featcache.train.digits._choose` (stratified,
+:data:`BACKGROUND` elsewhere. The digits are split by :func:`featcache.train.digits.choose_split` (stratified,
 seeded): training scenes use training digits only, held-out scenes held-out digits only.
 
     task = ParityTask(size=128, patch=16)
@@ -31,7 +31,7 @@ from torch import nn
 from featcache.demo import demo_photos
 from featcache.teachers.dinov3 import IMAGENET_MEAN, IMAGENET_STD
 from featcache.teachers.views import normalize
-from featcache.train.digits import _choose
+from featcache.train.digits import choose_split
 
 BACKGROUND = 10  # the per-patch class of a patch that is mostly photo
 CLASSES = 10
@@ -74,7 +74,7 @@ class ParityTask:
         from sklearn.datasets import load_digits
 
         d = load_digits()
-        chosen, test = _choose(d.target, None, self.seed)
+        chosen, test = choose_split(d.target, None, self.seed)
         chosen, test = chosen[np.isin(d.target[chosen], self.classes)], test[np.isin(d.target[chosen], self.classes)]
         return {"train": (d.images[chosen[~test]], d.target[chosen[~test]]),
                 "test": (d.images[chosen[test]], d.target[chosen[test]])}
