@@ -43,6 +43,7 @@ from featcache import checkpoint
 from featcache.errors import UsageError
 from featcache.store.statsio import read_stats
 from featcache.train.data import MEAN, STD
+from featcache.train.evaluate import summaries_from_cache
 from featcache.train.weights import checkpoint_files, student_from
 
 FORMAT = "featcache-student-product-1"  # the product file of a checkpoint set
@@ -89,9 +90,9 @@ def summary_scale(view, rows, seed: int = 0) -> float:
     rows = np.asarray(rows)
     if len(rows) > SUMMARY_ROWS:
         rows = np.sort(np.random.default_rng(seed).choice(rows, SUMMARY_ROWS, replace=False))
-    reader = view.reader()
-    norms = [np.linalg.norm(np.asarray(reader.row("summary", int(r)), dtype=np.float64)) for r in rows]
-    return float(np.mean(norms))
+    with view.reader() as reader:  # the summary chunks alone, one read per shard
+        summaries = summaries_from_cache(reader, rows).astype(np.float64)
+    return float(np.mean(np.linalg.norm(summaries, axis=1)))
 
 
 def preprocessing(cfg) -> dict:
