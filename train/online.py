@@ -68,19 +68,17 @@ class OnlineTargets:
 
     def __init__(self, views: list[str], dataset: CacheDataset, device: torch.device, space: str = "phis"):
         self.device, self.space = device, space
-        self.specs = {key: dataset.reader(key).spec for key in views}
-        self.kinds = {key: kind_of(spec) for key, spec in self.specs.items()}
         self.readers = {key: dataset.reader(key) for key in views}
+        self.specs = {key: reader.spec for key, reader in self.readers.items()}
+        self.kinds = {key: kind_of(spec) for key, spec in self.specs.items()}
         loaded: dict[tuple, Teacher] = {}  # one teacher serves every view of its weights
         self.teachers = {}
         for key, spec in self.specs.items():
             t = spec.teacher
             ident = (t["family"], t["source"], t.get("revision"))
             self.teachers[key] = loaded.get(ident) or loaded.setdefault(ident, teacher_of(spec, device))
-        dataset.teacher_inputs = {key: (tuple(spec.input_size), self._resize(key)) for key, spec in self.specs.items()}
-
-    def _resize(self, key: str) -> str:
-        return self.teachers[key].spec.resize
+        dataset.teacher_inputs = {key: (tuple(spec.input_size), self.teachers[key].spec.resize)
+                                  for key, spec in self.specs.items()}
 
     def transforms(self) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
         """Per view, the (mean, rotation) ``targets_of`` applies: the view's PHI-S statistics (the cache's,
