@@ -259,12 +259,20 @@ def lookup_targets(windows: torch.Tensor, maps: torch.Tensor, extents: torch.Ten
 class CropConfig:
     """Student crop sampling. ``scale``: area fraction of the image; ``ratio``: aspect distortion
     relative to the student input's own aspect; ``aligned_prob``: chance that a crop sits on the
-    teacher grid; ``jitter``: extra shift of aligned crops, up to that many whole teacher cells."""
+    teacher grid; ``flip_prob``: chance that the input is mirrored (its targets are the cached map
+    mirrored); ``jitter``: extra shift of aligned crops, up to that many whole teacher cells.
+
+    The defaults are the parity benchmark's recipe (BENCHMARKS.md, issue 25): every crop on the teacher
+    grid, so a student resolution up to the view's own gives student cells equal to teacher cells, shifted
+    in whole cells (exact targets, no interpolation); no mirroring, because a mirrored cached map is the
+    teacher's answer to the mirrored image only for a mirror-equivariant teacher. Unaligned crops (scale
+    0.25-1, interpolated targets) and mirroring each cost the cache-trained student about a third of its
+    probe accuracy there."""
 
     scale: tuple[float, float] = (0.25, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    aligned_prob: float = 0.5
-    flip_prob: float = 0.5
+    aligned_prob: float = 1.0
+    flip_prob: float = 0.0
     jitter: int = 0
 
     def __post_init__(self):

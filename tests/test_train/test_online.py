@@ -29,6 +29,7 @@ IMAGENET = (np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225]))  #
 def _cfg(cache, *overrides: str) -> config.TrainConfig:
     d = {"cache": str(cache), "teachers": TEACHERS, "student": {"size": "micro"}, "seed": 3,
          "resolution": {"low": [64, 96], "high": [128], "high_prob": 0.3},
+         "crop": {"aligned_prob": 0.5, "flip_prob": 0.5},  # free and mirrored crops too, not the defaults only
          "optim": {"steps": 12, "batch_size": 4, "lr": 2e-3, "warmup": 3},
          "eval": {"every": 100, "resolution": 64, "pictures": False}, "log_every": 1, "checkpoint_every": 6}
     config.configfile.apply_overrides(d, list(overrides))
