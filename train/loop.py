@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from featcache import checkpoint
 from featcache.devices import resolve_device
 from featcache.errors import FeatcacheError, UsageError
+from featcache.extract.progress import duration
 from featcache.store.location import check_reachable
 from featcache.log import LogStream
 from featcache.runs import RunFolder
@@ -136,6 +137,15 @@ def due(step: int, every: int, last: int) -> bool:
     return step % every == 0 or step == last
 
 
+def step_line(step: int, steps: int, elapsed: float, steps_here: int, terms: str, samples_per_s: float) -> str:
+    """The console line of a logged step: elapsed is this process's (a resumed run counts from its restart), the
+    ETA the steps left at this process's rate so far (evaluations and checkpoints included)."""
+    eta = (steps - step) * elapsed / steps_here if steps_here > 0 else float("nan")
+    parts = [f"step {step}/{steps}", f"{duration(elapsed)} elapsed", f"ETA {duration(eta)}", terms,
+             f"{samples_per_s:.1f} samples/s"]
+    return "  ".join(p for p in parts if p)
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only: not norms, biases, tokens or the position table."""
     decay, keep = [], []
@@ -211,6 +221,7 @@ class Trainer:
                      if self.step == 0 and len(self.heldout_rows) else ""))
         if self.step == 0:
             self._evaluate()  # the held-out losses before any training: the baseline every later one is read against
+        self._began = (time.perf_counter(), self.step)  # this process's clock and first step: elapsed and ETA
         while self.step < cfg.optim.steps:
             lr, grad_norm = self._train_step(batches, keep, window)
             if due(self.step, cfg.log_every, cfg.optim.steps):
@@ -279,8 +290,8 @@ class Trainer:
                   "bytes_read_per_s": round(window["bytes"] / seconds, 1)}
         self._append(record)
         terms = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k in window["terms"])
-        print(f"step {self.step}/{self.cfg.optim.steps}  {terms}  {record['samples_per_s']:.1f} samples/s",
-              file=self.stream, flush=True)
+        print(step_line(self.step, self.cfg.optim.steps, now - self._began[0], self.step - self._began[1], terms,
+                        record["samples_per_s"]), file=self.stream, flush=True)
         window.update(samples=0, bytes=0, t=now, terms={})
 
     def _append(self, record: dict) -> None:

@@ -58,7 +58,7 @@ class Progress:
         eta = (self.total - self.done) / rate if rate > 0 else float("nan")
         pct = 100.0 * self.done / self.total if self.total else 100.0
         return (f"{self.done}/{self.total} images ({pct:.0f}%)  {rate:.1f} images/s  "
-                f"ETA {_duration(eta)}  failed {self.failed}")
+                f"ETA {duration(eta)}  failed {self.failed}")
 
     def tick(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -79,7 +79,8 @@ class Progress:
             self.stream.flush()
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """``seconds`` as m:ss, or h:mm:ss from an hour; "--" when unknown (NaN or infinite)."""
     if seconds != seconds or seconds == float("inf"):
         return "--"
     seconds = int(round(seconds))

@@ -22,7 +22,7 @@ from featcache.cli import main
 from featcache.geometry import crop_targets
 from featcache.train import config, train
 from featcache.train.data import collate
-from featcache.train.loop import Trainer
+from featcache.train.loop import Trainer, step_line
 from featcache.train.weights import load_bare_student
 from tests.support import training
 
@@ -306,3 +306,12 @@ def test_knn_of_student_and_teacher_summaries_on_a_labelled_set(tmp_path):
         assert 0 <= evals[-1][f"knn/{name}/student"] <= 1
         assert result.knn[f"knn/{name}/student"] == evals[-1][f"knn/{name}/student"]
     assert "heldout/siglip2/spatial" in evals[0]  # the held-out rows are the manifest's 'test' split
+
+
+def test_the_console_line_shows_elapsed_time_and_an_eta_from_this_process_rate():
+    """120 of 1,000 steps taken, 20 of them by this process (resumed at 100) in 50 s: 2.5 s a step, 880 to go."""
+    line = step_line(step=120, steps=1000, elapsed=50.0, steps_here=20, terms="a/spatial 0.5000", samples_per_s=12.34)
+    assert line == "step 120/1000  0:50 elapsed  ETA 36:40  a/spatial 0.5000  12.3 samples/s"
+    assert "ETA --" in step_line(step=5, steps=10, elapsed=0.0, steps_here=0, terms="", samples_per_s=0.0)
+    assert "1:00:00 elapsed  ETA 0:00" in step_line(step=10, steps=10, elapsed=3600, steps_here=10, terms="x",
+                                                    samples_per_s=1)
