@@ -14,7 +14,8 @@ seconds per step. The teacher's own row comes first.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/parity.py [--quick] [--threads 1] [--set crop.scale=[0.5,1.0]]
 
-``--quick`` is a few-minute run; the default is sized to give meaningful numbers on a 2-core CPU. ``--set``
+``--quick`` is a few-minute run; the default (the figures in BENCHMARKS.md) takes about 40 minutes on two CPU
+threads: the teacher ~8, each student 8-11. ``--set``
 overrides go to all three student runs (the recipe levers: crop scales, resolutions, loss weights, schedule).
 """
 
