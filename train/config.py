@@ -96,6 +96,11 @@ class Evaluation:
 
 
 @dataclass
+class Logging:
+    tensorboard: bool = False  # TensorBoard event files under RUN/tensorboard (the tensorboard package)
+
+
+@dataclass
 class TrainConfig:
     cache: str = ""
     teachers: list[TeacherTarget] = field(default_factory=list)
@@ -106,6 +111,7 @@ class TrainConfig:
     optim: Optim = field(default_factory=Optim)
     data: Data = field(default_factory=Data)
     eval: Evaluation = field(default_factory=Evaluation)
+    log: Logging = field(default_factory=Logging)
     seed: int = 0
     device: str = "auto"
     log_every: int = 10
@@ -127,6 +133,10 @@ class TrainConfig:
             parse(self.prune)
         self._check_ranges()
         check_terms(self.loss.terms)
+        if self.log.tensorboard:
+            from featcache.train.tensorboard import check_available
+
+            check_available()
         if not 0 <= self.resolution.high_prob <= 1:
             raise UsageError(f"resolution.high_prob must be in [0, 1], not {self.resolution.high_prob}")
         if not self.resolution.low or (self.resolution.high_prob > 0 and not self.resolution.high):
@@ -182,7 +192,7 @@ _COMPARE = {">": operator.gt, ">=": operator.ge}
 
 _CROP_HINTS = typing.get_type_hints(CropConfig)
 _SECTIONS = {"resolution": Resolutions, "crop": CropConfig, "loss": Losses,
-             "optim": Optim, "data": Data, "eval": Evaluation}
+             "optim": Optim, "data": Data, "eval": Evaluation, "log": Logging}
 
 
 def from_dict(d: dict, where: str = "config") -> TrainConfig:

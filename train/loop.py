@@ -45,6 +45,7 @@ from featcache.train.ema import EMA
 from featcache.train.evaluate import evaluators_for
 from featcache.train import product, prune
 from featcache.train.task import DistillTask, Target, describe_targets
+from featcache.train.tensorboard import TensorBoardLog
 from featcache.train.student import StudentConfig, build_student
 from featcache.train.weights import SET_STATE, SET_WEIGHTS, legacy_files, checkpoint_files, load_bare_student
 
@@ -219,16 +220,21 @@ class Trainer:
                   f"{len(self.train_rows)} rows on {self.device}"
                   + (f"; first the untrained student's held-out losses on {len(self.heldout_rows)} images"
                      if self.step == 0 and len(self.heldout_rows) else ""))
-        if self.step == 0:
-            self._evaluate()  # the held-out losses before any training: the baseline every later one is read against
         self._began = (time.perf_counter(), self.step)  # this process's clock and first step: elapsed and ETA
-        while self.step < cfg.optim.steps:
-            lr, grad_norm = self._train_step(batches, keep, window)
-            if due(self.step, cfg.log_every, cfg.optim.steps):
-                self._log_window(window, lr, float(grad_norm))
-            self._evaluate()
-            if due(self.step, cfg.checkpoint_every, cfg.optim.steps):
-                self.save("last")
+        self.tensorboard = TensorBoardLog(self.out, self.step) if cfg.log.tensorboard else None
+        try:
+            if self.step == 0:
+                self._evaluate()  # the held-out losses before any training: the baseline later ones are read against
+            while self.step < cfg.optim.steps:
+                lr, grad_norm = self._train_step(batches, keep, window)
+                if due(self.step, cfg.log_every, cfg.optim.steps):
+                    self._log_window(window, lr, float(grad_norm))
+                self._evaluate()
+                if due(self.step, cfg.checkpoint_every, cfg.optim.steps):
+                    self.save("last")
+        finally:
+            if self.tensorboard:
+                self.tensorboard.close()
         return self._result(time.perf_counter() - t0)
 
     def _loader(self) -> torch.utils.data.DataLoader:
@@ -296,8 +302,11 @@ class Trainer:
 
     def _append(self, record: dict) -> None:
         self.folder.append(record)
+        if self.tensorboard:
+            self.tensorboard.write(record)
 
     _last_eval: dict = {}
+    tensorboard: TensorBoardLog | None = None  # while :meth:`run` runs with log.tensorboard
 
     def _evaluate(self) -> None:
         """Call the evaluators :func:`due` at this step; record what they measure and keep ``best`` at the

@@ -315,3 +315,49 @@ def test_the_console_line_shows_elapsed_time_and_an_eta_from_this_process_rate()
     assert "ETA --" in step_line(step=5, steps=10, elapsed=0.0, steps_here=0, terms="", samples_per_s=0.0)
     assert "1:00:00 elapsed  ETA 0:00" in step_line(step=10, steps=10, elapsed=3600, steps_here=10, terms="x",
                                                     samples_per_s=1)
+
+
+def test_tensorboard_holds_every_logged_scalar_of_metrics_jsonl_and_resume_adds_to_it(cache_root, config_file,
+                                                                                         tmp_path, monkeypatch):
+    """``log.tensorboard = true``: the event files under RUN/tensorboard, read by TensorBoard's own reader, hold
+    each number of each metrics.jsonl record at its step; a run stopped at step 3 (its checkpoint at 2) and
+    resumed leaves TensorBoard the resumed values, as metrics.jsonl has them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "tb"
+    cfg = config.load(config_file, cache=cache_root, overrides=["log.tensorboard=true", "optim.steps=4",
+                                                                "eval.every=2", "checkpoint_every=2"])
+    evaluate = Trainer._evaluate
+
+    def stop_at_3(self):
+        if self.step == 3:
+            raise RuntimeError("stopped")
+        return evaluate(self)
+
+    monkeypatch.setattr(Trainer, "_evaluate", stop_at_3)
+    with pytest.raises(RuntimeError, match="stopped"):
+        train(cfg, run)
+    monkeypatch.setattr(Trainer, "_evaluate", evaluate)
+    train(None, run, resume=True)
+    want = {(k, r["step"]): v for r in _records(run) for k, v in r.items() if k != "step"}
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    got = {}
+    for tag in events.Tags()["scalars"]:
+        steps = [e.step for e in events.Scalars(tag)]
+        assert len(steps) == len(set(steps)), (tag, steps)  # the stopped run's step 3 was purged, not kept twice
+        got.update({(tag, e.step): e.value for e in events.Scalars(tag)})
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-6), key
+    assert ("heldout/dinov3/spatial", 0) in got and ("lr", 4) in got  # the step-0 evaluation, the last step
+
+
+def test_tensorboard_without_its_package_is_one_line_before_the_run_folder(cache_root, config_file, tmp_path,
+                                                                           monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
+    out = tmp_path / "no-tb"
+    code = main(["train", cache_root, "--config", str(config_file), "--out", str(out), "--set", "log.tensorboard=true"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and not out.exists(), err
+    assert "log.tensorboard needs the tensorboard package" in err and "featcache[tensorboard]" in err
