@@ -98,6 +98,7 @@ class Evaluation:
 @dataclass
 class Logging:
     tensorboard: bool = False  # TensorBoard event files under RUN/tensorboard (the tensorboard package)
+    wandb: dict = field(default_factory=dict)  # {project = ..., entity, name, group, tags, mode}: featcache.train.wandb_log
 
 
 @dataclass
@@ -137,6 +138,10 @@ class TrainConfig:
             from featcache.train.tensorboard import check_available
 
             check_available()
+        if self.log.wandb:
+            from featcache.train.wandb_log import check
+
+            check(self.log.wandb)
         if not 0 <= self.resolution.high_prob <= 1:
             raise UsageError(f"resolution.high_prob must be in [0, 1], not {self.resolution.high_prob}")
         if not self.resolution.low or (self.resolution.high_prob > 0 and not self.resolution.high):

@@ -46,6 +46,7 @@ from featcache.train.evaluate import evaluators_for
 from featcache.train import product, prune
 from featcache.train.task import DistillTask, Target, describe_targets
 from featcache.train.tensorboard import TensorBoardLog
+from featcache.train.wandb_log import WandbLog
 from featcache.train.student import StudentConfig, build_student
 from featcache.train.weights import SET_STATE, SET_WEIGHTS, legacy_files, checkpoint_files, load_bare_student
 
@@ -222,6 +223,7 @@ class Trainer:
                      if self.step == 0 and len(self.heldout_rows) else ""))
         self._began = (time.perf_counter(), self.step)  # this process's clock and first step: elapsed and ETA
         self.tensorboard = TensorBoardLog(self.out, self.step) if cfg.log.tensorboard else None
+        self.wandb = WandbLog(self.out, cfg.log.wandb, cfg.to_dict()) if cfg.log.wandb else None
         try:
             if self.step == 0:
                 self._evaluate()  # the held-out losses before any training: the baseline later ones are read against
@@ -233,8 +235,9 @@ class Trainer:
                 if due(self.step, cfg.checkpoint_every, cfg.optim.steps):
                     self.save("last")
         finally:
-            if self.tensorboard:
-                self.tensorboard.close()
+            for log in (self.tensorboard, self.wandb):
+                if log:
+                    log.close()
         return self._result(time.perf_counter() - t0)
 
     def _loader(self) -> torch.utils.data.DataLoader:
@@ -302,11 +305,13 @@ class Trainer:
 
     def _append(self, record: dict) -> None:
         self.folder.append(record)
-        if self.tensorboard:
-            self.tensorboard.write(record)
+        for log in (self.tensorboard, self.wandb):
+            if log:
+                log.write(record)
 
     _last_eval: dict = {}
     tensorboard: TensorBoardLog | None = None  # while :meth:`run` runs with log.tensorboard
+    wandb: WandbLog | None = None  # while :meth:`run` runs with log.wandb
 
     def _evaluate(self) -> None:
         """Call the evaluators :func:`due` at this step; record what they measure and keep ``best`` at the

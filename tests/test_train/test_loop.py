@@ -361,3 +361,46 @@ def test_tensorboard_without_its_package_is_one_line_before_the_run_folder(cache
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and not out.exists(), err
     assert "log.tensorboard needs the tensorboard package" in err and "featcache[tensorboard]" in err
+
+
+def test_wandb_offline_writes_a_run_whose_history_is_metrics_jsonl(cache_root, config_file, tmp_path, monkeypatch):
+    """``log.wandb``: with no W&B credentials the run is logged offline under RUN/wandb (``wandb sync`` uploads it
+    later); its history holds each metrics.jsonl number at its step; the run id is kept for a resume."""
+    from tests.support.wandb_records import history
+
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    run = tmp_path / "wb"
+    train(config.load(config_file, cache=cache_root, overrides=[
+        'log.wandb={project="featcache-test", name="wb"}', "optim.steps=2", "eval.every=2"]), run)
+    files = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1 and files[0].stem == "run-" + (run / "wandb" / "run-id").read_text().strip(), files
+    rows = history(files[0])
+    got = {(k, r["_step"]): v for r in rows for k, v in r.items() if not k.startswith("_")}
+    want = {(k, r["step"]): v for r in _records(run) for k, v in r.items() if k != "step"}
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-6), key
+
+
+@pytest.mark.parametrize("value, says", [
+    ('{project="p", api_key="secret"}', "log.wandb: unknown key(s) api_key; known: project, entity, name, group, tags, mode"),
+    ('{name="x"}', "log.wandb needs a project"),
+    ('{project="p", mode="sometimes"}', "log.wandb mode must be 'online', 'offline' or 'disabled', not 'sometimes'"),
+])
+def test_bad_wandb_settings_are_one_line_before_the_run_folder(cache_root, config_file, tmp_path, capsys, value, says):
+    out = tmp_path / "bad-wb"
+    code = main(["train", cache_root, "--config", str(config_file), "--out", str(out), "--set", f"log.wandb={value}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and not out.exists() and says in err, err
+    assert "secret" not in err
+
+
+def test_wandb_without_its_package_is_one_line(cache_root, config_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    code = main(["train", cache_root, "--config", str(config_file), "--out", str(tmp_path / "r"), "--set",
+                 'log.wandb={project="p"}'])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "pip install 'featcache[wandb]'" in err, err
