@@ -45,8 +45,8 @@ from featcache.train.ema import EMA
 from featcache.train.evaluate import evaluators_for
 from featcache.train import product, prune
 from featcache.train.task import DistillTask, Target, describe_targets
-from featcache.train.tensorboard import TensorBoardLog
-from featcache.train.wandb_log import WandbLog
+from featcache.train.tensorboard import FOLDER as TENSORBOARD, TensorBoardLog
+from featcache.train.wandb_log import FOLDER as WANDB, WandbLog
 from featcache.train.student import StudentConfig, build_student
 from featcache.train.weights import SET_STATE, SET_WEIGHTS, legacy_files, checkpoint_files, load_bare_student
 
@@ -59,6 +59,10 @@ class TrainResult:
     heldout: dict[str, float] = field(default_factory=dict)
     knn: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+
+
+#: what a run writes beside its metrics and checkpoints; a run started over before its first checkpoint drops them
+RUN_LOGS = ("pictures", TENSORBOARD, WANDB)
 
 
 def student_config(cfg: TrainConfig, targets: list[Target]) -> StudentConfig:
@@ -204,7 +208,7 @@ class Trainer:
         """Create the run folder and write the resolved config (the cache as an absolute path or URL,
         so ``--resume`` works from any directory); a folder a failed start left is taken over."""
         self.cfg = dataclasses.replace(self.cfg, cache=self.cache.root.uri)
-        self.folder.start(self.cfg.to_toml(), self.stream, more=("pictures",))
+        self.folder.start(self.cfg.to_toml(), self.stream, more=RUN_LOGS)
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -390,7 +394,7 @@ def train(cfg: TrainConfig | None, out: str | Path, resume: bool = False, init: 
         return trainer.run()
     student = load_bare_student(init) if init is not None and not resume else None
     if resume:
-        folder.restart(trainer.stream, more=("pictures",))
+        folder.restart(trainer.stream, more=RUN_LOGS)
     else:
         trainer.start()
     if student is not None:

@@ -404,3 +404,34 @@ def test_wandb_without_its_package_is_one_line(cache_root, config_file, tmp_path
                  'log.wandb={project="p"}'])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "pip install 'featcache[wandb]'" in err, err
+
+
+def test_a_run_started_over_before_its_first_checkpoint_drops_its_tensorboard_and_wandb_files(
+        cache_root, config_file, tmp_path, monkeypatch):
+    """A folder a start left without a checkpoint is taken over: its event files and W&B run go with its metrics,
+    so TensorBoard does not show the abandoned steps beside the new ones."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    run = tmp_path / "over"
+    cfg = config.load(config_file, cache=cache_root, overrides=[
+        "log.tensorboard=true", 'log.wandb={project="featcache-test"}', "optim.steps=2", "eval.every=2",
+        "checkpoint_every=2"])
+    evaluate = Trainer._evaluate
+
+    def stop_at_1(self):
+        if self.step == 1:
+            raise RuntimeError("stopped")
+        return evaluate(self)
+
+    monkeypatch.setattr(Trainer, "_evaluate", stop_at_1)
+    with pytest.raises(RuntimeError, match="stopped"):
+        train(cfg, run)
+    old_id = (run / "wandb" / "run-id").read_text()
+    monkeypatch.setattr(Trainer, "_evaluate", evaluate)
+    train(cfg, run)  # the same command again: the folder has no checkpoint, so it is started over
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("lr")] == [1, 2]
+    assert (run / "wandb" / "run-id").read_text() != old_id and len(list((run / "wandb").glob("offline-run-*"))) == 1
