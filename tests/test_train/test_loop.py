@@ -317,6 +317,21 @@ def test_the_console_line_shows_elapsed_time_and_an_eta_from_this_process_rate()
                                                     samples_per_s=1)
 
 
+def _train_stopping_at(step: int, cfg, run: Path, monkeypatch) -> None:
+    """Train ``cfg`` into ``run`` until an error stops it after ``step`` was logged (the process dying there)."""
+    evaluate = Trainer._evaluate
+
+    def stop(self):
+        if self.step == step:
+            raise RuntimeError("stopped")
+        return evaluate(self)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Trainer, "_evaluate", stop)
+        with pytest.raises(RuntimeError, match="stopped"):
+            train(cfg, run)
+
+
 def test_tensorboard_holds_every_logged_scalar_of_metrics_jsonl_and_resume_adds_to_it(cache_root, config_file,
                                                                                          tmp_path, monkeypatch):
     """``log.tensorboard = true``: the event files under RUN/tensorboard, read by TensorBoard's own reader, hold
@@ -327,17 +342,7 @@ def test_tensorboard_holds_every_logged_scalar_of_metrics_jsonl_and_resume_adds_
     run = tmp_path / "tb"
     cfg = config.load(config_file, cache=cache_root, overrides=["log.tensorboard=true", "optim.steps=4",
                                                                 "eval.every=2", "checkpoint_every=2"])
-    evaluate = Trainer._evaluate
-
-    def stop_at_3(self):
-        if self.step == 3:
-            raise RuntimeError("stopped")
-        return evaluate(self)
-
-    monkeypatch.setattr(Trainer, "_evaluate", stop_at_3)
-    with pytest.raises(RuntimeError, match="stopped"):
-        train(cfg, run)
-    monkeypatch.setattr(Trainer, "_evaluate", evaluate)
+    _train_stopping_at(3, cfg, run, monkeypatch)
     train(None, run, resume=True)
     want = {(k, r["step"]): v for r in _records(run) for k, v in r.items() if k != "step"}
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
@@ -418,18 +423,8 @@ def test_a_run_started_over_before_its_first_checkpoint_drops_its_tensorboard_an
     cfg = config.load(config_file, cache=cache_root, overrides=[
         "log.tensorboard=true", 'log.wandb={project="featcache-test"}', "optim.steps=2", "eval.every=2",
         "checkpoint_every=2"])
-    evaluate = Trainer._evaluate
-
-    def stop_at_1(self):
-        if self.step == 1:
-            raise RuntimeError("stopped")
-        return evaluate(self)
-
-    monkeypatch.setattr(Trainer, "_evaluate", stop_at_1)
-    with pytest.raises(RuntimeError, match="stopped"):
-        train(cfg, run)
+    _train_stopping_at(1, cfg, run, monkeypatch)
     old_id = (run / "wandb" / "run-id").read_text()
-    monkeypatch.setattr(Trainer, "_evaluate", evaluate)
     train(cfg, run)  # the same command again: the folder has no checkpoint, so it is started over
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
