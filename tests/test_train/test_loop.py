@@ -377,6 +377,7 @@ def test_wandb_offline_writes_a_run_whose_history_is_metrics_jsonl(cache_root, c
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "NOT-IN-ANY-RUN-FILE")  # a credential in the environment
     run = tmp_path / "wb"
     train(config.load(config_file, cache=cache_root, overrides=[
         'log.wandb={project="featcache-test", name="wb"}', "optim.steps=2", "eval.every=2"]), run)
@@ -388,6 +389,7 @@ def test_wandb_offline_writes_a_run_whose_history_is_metrics_jsonl(cache_root, c
     assert got.keys() == want.keys()
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-6), key
+    assert not [p for p in run.rglob("*") if p.is_file() and b"NOT-IN-ANY-RUN-FILE" in p.read_bytes()]
 
 
 @pytest.mark.parametrize("value, says", [
