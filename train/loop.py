@@ -226,8 +226,8 @@ class Trainer:
                   + (f"; first the untrained student's held-out losses on {len(self.heldout_rows)} images"
                      if self.step == 0 and len(self.heldout_rows) else ""))
         self._began = (time.perf_counter(), self.step)  # this process's clock and first step: elapsed and ETA
-        self.tensorboard = TensorBoardLog(self.out, self.step) if cfg.log.tensorboard else None
-        self.wandb = WandbLog(self.out, cfg.log.wandb, cfg.to_dict()) if cfg.log.wandb else None
+        self.logs = ((TensorBoardLog(self.out, self.step),) if cfg.log.tensorboard else ()) + \
+            ((WandbLog(self.out, cfg.log.wandb, cfg.to_dict()),) if cfg.log.wandb else ())
         try:
             if self.step == 0:
                 self._evaluate()  # the held-out losses before any training: the baseline later ones are read against
@@ -239,9 +239,8 @@ class Trainer:
                 if due(self.step, cfg.checkpoint_every, cfg.optim.steps):
                     self.save("last")
         finally:
-            for log in (self.tensorboard, self.wandb):
-                if log:
-                    log.close()
+            for log in self.logs:
+                log.close()
         return self._result(time.perf_counter() - t0)
 
     def _loader(self) -> torch.utils.data.DataLoader:
@@ -309,13 +308,14 @@ class Trainer:
 
     def _append(self, record: dict) -> None:
         self.folder.append(record)
-        for log in (self.tensorboard, self.wandb):
-            if log:
-                log.write(record)
+        if self.logs:
+            numbers = {k: v for k, v in record.items()
+                       if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for log in self.logs:
+                log.write(int(record["step"]), numbers)
 
     _last_eval: dict = {}
-    tensorboard: TensorBoardLog | None = None  # while :meth:`run` runs with log.tensorboard
-    wandb: WandbLog | None = None  # while :meth:`run` runs with log.wandb
+    logs: tuple = ()  # while :meth:`run` runs: the TensorBoard and W&B logs the config asks for
 
     def _evaluate(self) -> None:
         """Call the evaluators :func:`due` at this step; record what they measure and keep ``best`` at the

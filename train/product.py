@@ -44,7 +44,7 @@ from featcache.errors import UsageError
 from featcache.store.statsio import read_stats
 from featcache.train.data import MEAN, STD
 from featcache.train.evaluate import summaries_from_cache
-from featcache.train.weights import checkpoint_files, student_from
+from featcache.train.weights import checkpoint_or_last, student_from
 
 FORMAT = "featcache-student-product-1"  # the product file of a checkpoint set
 EXPORT_FORMAT = "featcache-student-export-1"  # an exported folder's config.json
@@ -140,7 +140,7 @@ def load_student(run_or_dir: str | Path, which: str = "best", space: str = "teac
 def read_run(run: Path, which: str = "best") -> Parts:
     """A run folder's checkpoint ``which`` (``last`` when it has none) as :class:`Parts`; a folder that is
     no run, or a checkpoint written before the maps were saved, is a one-line UsageError."""
-    found = (checkpoint_files(run, which) or checkpoint_files(run, "last")) if run.is_dir() else None
+    found = checkpoint_or_last(run, which) if run.is_dir() else None
     if found is None:
         raise UsageError(f"{run} is not a training run (no checkpoints/{which} or checkpoints/last) nor an "
                          f"exported student (no {EXPORT_CONFIG})")

@@ -32,12 +32,10 @@ class TensorBoardLog:
 
         self.writer = SummaryWriter(str(Path(run) / FOLDER), purge_step=first_step + 1 if first_step else None)
 
-    def write(self, record: dict) -> None:
-        """Each number of ``record`` but its ``step``, flushed at once (a killed run keeps what it logged)."""
-        step = int(record["step"])
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(key, value, step)
+    def write(self, step: int, numbers: dict[str, float]) -> None:
+        """A record's numbers at ``step``, flushed at once (a killed run keeps what it logged)."""
+        for key, value in numbers.items():
+            self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
     def close(self) -> None:

@@ -71,11 +71,9 @@ class WandbLog:
                               id=id_file.read_text().strip(), resume="allow", config=config, mode=_mode(settings),
                               settings=wandb.Settings(silent=True, console="off"))
 
-    def write(self, record: dict) -> None:
-        """Each number of ``record`` but its ``step``, at that step."""
-        numbers = {k: v for k, v in record.items()
-                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self.run.log(numbers, step=int(record["step"]))
+    def write(self, step: int, numbers: dict[str, float]) -> None:
+        """A record's numbers at ``step``."""
+        self.run.log(numbers, step=step)
 
     def close(self) -> None:
         self.run.finish()

@@ -35,6 +35,11 @@ def checkpoint_files(run: Path, name: str) -> tuple[Path, Path] | None:
     return (weights, state) if weights.exists() or state.exists() else None
 
 
+def checkpoint_or_last(run: Path, which: str) -> tuple[Path, Path] | None:
+    """:func:`checkpoint_files` of ``which``, else of ``last`` (a run evaluated never, or not yet)."""
+    return checkpoint_files(run, which) or checkpoint_files(run, "last")
+
+
 def load_bare_student(run: str | Path, which: str = "best") -> Student:
     """The bare trained student (outputs in the training targets' space) of run folder ``run`` (``best``,
     falling back to ``last``) or of a weights file, in eval mode: what ``--init`` starts from. For the
@@ -52,7 +57,7 @@ def student_weights(run: str | Path, which: str = "best") -> Path:
     ``which``), or ``run`` itself when it is a file."""
     path = Path(run)
     if path.is_dir():
-        found = checkpoint_files(path, which) or checkpoint_files(path, "last")
+        found = checkpoint_or_last(path, which)
         if found is None:
             raise UsageError(f"{run} holds no checkpoint (no checkpoints/{which} or checkpoints/last)")
         path = found[0]
