@@ -302,9 +302,15 @@ def train_cmd(
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Any config key: --set loss.mesa=0.5 "
                                                                       "(repeatable; values in TOML or JSON "
                                                                       "syntax, a bare word is a string)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Train as a Ray Train job on this "
+                                              "cluster ('auto', ray://host:port, 'local': an embedded Ray) "
+                                              "[$RAY_ADDRESS if set, else in this process, or torchrun's]."),
+    ray_workers: int = typer.Option(1, "--ray-workers", help="Ray Train workers (data-parallel processes; a GPU "
+                                                             "each when the cluster has GPUs)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object when the run ends."),
 ) -> None:
-    """Distil a student from the cache's teacher views (no teacher runs); --resume continues a run."""
+    """Distil a student from the cache's teacher views (no teacher runs); --resume continues a run. Under
+    torchrun, or as a Ray Train job (--ray-address), the processes train one student data-parallel."""
     from featcache.train import config as train_config
     from featcache.runs import refuse_flags
     from featcache.train.loop import resumable, train
@@ -321,7 +327,15 @@ def train_cmd(
         cfg = None
     else:
         cfg = train_config.load(config, cache=root, overrides=sets)
-    result = train(cfg, out, resume=resume, init=init)
+    ray_address = ray_address or os.environ.get("RAY_ADDRESS", "").strip() or None
+    if ray_address is not None or ray_workers != 1:
+        from featcache.pipelines import train as ray_train
+
+        result = ray_train.run(cfg, out, resume=resume, init=init, ray_address=ray_address, workers=ray_workers)
+    else:
+        result = train(cfg, out, resume=resume, init=init)
+    if result.rank:  # one of several data-parallel processes: rank 0 says how the run ended
+        return
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(result), indent=1, sort_keys=True))
     else:

@@ -14,12 +14,12 @@ from featcache.log import LogStream
 
 
 @contextmanager
-def ray_session(address: str | None = None, stream=None):
+def ray_session(address: str | None = None, stream=None, log_to_driver: bool = False):
     """Join the cluster at ``address`` ("auto", "ray://host:port", "host:port") or, when it is None, at
     ``RAY_ADDRESS``; with neither, start an embedded local Ray sized to this machine (a private one,
     even beside a cluster that ``ray start`` left running here) and stop it afterwards. One line on
     ``stream`` (stderr) says which, before Ray is reached. A runtime the caller already started is used
-    as it is."""
+    as it is. ``log_to_driver``: the workers' output is printed here (a training job's progress lines)."""
     import ray
 
     if ray.is_initialized():  # a caller (e.g. a notebook or a test session) owns the Ray runtime
@@ -29,7 +29,7 @@ def ray_session(address: str | None = None, stream=None):
     print(note, file=stream or LogStream(), flush=True)
     with _token_auth(embedded=address is None):
         try:
-            ray.init(**_init_options(address))
+            ray.init(**{**_init_options(address), "log_to_driver": log_to_driver})
         except (ConnectionError, RuntimeError, ValueError) as e:
             where = address or "a local Ray"
             raise UsageError(f"cannot start or reach {where}: {str(e).strip().splitlines()[0]}") from None

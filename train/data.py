@@ -50,13 +50,16 @@ class Item:
 
 class BatchPlan:
     """The batches of a run, a pure function of (seed, step): rows in a fresh permutation per epoch,
-    one resolution per batch drawn from the low or the high partition (ALGORITHMS.md §6)."""
+    one resolution per batch drawn from the low or the high partition (ALGORITHMS.md §6). ``share`` = (first,
+    stop): a data-parallel rank's part of every batch (``featcache.train.distributed``); its items keep their
+    place in the global batch, and so their crops."""
 
     def __init__(self, rows: np.ndarray, batch_size: int, seed: int, low: list[int], high: list[int],
-                 high_prob: float):
+                 high_prob: float, share: tuple[int, int] | None = None):
         if len(rows) == 0:
             raise UsageError("no training rows: every image is failed, unwritten or held out")
         self.rows, self.batch_size, self.seed = np.asarray(rows), batch_size, seed
+        self.share = share or (0, batch_size)
         self.low, self.high, self.high_prob = list(low), list(high), high_prob
         self._perm: tuple[int, np.ndarray] | None = None
 
@@ -69,7 +72,7 @@ class BatchPlan:
     def batch(self, step: int) -> list[Item]:
         res, partition = self.resolution(step)
         items = []
-        for k in range(self.batch_size):
+        for k in range(*self.share):
             p = step * self.batch_size + k
             epoch, at = divmod(p, len(self.rows))
             if self._perm is None or self._perm[0] != epoch:

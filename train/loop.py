@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from featcache.runs import RunFolder
 from featcache.store.cache import Cache
 from featcache.train import config as train_config
 from featcache.train.config import TrainConfig
+from featcache.train import distributed
 from featcache.train.data import BatchPlan, CacheDataset, StepSampler, collate, split_rows, to_device
 from featcache.train.ema import EMA
 from featcache.train.evaluate import evaluators_for
@@ -59,6 +61,7 @@ class TrainResult:
     heldout: dict[str, float] = field(default_factory=dict)
     knn: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    rank: int = 0  # of the data-parallel processes (rank 0 evaluates: the others' heldout and knn are empty)
 
 
 #: what a run writes beside its metrics and checkpoints; a run started over before its first checkpoint drops them
@@ -164,14 +167,20 @@ class Trainer:
     """One run: its folder, data, student, optimizer, EMA, task and evaluators; :meth:`run` trains to
     ``optim.steps``."""
 
-    def __init__(self, cfg: TrainConfig, out: str | Path, stream=None):
+    def __init__(self, cfg: TrainConfig, out: str | Path, stream=None, ranks: distributed.Ranks | None = None):
         """Check everything the run needs (device, cache, views, rows, batch size, kNN labels) and
-        build it; nothing is written (:meth:`start` creates the folder)."""
+        build it; nothing is written (:meth:`start` creates the folder). ``ranks``: this process's place
+        among data-parallel ones (:func:`featcache.train.distributed.join`); only rank 0 writes or evaluates."""
         self.cfg, self.out = cfg, Path(out)
+        self.ranks = ranks or distributed.Ranks()
         self.folder = RunFolder(self.out)  # its layout, resume rules and metrics file
         self.stream = stream or LogStream()
-        self.device = resolve_device(cfg.device)
+        if not self.ranks.main:  # the console is rank 0's; errors still reach each rank's stderr
+            self.stream = open(os.devnull, "w")
+        self.device = distributed.local_device(resolve_device(cfg.device), self.ranks.local)
+        share = self.ranks.share(cfg.optim.batch_size)
         self.cache = open_cache(cfg.cache)
+        self.cfg = cfg = dataclasses.replace(cfg, cache=self.cache.root.uri)
         self.targets = describe_targets(self.cache, cfg)
         self.mesa = cfg.loss.mesa > 0
         self.dataset = CacheDataset(self.cache.root.uri, {t.name: t.views for t in self.targets}, cfg.patch,
@@ -181,15 +190,19 @@ class Trainer:
         self.heldout_rows = self.heldout_rows[:cfg.data.heldout_images]
         check_batch(cfg, len(self.train_rows), self.device)
         self.plan = BatchPlan(self.train_rows, cfg.optim.batch_size, cfg.seed, cfg.resolution.low,
-                              cfg.resolution.high, cfg.resolution.high_prob)
+                              cfg.resolution.high, cfg.resolution.high_prob, share)
         self.dataset.lookahead = self.plan
         torch.manual_seed(cfg.seed)
         self.student_cfg = student_config(cfg, self.targets)
         self.student = build_student(self.student_cfg).to(self.device)
+        if self.ranks.parallel:
+            self.student.batch_share = (share[0], cfg.optim.batch_size)
         self.optimizer = torch.optim.AdamW(_param_groups(self.student, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                            betas=tuple(cfg.optim.betas))
         self.ema = EMA(self.student) if self.mesa else None
         self.task = DistillTask(cfg, self.student, self.targets, self.dataset, self.device, self.ema)
+        if self.ranks.parallel:
+            self.task.data_parallel(self.ranks)
         self.evaluators = evaluators_for(cfg, self.task, self.cache, self.heldout_rows, self.out / "pictures")
         self.step = 0
         self.best = float("inf")
@@ -206,8 +219,8 @@ class Trainer:
 
     def start(self) -> None:
         """Create the run folder and write the resolved config (the cache as an absolute path or URL,
-        so ``--resume`` works from any directory); a folder a failed start left is taken over."""
-        self.cfg = dataclasses.replace(self.cfg, cache=self.cache.root.uri)
+        so ``--resume`` works from any directory: :meth:`__init__` resolved it); a folder a failed start left is
+        taken over."""
         self.folder.start(self.cfg.to_toml(), self.stream, more=RUN_LOGS)
 
     # ---- the loop -------------------------------------------------------------------------
@@ -226,8 +239,9 @@ class Trainer:
                   + (f"; first the untrained student's held-out losses on {len(self.heldout_rows)} images"
                      if self.step == 0 and len(self.heldout_rows) else ""))
         self._began = (time.perf_counter(), self.step)  # this process's clock and first step: elapsed and ETA
-        self.logs = ((TensorBoardLog(self.out, self.step),) if cfg.log.tensorboard else ()) + \
-            ((WandbLog(self.out, cfg.log.wandb, cfg.to_dict()),) if cfg.log.wandb else ())
+        if self.ranks.main:
+            self.logs = ((TensorBoardLog(self.out, self.step),) if cfg.log.tensorboard else ()) + \
+                ((WandbLog(self.out, cfg.log.wandb, cfg.to_dict()),) if cfg.log.wandb else ())
         try:
             if self.step == 0:
                 self._evaluate()  # the held-out losses before any training: the baseline later ones are read against
@@ -278,8 +292,9 @@ class Trainer:
         terms: dict[str, float] = {}
         for micro in range(acc):
             batch = to_device(_next(batches), self.device, non_blocking=True)
-            values = self.task.forward(batch, self.step * acc + micro)
-            (values.pop("loss") / acc).backward()
+            with self.task.syncing(last=micro == acc - 1):
+                values = self.task.forward(batch, self.step * acc + micro)
+                (values.pop("loss") / acc).backward()
             for k, v in values.items():
                 terms[k] = terms.get(k, 0.0) + v / acc
             window["samples"] += len(batch["row"])
@@ -289,22 +304,26 @@ class Trainer:
     def _result(self, seconds: float) -> TrainResult:
         knn = {k: v for k, v in self._last_eval.items() if k.startswith("knn/")}
         heldout = {k: v for k, v in self._last_eval.items() if k not in knn}
-        return TrainResult(str(self.out), self.step, heldout, knn, seconds)
+        return TrainResult(str(self.out), self.step, heldout, knn, seconds, self.ranks.rank)
 
     # ---- records ---------------------------------------------------------------------------
 
     def _log_window(self, window: dict, lr: float, grad_norm: float) -> None:
+        """The logged step's record: each term's mean over the window's steps and the ranks (each rank's value
+        is its share's mean: their mean is the global batch's), the samples and bytes of every rank."""
         now = time.perf_counter()
         seconds = max(now - window["t"], 1e-9)
-        record = {"step": self.step, "lr": lr, "grad_norm": round(grad_norm, 6),
-                  **{k: float(np.mean(v)) for k, v in window["terms"].items()},
-                  "samples_per_s": round(window["samples"] / seconds, 3),
-                  "bytes_read_per_s": round(window["bytes"] / seconds, 1)}
-        self._append(record)
-        terms = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k in window["terms"])
-        print(step_line(self.step, self.cfg.optim.steps, now - self._began[0], self.step - self._began[1], terms,
-                        record["samples_per_s"]), file=self.stream, flush=True)
+        terms = self.ranks.mean({k: float(np.mean(v)) for k, v in window["terms"].items()})
+        samples, read = self.ranks.total([window["samples"], window["bytes"]])
+        record = {"step": self.step, "lr": lr, "grad_norm": round(grad_norm, 6), **terms,
+                  "samples_per_s": round(samples / seconds, 3), "bytes_read_per_s": round(read / seconds, 1)}
         window.update(samples=0, bytes=0, t=now, terms={})
+        if not self.ranks.main:
+            return
+        self._append(record)
+        said = "  ".join(f"{k} {v:.4f}" for k, v in terms.items())
+        print(step_line(self.step, self.cfg.optim.steps, now - self._began[0], self.step - self._began[1], said,
+                        record["samples_per_s"]), file=self.stream, flush=True)
 
     def _append(self, record: dict) -> None:
         self.folder.append(record)
@@ -319,13 +338,17 @@ class Trainer:
 
     def _evaluate(self) -> None:
         """Call the evaluators :func:`due` at this step; record what they measure and keep ``best`` at the
-        lowest sum of held-out losses."""
+        lowest sum of held-out losses. Rank 0 alone evaluates, with torch's generators as they were after: the
+        other ranks' draws (the CPE's crops, drop-path) stay in step with its own."""
+        if not self.ranks.main:
+            return
         ran = [e for e in self.evaluators if due(self.step, e.every, self.cfg.optim.steps)]
         if not ran:
             return
         results: dict[str, float] = {}
-        for evaluator in ran:
-            results.update(evaluator(self.step))
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            for evaluator in ran:
+                results.update(evaluator(self.step))
         self._last_eval = results
         if results:
             self._append({"step": self.step, **results})
@@ -341,7 +364,9 @@ class Trainer:
     def save(self, name: str) -> None:
         """``checkpoints/<name>/``: student weights and state (optimizer, EMA, RNG; the rest as JSON
         metadata) written as one set (:func:`featcache.checkpoint.write_set`): a kill at any moment
-        leaves the previous pair or the new one, never one of each."""
+        leaves the previous pair or the new one, never one of each. Rank 0 alone writes."""
+        if not self.ranks.main:
+            return
         tensors, meta = checkpoint.optimizer_tensors(self.optimizer)
         if self.ema is not None:
             tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
@@ -387,15 +412,25 @@ def train(cfg: TrainConfig | None, out: str | Path, resume: bool = False, init: 
     """
     folder = RunFolder.open(out)
     cfg, step = _plan(folder, cfg, resume)
-    trainer = Trainer(cfg, folder.path, stream)
+    ranks = distributed.join(resolve_device(cfg.device))
+    try:
+        return _train(Trainer(cfg, folder.path, stream, ranks), folder, step, resume, init)
+    finally:
+        distributed.leave(ranks)
+
+
+def _train(trainer: Trainer, folder: RunFolder, step: int | None, resume: bool, init: str | None) -> TrainResult:
+    """:func:`train` once its trainer is built: every rank loads the same weights; rank 0 alone changes the folder."""
+    main = trainer.ranks.main
     if step is not None:
         trainer.load("last")
-        folder.resumed(trainer.step, trainer.stream)
+        if main:
+            folder.resumed(trainer.step, trainer.stream)
         return trainer.run()
     student = load_bare_student(init) if init is not None and not resume else None
-    if resume:
+    if resume and main:
         folder.restart(trainer.stream, more=RUN_LOGS)
-    else:
+    elif main:
         trainer.start()
     if student is not None:
         missing = trainer.student.load_state_dict(student.state_dict(), strict=False)
@@ -403,9 +438,29 @@ def train(cfg: TrainConfig | None, out: str | Path, resume: bool = False, init: 
     return trainer.run()
 
 
+def recorded(out: str | Path, seconds: float) -> TrainResult:
+    """The result of the run in ``out`` as its metrics record it (its last step, its last evaluation): what a
+    launcher of other processes (Ray Train) reports when they are done."""
+    folder, steps, last = RunFolder.open(out), 0, {}
+    for line in folder.metrics.read_text().splitlines() if folder.metrics.exists() else ():
+        record = json.loads(line)
+        steps = max(steps, int(record["step"]))
+        if any(k.startswith(("heldout/", "knn/")) for k in record):
+            last = record
+    knn = {k: v for k, v in last.items() if k.startswith("knn/")}
+    heldout = {k: v for k, v in last.items() if k not in knn and k != "step"}
+    return TrainResult(str(folder.path), steps, heldout, knn, seconds)
+
+
 def resumable(out: str | Path) -> TrainConfig:
     """The config of the run in ``out``, refused when it holds none or has no steps left."""
-    return _plan(RunFolder.open(out), None, True)[0]
+    return planned(out, None, True)
+
+
+def planned(out: str | Path, cfg: TrainConfig | None, resume: bool) -> TrainConfig:
+    """The config a run in ``out`` trains with (``resume``: the folder's own), checked by the folder's rules
+    before anything starts (a launcher's check: :func:`train` checks again in each process)."""
+    return _plan(RunFolder.open(out), cfg, resume)[0]
 
 
 def _plan(folder: RunFolder, cfg: TrainConfig | None, resume: bool) -> tuple[TrainConfig, int | None]:

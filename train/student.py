@@ -206,30 +206,45 @@ def _unwindows(t: torch.Tensor, b: int, h: int, w: int, ws: int) -> torch.Tensor
     return t.reshape(b, nh, h * w, c)
 
 
-def position_table(table: torch.Tensor, grid: tuple[int, int], training: bool, batch: int) -> torch.Tensor:
+def position_table(table: torch.Tensor, grid: tuple[int, int], training: bool, batch: int,
+                   share: tuple[int, int] | None = None) -> torch.Tensor:
     """RADIO's CPE: the learned ``table`` (1, D, H, W) for a ``grid`` of h x w tokens, as (1 or ``batch``, D, h, w).
 
     At the table's own grid, the table; at inference, the table resized bilinearly to a square of side
-    max(h, w) and its top-left h x w; in training, :func:`_random_crop` per image (see the module docstring)."""
+    max(h, w) and its top-left h x w; in training, :func:`_random_crop` per image (see the module docstring;
+    ``share``: :func:`_drawn_rows`)."""
     if tuple(table.shape[-2:]) == tuple(grid):
         return table
     if training:
-        return _random_crop(table, grid, batch)
+        return _random_crop(table, grid, batch, share)
     side = max(grid)
     square = F.interpolate(table.float(), size=(side, side), mode="bilinear", align_corners=True)
     return square[..., :grid[0], :grid[1]].to(table.dtype)
 
 
-def _random_crop(table: torch.Tensor, grid: tuple[int, int], batch: int) -> torch.Tensor:
+def _drawn_rows(batch: int, share: tuple[int, int] | None) -> tuple[int, slice]:
+    """(rows a random draw covers, the rows of this batch): a data-parallel rank's batch is rows [first, first +
+    batch) of a global batch (``share`` = (first, global rows)); it draws for the whole global batch and keeps its
+    rows, so the ranks together draw what one process draws for the global batch (``featcache.train.distributed``)."""
+    if share is None:
+        return batch, slice(None)
+    first, total = share
+    return total, slice(first, first + batch)
+
+
+def _random_crop(table: torch.Tensor, grid: tuple[int, int], batch: int,
+                 share: tuple[int, int] | None = None) -> torch.Tensor:
     """Per image, a rectangle of ``table`` (area scale² with scale uniform in [√0.1, 1], aspect log-uniform in
     [3/4, 4/3], clamped to the table, its corner uniform where it fits) sampled bilinearly on h x w points from
     corner to corner. Drawn from torch's global RNG on the table's device (scales, aspects, corners, as RADIO
     draws them), so a seeded run, and a resumed one, draws the same crops."""
     dev, (h, w) = table.device, grid
-    scale = torch.rand(batch, device=dev) * (1 - CPE_MIN_SCALE) + CPE_MIN_SCALE
-    aspect = torch.exp(torch.rand(batch, device=dev) * 2 * CPE_LOG_ASPECT - CPE_LOG_ASPECT)
+    drawn, rows = _drawn_rows(batch, share)
+    scale = torch.rand(drawn, device=dev) * (1 - CPE_MIN_SCALE) + CPE_MIN_SCALE
+    aspect = torch.exp(torch.rand(drawn, device=dev) * 2 * CPE_LOG_ASPECT - CPE_LOG_ASPECT)
     size = torch.stack([scale * aspect, scale / aspect], dim=-1).clamp(0, 1)  # (B, 2): x, y in table fractions
-    corner = torch.rand(batch, 2, device=dev) * (1 - size)
+    corner = (torch.rand(drawn, 2, device=dev) * (1 - size))[rows]
+    size = size[rows]
     xs = corner[:, 0, None] + size[:, 0, None] * torch.linspace(0, 1, w, device=dev)  # (B, w)
     ys = corner[:, 1, None] + size[:, 1, None] * torch.linspace(0, 1, h, device=dev)  # (B, h)
     points = torch.stack([xs[:, None, :].expand(-1, h, -1), ys[:, :, None].expand(-1, -1, w)], dim=-1)
@@ -258,11 +273,13 @@ class Attention(nn.Module):
         return _unwindows(F.scaled_dot_product_attention(*_windows(qkv, h, w, ws)), b, h, w, ws)
 
 
-def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: drop the whole residual branch of a sample with probability ``p``."""
+def _drop_path(x: torch.Tensor, p: float, training: bool, share: tuple[int, int] | None = None) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch of a sample with probability ``p`` (``share``:
+    :func:`_drawn_rows`)."""
     if p == 0 or not training:
         return x
-    keep = x.new_empty(x.shape[0], *(1,) * (x.ndim - 1)).bernoulli_(1 - p)
+    drawn, rows = _drawn_rows(x.shape[0], share)
+    keep = x.new_empty(drawn, *(1,) * (x.ndim - 1)).bernoulli_(1 - p)[rows]
     return x * keep / (1 - p)
 
 
@@ -274,10 +291,11 @@ class Block(nn.Module):
         self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, window)
         self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, hidden, dim)
         self.drop_path = drop_path
+        self.batch_share: tuple[int, int] | None = None  # set by Student.batch_share
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        x = x + _drop_path(self.attn(self.norm1(x), grid), self.drop_path, self.training)
-        return x + _drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        x = x + _drop_path(self.attn(self.norm1(x), grid), self.drop_path, self.training, self.batch_share)
+        return x + _drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training, self.batch_share)
 
 
 def _valid_sides(height: int, width: int, m: int) -> str:
@@ -323,6 +341,21 @@ class Student(nn.Module):
                 nn.init.zeros_(m.bias)
 
     @property
+    def batch_share(self) -> tuple[int, int] | None:
+        """On a data-parallel rank, (first row, global rows): its batches are that share of a global batch, and
+        its random draws in training (the CPE's crops, drop-path) are the global batch's rows of that share;
+        None (one process) draws for the batch itself."""
+        return self._share
+
+    @batch_share.setter
+    def batch_share(self, share: tuple[int, int] | None) -> None:
+        for block in self.blocks:
+            block.batch_share = share
+        self._share = share
+
+    _share: tuple[int, int] | None = None
+
+    @property
     def num_prefix(self) -> int:
         """CLS tokens + register tokens."""
         return self.cls_tokens.shape[1] + self.register_tokens.shape[1]
@@ -361,8 +394,9 @@ class Student(nn.Module):
 
     def _embed(self, pixels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         x = self.patch_embed(pixels)  # (B, D, h, w)
-        x = (x + position_table(self.pos_embed, grid, self.training, x.shape[0])).flatten(2).transpose(1, 2)
-        prefix = torch.cat([self.cls_tokens, self.register_tokens], dim=1).expand(x.shape[0], -1, -1)
+        x = (x + position_table(self.pos_embed, grid, self.training, x.shape[0], self._share)).flatten(2).transpose(1, 2)
+        # each token expanded on its own: its gradient is then a tensor of its own shape (DDP's buckets copy it as is)
+        prefix = torch.cat([t.expand(x.shape[0], -1, -1) for t in (self.cls_tokens, self.register_tokens)], dim=1)
         return torch.cat([prefix.to(x.dtype), x], dim=1)
 
     def _adapt(self, x: torch.Tensor, grid: tuple[int, int]) -> StudentOutput:

@@ -22,6 +22,7 @@ from featcache.geometry import lookup_targets
 from featcache.store.cache import Cache
 from featcache.train.config import TrainConfig
 from featcache.train.data import CacheDataset, normalize
+from featcache.train.distributed import Ranks
 from featcache.train.ema import EMA
 from featcache.train.losses import LOSSES, Loss, damp_call
 from featcache.train.student import Student, StudentOutput
@@ -105,6 +106,12 @@ class Step:
     def cfg(self) -> TrainConfig:
         return self.task.cfg
 
+    @property
+    def ranks(self) -> Ranks | None:
+        """The data-parallel ranks a training batch is a share of (None: one process, or an evaluation batch,
+        which rank 0 computes alone): losses that average over a batch's images count them over every share."""
+        return self.task.ranks if self.step is not None and self.task.parallel is not None else None
+
     def targets(self, target: Target) -> torch.Tensor:
         """``target``'s teacher features on the student's grid, (B, h, w, C) float32."""
         return self.task.targets_of(self.batch[target.name], self.out.grid)
@@ -123,6 +130,8 @@ class DistillTask:
         self.cfg, self.student, self.targets, self.dataset, self.device, self.ema = (cfg, student, targets, dataset,
                                                                                      device, ema)
         self.terms = terms_of(cfg, targets)
+        self.parallel: torch.nn.parallel.DistributedDataParallel | None = None  # :meth:`data_parallel`
+        self.ranks: Ranks | None = None
         self._phis: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self.online = self._online() if cfg.data.targets == "online" else None
 
@@ -135,6 +144,22 @@ class DistillTask:
         online = OnlineTargets(views, self.dataset, self.device, self.cfg.data.space)
         self._phis.update(online.transforms())
         return online
+
+    def data_parallel(self, ranks: Ranks) -> None:
+        """Train through ``DistributedDataParallel`` (the process group is up: ``featcache.train.distributed``):
+        the training forward, DAMP's noisy weights included, runs as one wrapped module, so each backward
+        averages the ranks' gradients. Parameters some step may leave without a gradient (a summary head whose
+        weight is 0) are looked for, at the cost DDP's documentation states."""
+        self.ranks = ranks
+        unused = any(t.summary_channels and not t.summary for t in self.targets)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.parallel = torch.nn.parallel.DistributedDataParallel(_TrainingForward(self.student), device_ids=ids,
+                                                                  find_unused_parameters=bool(unused),
+                                                                  gradient_as_bucket_view=True)
+
+    def syncing(self, last: bool):
+        """Context of a micro-batch's backward: the ranks average gradients at the step's ``last`` one only."""
+        return nullcontext() if self.parallel is None or last else self.parallel.no_sync()
 
     def forward(self, batch: dict, micro_step: int | None) -> dict:
         """``{"loss": weighted sum, <term>: value as a float, ...}`` of one batch on the device.
@@ -160,8 +185,12 @@ class DistillTask:
         pixels = normalize(pixels) if pixels.dtype == torch.uint8 else pixels
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         with autocast:
+            g = None
             if micro_step is not None and self.cfg.loss.damp > 0 and self.student.training:
                 g = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 1_000_003 + micro_step)
+            if self.parallel is not None and micro_step is not None and self.student.training:
+                return self.parallel(pixels, self.cfg.loss.damp if g is not None else 0.0, g)
+            if g is not None:
                 return damp_call(self.student, self.cfg.loss.damp, pixels, generator=g)
             return self.student(pixels)
 
@@ -191,3 +220,16 @@ class DistillTask:
             yield
         finally:
             self.student.train(was)
+
+
+class _TrainingForward(torch.nn.Module):
+    """The student's training forward as one module for ``DistributedDataParallel``: with DAMP's noise
+    (``sigma`` > 0, drawn from ``generator``) its weights enter through ``functional_call``, and their gradients
+    still reach the student's parameters, which DDP averages."""
+
+    def __init__(self, student: Student):
+        super().__init__()
+        self.student = student
+
+    def forward(self, pixels: torch.Tensor, sigma: float, generator: torch.Generator | None) -> StudentOutput:
+        return damp_call(self.student, sigma, pixels, generator=generator)

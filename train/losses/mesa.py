@@ -21,16 +21,17 @@ from .registry import register_loss
 from .spatial import spatial_mse
 
 if TYPE_CHECKING:
+    from featcache.train.distributed import Ranks
     from featcache.train.task import Step
 
 
-def mesa_loss(x: Tensor, x_ema: Tensor, maps: Tensor, omega: Tensor) -> Tensor:
+def mesa_loss(x: Tensor, x_ema: Tensor, maps: Tensor, omega: Tensor, ranks: Ranks | None = None) -> Tensor:
     """MESA loss between student features x (B, h, w, D) and EMA features x_ema (B, h2, w2, D).
 
     ``maps`` (B, 4) = [sx, tx, sy, ty] takes EMA-grid coordinates to student-grid coordinates, as
     ``crop_to_crop_map(ema_box, ema_grid, ema_flip, student_box, student_grid, student_flip).as_array()``;
     ``omega`` (B, h2, w2) marks the EMA cells whose centre lies in the student's crop. Only x gets a
-    gradient: the EMA side is a target.
+    gradient: the EMA side is a target. ``ranks``: a data-parallel share's part (:func:`spatial_mse`).
     """
     _check_shapes(x, x_ema, maps)
     batch, h, w, depth = x.shape
@@ -38,7 +39,7 @@ def mesa_loss(x: Tensor, x_ema: Tensor, maps: Tensor, omega: Tensor) -> Tensor:
     target = F.layer_norm(x_ema.detach(), (depth,))
     extents = torch.tensor([h, w], dtype=torch.long, device=x.device).expand(batch, 2)
     aligned = geometry.lookup_targets(student, maps, extents, tuple(x_ema.shape[1:3]))
-    return spatial_mse(aligned.permute(0, 2, 3, 1), target, omega)
+    return spatial_mse(aligned.permute(0, 2, 3, 1), target, omega, ranks)
 
 
 @register_loss("mesa", weight=lambda cfg, target: cfg.loss.mesa if cfg.loss.mesa > 0 else None,
@@ -50,7 +51,7 @@ def mesa_term(step: Step, target: None) -> Tensor | None:
         return None
     ema = step.ema_output()
     return mesa_loss(step.out.features.float(), ema.features.float(), step.batch["mesa"]["map"],
-                     step.batch["mesa"]["omega"])
+                     step.batch["mesa"]["omega"], step.ranks)
 
 
 def _check_shapes(x: Tensor, x_ema: Tensor, maps: Tensor) -> None:
