@@ -155,6 +155,13 @@ def step_line(step: int, steps: int, elapsed: float, steps_here: int, terms: str
     return "  ".join(p for p in parts if p)
 
 
+def bar_line(step: int, steps: int, elapsed: float, steps_here: int, samples_per_s: float, width: int = 20) -> str:
+    """The live line a terminal shows between logged steps: :func:`step_line` with a bar of ``width`` cells."""
+    filled = min(width, int(width * step / steps)) if steps else width
+    return step_line(step, steps, elapsed, steps_here, "[" + "#" * filled + "." * (width - filled) + "]",
+                     samples_per_s)
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only: not norms, biases, tokens or the position table."""
     decay, keep = [], []
@@ -249,13 +256,38 @@ class Trainer:
                 lr, grad_norm = self._train_step(batches, keep, window)
                 if due(self.step, cfg.log_every, cfg.optim.steps):
                     self._log_window(window, lr, float(grad_norm))
+                else:
+                    self._draw(window)
                 self._evaluate()
                 if due(self.step, cfg.checkpoint_every, cfg.optim.steps):
                     self.save("last")
         finally:
+            self._clear()
             for log in self.logs:
                 log.close()
         return self._result(time.perf_counter() - t0)
+
+    # ---- the console ----------------------------------------------------------------------
+
+    _drawn = 0.0  # when the live line was last drawn (0: none is on the terminal)
+
+    def _draw(self, window: dict) -> None:
+        """On a terminal, the live line (:func:`bar_line`) at most 5 times a second; plain logs get none."""
+        now = time.perf_counter()
+        if not getattr(self.stream, "isatty", lambda: False)() or now - self._drawn < 0.2:
+            return
+        rate = window["samples"] * self.ranks.world / max(now - window["t"], 1e-9)
+        line = bar_line(self.step, self.cfg.optim.steps, now - self._began[0], self.step - self._began[1], rate)
+        self.stream.write("\r" + line.ljust(78))
+        self.stream.flush()
+        self._drawn = now
+
+    def _clear(self) -> None:
+        """Take the live line off the terminal before a line of its own."""
+        if self._drawn:
+            self.stream.write("\r" + " " * 78 + "\r")
+            self.stream.flush()
+            self._drawn = 0.0
 
     def _loader(self) -> torch.utils.data.DataLoader:
         """The micro-batches of steps ``self.step`` to ``optim.steps``, as the plan draws them. Its iterator
@@ -321,6 +353,7 @@ class Trainer:
         if not self.ranks.main:
             return
         self._append(record)
+        self._clear()
         said = "  ".join(f"{k} {v:.4f}" for k, v in terms.items())
         print(step_line(self.step, self.cfg.optim.steps, now - self._began[0], self.step - self._began[1], said,
                         record["samples_per_s"]), file=self.stream, flush=True)
@@ -354,6 +387,7 @@ class Trainer:
             self._append({"step": self.step, **results})
             total = sum(v for k, v in results.items() if k.startswith("heldout/"))
             said = "  ".join(f"{k} {v:.4f}" for k, v in results.items())
+            self._clear()
             print(f"eval at step {self.step}: {said}", file=self.stream, flush=True)
             if total < self.best:
                 self.best = total

@@ -5,8 +5,10 @@ training process never imports a teacher."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -315,6 +317,28 @@ def test_the_console_line_shows_elapsed_time_and_an_eta_from_this_process_rate()
     assert "ETA --" in step_line(step=5, steps=10, elapsed=0.0, steps_here=0, terms="", samples_per_s=0.0)
     assert "1:00:00 elapsed  ETA 0:00" in step_line(step=10, steps=10, elapsed=3600, steps_here=10, terms="x",
                                                     samples_per_s=1)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_terminal_gets_a_live_bar_between_the_logged_lines_and_a_log_gets_lines_only(cache_root, config_file,
+                                                                                     tmp_path, terminal):
+    cfg = config.load(config_file, cache=cache_root, overrides=["optim.steps=6", "log_every=3", "checkpoint_every=6"])
+    stream = _Terminal() if terminal else io.StringIO()
+    train(cfg, tmp_path / "run", stream=stream)
+    text = stream.getvalue()
+    logged = re.findall(r"^(step [36]/6  .*)$", text.replace("\r" + " " * 78 + "\r", "\n"), re.M)
+    assert len(logged) == 2 and all("siglip2/spatial" in line for line in logged)
+    if not terminal:
+        assert "\r" not in text
+        return
+    bars = re.findall(r"\r(step \d/6 [^\r\n]*)", text)
+    assert bars and bars[0].startswith("step 1/6  ") and "[###.................]" in bars[0] and "ETA" in bars[0]
+    assert text.count("\r" + " " * 78 + "\r") >= len(logged)  # each logged line clears the bar first
 
 
 def _train_stopping_at(step: int, cfg, run: Path, monkeypatch) -> None:
