@@ -86,6 +86,13 @@ class Backend(Protocol):
     def write_if_absent(self, path: str, data: bytes) -> bool:
         """Write ``data`` unless an object is there already; True when this call wrote it."""
 
+    def upload(self, path: str, local: str) -> None:
+        """Copy the local file ``local`` to ``path``, streamed (a checkpoint of gigabytes never sits in memory),
+        so that a reader sees the old object or the whole new one."""
+
+    def download(self, path: str, local: str) -> None:
+        """Copy the object at ``path`` into the local file ``local``, streamed."""
+
     def exists(self, path: str) -> bool:
         """Whether an object or a folder is at ``path``."""
 
@@ -180,6 +187,14 @@ class FsspecBackend:
             return False
         self.write_atomic(path, data)
         return True
+
+    def upload(self, path: str, local: str) -> None:
+        """One PUT, or a multipart upload that becomes visible only when complete."""
+        with storage_errors(f"writing {self.uri(path)}"):
+            self.fs.put_file(local, path)
+
+    def download(self, path: str, local: str) -> None:
+        self.fs.get_file(path, local)
 
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import fnmatch
 import os
+import shutil
 import stat
 import uuid
 from typing import BinaryIO, Iterator
@@ -93,6 +94,21 @@ class LocalBackend(FsspecBackend):
                 return True
             except FileExistsError:
                 return False
+
+    def upload(self, path: str, local: str) -> None:
+        """A temporary sibling copied from ``local``, renamed over the target."""
+        with storage_errors(f"writing {path}"):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            try:
+                shutil.copyfile(local, tmp)
+                os.replace(tmp, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+
+    def download(self, path: str, local: str) -> None:
+        shutil.copyfile(path, local)
 
     def list(self, path: str, detail: bool = False) -> list:
         return self.fs.ls(path, detail=detail)

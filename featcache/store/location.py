@@ -71,6 +71,14 @@ class Location:
         """Write ``data`` unless something is there already; True when this call wrote it."""
         return self.backend.write_if_absent(self.path, data)
 
+    def upload(self, local: str | os.PathLike) -> None:
+        """Copy the local file ``local`` here, streamed; a reader sees the old object or the whole new one."""
+        self.backend.upload(self.path, os.fspath(local))
+
+    def download(self, local: str | os.PathLike) -> None:
+        """Copy this file into the local file ``local``, streamed."""
+        self.backend.download(self.path, os.fspath(local))
+
     def delete(self, recursive: bool = False) -> None:
         self.backend.delete(self.path, recursive)
 

@@ -57,6 +57,21 @@ class TestBackend:
         data, stamp = loc.read_range(1000, 3000)
         assert data == DATA[1000:4000] and stamp == loc.stamp() and stamp.size == len(DATA)
 
+    def test_upload_and_download_copy_local_files_whole(self, root, tmp_path):
+        local = tmp_path / "big.bin"
+        local.write_bytes(DATA * 100)  # 1 MiB
+        loc = root.join("sets", "set-0000001", "state.safetensors")
+        loc.upload(local)
+        assert loc.read_bytes() == DATA * 100
+        local.write_bytes(DATA)
+        loc.upload(local)  # a second upload replaces the object whole
+        back = tmp_path / "back.bin"
+        loc.download(back)
+        assert back.read_bytes() == DATA and loc.backend.size(loc.path) == len(DATA)
+        assert loc.backend.find(root.join("sets").path) == [loc.path]  # no temporary object left beside it
+        with pytest.raises(FileNotFoundError):
+            root.join("nothing-here").download(tmp_path / "none.bin")
+
     def test_open_for_reading(self, root):
         loc = root.join("f.bin")
         loc.write_bytes_atomic(DATA)
