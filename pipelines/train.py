@@ -19,6 +19,7 @@ from pathlib import Path
 from featcache.errors import FeatcacheError, UsageError
 from featcache.log import LogStream
 from featcache.pipelines.ray_session import ray_session
+from featcache.runs import is_url
 from featcache.train import config as train_config
 from featcache.train.config import TrainConfig
 from featcache.train.loop import TrainResult, open_cache, planned, recorded
@@ -36,7 +37,8 @@ def run(cfg: TrainConfig | None, out: str | Path, resume: bool = False, init: st
     the config and the split of the batch over the workers are checked before Ray starts."""
     if workers < 1:
         raise UsageError(f"--ray-workers must be at least 1, not {workers}")
-    cfg, out = planned(out, cfg, resume), Path(out).absolute()  # a worker's directory is not this one
+    cfg = planned(out, cfg, resume)
+    out = out if is_url(out) else Path(out).absolute()  # a worker's directory is not this one
     if not resume:  # the workers' config names the cache as this process found it (``--resume``: the folder's)
         cfg = dataclasses.replace(cfg, cache=open_cache(cfg.cache).root.uri)
     if cfg.optim.batch_size % workers:
@@ -56,7 +58,7 @@ def run(cfg: TrainConfig | None, out: str | Path, resume: bool = False, init: st
                                             "resume": resume, "init": init},
                 scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu),
                 torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-                run_config=RunConfig(name=Path(out).name or "run", storage_path=storage,
+                run_config=RunConfig(name=str(out).rstrip("/").rsplit("/", 1)[-1] or "run", storage_path=storage,
                                      failure_config=FailureConfig(max_failures=0)))
             print(f"training on {workers} Ray Train worker(s){' with a GPU each' if gpu else ''}", file=stream,
                   flush=True)

@@ -42,7 +42,8 @@ from featcache.store.cache import Cache
 from featcache.train import config as train_config
 from featcache.train.config import TrainConfig
 from featcache.train import distributed
-from featcache.train.data import BatchPlan, CacheDataset, StepSampler, collate, split_rows, to_device
+from featcache.train.data import (BatchPlan, CacheDataset, ShardPlan, StepSampler, collate, split_rows,
+                                  to_device)
 from featcache.train.ema import EMA
 from featcache.train.evaluate import evaluators_for
 from featcache.train import product, prune
@@ -118,6 +119,30 @@ def check_batch(cfg: TrainConfig, train_rows: int, device: torch.device) -> None
                          f"{free / 2**30:.1f} GiB free: use a smaller batch (optim.accumulate keeps the effective one)")
 
 
+def read_mode(cfg: TrainConfig, cache: Cache) -> str:
+    """How the loader reads ``cache``: ``data.read``, where "auto" is whole shards on an object store (ranged
+    reads there pay a request's latency per window) and windows on a local disk (positional reads)."""
+    if cfg.data.read != "auto":
+        return cfg.data.read
+    return "windows" if cache.capabilities.positional_reads else "shards"
+
+
+def check_shard_buffer(cfg: TrainConfig, dataset: CacheDataset) -> int:
+    """The shard size the plan groups rows by; refused in one line, before anything is read, when the shards a
+    reader holds (twice ``data.shard_buffer`` of every view, in each loader worker) would not fit in the host's free
+    memory."""
+    readers = [dataset.reader(key) for key in dataset.views.keys]
+    shard_size = readers[0].view.shard_size
+    need = 2 * cfg.data.shard_buffer * shard_size * sum(r.bytes_for(None) for r in readers) * max(1, cfg.data.workers)
+    free = free_memory(torch.device("cpu"))
+    if free is not None and need > free:
+        raise UsageError(f"data.shard_buffer {cfg.data.shard_buffer} holds {2 * cfg.data.shard_buffer} whole shards of "
+                         f"each of {len(readers)} view(s) at once in each loader process, {need / 2**30:.1f} GiB, but this machine has "
+                         f"{free / 2**30:.1f} GiB free: lower data.shard_buffer, or read windows (data.read = "
+                         "\"windows\")")
+    return shard_size
+
+
 def activation_bytes(cfg: TrainConfig) -> int:
     """A lower bound of the float32 activations one image keeps for the backward pass at the largest
     resolution: per block, the tokens times the width times (4 for q, k, v and the output + 2 times the
@@ -174,13 +199,16 @@ class Trainer:
     """One run: its folder, data, student, optimizer, EMA, task and evaluators; :meth:`run` trains to
     ``optim.steps``."""
 
-    def __init__(self, cfg: TrainConfig, out: str | Path, stream=None, ranks: distributed.Ranks | None = None):
+    def __init__(self, cfg: TrainConfig, out: str | Path, stream=None, ranks: distributed.Ranks | None = None,
+                 folder: RunFolder | None = None):
         """Check everything the run needs (device, cache, views, rows, batch size, kNN labels) and
         build it; nothing is written (:meth:`start` creates the folder). ``ranks``: this process's place
-        among data-parallel ones (:func:`featcache.train.distributed.join`); only rank 0 writes or evaluates."""
+        among data-parallel ones (:func:`featcache.train.distributed.join`); only rank 0 writes or evaluates.
+        ``folder``: the run folder ``out`` opened (:meth:`featcache.runs.RunFolder.open`; one on an object store is
+        its local copy)."""
         self.cfg, self.out = cfg, Path(out)
         self.ranks = ranks or distributed.Ranks()
-        self.folder = RunFolder(self.out)  # its layout, resume rules and metrics file
+        self.folder = folder or RunFolder(self.out)  # its layout, resume rules and metrics file
         self.stream = stream or LogStream()
         if not self.ranks.main:  # the console is rank 0's; errors still reach each rank's stderr
             self.stream = open(os.devnull, "w")
@@ -190,14 +218,23 @@ class Trainer:
         self.cfg = cfg = dataclasses.replace(cfg, cache=self.cache.root.uri)
         self.targets = describe_targets(self.cache, cfg)
         self.mesa = cfg.loss.mesa > 0
+        self.cfg = cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, read=read_mode(cfg, self.cache)))
+        shards = cfg.data.read == "shards"
         self.dataset = CacheDataset(self.cache.root.uri, {t.name: t.views for t in self.targets}, cfg.patch,
-                                    cfg.crop, cfg.data.space, mesa=self.mesa)
+                                    cfg.crop, cfg.data.space, mesa=self.mesa,
+                                    whole_shards=2 * cfg.data.shard_buffer if shards else 0)
         self._say_rows(len(self.dataset.views.rows))
         self.train_rows, self.heldout_rows = split_rows(self.cache, self.dataset.views.rows, cfg.data.heldout, cfg.seed)
         self.heldout_rows = self.heldout_rows[:cfg.data.heldout_images]
         check_batch(cfg, len(self.train_rows), self.device)
-        self.plan = BatchPlan(self.train_rows, cfg.optim.batch_size, cfg.seed, cfg.resolution.low,
-                              cfg.resolution.high, cfg.resolution.high_prob, share)
+        if shards:
+            shard_size = check_shard_buffer(cfg, self.dataset)
+            self.plan = ShardPlan(self.train_rows, shard_size, cfg.optim.batch_size, cfg.seed, cfg.resolution.low,
+                                  cfg.resolution.high, cfg.resolution.high_prob, self.ranks.rank, self.ranks.world,
+                                  cfg.data.shard_buffer)
+        else:
+            self.plan = BatchPlan(self.train_rows, cfg.optim.batch_size, cfg.seed, cfg.resolution.low,
+                                  cfg.resolution.high, cfg.resolution.high_prob, share)
         self.dataset.lookahead = self.plan
         torch.manual_seed(cfg.seed)
         self.student_cfg = student_config(cfg, self.targets)
@@ -336,7 +373,7 @@ class Trainer:
     def _result(self, seconds: float) -> TrainResult:
         knn = {k: v for k, v in self._last_eval.items() if k.startswith("knn/")}
         heldout = {k: v for k, v in self._last_eval.items() if k not in knn}
-        return TrainResult(str(self.out), self.step, heldout, knn, seconds, self.ranks.rank)
+        return TrainResult(self.folder.name, self.step, heldout, knn, seconds, self.ranks.rank)
 
     # ---- records ---------------------------------------------------------------------------
 
@@ -405,7 +442,7 @@ class Trainer:
         if self.ema is not None:
             tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
         tensors.update(checkpoint.rng_tensors(self.device))
-        meta.update({"step": str(self.step), "best": repr(self.best)})
+        meta.update({"step": str(self.step), "best": repr(self.best), "world": str(self.ranks.world)})
         wmeta = {"step": str(self.step), "student": json.dumps(self.student_cfg.to_dict()), "format": "featcache-student-1"}
         weights = self.student.state_dict()
         if getattr(self, "_product", None) is None:  # the maps back to the teachers' spaces: read once, never change
@@ -420,7 +457,7 @@ class Trainer:
     def load(self, name: str = "last") -> None:
         found = checkpoint_files(self.out, name)
         if found is None:
-            raise UsageError(f"{self.out} holds no '{name}' checkpoint: nothing to resume")
+            raise UsageError(f"{self.folder.name} holds no '{name}' checkpoint: nothing to resume")
         weights_path, state_path = found
         wmeta, smeta = checkpoint.metadata(weights_path), checkpoint.metadata(state_path)
         if wmeta.get("step") != smeta.get("step"):
@@ -433,6 +470,11 @@ class Trainer:
             self.ema.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")})
         checkpoint.restore_rng(state, self.device)
         self.step, self.best = int(smeta["step"]), float(smeta["best"])
+        world = int(smeta.get("world", "1"))
+        if self.cfg.data.read == "shards" and world != self.ranks.world:
+            self._say(f"resuming with {self.ranks.world} process(es) a run that read shard by shard with {world}: each "
+                      "process's order of shards depends on how many there are, so the batches from here on are not "
+                      "the uninterrupted run's (data.read = \"windows\" keeps them with any number)")
 
 
 def train(cfg: TrainConfig | None, out: str | Path, resume: bool = False, init: str | None = None,
@@ -444,12 +486,14 @@ def train(cfg: TrainConfig | None, out: str | Path, resume: bool = False, init: 
     finished run is refused, saying how to go on. ``init`` starts a new run from the student weights of
     a checkpoint file or run folder. Everything is checked before the folder is created or changed.
     """
-    folder = RunFolder.open(out)
-    cfg, step = _plan(folder, cfg, resume)
-    ranks = distributed.join(resolve_device(cfg.device))
+    folder = RunFolder.open(out, remote=True)
+    ranks = distributed.Ranks()
     try:
-        return _train(Trainer(cfg, folder.path, stream, ranks), folder, step, resume, init)
+        cfg, step = _plan(folder, cfg, resume)
+        ranks = distributed.join(resolve_device(cfg.device))
+        return _train(Trainer(cfg, folder.path, stream, ranks, folder), folder, step, resume, init)
     finally:
+        folder.close(upload=ranks.main)
         distributed.leave(ranks)
 
 
@@ -475,15 +519,16 @@ def _train(trainer: Trainer, folder: RunFolder, step: int | None, resume: bool, 
 def recorded(out: str | Path, seconds: float) -> TrainResult:
     """The result of the run in ``out`` as its metrics record it (its last step, its last evaluation): what a
     launcher of other processes (Ray Train) reports when they are done."""
-    folder, steps, last = RunFolder.open(out), 0, {}
-    for line in folder.metrics.read_text().splitlines() if folder.metrics.exists() else ():
-        record = json.loads(line)
-        steps = max(steps, int(record["step"]))
-        if any(k.startswith(("heldout/", "knn/")) for k in record):
-            last = record
+    steps, last = 0, {}
+    with RunFolder.open(out, remote=True) as folder:
+        for line in folder.metrics.read_text().splitlines() if folder.metrics.exists() else ():
+            record = json.loads(line)
+            steps = max(steps, int(record["step"]))
+            if any(k.startswith(("heldout/", "knn/")) for k in record):
+                last = record
     knn = {k: v for k, v in last.items() if k.startswith("knn/")}
     heldout = {k: v for k, v in last.items() if k not in knn and k != "step"}
-    return TrainResult(str(folder.path), steps, heldout, knn, seconds)
+    return TrainResult(folder.name, steps, heldout, knn, seconds)
 
 
 def resumable(out: str | Path) -> TrainConfig:
@@ -494,7 +539,8 @@ def resumable(out: str | Path) -> TrainConfig:
 def planned(out: str | Path, cfg: TrainConfig | None, resume: bool) -> TrainConfig:
     """The config a run in ``out`` trains with (``resume``: the folder's own), checked by the folder's rules
     before anything starts (a launcher's check: :func:`train` checks again in each process)."""
-    return _plan(RunFolder.open(out), cfg, resume)[0]
+    with RunFolder.open(out, remote=True) as folder:
+        return _plan(folder, cfg, resume)[0]
 
 
 def _plan(folder: RunFolder, cfg: TrainConfig | None, resume: bool) -> tuple[TrainConfig, int | None]:

@@ -15,6 +15,7 @@ import pytest
 from featcache import checkpoint
 from featcache.cli import main
 from featcache.train import config, train
+from tests.test_s3_preflight import closed_endpoint  # noqa: F401 (a fixture)
 from tests.test_train.test_loop import LOSS_KEYS, _losses
 from tests.test_train.test_loop import cache_root, config_file  # noqa: F401 (fixtures: this module's own copies)
 
@@ -156,10 +157,12 @@ def test_the_run_records_its_cache_as_an_absolute_path(cache_root, config_file, 
     assert config.load(run / "config.toml").cache == str(Path(cache_root).resolve())
 
 
-def test_an_object_store_run_folder_is_refused(cache_root, config_file, tmp_path, capsys, monkeypatch):
+@pytest.mark.s3
+def test_an_unreachable_object_store_run_folder_is_one_line(cache_root, config_file, tmp_path, capsys, monkeypatch,
+                                                           closed_endpoint):  # noqa: F811
     monkeypatch.chdir(tmp_path)
     code, err = _cli(_new(cache_root, config_file, "s3://bucket/run"), capsys)
-    assert code == 2 and len(err) == 1 and "must be a local path" in err[0], err
+    assert code == 2 and len(err) == 1 and f"cannot reach the S3 endpoint {closed_endpoint} for s3://bucket/run" in err[0]
     assert list(tmp_path.iterdir()) == []  # no folder named 's3:'
 
 
