@@ -23,6 +23,8 @@ from featcache.typecheck import fits
 
 #: Where a run's targets come from: the cached windows, or the teachers run on each crop (ALGORITHMS.md §9).
 TARGET_SOURCES = ("cache", "online")
+#: how the loader reads a cache: ranged reads of each window, or whole shard objects in turn (DESIGN.md §5)
+READ_MODES = ("auto", "windows", "shards")
 
 #: The report's student resolutions (ALGORITHMS.md §6).
 LOW = (128, 192, 224, 256, 384, 432)
@@ -84,6 +86,8 @@ class Data:
     prefetch: int = 2
     heldout: float = 0.1  # fraction of rows held out when the manifest has no 'split' column
     heldout_images: int = 64  # at most this many held-out rows are evaluated
+    read: str = "auto"  # "windows" (ranged reads), "shards" (whole shard objects); auto: shards on an object store
+    shard_buffer: int = 4  # with read = "shards": shards whose rows are shuffled together (twice as many held)
 
 
 @dataclass
@@ -154,6 +158,8 @@ class TrainConfig:
         if self.data.targets not in TARGET_SOURCES:
             raise UsageError(f"data.targets must be one of {', '.join(map(repr, TARGET_SOURCES))}, "
                              f"not {self.data.targets!r}")
+        if self.data.read not in READ_MODES:
+            raise UsageError(f"data.read must be one of {', '.join(map(repr, READ_MODES))}, not {self.data.read!r}")
         if not 0 <= self.data.heldout < 1:
             raise UsageError(f"data.heldout must be in [0, 1), not {self.data.heldout}")
         return self
@@ -191,7 +197,7 @@ _RANGES = [("optim.steps", ">=", 1), ("optim.batch_size", ">=", 1), ("optim.accu
            ("optim.lr", ">", 0), ("optim.min_lr", ">=", 0), ("optim.weight_decay", ">=", 0), ("optim.clip", ">", 0),
            ("optim.warmup", ">=", 0), ("seed", ">=", 0), ("log_every", ">=", 1), ("checkpoint_every", ">=", 1),
            ("eval.every", ">=", 1), ("eval.resolution", ">=", 1), ("data.workers", ">=", 0), ("data.prefetch", ">=", 1),
-           ("data.heldout_images", ">=", 0), ("loss.mesa", ">=", 0), ("loss.mesa_start", ">=", 0),
+           ("data.heldout_images", ">=", 0), ("data.shard_buffer", ">=", 1), ("loss.mesa", ">=", 0), ("loss.mesa_start", ">=", 0),
            ("loss.damp", ">=", 0)]
 _COMPARE = {">": operator.gt, ">=": operator.ge}
 

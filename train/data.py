@@ -81,6 +81,78 @@ class BatchPlan:
         return items
 
 
+class ShardPlan(BatchPlan):
+    """The batches of a run that reads whole shard objects (``data.read = "shards"``, DESIGN.md §5), as
+    webdataset's and mosaicml streaming's users know them: each epoch a permutation of the shards (seed,
+    epoch), dealt to the ranks in turn; a rank goes through its shards ``buffer`` at a time, the rows of a
+    group shuffled together (seed, epoch, rank, group), as a shuffle buffer of that many shards would, but as a
+    pure function of (seed, epoch, rank): a resumed run continues the same order. A rank's epochs follow each
+    other without a gap (ranks may hold different numbers of rows), and its part of step s is positions
+    [s·n, (s + 1)·n) of its sequence, n = batch_size / world; items keep their place in the global batch."""
+
+    def __init__(self, rows: np.ndarray, shard_size: int, batch_size: int, seed: int, low: list[int],
+                 high: list[int], high_prob: float, rank: int = 0, world: int = 1, buffer: int = 4):
+        n = batch_size // world
+        super().__init__(rows, batch_size, seed, low, high, high_prob, (rank * n, (rank + 1) * n))
+        self.rank, self.world, self.buffer, self.n = rank, world, buffer, n
+        shard_of = self.rows // shard_size
+        self.shards = np.unique(shard_of)
+        if len(self.shards) < world:
+            raise UsageError(f"the training rows lie in {len(self.shards)} shard(s), fewer than the {world} processes "
+                             "that read shard by shard: use data.read = \"windows\" or fewer processes")
+        self._rows = {int(k): self.rows[shard_of == k] for k in self.shards}
+        self._lengths: list[int] = []  # rows of this rank's epochs 0, 1, ...
+        self._order: tuple[int, list[np.ndarray]] | None = None  # the groups of the epoch last drawn
+
+    def shards_of(self, epoch: int) -> list[int]:
+        """This rank's shards in ``epoch``, in the order it reads them."""
+        order = np.random.default_rng([self.seed, epoch, 2]).permutation(self.shards)
+        return [int(k) for k in order[self.rank::self.world]]
+
+    def groups(self, epoch: int) -> list[np.ndarray]:
+        """This rank's rows in ``epoch``: a group per ``buffer`` shards, its rows shuffled together."""
+        if self._order is None or self._order[0] != epoch:
+            mine = self.shards_of(epoch)
+            groups = []
+            for g in range(0, len(mine), self.buffer):
+                rows = np.concatenate([self._rows[k] for k in mine[g:g + self.buffer]])
+                groups.append(np.random.default_rng([self.seed, epoch, self.rank, g, 3]).permutation(rows))
+            self._order = (epoch, groups)
+        return self._order[1]
+
+    def locate(self, position: int) -> tuple[int, int, int]:
+        """(epoch, group, index in the group) of this rank's ``position``-th sample."""
+        epoch = 0
+        while True:
+            if epoch == len(self._lengths):
+                self._lengths.append(sum(len(self._rows[k]) for k in self.shards_of(epoch)))
+            if position < self._lengths[epoch]:
+                break
+            position -= self._lengths[epoch]
+            epoch += 1
+        for g, rows in enumerate(self.groups(epoch)):
+            if position < len(rows):
+                return epoch, g, position
+            position -= len(rows)
+        raise AssertionError("unreachable: the epoch's groups hold its length")
+
+    def batch(self, step: int) -> list[Item]:
+        res, partition = self.resolution(step)
+        items = []
+        for j in range(self.n):
+            epoch, g, at = self.locate(step * self.n + j)
+            items.append(Item(int(self.groups(epoch)[g][at]), res, partition, (self.seed, step, self.share[0] + j)))
+        return items
+
+    def ahead(self, step: int) -> list[int]:
+        """A row of each shard of the group after the one step ``step`` starts in (the next epoch's first
+        group after an epoch's last): what a reader fetches while this group is read."""
+        epoch, g, _ = self.locate(step * self.n)
+        following = (epoch, g + 1) if g + 1 < len(self.groups(epoch)) else (epoch + 1, 0)
+        shards = self.shards_of(following[0])[following[1] * self.buffer:(following[1] + 1) * self.buffer]
+        return [int(self._rows[k][0]) for k in shards]
+
+
 class StepSampler(torch.utils.data.Sampler):
     """Batches of steps ``[start, stop)`` for a DataLoader's ``batch_sampler``."""
 
@@ -163,7 +235,8 @@ class CacheDataset(torch.utils.data.Dataset):
     ``teachers`` maps a teacher name to ``{partition: view key}``; ``crop`` is a
     :class:`featcache.geometry.CropConfig`; with ``mesa`` each sample carries a second crop of the
     same image for the EMA student and the map between the two grids. Picklable, as its
-    :class:`CacheReader` is.
+    :class:`CacheReader` is. ``whole_shards`` > 0: the shards a training batch (and the plan's next group,
+    :meth:`ShardPlan.ahead`) needs are fetched whole and that many held per view; evaluation rows stay ranged reads.
 
     With :attr:`teacher_inputs` set (online targets, :mod:`featcache.train.online`) no window is read:
     each teacher's part carries instead ``pixels``, the crop's source box (unflipped) at its view's
@@ -171,10 +244,10 @@ class CacheDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: str, teachers: dict[str, dict[str, str]], patch: int, crop: geometry.CropConfig,
-                 space: str = "phis", mesa: bool = False, max_pixels: int = 2 * 89_478_485):
+                 space: str = "phis", mesa: bool = False, max_pixels: int = 2 * 89_478_485, whole_shards: int = 0):
         self.teachers, self.patch, self.crop, self.mesa, self.max_pixels = teachers, patch, crop, mesa, max_pixels
         keys = sorted({k for views in teachers.values() for k in views.values()})
-        self.views = CacheReader(root, keys, space)
+        self.views = CacheReader(root, keys, space, whole_shards)
         self.lookahead: BatchPlan | None = None  # the run's batches: a batch also asks for the next one's windows
         #: online targets: view key -> (teacher input size (h, w), resize); None reads the cached windows
         self.teacher_inputs: dict[str, tuple[tuple[int, int], str]] | None = None
@@ -214,6 +287,10 @@ class CacheDataset(torch.utils.data.Dataset):
         if self.lookahead is not None and items and items[0].seed:  # the next step's, queued behind these
             following = self.lookahead.batch(items[0].seed[1] + 1)
             self._prefetch(following, [self._plan(item) for item in following])
+            if isinstance(self.lookahead, ShardPlan):  # and the next group's shards, whole
+                for row in self.lookahead.ahead(items[0].seed[1]):
+                    for key in self.views.keys:
+                        self.reader(key).prefetch(row, None)
         samples = [self._features(item, plan, dense=False) for item, plan in zip(items, plans)]
         windows = {name: _window_batch([s[name] for s in samples]) for name in self.teachers}
         reading = self._reader_thread().submit(self._read_windows, items, plans, windows)

@@ -26,8 +26,9 @@ class CacheReader:
     a row up by ``image_id``.
     """
 
-    def __init__(self, root: str, keys: list[str], space: str = "phis"):
+    def __init__(self, root: str, keys: list[str], space: str = "phis", whole_shards: int = 0):
         self.root, self.keys, self.space = root, list(keys), space
+        self.whole_shards = whole_shards  # > 0: each view reads whole shard objects, holding that many
         cache = Cache.open(root)
         missing = [k for k in self.keys if k not in cache.views]
         if missing:
@@ -70,7 +71,8 @@ class CacheReader:
         if self._pid != os.getpid():
             self._readers, self._pid = {}, os.getpid()
         if key not in self._readers:
-            self._readers[key] = Cache.open(self.root).view(key).reader()
+            # a shard's dense object and its small arrays' objects: held together
+            self._readers[key] = Cache.open(self.root).view(key).reader(whole_objects=4 * self.whole_shards)
         return self._readers[key]
 
     def device_space(self, key: str) -> str:

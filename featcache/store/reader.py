@@ -126,9 +126,87 @@ class _BackendRanges:
         pass
 
 
-def _ranges_for(view):
-    """os.pread where the cache's backend allows positional reads, ranged requests elsewhere."""
-    return _LocalRanges() if view.cache.capabilities.positional_reads else _BackendRanges(view.loc.backend)
+class WholeObjects:
+    """Byte ranges of objects asked for ahead served from whole copies in memory: :meth:`will_need` starts
+    fetching an object with one GET (as webdataset's and mosaicml streaming's readers fetch their shards),
+    ``threads`` at a time, and at most ``max_objects`` are held, the least recently used dropped first. A read
+    of an object held (or being fetched: it waits) is a slice of it; any other read is a ranged read through
+    ``fallback`` (an evaluation's rows, a shard nobody announced)."""
+
+    def __init__(self, fallback, backend, max_objects: int, threads: int = 4):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.backend, self.fallback, self.max_objects = backend, fallback, max(1, max_objects)
+        self._held: OrderedDict[str, object] = OrderedDict()  # path -> bytes, or the Future fetching them
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="featcache-objects")
+        self.fetched = 0  # objects fetched whole (for tests and benchmarks)
+
+    def _object(self, path: str):
+        """The object's bytes when it is held or being fetched (waiting for the fetch), else None."""
+        with self._lock:
+            held = self._held.get(path)
+            if held is not None:
+                self._held.move_to_end(path)
+        if held is None or isinstance(held, bytes):
+            return held
+        data = held.result()
+        with self._lock:
+            if self._held.get(path) is held:
+                self._held[path] = data
+        return data
+
+    def _fetch(self, path: str) -> bytes:
+        data = self.backend.read(path)
+        self.fetched += 1
+        return data
+
+    def will_need(self, path: str, offset: int, length: int) -> None:
+        """Fetch the whole object ``path`` in the background (the range does not matter)."""
+        with self._lock:
+            if path in self._held:
+                self._held.move_to_end(path)
+                return
+            self._held[path] = self._pool.submit(self._fetch, path)
+            while len(self._held) > self.max_objects:
+                self._held.popitem(last=False)
+
+    def read(self, path: str, offset: int, length: int, writable: bool = False):
+        data = self._object(path)
+        if data is None:
+            return self.fallback.read(path, offset, length, writable)
+        if offset + length > len(data):
+            raise CacheFormatError(f"{path}: short read ({max(0, len(data) - offset)} of {length} bytes at {offset})")
+        part = memoryview(data)[offset:offset + length]
+        return np.array(part, dtype=np.uint8) if writable else bytes(part)
+
+    def read_into(self, path: str, offset: int, buffers: list[np.ndarray]) -> None:
+        data = self._object(path)
+        if data is None:
+            return self.fallback.read_into(path, offset, buffers)
+        data = memoryview(data)
+        for buf in buffers:
+            if offset + len(buf) > len(data):
+                raise CacheFormatError(f"{path}: short read at {offset}")
+            buf[...] = np.frombuffer(data[offset:offset + len(buf)], dtype=np.uint8)
+            offset += len(buf)
+
+    def size(self, path: str) -> int:
+        data = self._object(path)
+        return self.fallback.size(path) if data is None else len(data)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            self._held.clear()
+        self.fallback.close()
+
+
+def _ranges_for(view, whole_objects: int = 0):
+    """os.pread where the cache's backend allows positional reads, ranged requests elsewhere; with
+    ``whole_objects``, whole objects held in memory (:class:`WholeObjects`)."""
+    ranges = _LocalRanges() if view.cache.capabilities.positional_reads else _BackendRanges(view.loc.backend)
+    return WholeObjects(ranges, view.loc.backend, whole_objects) if whole_objects else ranges
 
 
 def _is_plain_crc(codecs) -> bool:
@@ -151,13 +229,15 @@ class ViewReader:
     arrays of recently read shards (at most ``small_cache_bytes`` of them, one shard at least).
 
     ``verify_checksums=False`` skips the crc32c check of the chunks read (shard indices are
-    always checked: their offsets steer every read)."""
+    always checked: their offsets steer every read). ``whole_objects`` > 0 reads whole shard objects and
+    holds that many in memory (:class:`WholeObjects`: a reader that goes shard by shard, on an object store)."""
 
-    def __init__(self, view, verify_checksums: bool = True, small_cache_bytes: int = 64 << 20):
+    def __init__(self, view, verify_checksums: bool = True, small_cache_bytes: int = 64 << 20,
+                 whole_objects: int = 0):
         self.view = view
         self.spec = view.spec
         self.verify_checksums = verify_checksums
-        self._ranges = _ranges_for(view)
+        self._ranges = _ranges_for(view, whole_objects)
         self._index_cache: dict[int, np.ndarray] = {}
         self._objects: dict[tuple, object] = {}
         self._arrays = {name: view.array(name) for name in ("dense", "summary", "box", "valid")}
@@ -308,6 +388,11 @@ class ViewReader:
         r0, r1, c0, c1 = self._window(window)
         (th, tw) = self.spec.tile
         shard, local = divmod(i, self.view.shard_size)
+        if isinstance(self._ranges, WholeObjects):  # the shard's objects, whole, without waiting for its index
+            for name in ("dense", *_SMALL):
+                if name == "dense" or self._small_row_bytes(name):
+                    self._ranges.will_need(self._path(name, (shard,) + (0,) * (self._arrays[name].ndim - 1)), 0, 0)
+            return
         path, index = self._path("dense", (shard, 0, 0, 0)), self._shard_index(shard, i)
         for a in range(r0 // th, (r1 - 1) // th + 1):
             for b in range(c0 // tw, (c1 - 1) // tw + 1):
