@@ -4,7 +4,6 @@ writes the run folder."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -23,12 +22,18 @@ from featcache.train.data import BatchPlan
 from featcache.train.student import _random_crop
 from featcache.train.weights import checkpoint_files
 from tests.support.processes import descendants
-from tests.test_train.test_loop import LOSS_KEYS, _losses, _records, cache_root, config_file  # noqa: F401 (fixtures)
+from tests.test_train.test_loop import LOSS_KEYS, _losses, _records, config_file  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 20
 #: a run of 20 steps, a checkpoint every 4: the test config's MESA, DAMP, CPE crops and two resolutions
 SETTINGS = [f"optim.steps={STEPS}", "checkpoint_every=4"]
+
+
+@pytest.fixture(scope="module")
+def cache_root(training_cache) -> str:
+    """The session's training cache (the one test_loop builds for itself; this module only reads it)."""
+    return str(training_cache)
 
 
 def test_the_ranks_shares_of_a_batch_are_the_global_batch():
