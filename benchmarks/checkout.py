@@ -27,3 +27,13 @@ def use_checkout() -> None:
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
+
+
+def python_command(script: str | Path, *args: str) -> list[str]:
+    """The command that runs ``script`` with ``args`` as this process was started: the same interpreter with
+    the same options before the script (``-X ...``, or the ``-c`` of a harness that runs it through runpy, as
+    tests/test_packaging.py does), so a benchmark's helper processes run where and how it runs."""
+    before = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
+    if before[-1:] == ["-m"]:  # started as ``python -m benchmarks.x``: run the file instead
+        before = before[:-1]
+    return [sys.executable, *before, str(script), *args]

@@ -52,9 +52,11 @@ def teacher(full: bool, device: str):
     return t
 
 
-def upsampler(channels: int, device: str, heads: int) -> FeatSharp:
+def upsampler(spec, device: str, heads: int) -> FeatSharp:
+    """A random-weight FeatSharp 3x of the teacher ``spec``'s width and native grid."""
     torch.manual_seed(0)
-    config = FeatSharpConfig(channels=channels, grid=(24, 24), patch=16, factor=3, heads=heads)
+    channels = spec.channels
+    config = FeatSharpConfig(channels=channels, grid=spec.grid(), patch=spec.patch_size, factor=3, heads=heads)
     eye = torch.eye(channels)
     return FeatSharp(config, (torch.zeros(channels), eye, eye)).to(device).eval()
 
@@ -67,6 +69,40 @@ def timed(fn, device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+def inference(t, model: FeatSharp, batch: int, rounds: int, device: str) -> dict:
+    """ms per image of the floor (the teacher on a 3x canvas's global view and 9 tiles) and of FeatSharp 3x
+    (the same forwards + the upsampler), medians of interleaved rounds; on CUDA the peak GPU memory."""
+    load = [round(x, 2) for x in os.getloadavg()]
+    side = 3 * t.spec.input_size[0]
+    canvas = torch.randn(batch, 3, side, side, device=device)
+    inputs = run.teacher_batch(canvas, t.spec, 3)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda")
+
+    def floor():
+        with torch.inference_mode(), autocast:
+            t.extract(inputs, dtype=None)
+
+    def featsharp():
+        with torch.inference_mode(), autocast:
+            run.upsample(model, t, canvas)
+
+    floor(), featsharp()  # warm-up
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = {"floor": [], "featsharp": []}
+    for r in range(rounds):
+        for name, fn in (("floor", floor), ("featsharp", featsharp))[::1 if r % 2 == 0 else -1]:
+            times[name].append(timed(fn, device) / batch)
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    out = {"device": device, "canvas": side, "channels": t.spec.channels, "batch": batch, "rounds": rounds,
+           "load_average": load, "ms_per_image": ms, "ratio_featsharp_to_floor": ms["featsharp"] / ms["floor"],
+           "upsampler_share": 1 - ms["floor"] / ms["featsharp"],
+           "upsampler_parameters": sum(p.numel() for p in model.parameters())}
+    if device == "cuda":
+        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
 
 
 def main() -> None:
@@ -82,37 +118,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.learning:
         return learning(args)
-    load = [round(x, 2) for x in os.getloadavg()]
     t = teacher(args.full, args.device)
-    c = t.spec.channels
-    model = upsampler(c, args.device, heads=16 if args.full else 6)
-    canvas = torch.randn(args.batch, 3, 1152, 1152, device=args.device)
-    inputs = run.teacher_batch(canvas, t.spec, 3)
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.device == "cuda")
-
-    def floor():
-        with torch.inference_mode(), autocast:
-            t.extract(inputs, dtype=None)
-
-    def featsharp():
-        with torch.inference_mode(), autocast:
-            run.upsample(model, t, canvas)
-
-    floor(), featsharp()  # warm-up
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    rounds = {"floor": [], "featsharp": []}
-    for r in range(args.rounds):
-        for name, fn in (("floor", floor), ("featsharp", featsharp))[::1 if r % 2 == 0 else -1]:
-            rounds[name].append(timed(fn, args.device) / args.batch)
-    ms = {k: 1e3 * statistics.median(v) for k, v in rounds.items()}
-    out = {"device": args.device, "teacher": "siglip2-g-384" if args.full else "siglip2-mid-384 (width 384, 6 blocks)",
-           "channels": c, "batch": args.batch, "rounds": args.rounds, "load_average": load,
-           "ms_per_image": ms, "ratio_featsharp_to_floor": ms["featsharp"] / ms["floor"],
-           "upsampler_share": 1 - ms["floor"] / ms["featsharp"],
-           "upsampler_parameters": sum(p.numel() for p in model.parameters())}
-    if args.device == "cuda":
-        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    model = upsampler(t.spec, args.device, heads=16 if args.full else 6)
+    out = inference(t, model, args.batch, args.rounds, args.device)
+    out["teacher"] = "siglip2-g-384" if args.full else "siglip2-mid-384 (width 384, 6 blocks)"
+    load = out["load_average"]
+    ms = out["ms_per_image"]
     if args.json:
         print(json.dumps(out, indent=1))
         return

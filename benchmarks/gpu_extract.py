@@ -293,14 +293,15 @@ def run(args) -> dict:
     torch.manual_seed(0)
     if args.tiny:  # tiny forwards on a shared CPU: intra-op threads only add waiting at their barriers
         torch.set_num_threads(1)
-    roofs = [matmul_ceiling(args.device)]
+    reps = 1 if args.tiny else 10  # of the roof's matmul
+    roofs = [matmul_ceiling(args.device, reps)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paths, how = make_photos(Path(tmp) / "photos", args.batch * args.shards)
         for name in names:
             rows.append(measure(PRESETS[name], args, paths, how, Path(tmp), max(roofs)))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    roofs.append(matmul_ceiling(args.device))
+    roofs.append(matmul_ceiling(args.device, reps))
     for row in rows:  # MFU against the faster of the two roof measurements
         row["mfu"] = round(row["mfu"] * roofs[0] / max(roofs), 4)
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"

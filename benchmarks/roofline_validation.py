@@ -31,13 +31,16 @@ from featcache.teachers.presets import PRESETS  # noqa: E402
 from featcache.train.student import StudentConfig, build_student  # noqa: E402
 
 
-def timed(fn, x, device: str) -> float:
+STUDENTS = ("tiny", "small", "base", "large")
+
+
+def timed(fn, x, device: str, seconds: float = 3.0) -> float:
     with torch.inference_mode():
-        return roofline.fastest(lambda: fn(x), device, seconds=3.0)
+        return roofline.fastest(lambda: fn(x), device, seconds=seconds)
 
 
-def models(args):
-    for size in ("tiny", "small", "base", "large"):
+def models(args, students=STUDENTS):
+    for size in students:
         cfg = StudentConfig(size=size)
         yield f"student-{size}", cfg.roofline_shape(), args.res, lambda cfg=cfg: build_student(cfg).to(args.device).eval()
     if args.teachers:
@@ -50,6 +53,24 @@ def models(args):
             yield name, p.shape, p.size, build
 
 
+def validate(args, students=STUDENTS, seconds: float = 3.0) -> dict:
+    """Predicted and measured forward time of each model (``args``: device, batch, res, teachers), the
+    ``measured`` hardware preset calibrated first; each forward timed as its fastest call over ``seconds``."""
+    load = [round(x, 2) for x in os.getloadavg()]
+    hw = roofline.measure(args.device)
+    rows = []
+    for name, shape, res, build in models(args, students):
+        run = build()
+        x = torch.randn(args.batch, 3, res, res, device=args.device)
+        measured = timed(run, x, args.device, seconds)
+        predicted = sum(t.seconds for t in roofline.predict(roofline.ops(shape, res, res, args.batch, hw.itemsize), hw))
+        rows.append({"model": name, "resolution": res, "batch": args.batch, "predicted_s": predicted,
+                     "measured_s": measured, "ratio": predicted / measured})
+        del run
+    return {"device": hw.name, "peak_gflops": hw.peak / 1e9, "bandwidth_gbps": hw.bandwidth / 1e9,
+            "load_average": load, "models": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -58,24 +79,13 @@ def main() -> None:
     ap.add_argument("--teachers", action="store_true", help="also the three full-size teacher presets (GPU)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    load = [round(x, 2) for x in os.getloadavg()]
-    hw = roofline.measure(args.device)
-    rows = []
-    for name, shape, res, build in models(args):
-        run = build()
-        x = torch.randn(args.batch, 3, res, res, device=args.device)
-        measured = timed(run, x, args.device)
-        predicted = sum(t.seconds for t in roofline.predict(roofline.ops(shape, res, res, args.batch, hw.itemsize), hw))
-        rows.append({"model": name, "resolution": res, "batch": args.batch, "predicted_s": predicted,
-                     "measured_s": measured, "ratio": predicted / measured})
-        del run
-    out = {"device": hw.name, "peak_gflops": hw.peak / 1e9, "bandwidth_gbps": hw.bandwidth / 1e9,
-           "load_average": load, "models": rows}
+    out = validate(args)
     if args.json:
         print(json.dumps(out, indent=1))
         return
-    print(f"{hw.name}: matmul {hw.peak / 1e9:.1f} GFLOP/s, copy {hw.bandwidth / 1e9:.1f} GB/s; load {load}")
-    for r in rows:
+    print(f"{out['device']}: matmul {out['peak_gflops']:.1f} GFLOP/s, copy {out['bandwidth_gbps']:.1f} GB/s; "
+          f"load {out['load_average']}")
+    for r in out["models"]:
         print(f"  {r['model']:16s} {r['resolution']:5d} px x{r['batch']}: predicted {r['predicted_s'] * 1e3:9.1f} ms, "
               f"measured {r['measured_s'] * 1e3:9.1f} ms, predicted / measured {r['ratio']:.2f}")
 

@@ -96,6 +96,15 @@ def overhead(args) -> None:
                   f"overhead {100 * (1 - w / b):+5.1f}%  (target <= 5%)")
 
 
+def mfu_row(teacher, flops: int, batch: int, reps: int, rounds: int, device: str, roof: float) -> dict:
+    """Median images/s of ``teacher.extract`` and its MFU against ``roof`` FLOP/s (:func:`matmul_ceiling`)."""
+    pixels = torch.randn(batch, 3, *teacher.spec.input_size, device=device)
+    teacher.extract(pixels)  # warm-up
+    speed = statistics.median(rate(lambda: teacher.extract(pixels), batch, reps, device) for _ in range(rounds))
+    return {"size": teacher.spec.input_size[0], "images_per_second": speed, "gflop_per_image": flops / 1e9,
+            "matmul_tflops": roof / 1e12, "mfu": speed * flops / roof}
+
+
 def mfu(args) -> None:
     device = args.device
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,13 +117,9 @@ def mfu(args) -> None:
                 teacher = create_teacher(family, str(Path(tmp) / family))
                 runs.append((family, teacher, vit_flops(MID_SHAPES[family], *teacher.spec.input_size)))
         for family, teacher, flops in runs:
-            pixels = torch.randn(args.batch, 3, *teacher.spec.input_size, device=device)
-            teacher.extract(pixels)  # warm-up
-            roof = matmul_ceiling(device)
-            speed = statistics.median(rate(lambda: teacher.extract(pixels), args.batch, args.reps, device)
-                                      for _ in range(args.rounds))
-            print(f"  {family:8s} @{teacher.spec.input_size[0]}: {speed:8.1f} img/s  {flops / 1e9:8.1f} GFLOP/img  "
-                  f"matmul roof {roof / 1e12:6.2f} TFLOP/s  MFU {speed * flops / roof:5.1%}"
+            r = mfu_row(teacher, flops, args.batch, args.reps, args.rounds, device, matmul_ceiling(device))
+            print(f"  {family:8s} @{r['size']}: {r['images_per_second']:8.1f} img/s  {r['gflop_per_image']:8.1f} "
+                  f"GFLOP/img  matmul roof {r['matmul_tflops']:6.2f} TFLOP/s  MFU {r['mfu']:5.1%}"
                   + (f"  (target >= {MFU_TARGETS[family]:.0%})" if device.startswith("cuda") else ""))
             del teacher
             if device.startswith("cuda"):

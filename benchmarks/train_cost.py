@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/train_cost.py [--batch 2] [--rounds 5] [--count-flops] [--json]  # CPU, scaled
     PYTHONPATH=. python benchmarks/train_cost.py --device cuda [--batch 32] [--json]                # GPU, full size
+    PYTHONPATH=. python benchmarks/train_cost.py --scale tiny --rounds 1   # smoke test (gpu_suite --dry-run), seconds
 
 Same student, batch, resolution and device for both steps, measured in one run (rounds interleave the
 two, the order alternating; medians):
@@ -75,6 +76,7 @@ DENSE_ONLY = {"sam3"}  # teachers the student learns without a summary head
 DISPERSION = 0.5  # any positive constant: the loss's cost does not depend on it
 #: CPU scaling of every model: (width and heads divisor, layers divisor, image side divisor)
 CPU_SCALE = (4, 1, 2)
+TINY_SCALE = (16, 20, 4)  # --scale tiny: 1-2 heads, 1-2 layers, 96-252 px teachers
 #: source image sizes the synthetic crops are taken from (W, H)
 IMAGE_SIZES = ((640, 480), (500, 375), (512, 512), (480, 640))
 
@@ -127,6 +129,17 @@ def cpu_setting() -> Setting:
     student = StudentConfig(size="tiny", width=vit.width // w, num_heads=vit.heads // w, depth=vit.depth // d,
                             heads=heads(teachers))
     return Setting(teachers, student, base.resolution // s)
+
+
+def tiny_setting() -> Setting:
+    """A smoke-test setting (seconds on a CPU): every teacher / TINY_SCALE, the "micro" student at 112 px.
+    Its figures only show that the script runs; its bound is not the report's."""
+    w, d, s = TINY_SCALE
+    teachers = tuple((scaled_preset(p, w, d, s), size // s) for p, size in report_setting().teachers)
+    return Setting(teachers, StudentConfig(size="micro", heads=heads(teachers)), REPORT_RESOLUTION // s)
+
+
+SETTINGS = {"full": report_setting, "cpu": cpu_setting, "tiny": tiny_setting}
 
 
 def flops(setting: Setting) -> dict:
@@ -252,22 +265,28 @@ class Steps:
         return t1 - t0, time.perf_counter() - t1
 
     def student_step(self, image: torch.Tensor, targets: dict) -> None:
-        """Forward, losses, backward, clip, AdamW: the body of ``Trainer.run`` for one micro-batch."""
-        if self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = self.student(image)
-        else:
-            out = self.student(image)
-        total = 0.0
-        for name, (target, om, summary) in targets.items():
-            total = total + spatial_mse(out.dense[name].float(), target, om)
-            if name in out.summary:
-                total = total + angle_loss(out.summary[name].float(), summary, DISPERSION)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        sync(self.device)
+        student_step(self.student, self.optimizer, image, targets)
+
+
+def student_step(model: torch.nn.Module, optimizer, image: torch.Tensor, targets: dict) -> None:
+    """Forward, losses, backward, clip, AdamW: the body of ``Trainer.run`` for one micro-batch. ``model`` is
+    the student or its ``DistributedDataParallel`` wrapper (benchmarks/ddp_scaling.py); ``targets`` maps each
+    teacher to (dense (B, h, w, C), omega (B, h, w), summary (B, Cs))."""
+    if image.device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(image)
+    else:
+        out = model(image)
+    total = 0.0
+    for name, (target, om, summary) in targets.items():
+        total = total + spatial_mse(out.dense[name].float(), target, om)
+        if name in out.summary:
+            total = total + angle_loss(out.summary[name].float(), summary, DISPERSION)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(image.device)
 
 
 def measure(steps: Steps, args) -> dict:
@@ -350,8 +369,9 @@ def show(s: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--scale", choices=("cpu", "full"), default=None,
-                    help="model sizes: full-size report configs (default on CUDA) or scaled (default on CPU)")
+    ap.add_argument("--scale", choices=tuple(SETTINGS), default=None,
+                    help="model sizes: full-size report configs (default on CUDA), scaled (default on CPU) or tiny "
+                         "(a smoke test)")
     ap.add_argument("--batch", type=int, default=None, help="default 2 on CPU, 32 on CUDA")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads on CPU (1: on a shared 2-core machine two threads stall each other "
@@ -366,7 +386,7 @@ def main() -> None:
     args.batch = args.batch or (32 if device.type == "cuda" else 2)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    setting = report_setting() if args.scale == "full" else cpu_setting()
+    setting = SETTINGS[args.scale]()
     steps = Steps(setting, device)
     result = summarize(setting, args, measure(steps, args))
     if args.count_flops:
