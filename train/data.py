@@ -81,6 +81,10 @@ class BatchPlan:
         return items
 
 
+#: groups of shards a shard-sequential reader fetches ahead of the one it reads (it holds 1 + AHEAD groups)
+AHEAD = 2
+
+
 class ShardPlan(BatchPlan):
     """The batches of a run that reads whole shard objects (``data.read = "shards"``, DESIGN.md §5), as
     webdataset's and mosaicml streaming's users know them: each epoch a permutation of the shards (seed,
@@ -144,13 +148,15 @@ class ShardPlan(BatchPlan):
             items.append(Item(int(self.groups(epoch)[g][at]), res, partition, (self.seed, step, self.share[0] + j)))
         return items
 
-    def ahead(self, step: int) -> list[int]:
-        """A row of each shard of the group after the one step ``step`` starts in (the next epoch's first
-        group after an epoch's last): what a reader fetches while this group is read."""
+    def ahead(self, step: int, groups: int = AHEAD) -> list[int]:
+        """A row of each shard of the ``groups`` groups after the one step ``step`` starts in (into the next
+        epoch after an epoch's last), nearest first: what a reader fetches while this group is read."""
         epoch, g, _ = self.locate(step * self.n)
-        following = (epoch, g + 1) if g + 1 < len(self.groups(epoch)) else (epoch + 1, 0)
-        shards = self.shards_of(following[0])[following[1] * self.buffer:(following[1] + 1) * self.buffer]
-        return [int(self._rows[k][0]) for k in shards]
+        rows = []
+        for _ in range(groups):
+            epoch, g = (epoch, g + 1) if g + 1 < len(self.groups(epoch)) else (epoch + 1, 0)
+            rows += [int(self._rows[k][0]) for k in self.shards_of(epoch)[g * self.buffer:(g + 1) * self.buffer]]
+        return rows
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -279,6 +285,10 @@ class CacheDataset(torch.utils.data.Dataset):
         kernel (and, with :attr:`lookahead`, the next step's), then a thread reads them straight into
         the batch's padded buffers, sample by sample as the disk delivers them, while this one
         decodes and resizes the images."""
+        if isinstance(self.lookahead, ShardPlan) and items and items[0].seed:  # whole shards: this batch's, then
+            for row in [item.row for item in items] + self.lookahead.ahead(items[0].seed[1]):  # the next groups'
+                for key in self.views.keys:
+                    self.reader(key).prefetch(row, None)
         plans = [self._plan(item) for item in items]
         files = [self.views.image_bytes(item.row) for item in items]
         if self.teacher_inputs is not None:  # online targets: no window to read
@@ -287,10 +297,6 @@ class CacheDataset(torch.utils.data.Dataset):
         if self.lookahead is not None and items and items[0].seed:  # the next step's, queued behind these
             following = self.lookahead.batch(items[0].seed[1] + 1)
             self._prefetch(following, [self._plan(item) for item in following])
-            if isinstance(self.lookahead, ShardPlan):  # and the next group's shards, whole
-                for row in self.lookahead.ahead(items[0].seed[1]):
-                    for key in self.views.keys:
-                        self.reader(key).prefetch(row, None)
         samples = [self._features(item, plan, dense=False) for item, plan in zip(items, plans)]
         windows = {name: _window_batch([s[name] for s in samples]) for name in self.teachers}
         reading = self._reader_thread().submit(self._read_windows, items, plans, windows)

@@ -42,7 +42,7 @@ from featcache.store.cache import Cache
 from featcache.train import config as train_config
 from featcache.train.config import TrainConfig
 from featcache.train import distributed
-from featcache.train.data import (BatchPlan, CacheDataset, ShardPlan, StepSampler, collate, split_rows,
+from featcache.train.data import (AHEAD, BatchPlan, CacheDataset, ShardPlan, StepSampler, collate, split_rows,
                                   to_device)
 from featcache.train.ema import EMA
 from featcache.train.evaluate import evaluators_for
@@ -129,14 +129,14 @@ def read_mode(cfg: TrainConfig, cache: Cache) -> str:
 
 def check_shard_buffer(cfg: TrainConfig, dataset: CacheDataset) -> int:
     """The shard size the plan groups rows by; refused in one line, before anything is read, when the shards a
-    reader holds (twice ``data.shard_buffer`` of every view, in each loader worker) would not fit in the host's free
-    memory."""
+    reader holds (1 + ``AHEAD`` groups of ``data.shard_buffer`` of every view, in each loader worker) would not fit
+    in the host's free memory."""
     readers = [dataset.reader(key) for key in dataset.views.keys]
-    shard_size = readers[0].view.shard_size
-    need = 2 * cfg.data.shard_buffer * shard_size * sum(r.bytes_for(None) for r in readers) * max(1, cfg.data.workers)
+    shard_size, held = readers[0].view.shard_size, (1 + AHEAD) * cfg.data.shard_buffer
+    need = held * shard_size * sum(r.bytes_for(None) for r in readers) * max(1, cfg.data.workers)
     free = free_memory(torch.device("cpu"))
     if free is not None and need > free:
-        raise UsageError(f"data.shard_buffer {cfg.data.shard_buffer} holds {2 * cfg.data.shard_buffer} whole shards of "
+        raise UsageError(f"data.shard_buffer {cfg.data.shard_buffer} holds {held} whole shards of "
                          f"each of {len(readers)} view(s) at once in each loader process, {need / 2**30:.1f} GiB, but this machine has "
                          f"{free / 2**30:.1f} GiB free: lower data.shard_buffer, or read windows (data.read = "
                          "\"windows\")")
@@ -222,7 +222,7 @@ class Trainer:
         shards = cfg.data.read == "shards"
         self.dataset = CacheDataset(self.cache.root.uri, {t.name: t.views for t in self.targets}, cfg.patch,
                                     cfg.crop, cfg.data.space, mesa=self.mesa,
-                                    whole_shards=2 * cfg.data.shard_buffer if shards else 0)
+                                    whole_shards=(1 + AHEAD) * cfg.data.shard_buffer if shards else 0)
         self._say_rows(len(self.dataset.views.rows))
         self.train_rows, self.heldout_rows = split_rows(self.cache, self.dataset.views.rows, cfg.data.heldout, cfg.seed)
         self.heldout_rows = self.heldout_rows[:cfg.data.heldout_images]

@@ -177,8 +177,9 @@ class WholeObjects:
             return self.fallback.read(path, offset, length, writable)
         if offset + length > len(data):
             raise CacheFormatError(f"{path}: short read ({max(0, len(data) - offset)} of {length} bytes at {offset})")
-        part = memoryview(data)[offset:offset + length]
-        return np.array(part, dtype=np.uint8) if writable else bytes(part)
+        # no copy: a view of the held object (read-only, as the bytes of a ranged GET are)
+        return np.frombuffer(data, dtype=np.uint8, count=length, offset=offset) if writable else \
+            memoryview(data)[offset:offset + length]
 
     def read_into(self, path: str, offset: int, buffers: list[np.ndarray]) -> None:
         data = self._object(path)

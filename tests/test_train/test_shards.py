@@ -58,7 +58,9 @@ def test_a_resumed_plan_continues_the_same_order_mid_epoch():
 def test_ahead_names_the_shards_of_the_next_group():
     plan = _plan(buffer=3)
     groups = plan.groups(0)
-    assert sorted(r // 8 for r in plan.ahead(0)) == sorted({int(r) // 8 for r in groups[1]})
+    assert [r // 8 for r in plan.ahead(0, groups=1)] == plan.shards_of(0)[3:6]
+    assert sorted(r // 8 for r in plan.ahead(0, groups=1)) == sorted({int(r) // 8 for r in groups[1]})
+    assert [r // 8 for r in plan.ahead(0)] == plan.shards_of(0)[3:9]
 
 
 @pytest.mark.slow
@@ -99,7 +101,7 @@ def test_shards_that_do_not_fit_in_memory_are_refused_before_any_read(cache_root
     from featcache.errors import UsageError
 
     cfg = config.load(config_file, cache=cache_root, overrides=['data.read="shards"', "data.shard_buffer=1000000"])
-    with pytest.raises(UsageError, match=r"data.shard_buffer 1000000 holds 2000000 whole shards of each of 4 view\(s\) "
+    with pytest.raises(UsageError, match=r"data.shard_buffer 1000000 holds 3000000 whole shards of each of 4 view\(s\) "
                                          r"at once in each loader process, \d+\.\d GiB, but this machine has"):
         Trainer(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
