@@ -348,7 +348,7 @@ def train_cmd(
 @app.command("export")
 @user_errors
 def export_cmd(
-    run: str = typer.Argument(..., help="Run folder of 'featcache train'."),
+    run: str = typer.Argument(..., help="Run folder of 'featcache train' (a path or an object-store URL)."),
     out: str = typer.Option(..., "--out", "-o", help="Folder to write (new or empty): model.safetensors + config.json."),
     which: str = typer.Option("best", "--checkpoint", help="Checkpoint to export: best (last when the run has none) or last."),
 ) -> None:

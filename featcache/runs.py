@@ -22,6 +22,7 @@ as it writes any folder, and :class:`Mirror` uploads each change as it is made (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from featcache import checkpoint
 from featcache.errors import UsageError
@@ -59,6 +60,17 @@ def local_folder(out: str | Path) -> Path:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a run folder")
     return out
+
+
+@contextlib.contextmanager
+def readable(run: str | Path) -> Iterator[Path]:
+    """A run folder to read from, for the block: a local path as it is; one at an object-store URL copied down
+    (its config, metrics and current checkpoint sets: :class:`Mirror`), the copy removed afterwards."""
+    if not is_url(run):
+        yield Path(run)
+        return
+    with RunFolder.open(run, remote=True) as folder:
+        yield folder.path
 
 
 def refuse_flags(resumable: Callable[[], object], only: str) -> None:

@@ -174,44 +174,55 @@ def test_requirements_are_what_the_suite_imports_beyond_torch_and_transformers(d
     assert len(modules) >= len(printed)
 
 
-def test_a_failing_stage_is_recorded_and_the_next_one_still_runs(tmp_path):
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory) -> dict[str, tuple[Path, int, str, str]]:
+    """Three suites side by side (each is mostly start-up), each in a folder of its own: a stage that fails
+    (``fail``), a stage past a 7 s budget (``slow``), a suite sent SIGTERM while its DDP ranks run
+    (``stopped``). Per name: (folder, exit status, stdout, stderr)."""
+    dirs = {name: tmp_path_factory.mktemp(name) for name in ("fail", "slow", "stopped")}
+    common = ("--dry-run", "--device", "cpu")
+    procs = {"fail": start(dirs["fail"], "fail", *common, "--out", str(dirs["fail"] / "s.json"),
+                           "--stages", "vitdet,featsharp", "--vitdet-sizes", "100"),
+             "slow": start(dirs["slow"], "slow", *common, "--out", str(dirs["slow"] / "s.json"), "--stages", "ddp",
+                           "--budget-s", "7"),
+             "stopped": start(dirs["stopped"], "stopped", *common, "--out", str(dirs["stopped"] / "s.json"),
+                              "--stages", "vitdet,ddp")}
+    wait_for(lambda: any("--worker" in cmd for cmd in left_behind(dirs["stopped"])), timeout=90,
+             what="the DDP ranks")
+    procs["stopped"].send_signal(signal.SIGTERM)
+    return {name: (dirs[name], *finish(proc, dirs[name], name)) for name, proc in procs.items()}
+
+
+def test_a_failing_stage_is_recorded_and_the_next_one_still_runs(scenarios):
     """An input side the student cannot take fails the vitdet stage with its one-line error; featsharp after it
     still runs and is recorded; the exit status says a stage failed."""
-    out_json = tmp_path / "s.json"
-    code, out, err = run(tmp_path, "fail", "--dry-run", "--device", "cpu", "--out", str(out_json),
-                         "--stages", "vitdet,featsharp", "--vitdet-sizes", "100")
+    folder, code, out, err = scenarios["fail"]
     assert code == 1, err
-    stages = json.loads(out_json.read_text())["stages"]
+    stages = json.loads((folder / "s.json").read_text())["stages"]
     assert list(stages) == ["vitdet", "featsharp"]
     assert stages["vitdet"]["ok"] is False and stages["vitdet"]["figures"] == {}
     assert "100x100" in stages["vitdet"]["error"] and "\n" not in stages["vitdet"]["error"]
     assert stages["featsharp"]["ok"] is True and stages["featsharp"]["figures"]["ms_per_image"]["featsharp"] > 0
-    assert "Traceback" in (tmp_path / "s.logs" / "vitdet.log").read_text()  # the whole story is kept
+    assert "Traceback" in (folder / "s.logs" / "vitdet.log").read_text()  # the whole story is kept
 
 
-def test_a_stage_past_its_share_is_stopped_with_its_processes(tmp_path):
+def test_a_stage_past_its_share_is_stopped_with_its_processes(scenarios):
     """The DDP stage (its ranks are processes of their own) overruns a 7 s budget: it is recorded as failed,
     nothing it started is left running, and the JSON file holds the record."""
-    out_json = tmp_path / "s.json"
-    code, out, err = run(tmp_path, "slow", "--dry-run", "--device", "cpu", "--out", str(out_json), "--stages", "ddp",
-                         "--budget-s", "7")
+    folder, code, out, err = scenarios["slow"]
     assert code == 1, err
-    record = json.loads(out_json.read_text())["stages"]["ddp"]
+    record = json.loads((folder / "s.json").read_text())["stages"]["ddp"]
     assert record["ok"] is False and "ran past its share" in record["error"] and record["seconds"] < 9
-    assert not left_behind(tmp_path)
+    assert not left_behind(folder)
 
 
-def test_a_stopped_suite_keeps_what_finished_and_stops_its_running_stage(tmp_path):
+def test_a_stopped_suite_keeps_what_finished_and_stops_its_running_stage(scenarios):
     """SIGTERM while the DDP stage's ranks run: the ranks and the stage end with the suite, and the JSON file
     holds the stage that finished before."""
-    out_json = tmp_path / "s.json"
-    proc = start(tmp_path, "stopped", "--dry-run", "--device", "cpu", "--out", str(out_json), "--stages", "vitdet,ddp")
-    wait_for(lambda: any("--worker" in cmd for cmd in left_behind(tmp_path)), timeout=60, what="the DDP ranks")
-    proc.send_signal(signal.SIGTERM)
-    code, out, err = finish(proc, tmp_path, "stopped")
+    folder, code, out, err = scenarios["stopped"]
     assert code == 143, err
-    assert not left_behind(tmp_path)
-    stages = json.loads(out_json.read_text())["stages"]
+    assert not left_behind(folder)
+    stages = json.loads((folder / "s.json").read_text())["stages"]
     assert list(stages) == ["vitdet"] and stages["vitdet"]["ok"] is True
 
 

@@ -44,6 +44,7 @@ from featcache.errors import UsageError
 from featcache.store.statsio import read_stats
 from featcache.train.data import MEAN, STD
 from featcache.train.evaluate import summaries_from_cache
+from featcache.runs import readable
 from featcache.train.weights import checkpoint_or_last, student_from
 
 FORMAT = "featcache-student-product-1"  # the product file of a checkpoint set
@@ -132,17 +133,18 @@ def load_student(run_or_dir: str | Path, which: str = "best", space: str = "teac
     dense features in the teacher's space (``space="phis"``: in PHI-S space)."""
     if space not in SPACES:
         raise UsageError(f"space {space!r}: give one of {', '.join(SPACES)}")
-    path = Path(run_or_dir)
-    parts = read_export(path) if (path / EXPORT_CONFIG).is_file() else read_run(path, which)
+    with readable(run_or_dir) as path:  # a run folder on an object store: copied down for the read
+        parts = read_export(path) if (path / EXPORT_CONFIG).is_file() else read_run(path, which, str(run_or_dir))
     return ProductStudent(student_from(parts.architecture, parts.weights), parts.config, parts.maps, space)
 
 
-def read_run(run: Path, which: str = "best") -> Parts:
+def read_run(run: Path, which: str = "best", name: str | None = None) -> Parts:
     """A run folder's checkpoint ``which`` (``last`` when it has none) as :class:`Parts`; a folder that is
-    no run, or a checkpoint written before the maps were saved, is a one-line UsageError."""
+    no run, or a checkpoint written before the maps were saved, is a one-line UsageError (naming the run
+    ``name``, by default its path)."""
     found = checkpoint_or_last(run, which) if run.is_dir() else None
     if found is None:
-        raise UsageError(f"{run} is not a training run (no checkpoints/{which} or checkpoints/last) nor an "
+        raise UsageError(f"{name or run} is not a training run (no checkpoints/{which} or checkpoints/last) nor an "
                          f"exported student (no {EXPORT_CONFIG})")
     maps_file = found[0].parent / PRODUCT
     if not maps_file.is_file():
@@ -173,12 +175,13 @@ def export(run: str | Path, out: str | Path, which: str = "best") -> Path:
     ``model.safetensors`` (``student.*`` weights and ``normalizers.<view>/<name>``) and ``config.json``
     (architecture, heads, normalizers' names, preprocessing, step, source cache). It is written beside
     ``out`` and renamed into place: ``out`` is whole or absent. A non-run or a non-empty ``out`` is refused."""
-    run, out = Path(run), Path(out)
+    name, out = str(run), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out {out} exists and is not an empty folder: give a new one")
-    if (run / EXPORT_CONFIG).is_file():
-        raise UsageError(f"{run} is already an exported student, not a training run")
-    parts = read_run(run, which)
+    with readable(run) as run:  # a run folder on an object store: copied down for the read
+        if (run / EXPORT_CONFIG).is_file():
+            raise UsageError(f"{name} is already an exported student, not a training run")
+        parts = read_run(run, which, name)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

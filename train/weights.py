@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from featcache import checkpoint
 from featcache.errors import UsageError
-from featcache.runs import RunFolder
+from featcache.runs import RunFolder, readable
 from featcache.train.student import Student, StudentConfig, build_student
 
 SET_WEIGHTS, SET_STATE = "student.safetensors", "state.safetensors"  # one checkpoint set's files
@@ -45,11 +45,12 @@ def load_bare_student(run: str | Path, which: str = "best") -> Student:
     falling back to ``last``) or of a weights file, in eval mode: what ``--init`` starts from. For the
     student as a product (teacher-space outputs, its own preprocessing) use
     :func:`featcache.train.product.load_student`."""
-    path = student_weights(run, which)
-    meta = checkpoint.metadata(path)
-    if meta.get("format") != "featcache-student-1":
-        raise UsageError(f"{path} is not a featcache student checkpoint")
-    return student_from(json.loads(meta["student"]), load_file(str(path)))
+    with readable(run) as local:  # a run folder on an object store: copied down for the read
+        path = student_weights(local, which)
+        meta = checkpoint.metadata(path)
+        if meta.get("format") != "featcache-student-1":
+            raise UsageError(f"{path if local == Path(run) else run} is not a featcache student checkpoint")
+        return student_from(json.loads(meta["student"]), load_file(str(path)))
 
 
 def student_weights(run: str | Path, which: str = "best") -> Path:

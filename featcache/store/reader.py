@@ -150,7 +150,13 @@ class WholeObjects:
                 self._held.move_to_end(path)
         if held is None or isinstance(held, bytes):
             return held
-        data = held.result()
+        try:
+            data = held.result()
+        except BaseException:  # a failed GET is not held: the caller's retry fetches it again
+            with self._lock:
+                if self._held.get(path) is held:
+                    del self._held[path]
+            raise
         with self._lock:
             if self._held.get(path) is held:
                 self._held[path] = data

@@ -16,7 +16,8 @@ import pytest
 
 from featcache import checkpoint
 from featcache.runs import Mirror, RunFolder
-from featcache.train import config, train
+from featcache.cli import main
+from featcache.train import config, load_student, train
 from tests.test_train.test_loop import LOSS_KEYS, _losses, config_file  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
@@ -73,6 +74,10 @@ def test_a_run_on_s3_killed_mid_way_resumes_from_the_store_with_the_uninterrupte
     assert kept == {checkpoint.POINTER, json.loads(fs.cat_file(pointer))["set"]}  # the sets it replaced are removed
     again = subprocess.run([*cli, "--out", runs_url, "--resume"], capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and f"{runs_url} already finished its 12 steps" in again.stderr
+    student = load_student(runs_url, "last")  # the student as a product, read from the store
+    assert student.config["step"] == 12
+    assert main(["export", runs_url, "--checkpoint", "last", "--out", str(tmp_path / "exported")]) == 0
+    assert load_student(tmp_path / "exported").config["step"] == 12
 
 
 def test_an_upload_cut_short_leaves_the_previous_checkpoint_current(runs_url, monkeypatch):
