@@ -544,9 +544,14 @@ def planned(out: str | Path, cfg: TrainConfig | None, resume: bool) -> TrainConf
 
 
 def _plan(folder: RunFolder, cfg: TrainConfig | None, resume: bool) -> tuple[TrainConfig, int | None]:
-    """The config a run trains with and the step it resumes from (:meth:`featcache.runs.RunFolder.plan`)."""
+    """The config a run trains with and the step it resumes from (:meth:`featcache.runs.RunFolder.plan`). A new
+    run saves ``data.read`` resolved (:func:`read_mode`): a saved "auto" is a run from before shard-sequential
+    reading, which read windows, and resumes reading windows (its batches stay the uninterrupted run's)."""
     found = checkpoint_files(folder.path, "last")
     last = None if found is None else (lambda: int(checkpoint.metadata(found[1]).get("step", -1)))
     further = (lambda c: f"to train further, start a new run from its weights: featcache train {c.cache} --init "
-               f"{folder.path} --out NEW_RUN --steps N")
-    return folder.plan(cfg, resume, train_config.load, last, lambda c: c.optim.steps, further)
+               f"{folder.name} --out NEW_RUN --steps N")
+    own, step = folder.plan(cfg, resume, train_config.load, last, lambda c: c.optim.steps, further)
+    if resume and own.data.read == "auto":
+        own = dataclasses.replace(own, data=dataclasses.replace(own.data, read="windows"))
+    return own, step

@@ -173,9 +173,18 @@ class WholeObjects:
             if path in self._held:
                 self._held.move_to_end(path)
                 return
-            self._held[path] = self._pool.submit(self._fetch, path)
+            fetching = self._held[path] = self._pool.submit(self._fetch, path)
             while len(self._held) > self.max_objects:
                 self._held.popitem(last=False)
+        fetching.add_done_callback(lambda done: self._forget_failed(path, done))
+
+    def _forget_failed(self, path: str, done) -> None:
+        """A fetch that failed is not held, whether or not a reader waited for it: a later announcement or read
+        fetches the object again (a storage outage must not outlive itself in the held objects)."""
+        if done.cancelled() or done.exception() is not None:
+            with self._lock:
+                if self._held.get(path) is done:
+                    del self._held[path]
 
     def read(self, path: str, offset: int, length: int, writable: bool = False):
         data = self._object(path)

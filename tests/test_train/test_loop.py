@@ -68,11 +68,9 @@ LOSS_KEYS = ("siglip2/spatial", "siglip2/summary", "dinov3/spatial", "dinov3/sum
 
 
 @pytest.fixture(scope="module")
-def cache_root(tmp_path_factory) -> str:
-    base = tmp_path_factory.mktemp("train")
-    root = base / "cache"
-    training.build(root, training.photos(base / "photos"), training.teachers(base / "models"))
-    return str(root)
+def cache_root(training_cache) -> str:
+    """The session's training cache (tests/support/training.py): tests that change a cache copy it first."""
+    return str(training_cache)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from featcache import configfile
 from featcache.train import config, train
 from featcache.train.data import CacheDataset, ShardPlan
 from featcache.train.loop import Trainer
@@ -105,3 +106,17 @@ def test_shards_that_do_not_fit_in_memory_are_refused_before_any_read(cache_root
                                          r"at once in each loader process, \d+\.\d GiB, but this machine has"):
         Trainer(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_saved_before_shard_reading_resumes_reading_windows(tmp_path):
+    """Its config.toml has no data.read (it read windows, the only way then): resumed from a cache on an object
+    store, where "auto" now reads shards, it must keep reading windows, or its batches would change mid-run."""
+    from featcache.runs import RunFolder
+    from featcache.train.loop import _plan
+
+    cfg = config.load(None, cache="s3://bucket/cache", overrides=['teachers=[{name="d", low="d@64"}]'])
+    saved = cfg.to_dict()
+    del saved["data"]["read"]
+    (tmp_path / "config.toml").write_text(configfile.to_toml(saved))
+    assert config.load(tmp_path / "config.toml").data.read == "auto"
+    assert _plan(RunFolder(tmp_path), None, True)[0].data.read == "windows"
