@@ -42,7 +42,8 @@ def _remote_losses(fs, url: str) -> dict[int, dict]:
 
 
 def test_a_run_on_s3_killed_mid_way_resumes_from_the_store_with_the_uninterrupted_losses(cache_root, config_file,
-                                                                                         tmp_path, runs_url, s3_env):
+                                                                                         tmp_path, runs_url, s3_env,
+                                                                                         capsys):
     whole = tmp_path / "whole"
     train(config.load(config_file, cache=cache_root), whole)
     fs = s3_env.filesystem()
@@ -72,8 +73,8 @@ def test_a_run_on_s3_killed_mid_way_resumes_from_the_store_with_the_uninterrupte
     assert pictures and sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{runs_url}/pictures")) == pictures
     kept = {p.split("/checkpoints/last/", 1)[1].split("/")[0] for p in fs.find(f"{runs_url}/checkpoints/last")}
     assert kept == {checkpoint.POINTER, json.loads(fs.cat_file(pointer))["set"]}  # the sets it replaced are removed
-    again = subprocess.run([*cli, "--out", runs_url, "--resume"], capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2 and f"{runs_url} already finished its 12 steps" in again.stderr
+    assert main(["train", "--out", runs_url, "--resume"]) == 2
+    assert f"{runs_url} already finished its 12 steps" in capsys.readouterr().err
     student = load_student(runs_url, "last")  # the student as a product, read from the store
     assert student.config["step"] == 12
     assert main(["export", runs_url, "--checkpoint", "last", "--out", str(tmp_path / "exported")]) == 0
