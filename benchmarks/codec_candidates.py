@@ -17,7 +17,8 @@ PHI-S statistics are per view, not per token, and not counted):
 - ``int4-token``: a 4-bit code per PHI-S value, one f16 absmax scale per token: (4C + 16) / 16C = 0.25 + 1/C x;
 - ``pca-(C-4) int4-token``: the C - 4 leading PCA components, mixed by an orthonormal rotation of their own (so
   every code carries the same variance, as PHI-S's Hadamard does), 4-bit codes and one f16 scale per token:
-  exactly 0.25x.
+  exactly 0.25x (absmax scale; ``rms-fit``: the token's RMS times one clip factor fitted on the fitting half,
+  values beyond it clipped).
 
 The error is the relative MSE in PHI-S space (PHI-S is a rotation and one scale: its relative error is the
 centred features' own), on held-out tokens: the PCA basis is fitted on the other half of the tokens. Features:
@@ -114,7 +115,23 @@ def evaluate(x: np.ndarray) -> dict:
     kept = np.zeros_like(z)
     kept[:, :k] = int4_blocks(z[:, :k] @ mix.T, k) @ mix
     record("pca-(C-4) int4-token", kept @ hadamard.T, (4 * k + 16) / 8 / c)
+    factor = clip_factor((fit[:20_000] - mean) @ vectors[:, :k] @ mix.T)
+    kept = np.zeros_like(z)
+    kept[:, :k] = int4_rms(z[:, :k] @ mix.T, factor) @ mix
+    record("pca-(C-4) int4-token rms-fit", kept @ hadamard.T, (4 * k + 16) / 8 / c)
     return out
+
+
+def int4_rms(v: np.ndarray, factor: float) -> np.ndarray:
+    """Codes -7..7 of each token at a step of factor x its RMS / 7 (stored as f16), values beyond clipped."""
+    step = (factor * np.sqrt((v ** 2).mean(axis=1, keepdims=True)) / 7).astype(np.float16).astype(np.float64)
+    return np.clip(np.round(v / np.where(step > 0, step, 1)), -7, 7) * step
+
+
+def clip_factor(v: np.ndarray) -> float:
+    """The clip (in RMS of the token) that minimizes the 4-bit error on ``v``."""
+    factors = np.linspace(1.5, 5.0, 36)
+    return float(factors[int(np.argmin([((int4_rms(v, f) - v) ** 2).sum() for f in factors]))])
 
 
 def int8_phis(fit: np.ndarray, test: np.ndarray) -> np.ndarray:
