@@ -93,12 +93,13 @@ class RunFolder:
     mirror: Mirror | None = None  # a folder at an object-store URL: ``path`` is its local copy
 
     @classmethod
-    def open(cls, out: str | Path, kind: str = "", older: tuple[Layout, ...] = (), remote: bool = False) -> "RunFolder":
+    def open(cls, out: str | Path, kind: str = "", older: tuple[Layout, ...] = (), remote: bool = False,
+             checkpoints: bool = True) -> "RunFolder":
         """The folder ``out`` in the layout its config file shows (the current one when it has none). With
-        ``remote``, ``out`` may be an object-store URL: what a resume reads is copied down (:class:`Mirror`),
-        and :meth:`close` removes the copy."""
+        ``remote``, ``out`` may be an object-store URL: what a resume reads is copied down (:class:`Mirror`;
+        without ``checkpoints``, its config and metrics only), and :meth:`close` removes the copy."""
         if remote and is_url(out):
-            mirror = Mirror(str(out))
+            mirror = Mirror(str(out), checkpoints)
             return cls(mirror.local, kind, Layout(), mirror)
         path = local_folder(out)
         found = [o for o in older if not (path / CONFIG).exists() and (path / o.config).exists()]
@@ -123,8 +124,7 @@ class RunFolder:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.mirror is not None:
-            self.mirror.close()  # a folder only read (a plan, a result): nothing to upload
+        self.close(upload=False)  # a folder only read (a plan, a result): nothing to upload
 
     @property
     def config(self) -> Path:
@@ -232,7 +232,7 @@ class Mirror:
     #: the most often the metrics of a running run are uploaded whole (an object store has no append)
     EVERY_S = 30.0
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, checkpoints: bool = True):
         from featcache.store.location import check_reachable, locate
 
         self.url = url.rstrip("/")
@@ -242,14 +242,16 @@ class Mirror:
         self._sent: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) last uploaded
         self._metrics_at = 0.0
         try:
-            self._pull()
+            self._pull(checkpoints)
         except BaseException:
             self.close()
             raise
 
-    def _pull(self) -> None:
+    def _pull(self, checkpoints: bool) -> None:
         for name in (CONFIG, METRICS):
             self._get(name)
+        if not checkpoints:
+            return
         for found in self.remote.backend.glob(self.remote.join(CHECKPOINTS, "*", checkpoint.POINTER).path)[0]:
             folder = posix_relative(found, self.remote.path).rsplit("/", 1)[0]
             self._get(f"{folder}/{checkpoint.POINTER}")

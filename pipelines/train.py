@@ -19,6 +19,7 @@ from pathlib import Path
 from featcache.errors import FeatcacheError, UsageError
 from featcache.log import LogStream
 from featcache.pipelines.ray_session import ray_session
+from featcache.retry import describe
 from featcache.runs import is_url
 from featcache.train import config as train_config
 from featcache.train.config import TrainConfig
@@ -73,12 +74,10 @@ def run(cfg: TrainConfig | None, out: str | Path, resume: bool = False, init: st
 
 
 def _first_line(error: BaseException) -> str:
-    """The worker's own error, in one line (Ray wraps it in a report of every worker)."""
-    cause = error
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    return lines[-1] if lines else type(cause).__name__
+    """The worker's own error (the root of the chain Ray wraps around it), in one line."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return describe(error)
 
 
 def _worker(settings: dict) -> None:

@@ -106,7 +106,8 @@ class ShardPlan(BatchPlan):
                              "that read shard by shard: use data.read = \"windows\" or fewer processes")
         self._rows = {int(k): self.rows[shard_of == k] for k in self.shards}
         self._lengths: list[int] = []  # rows of this rank's epochs 0, 1, ...
-        self._order: tuple[int, list[np.ndarray]] | None = None  # the groups of the epoch last drawn
+        #: the epoch last drawn: its groups and where each starts in the epoch
+        self._order: tuple[int, list[np.ndarray], np.ndarray] | None = None
 
     def shards_of(self, epoch: int) -> list[int]:
         """This rank's shards in ``epoch``, in the order it reads them."""
@@ -115,14 +116,17 @@ class ShardPlan(BatchPlan):
 
     def groups(self, epoch: int) -> list[np.ndarray]:
         """This rank's rows in ``epoch``: a group per ``buffer`` shards, its rows shuffled together."""
+        return self._drawn(epoch)[1]
+
+    def _drawn(self, epoch: int) -> tuple[int, list[np.ndarray], np.ndarray]:
         if self._order is None or self._order[0] != epoch:
             mine = self.shards_of(epoch)
             groups = []
             for g in range(0, len(mine), self.buffer):
                 rows = np.concatenate([self._rows[k] for k in mine[g:g + self.buffer]])
                 groups.append(np.random.default_rng([self.seed, epoch, self.rank, g, 3]).permutation(rows))
-            self._order = (epoch, groups)
-        return self._order[1]
+            self._order = (epoch, groups, np.cumsum([0] + [len(g) for g in groups]))
+        return self._order
 
     def locate(self, position: int) -> tuple[int, int, int]:
         """(epoch, group, index in the group) of this rank's ``position``-th sample."""
@@ -134,11 +138,9 @@ class ShardPlan(BatchPlan):
                 break
             position -= self._lengths[epoch]
             epoch += 1
-        for g, rows in enumerate(self.groups(epoch)):
-            if position < len(rows):
-                return epoch, g, position
-            position -= len(rows)
-        raise AssertionError("unreachable: the epoch's groups hold its length")
+        starts = self._drawn(epoch)[2]
+        g = int(np.searchsorted(starts, position, side="right")) - 1
+        return epoch, g, position - int(starts[g])
 
     def batch(self, step: int) -> list[Item]:
         res, partition = self.resolution(step)
@@ -153,8 +155,9 @@ class ShardPlan(BatchPlan):
         epoch after an epoch's last), nearest first: what a reader fetches while this group is read."""
         epoch, g, _ = self.locate(step * self.n)
         rows = []
-        for _ in range(groups):
-            epoch, g = (epoch, g + 1) if g + 1 < len(self.groups(epoch)) else (epoch + 1, 0)
+        for _ in range(groups):  # counted from the epoch's shards: no other epoch's rows are drawn
+            shards = self.shards_of(epoch)
+            epoch, g = (epoch, g + 1) if (g + 1) * self.buffer < len(shards) else (epoch + 1, 0)
             rows += [int(self._rows[k][0]) for k in self.shards_of(epoch)[g * self.buffer:(g + 1) * self.buffer]]
         return rows
 

@@ -56,9 +56,7 @@ class Ranks:
         """Each value's mean over the ranks (every rank calls it with the same keys, in the same order)."""
         if not self.parallel or not values:
             return values
-        t = torch.tensor(list(values.values()), dtype=torch.float64, device=_device_of_group())
-        dist.all_reduce(t)
-        return dict(zip(values, (t / self.world).tolist()))
+        return {k: v / self.world for k, v in zip(values, self.total(list(values.values())))}
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """A tensor summed over the ranks (a copy; no gradient flows through the sum)."""

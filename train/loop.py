@@ -64,6 +64,13 @@ class TrainResult:
     seconds: float = 0.0
     rank: int = 0  # of the data-parallel processes (rank 0 evaluates: the others' heldout and knn are empty)
 
+    @classmethod
+    def of(cls, run: str, steps: int, evaluation: dict[str, float], seconds: float, rank: int = 0) -> "TrainResult":
+        """The result whose last evaluation recorded ``evaluation`` (held-out losses and kNN accuracies)."""
+        knn = {k: v for k, v in evaluation.items() if k.startswith("knn/")}
+        heldout = {k: v for k, v in evaluation.items() if k not in knn and k != "step"}
+        return cls(run, steps, heldout, knn, seconds, rank)
+
 
 #: what a run writes beside its metrics and checkpoints; a run started over before its first checkpoint drops them
 RUN_LOGS = ("pictures", TENSORBOARD, WANDB)
@@ -215,10 +222,10 @@ class Trainer:
         self.device = distributed.local_device(resolve_device(cfg.device), self.ranks.local)
         share = self.ranks.share(cfg.optim.batch_size)
         self.cache = open_cache(cfg.cache)
-        self.cfg = cfg = dataclasses.replace(cfg, cache=self.cache.root.uri)
+        self.cfg = cfg = dataclasses.replace(cfg, cache=self.cache.root.uri,  # as config.toml records them
+                                             data=dataclasses.replace(cfg.data, read=read_mode(cfg, self.cache)))
         self.targets = describe_targets(self.cache, cfg)
         self.mesa = cfg.loss.mesa > 0
-        self.cfg = cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, read=read_mode(cfg, self.cache)))
         shards = cfg.data.read == "shards"
         self.dataset = CacheDataset(self.cache.root.uri, {t.name: t.views for t in self.targets}, cfg.patch,
                                     cfg.crop, cfg.data.space, mesa=self.mesa,
@@ -371,9 +378,7 @@ class Trainer:
         return terms
 
     def _result(self, seconds: float) -> TrainResult:
-        knn = {k: v for k, v in self._last_eval.items() if k.startswith("knn/")}
-        heldout = {k: v for k, v in self._last_eval.items() if k not in knn}
-        return TrainResult(self.folder.name, self.step, heldout, knn, seconds, self.ranks.rank)
+        return TrainResult.of(self.folder.name, self.step, self._last_eval, seconds, self.ranks.rank)
 
     # ---- records ---------------------------------------------------------------------------
 
@@ -506,7 +511,7 @@ def _train(trainer: Trainer, folder: RunFolder, step: int | None, resume: bool, 
             folder.resumed(trainer.step, trainer.stream)
         return trainer.run()
     student = load_bare_student(init) if init is not None and not resume else None
-    if resume and main:
+    if main and resume:
         folder.restart(trainer.stream, more=RUN_LOGS)
     elif main:
         trainer.start()
@@ -520,15 +525,13 @@ def recorded(out: str | Path, seconds: float) -> TrainResult:
     """The result of the run in ``out`` as its metrics record it (its last step, its last evaluation): what a
     launcher of other processes (Ray Train) reports when they are done."""
     steps, last = 0, {}
-    with RunFolder.open(out, remote=True) as folder:
+    with RunFolder.open(out, remote=True, checkpoints=False) as folder:  # its metrics say it all
         for line in folder.metrics.read_text().splitlines() if folder.metrics.exists() else ():
             record = json.loads(line)
             steps = max(steps, int(record["step"]))
             if any(k.startswith(("heldout/", "knn/")) for k in record):
                 last = record
-    knn = {k: v for k, v in last.items() if k.startswith("knn/")}
-    heldout = {k: v for k, v in last.items() if k not in knn and k != "step"}
-    return TrainResult(folder.name, steps, heldout, knn, seconds)
+    return TrainResult.of(folder.name, steps, last, seconds)
 
 
 def resumable(out: str | Path) -> TrainConfig:

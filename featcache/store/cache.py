@@ -628,10 +628,10 @@ class View:
         data["valid"] = valid
         return data
 
-    def reader(self, verify_checksums: bool = True, whole_objects: int = 0):
+    def reader(self, verify_checksums: bool = True, whole_shards: int = 0):
         """A fast random-access reader (see :mod:`featcache.store.reader`); every chunk's crc32c
-        is checked unless ``verify_checksums=False``; ``whole_objects``: read whole shard objects, holding
-        that many (:class:`featcache.store.reader.WholeObjects`)."""
+        is checked unless ``verify_checksums=False``; ``whole_shards``: read announced shards' objects whole,
+        holding that many shards (:class:`featcache.store.reader.WholeObjects`)."""
         from featcache.store.reader import ViewReader
 
-        return ViewReader(self, verify_checksums=verify_checksums, whole_objects=whole_objects)
+        return ViewReader(self, verify_checksums=verify_checksums, whole_shards=whole_shards)

@@ -71,8 +71,7 @@ class CacheReader:
         if self._pid != os.getpid():
             self._readers, self._pid = {}, os.getpid()
         if key not in self._readers:
-            # a shard's dense object and its small arrays' objects: held together
-            self._readers[key] = Cache.open(self.root).view(key).reader(whole_objects=4 * self.whole_shards)
+            self._readers[key] = Cache.open(self.root).view(key).reader(whole_shards=self.whole_shards)
         return self._readers[key]
 
     def device_space(self, key: str) -> str:

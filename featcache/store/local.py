@@ -99,13 +99,7 @@ class LocalBackend(FsspecBackend):
         """A temporary sibling copied from ``local``, renamed over the target."""
         with storage_errors(f"writing {path}"):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            try:
-                shutil.copyfile(local, tmp)
-                os.replace(tmp, path)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+            _write_then_rename(path, None, source=local)
 
     def download(self, path: str, local: str) -> None:
         shutil.copyfile(path, local)
@@ -131,15 +125,18 @@ class LocalBackend(FsspecBackend):
         return LocalStore(path, read_only=read_only)
 
 
-def _write_then_rename(path: str, data: bytes, publish=os.replace) -> None:
-    """Write a complete temporary sibling, then ``publish`` it at ``path`` (rename over, or link);
-    the temporary file never outlives the call."""
+def _write_then_rename(path: str, data: bytes | None, publish=os.replace, source: str | None = None) -> None:
+    """Write a complete temporary sibling (``data``, or a copy of the local file ``source``), then ``publish``
+    it at ``path`` (rename over, or link); the temporary file never outlives the call."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        if source is not None:
+            shutil.copyfile(source, tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
         publish(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):  # renamed away, or never created

@@ -150,13 +150,7 @@ class WholeObjects:
                 self._held.move_to_end(path)
         if held is None or isinstance(held, bytes):
             return held
-        try:
-            data = held.result()
-        except BaseException:  # a failed GET is not held: the caller's retry fetches it again
-            with self._lock:
-                if self._held.get(path) is held:
-                    del self._held[path]
-            raise
+        data = held.result()  # a failed GET raises here, and :meth:`_forget_failed` has dropped it
         with self._lock:
             if self._held.get(path) is held:
                 self._held[path] = data
@@ -196,17 +190,6 @@ class WholeObjects:
         return np.frombuffer(data, dtype=np.uint8, count=length, offset=offset) if writable else \
             memoryview(data)[offset:offset + length]
 
-    def read_into(self, path: str, offset: int, buffers: list[np.ndarray]) -> None:
-        data = self._object(path)
-        if data is None:
-            return self.fallback.read_into(path, offset, buffers)
-        data = memoryview(data)
-        for buf in buffers:
-            if offset + len(buf) > len(data):
-                raise CacheFormatError(f"{path}: short read at {offset}")
-            buf[...] = np.frombuffer(data[offset:offset + len(buf)], dtype=np.uint8)
-            offset += len(buf)
-
     def size(self, path: str) -> int:
         data = self._object(path)
         return self.fallback.size(path) if data is None else len(data)
@@ -245,15 +228,16 @@ class ViewReader:
     arrays of recently read shards (at most ``small_cache_bytes`` of them, one shard at least).
 
     ``verify_checksums=False`` skips the crc32c check of the chunks read (shard indices are
-    always checked: their offsets steer every read). ``whole_objects`` > 0 reads whole shard objects and
-    holds that many in memory (:class:`WholeObjects`: a reader that goes shard by shard, on an object store)."""
+    always checked: their offsets steer every read). ``whole_shards`` > 0 reads the objects of announced shards
+    whole and holds that many shards in memory (:class:`WholeObjects`: a reader that goes shard by shard, on an
+    object store)."""
 
     def __init__(self, view, verify_checksums: bool = True, small_cache_bytes: int = 64 << 20,
-                 whole_objects: int = 0):
+                 whole_shards: int = 0):
         self.view = view
         self.spec = view.spec
         self.verify_checksums = verify_checksums
-        self._ranges = _ranges_for(view, whole_objects)
+        self._ranges = _ranges_for(view, whole_shards * (1 + len(_SMALL)))  # a shard: dense and small arrays
         self._index_cache: dict[int, np.ndarray] = {}
         self._objects: dict[tuple, object] = {}
         self._arrays = {name: view.array(name) for name in ("dense", "summary", "box", "valid")}
@@ -407,7 +391,7 @@ class ViewReader:
         if isinstance(self._ranges, WholeObjects):  # the shard's objects, whole, without waiting for its index
             for name in ("dense", *_SMALL):
                 if name == "dense" or self._small_row_bytes(name):
-                    self._ranges.will_need(self._path(name, (shard,) + (0,) * (self._arrays[name].ndim - 1)), 0, 0)
+                    self._ranges.will_need(self._path(name, self._chunk_of(name, shard)), 0, 0)
             return
         path, index = self._path("dense", (shard, 0, 0, 0)), self._shard_index(shard, i)
         for a in range(r0 // th, (r1 - 1) // th + 1):
@@ -504,12 +488,16 @@ class ViewReader:
         arr, dtype = self._arrays[name], self._dtypes[name]
         if self._small_row_bytes(name) == 0:  # e.g. a view without summaries: zarr stores no object
             return np.zeros((self.view.shard_size, *arr.shape[1:]), dtype)
-        coords = (i // self.view.shard_size,) + (0,) * (arr.ndim - 1)
+        coords = self._chunk_of(name, i // self.view.shard_size)
         nbytes = self._small_row_bytes(name) * self.view.shard_size
         raw = self._ranges.read(self._path(name, coords), 0, nbytes + _CRC)
         if self.verify_checksums:
             self._check(raw, i, name, name, coords)
         return np.frombuffer(raw, dtype=dtype, count=nbytes // dtype.itemsize).reshape(-1, *arr.shape[1:])
+
+    def _chunk_of(self, name: str, shard: int) -> tuple[int, ...]:
+        """The chunk coordinates of array ``name``'s one chunk (a shard) holding ``shard``'s rows."""
+        return (shard,) + (0,) * (self._arrays[name].ndim - 1)
 
     def _small_row_bytes(self, name: str) -> int:
         return int(np.prod(self._arrays[name].shape[1:], dtype=np.int64)) * self._dtypes[name].itemsize
