@@ -61,7 +61,7 @@ def data_bytes(spec: ViewSpec, images: int, shard_size: int) -> int:
     (h, w), (th, tw), c = spec.grid, spec.tile, spec.channels
     shards, per_image = math.ceil(images / shard_size), (h // th) * (w // tw)
     codec = spec.codec_type
-    dense = images * per_image * (th * tw * c * codec.bytes_per_value + 4) + shards * (shard_size * per_image * 16 + 4)
+    dense = images * per_image * (th * tw * codec.token_bytes(c) + 4) + shards * (shard_size * per_image * 16 + 4)
     summary_item = np.dtype(codec.summary_dtype).itemsize
     plain = shards * (shard_size * (spec.summary_channels * summary_item + 4 * 4 + 1) + 3 * 4)
     return dense + plain
@@ -70,10 +70,11 @@ def data_bytes(spec: ViewSpec, images: int, shard_size: int) -> int:
 def overhead_bytes(spec: ViewSpec, images: int, shard_size: int, image_id_bytes: float) -> int:
     """The estimated rest: metadata, a marker per shard, the image ids (``image_id_bytes`` per image,
     its 4-byte length included; the chunk's count and crc32c on top), and the statistics uncompressed
-    (float32 rotation and inverse; float64 mean, eigenvalues, channel mean and std, summary direction):
+    (float32 rotation and inverse; float64 mean, eigenvalues, channel mean and std, summary direction; a
+    codec's own arrays, e.g. int4-pca's basis):
     zstd barely shrinks them. Affine in ``images`` at whole shards."""
     c, cs = spec.channels, spec.summary_channels
-    stats = 4 * 2 * c * c + 8 * (4 * c + cs)
+    stats = 4 * 2 * c * c + 8 * (4 * c + cs) + spec.codec_type.stats_bytes(c)
     ids = math.ceil(images * image_id_bytes) + 8
     return int(VIEW_METADATA_BYTES + math.ceil(images / shard_size) * MARKER_BYTES + ids + stats)
 

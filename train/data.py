@@ -422,7 +422,8 @@ class CacheDataset(torch.utils.data.Dataset):
                 for key, w in windows.items()}
         for key, r in read.items():
             spec, stored = self.reader(key).spec, self.views.device_space(key) == "stored"
-            r["channels"], r["dtype"] = spec.channels, _TORCH[np.dtype(spec.dtype) if stored else np.dtype(np.float32)]
+            r["channels"] = spec.stored_channels if stored else spec.channels
+            r["dtype"] = _TORCH[np.dtype(spec.dtype) if stored else np.dtype(np.float32)]
         sample["bytes"] = sum(r["bytes"] for r in read.values())
         for name, views in self.teachers.items():
             key = views[item.partition]
@@ -447,7 +448,7 @@ class CacheDataset(torch.utils.data.Dataset):
         return out
 
 
-_TORCH = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
+_TORCH = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32, np.dtype(np.uint8): torch.uint8}
 
 
 def retrying(read, doing: str, attempts: int | None = None):

@@ -11,7 +11,7 @@ Every loss registered in :mod:`featcache.train.losses` that the config gives a w
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -133,6 +133,7 @@ class DistillTask:
         self.parallel: torch.nn.parallel.DistributedDataParallel | None = None  # :meth:`data_parallel`
         self.ranks: Ranks | None = None
         self._phis: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self._decoders: dict[str, Callable | None] = {}  # per view: the device's decoding of its windows
         self.online = self._online() if cfg.data.targets == "online" else None
 
     def _online(self):
@@ -143,6 +144,7 @@ class DistillTask:
         views = sorted({key for t in self.targets for key in t.views.values()})
         online = OnlineTargets(views, self.dataset, self.device, self.cfg.data.space)
         self._phis.update(online.transforms())
+        self._decoders.update({key: None for key in views})  # the teachers' own floats
         return online
 
     def data_parallel(self, ranks: Ranks) -> None:
@@ -195,14 +197,17 @@ class DistillTask:
             return self.student(pixels)
 
     def targets_of(self, part: dict, grid: tuple[int, int]) -> torch.Tensor:
-        """One teacher's targets on the student grid, (B, h, w, C) float32: the batched lookup of its
-        windows, then (for float views) the PHI-S transform on the device (DESIGN.md §5). An online
+        """One teacher's targets on the student grid, (B, h, w, C) float32: its windows decoded on the
+        device when their codec does so (int4-pca), the batched lookup, then (for float views) the
+        PHI-S transform on the device (DESIGN.md §5). An online
         part's window is its teacher's map of the crop, computed here when not yet."""
         if "window" not in part:
             self.online.fill({"part": part})
-        windows = part["window"].permute(0, 3, 1, 2)
-        target = lookup_targets(windows, part["map"], part["extent"], grid).permute(0, 2, 3, 1)
         key = part["key"]
+        if key not in self._decoders:
+            self._decoders[key] = self.dataset.views.device_decoder(key)
+        windows = part["window"] if self._decoders[key] is None else self._decoders[key](part["window"])
+        target = lookup_targets(windows.permute(0, 3, 1, 2), part["map"], part["extent"], grid).permute(0, 2, 3, 1)
         if key not in self._phis:
             phis = self.dataset.views.phis_transform(key)
             self._phis[key] = None if phis is None else tuple(torch.from_numpy(a).to(self.device) for a in phis)

@@ -44,9 +44,8 @@ def machine_memory() -> int:
 def row_bytes(spec: ViewSpec) -> int:
     """Host bytes one image row of ``spec`` takes in a shard being written: dense and summary twice
     (the buffer, then the encoded object), the shard index entries of its tiles, box and valid."""
-    itemsize = np.dtype(spec.dtype).itemsize
-    summary = spec.summary_channels * max(itemsize, 2)  # an int8 view keeps float16 summaries
-    dense = spec.grid[0] * spec.grid[1] * spec.channels * itemsize
+    summary = spec.summary_channels * np.dtype(spec.codec_type.summary_dtype).itemsize
+    dense = spec.grid[0] * spec.grid[1] * spec.codec_type.token_bytes(spec.channels)
     tiles = spec.tiles[0] * spec.tiles[1]
     return 2 * (dense + summary) + INDEX_BYTES * tiles + 4 * 4 + 1
 

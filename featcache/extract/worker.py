@@ -284,7 +284,7 @@ class ShardWorker:
         spec, n = self.cache_views[task.key].spec, job.stop - job.start
         summary_dtype = self._summary_dtypes[task.key]
         encode, dense_dtype = self._encoder(task.key)
-        host = _HostShard((n, *spec.grid, spec.channels), dense_dtype, (n, spec.summary_channels), summary_dtype,
+        host = _HostShard((n, *spec.grid, spec.stored_channels), dense_dtype, (n, spec.summary_channels), summary_dtype,
                           good, self._copies, job.stages)
         for rows, d, s, boxes in self._features(task, images, good, job.stages, dtype=None):
             if job.stopped:
@@ -328,15 +328,15 @@ class ShardWorker:
             self._codecs[key] = self.cache_views[key].spec.codec_type.open(self.cache_views[key])
         return self._codecs[key]
 
-    # ---- int8-phis calibration ------------------------------------------------------------
+    # ---- codec calibration (int8-phis, int4-pca) ------------------------------------------------------------
 
     def calibrate(self, key: str, rows: list[int], seed: int = 0) -> dict:
-        """Fit the PHI-S statistics and int8 scale of view ``key`` on the images ``rows`` (float
+        """Fit the PHI-S statistics and codec parameters of view ``key`` on the images ``rows`` (float
         features, nothing written); the driver stores the result with ``store_calibration``."""
         task = next(v for v in self.views if v.key == key)
         spec = self.cache_views[key].spec
         t0 = time.perf_counter()
-        calibration = Calibration(spec.channels, len(rows) * spec.grid[0] * spec.grid[1], seed)
+        calibration = Calibration(spec.channels, len(rows) * spec.grid[0] * spec.grid[1], seed, spec.codec_type)
         per_batch = task.kind.images_per_batch(self.batch_size)
         for b in range(0, len(rows), per_batch):  # one batch of images decoded at a time
             decode_one = functools.partial(self._decode_one, groups=RowGroups())

@@ -1,10 +1,12 @@
-"""Calibration of the ``int8-phis`` codec: PHI-S statistics and one int8 scale, before any write.
+"""Calibration of a codec that needs one (``int8-phis``, ``int4-pca``): PHI-S statistics and the
+codec's parameters, before any write.
 
 A worker feeds the teacher's float features of a seeded sample of images into a ``Calibration``:
 float64 moments of every patch token, a seeded subsample of tokens (at most ``SAMPLE_TOKENS``) and
-the summary vectors. ``finish`` fits PHI-S, maps the token subsample into PHI-S space and picks the
-scale and knee (``featcache.store.codec``) that minimize the measured quantization error there; it returns the ``stats/`` arrays, the
-attrs summary and the quantization record, which the driver writes into the view in one go.
+the summary vectors. ``finish`` fits PHI-S and hands the token subsample to the codec's ``fit``
+(int8-phis: the scale and knee that minimize the measured quantization error in PHI-S space, fitted
+here by :func:`fit_quantizer`); it returns the ``stats/`` arrays, the attrs summary and the
+quantization record, which the driver writes into the view in one go.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from featcache.stats.compute import stats_arrays, stats_summary
 from featcache.stats.dispersion import dispersion
 from featcache.stats.moments import Moments
 from featcache.stats.phis import PhiS
-from featcache.store.codec import LEVELS, Int8Phis, compand, expand
+from featcache.store.codec import LEVELS, Codec, Int8Phis, compand, expand
 
-SAMPLE_TOKENS = 32_768  # PHI-S-space tokens the scale is fitted on
+SAMPLE_TOKENS = 32_768  # tokens the codec's parameters are fitted on
 MAX_VALUES = 1 << 20  # values the error is evaluated on per candidate
 
 HEADROOM = 16.0  # the largest code lies at least this far beyond the largest calibration value
@@ -64,8 +66,8 @@ def fit_quantizer(y: np.ndarray, seed: int = 0) -> tuple[float, float | None, fl
 class Calibration:
     """Accumulates a calibration sample of one view's float features, batch by batch."""
 
-    def __init__(self, channels: int, expected_tokens: int, seed: int = 0):
-        self.channels, self.seed = channels, seed
+    def __init__(self, channels: int, expected_tokens: int, seed: int = 0, codec: type[Codec] = Int8Phis):
+        self.channels, self.seed, self.codec = channels, seed, codec
         self.moments = Moments.empty(channels)
         self.fraction = min(1.0, SAMPLE_TOKENS / max(expected_tokens, 1))
         self._rng = np.random.default_rng([seed, 1])
@@ -82,7 +84,7 @@ class Calibration:
         self.images += len(summary)
 
     def finish(self) -> dict:
-        """Fit PHI-S and the scale; returns {"arrays", "summary", "quantization"} for the driver."""
+        """Fit PHI-S and the codec's parameters; returns {"arrays", "summary", "quantization"} for the driver."""
         if self.moments.count == 0:
             raise ValueError("no calibration image could be used")
         phis = PhiS.fit(self.moments, seed=self.seed)
@@ -92,15 +94,12 @@ class Calibration:
         except ValueError:  # no summary channels, or a zero mean: the direction is undefined
             disp, direction = None, None
         arrays = stats_arrays(phis, self.moments, direction, self.seed)
-        # the scale is fitted on the transform as stored (float32 R), the one the workers encode with
         sample, self._sample = np.concatenate(self._sample), []
-        y = (sample - arrays["mean"].astype(np.float32)) @ arrays["rotation"].T
-        del sample
-        scale, knee, relative_mse, clipped = fit_quantizer(y, self.seed)
+        extra, fitted = self.codec.fit(sample, arrays, phis, self.seed)
+        arrays.update(extra)
         summary = stats_summary(phis, self.moments, disp, len(summaries), self.seed, token_budget=None,
                                 sample_fraction=1.0, frozen=True, source="calibration", images=self.images)
-        quantization = {"codec": Int8Phis.name, "scale": scale, "knee": knee, "levels": LEVELS,
-                        "relative_mse": relative_mse, "clipped_fraction": clipped,
+        quantization = {"codec": self.codec.name, **fitted,
                         "calibration": {"images": self.images, "tokens": self.moments.count,
-                                        "scale_tokens": int(len(y)), "seed": self.seed}}
+                                        "scale_tokens": int(len(sample)), "seed": self.seed}}
         return {"arrays": arrays, "summary": summary, "quantization": quantization}

@@ -187,7 +187,7 @@ STATS_DIMENSIONS = {
     "mean": ("channel",), "channel_mean": ("channel",), "channel_std": ("channel",),
     "rotation": ("out_channel", "channel"), "inverse": ("channel", "out_channel"),  # y = x R^T, x = y R^-T
     "hadamard": ("out_channel", "channel"), "eigenvalues": ("component",),
-    "summary_mean_direction": ("summary_channel",),
+    "summary_mean_direction": ("summary_channel",), "codec_basis": ("code_component", "channel"),
 }
 
 

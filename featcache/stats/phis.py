@@ -26,6 +26,7 @@ class PhiS:
     alpha: float
     hadamard: Construction
     count: int
+    eigenvectors: np.ndarray | None = None  # U (C, C), columns in the order of λ (kept by ``fit``, not stored)
 
     @classmethod
     def fit(cls, moments: Moments, seed: int = 0) -> "PhiS":
@@ -38,7 +39,7 @@ class PhiS:
         alpha = float(lam.mean() ** -0.5)
         h, construction = hadamard(len(lam), seed)
         return cls(moments.mean.copy(), alpha * h @ u.T, (u @ h.T) / alpha, lam, alpha, construction,
-                   moments.count)
+                   moments.count, u)
 
     def apply(self, x) -> np.ndarray:
         """Raw features (..., C) → PHI-S space."""

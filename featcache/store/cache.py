@@ -611,7 +611,7 @@ class View:
         bad = [i for i in errors if not start <= i < stop]
         if bad:
             raise UsageError(f"{self.key}: error rows {bad} are outside the shard [{start}, {stop})")
-        expected = {"dense": (n, *spec.grid, spec.channels), "summary": (n, spec.summary_channels), "box": (n, 4)}
+        expected = {"dense": (n, *spec.grid, spec.stored_channels), "summary": (n, spec.summary_channels), "box": (n, 4)}
         data = {}
         for name, x in (("dense", dense), ("summary", summary), ("box", box)):
             x = np.asarray(x)

@@ -75,17 +75,28 @@ class CacheReader:
         return self._readers[key]
 
     def device_space(self, key: str) -> str:
-        """The space a loader reads ``key``'s windows in when the PHI-S transform is left to the
-        training device: stored values (no copy, no matrix product on the loader's CPU) for a codec
-        that stores the raw floats (f16/f32); other codecs decode on the loader (int8-phis: one
-        table lookup per code), so they read ``self.space``."""
-        return "stored" if self.view(key).spec.codec_type.stores_raw else self.space
+        """The space a loader reads ``key``'s windows in when decoding is left to the training device:
+        stored values (no copy, no matrix product on the loader's CPU) for a codec that stores the raw
+        floats (f16/f32) or decodes on the device (int4-pca); other codecs decode on the loader
+        (int8-phis: one table lookup per code), so they read ``self.space``."""
+        codec = self.view(key).spec.codec_type
+        return "stored" if codec.stores_raw or codec.decodes_on_device else self.space
+
+    def device_decoder(self, key: str):
+        """What the training device applies to ``key``'s windows before the lookup: the codec's
+        ``decode_torch`` into this reader's space (a uint8 window → float32), or None when the windows
+        arrive as floats."""
+        reader = self.view(key)
+        if not reader.spec.codec_type.decodes_on_device:
+            return None
+        codec, space = reader.codec, self.space
+        return lambda windows: codec.decode_torch(windows, space)
 
     def phis_transform(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
         """(mean, rotation) the device applies to ``key``'s looked-up targets, ``(x - mean) @ rotation.T``,
-        or None when the windows already are in this reader's space. Exact after the lookup: its
-        weights sum to one per cell, so the affine transform commutes with it."""
-        if self.space != "phis" or self.device_space(key) == "phis":
+        or None when the windows already are (or decode to) this reader's space. Exact after the
+        lookup: its weights sum to one per cell, so the affine transform commutes with it."""
+        if self.space != "phis" or self.device_space(key) == "phis" or self.device_decoder(key) is not None:
             return None
         return self.view(key).phis()
 

@@ -277,10 +277,11 @@ class ViewReader:
     def read_dense(self, i: int, window: tuple[int, int, int, int] | None = None, space: str = "raw") -> np.ndarray:
         """``dense[i, r0:r1, c0:c1]`` reading only the tiles that cover the window, in ``space``:
 
-        - ``raw``: the teacher's features (float32 decoded from int8-phis codes; f16/f32 as stored);
+        - ``raw``: the teacher's features (float32 decoded from codes; f16/f32 as stored);
         - ``phis``: float32 in the view's PHI-S space, ``(x − μ) Rᵀ`` with its frozen statistics
           (for int8-phis: one table lookup per code, no matrix product);
-        - ``stored``: the stored values as they are (float16, float32 or int8 codes).
+        - ``stored``: the stored values as they are (float16, float32, int8 codes or int4-pca's bytes:
+          ``stored_channels`` of them per cell).
         """
         check_space(space)  # before any read
         x = self._read_dense(i, window)
@@ -318,7 +319,7 @@ class ViewReader:
         r0, r1, c0, c1 = self._window(window)
         if not self._fast:
             return np.asarray(self._arrays["dense"][i, r0:r1, c0:c1])
-        (th, tw), c = self.spec.tile, self.spec.channels
+        (th, tw), c = self.spec.tile, self.spec.stored_channels
         rows, cols = range(r0 // th, (r1 - 1) // th + 1), range(c0 // tw, (c1 - 1) // tw + 1)
         if len(rows) == 1 and len(cols) == 1:
             tile = self._tile(i, rows[0], cols[0])
@@ -333,12 +334,12 @@ class ViewReader:
         return out
 
     def read_dense_into(self, i: int, window: tuple[int, int, int, int] | None, out: np.ndarray) -> None:
-        """``dense[i, r0:r1, c0:c1]`` as stored, read straight into ``out`` ((r1 - r0, c1 - c0, C) of the
+        """``dense[i, r0:r1, c0:c1]`` as stored, read straight into ``out`` ((r1 - r0, c1 - c0, W) of the
         stored dtype with C-contiguous rows, e.g. a window of a batch buffer). On local files each
         tile is one positional read scattered between ``out`` and scratch memory (the tile's other
         cells, kept for its crc32c): the kernel's copy is the only one. Elsewhere: read, then copy."""
         r0, r1, c0, c1 = self._window(window)
-        rows_ok = out.shape == (r1 - r0, c1 - c0, self.spec.channels) and out[0].flags.c_contiguous
+        rows_ok = out.shape == (r1 - r0, c1 - c0, self.spec.stored_channels) and out[0].flags.c_contiguous
         if not (self._fast and rows_ok and isinstance(self._ranges, _LocalRanges)) or self._shard_of(i) not in self.committed:
             out[...] = self.read_dense(i, window, "stored")
             return
@@ -359,7 +360,7 @@ class ViewReader:
         """One tile's bytes in file order: its ``cells`` (tile-local rows and columns) into ``part``, the
         rest into scratch; then the crc32c over all of them, in order."""
         ty0, ty1, tx0, tx1 = cells
-        cell = self.spec.channels * self._dtypes["dense"].itemsize
+        cell = self.spec.stored_channels * self._dtypes["dense"].itemsize
         row = self.spec.tile[1] * cell
         if nbytes != self.spec.tile[0] * row + _CRC:
             raise CacheFormatError(f"{self.view.key}: image row {i}: dense tile {tile} is {nbytes} bytes in the shard "
@@ -403,7 +404,7 @@ class ViewReader:
     def bytes_for(self, window: tuple[int, int, int, int] | None = None) -> int:
         """Bytes of chunk data a dense read of ``window`` moves (for benchmarks and planning)."""
         r0, r1, c0, c1 = self._window(window)
-        (th, tw), c = self.spec.tile, self.spec.channels
+        (th, tw), c = self.spec.tile, self.spec.stored_channels
         ntiles = ((r1 - 1) // th - r0 // th + 1) * ((c1 - 1) // tw - c0 // tw + 1)
         return ntiles * (th * tw * c * self._dtypes["dense"].itemsize + _CRC)
 
@@ -464,7 +465,7 @@ class ViewReader:
     def _tile(self, i: int, a: int, b: int) -> np.ndarray:
         shard, local = divmod(i, self.view.shard_size)
         offset, nbytes = self._shard_index(shard, i)[local, a, b, 0]
-        (th, tw), c = self.spec.tile, self.spec.channels
+        (th, tw), c = self.spec.tile, self.spec.stored_channels
         if offset == _EMPTY:
             return np.zeros((th, tw, c), dtype=self._dtypes["dense"])
         coords = (shard, 0, 0, 0)
@@ -508,7 +509,8 @@ class ViewReader:
     def _empty(self, i: int, window, space: str) -> Sample:
         r0, r1, c0, c1 = self._window(window)
         dtype = self.spec.codec_type.dtype_in(space)
-        return Sample(index=i, dense=np.zeros((r1 - r0, c1 - c0, self.spec.channels), dtype),
+        width = self.spec.stored_channels if space == "stored" else self.spec.channels
+        return Sample(index=i, dense=np.zeros((r1 - r0, c1 - c0, width), dtype),
                       summary=np.zeros(self.spec.summary_channels, self._dtypes["summary"]),
                       box=np.zeros(4, np.float32), valid=False)
 

@@ -28,7 +28,8 @@ def check_view_key(key: str) -> str:
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """Shape and provenance of one teacher view: ``dense (N, h, w, C)`` and ``summary (N, Cs)``.
+    """Shape and provenance of one teacher view: ``dense (N, h, w, C)`` and ``summary (N, Cs)``; the dense
+    array stores ``stored_channels`` values of the codec's dtype per token (C for float codecs).
 
     ``tile`` is the spatial inner chunk (th, tw) of one image's dense map; it defaults to the
     whole grid. ``teacher`` holds the teacher's own spec (a ``TeacherSpec.to_dict()``).
@@ -64,6 +65,7 @@ class ViewSpec:
             raise UsageError(f"view {self.key}: channels must be >= 1 and summary_channels >= 0")
         if self.codec_type.dtype != self.dtype:
             raise UsageError(f"view {self.key}: codec {self.codec!r} stores {self.codec_type.dtype}, not {self.dtype}")
+        self.stored_channels  # a width the codec cannot store: its one line
         if self.mosaic < 1:
             raise UsageError(f"view {self.key}: mosaic must be >= 1")
         if any(g % t for g, t in zip(self.grid, self.tile)):
@@ -74,6 +76,15 @@ class ViewSpec:
         """The class of the view's codec (what it stores, whether it needs calibration); an unknown
         name is a UsageError listing the registered ones."""
         return codec_named(self.codec, f"view {self.key}")
+
+    @property
+    def stored_channels(self) -> int:
+        """The dense array's last dimension: ``channels`` for float codecs, the codec's own width else
+        (int4-pca: ⌊C/2⌋ bytes per token)."""
+        try:
+            return self.codec_type.stored_width(self.channels)
+        except UsageError as e:
+            raise UsageError(f"view {self.key}: {e}") from None
 
     @property
     def tiles(self) -> tuple[int, int]:

@@ -3,9 +3,10 @@
 For each committed shard: the marker is readable and covers the right rows; every object the
 shard wrote exists and has the checksum the writer recorded; the data decodes through zarr (which
 checks each chunk's crc32c); ``valid`` is 1 exactly for the rows the commit did not list as
-failed; no valid row holds NaN or Inf. Per view: array shapes and dtypes match the attrs, and
-``errors.parquet`` agrees with the commits; an int8-phis view's statistics still have the hash its
-codes were written with. Shards without a marker are invisible to readers and
+failed; no valid row holds NaN or Inf (for int4-pca: no token's stored scale). Per view: array
+shapes and dtypes match the attrs (the codec's bytes per token), and ``errors.parquet`` agrees with
+the commits; a calibrated codec's (int8-phis, int4-pca) statistics still have the hash its codes
+were written with. Shards without a marker are invisible to readers and
 are reported as notes, not problems.
 """
 
@@ -215,13 +216,11 @@ def _nonfinite_rows(view: View, start: int, stop: int, valid: np.ndarray) -> lis
     for name in ("summary", "box"):
         x = np.asarray(view.arrays[name][start:stop], dtype=np.float32)
         bad += (np.flatnonzero(~np.isfinite(x).all(axis=1) & valid) + start).tolist()
-    dense = view.arrays["dense"]
+    dense, codec = view.arrays["dense"], view.spec.codec_type
     for r in range(start, stop, _ROWS_PER_READ):
         e = min(r + _ROWS_PER_READ, stop)
-        x = np.asarray(dense[r:e])
-        if x.dtype.kind == "f":
-            finite = np.isfinite(x).reshape(e - r, -1).all(axis=1)
-            bad += (np.flatnonzero(~finite & valid[r - start:e - start]) + r).tolist()
+        finite = ~codec.nonfinite_tokens(np.asarray(dense[r:e])).reshape(e - r, -1).any(axis=1)
+        bad += (np.flatnonzero(~finite & valid[r - start:e - start]) + r).tolist()
     return sorted(set(bad))
 
 

@@ -67,7 +67,7 @@ def _settle(timeout: float = 60.0) -> None:
 def array_layouts(spec: ViewSpec, num_images: int, shard_size: int) -> dict[str, dict]:
     """Keyword arguments of ``zarr.create_array`` for each array of a view."""
     n, s = num_images, shard_size
-    (h, w), (th, tw), c = spec.grid, spec.tile, spec.channels
+    (h, w), (th, tw), c = spec.grid, spec.tile, spec.stored_channels
     common = {"compressors": [Crc32cCodec()], "fill_value": 0, "config": {"write_empty_chunks": True}}
     return {
         "dense": dict(shape=(n, h, w, c), chunks=(1, th, tw, c), shards=(s, h, w, c), dtype=spec.dtype,

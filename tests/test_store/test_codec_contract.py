@@ -22,14 +22,14 @@ from featcache.cli import _inspect_text
 from featcache.errors import UsageError
 from featcache.stats.calibrate import Calibration
 from featcache.store import Cache, ViewSpec
-from featcache.store.codec import (QUANTIZATION, SPACES, Codec, Int8Phis, base, codec_from_attrs, codec_named,
-                                   codec_names, register_codec)
+from featcache.store.codec import (QUANTIZATION, SPACES, Codec, Int4Pca, Int8Phis, base, codec_from_attrs,
+                                   codec_named, codec_names, register_codec)
 from featcache.store.statsio import stats_digest
 from tests.support.caches import write_manifest
 
 C = 32
 REPO = Path(__file__).resolve().parents[2]
-BUILT_IN = ["f16", "f32", "int8-phis"]
+BUILT_IN = ["f16", "f32", "int4-pca", "int8-phis"]
 
 
 def features(n: int, seed: int) -> np.ndarray:
@@ -72,15 +72,20 @@ def with_test_codec(monkeypatch):
     register_codec(I16Fixed)
 
 
-@pytest.fixture(scope="module")
-def calibration() -> dict:
-    """An int8-phis calibration (PHI-S statistics, scale, knee) fitted on 20 000 tokens, as extract
-    fits it; its statistics also give every codec the view transform its PHI-S space reads in."""
-    cal = Calibration(C, expected_tokens=20_000, seed=0)
+def calibrate(codec: type[Codec] = Int8Phis) -> dict:
+    """A calibration of ``codec`` (PHI-S statistics and the codec's parameters) fitted on 20 000 tokens,
+    as extract fits it. Every codec's calibration has the same PHI-S statistics (same tokens, same seed)."""
+    cal = Calibration(C, expected_tokens=20_000, seed=0, codec=codec)
     cal.add(features(20_000, seed=1), np.random.default_rng(1).standard_normal((50, 5)))
     result = cal.finish()
     result["quantization"]["stats_hash"] = stats_digest(result["arrays"])
     return result
+
+
+@pytest.fixture(scope="module")
+def calibration() -> dict:
+    """The int8-phis calibration: its statistics give every codec the view transform its PHI-S space reads in."""
+    return calibrate()
 
 
 def _int8_phis(cal: dict) -> Int8Phis:
@@ -88,18 +93,28 @@ def _int8_phis(cal: dict) -> Int8Phis:
     return Int8Phis(a["mean"], a["rotation"], a["inverse"], q["scale"], q["knee"], q["stats_hash"])
 
 
-#: how a codec that needs a calibration gets one here; a new such codec adds its recipe
-CALIBRATED = {"int8-phis": _int8_phis}
+def _int4_pca(cal: dict) -> Int4Pca:
+    a, q = cal["arrays"], cal["quantization"]
+    return Int4Pca(a["mean"], a["codec_basis"], a["rotation"], tuple(q["levels"]), q["stats_hash"])
 
 
-def ready(name: str, cal: dict) -> Codec:
-    """The codec registered as ``name``, ready to encode and decode."""
+#: how a codec that needs a calibration gets one here (its class, the codec built from the result);
+#: a new such codec adds its recipe
+CALIBRATED = {"int8-phis": (Int8Phis, _int8_phis), "int4-pca": (Int4Pca, _int4_pca)}
+_FITTED: dict[str, Codec] = {}
+
+
+def ready(name: str) -> Codec:
+    """The codec registered as ``name``, ready to encode and decode (calibrated once per module)."""
     cls = codec_named(name)
     if not cls.needs_calibration:
         return cls.from_attrs({"codec": name})
     if name not in CALIBRATED:
         pytest.fail(f"codec {name} needs a calibration: give it a recipe in CALIBRATED")
-    return CALIBRATED[name](cal)
+    if name not in _FITTED:
+        codec_class, build = CALIBRATED[name]
+        _FITTED[name] = build(calibrate(codec_class))
+    return _FITTED[name]
 
 
 def _phis(cal: dict):
@@ -109,7 +124,7 @@ def _phis(cal: dict):
 
 def test_the_built_in_codecs_are_registered():
     assert set(BUILT_IN) <= set(codec_names())
-    assert [codec_named(n).dtype for n in BUILT_IN] == ["float16", "float32", "int8"]
+    assert [codec_named(n).dtype for n in BUILT_IN] == ["float16", "float32", "uint8", "int8"]
 
 
 class TestCodecContract:
@@ -119,23 +134,26 @@ class TestCodecContract:
     def codec(self, request, calibration) -> Codec:
         if request.param == I16Fixed.name:
             request.getfixturevalue("with_test_codec")
-        return ready(request.param, calibration)
+        return ready(request.param)
 
     def test_a_round_trip_stays_within_its_stated_bound(self, codec):
         x = features(20_000, seed=2)  # not the calibration's tokens
         stored = codec.encode(torch.from_numpy(x)).numpy()
         error = ((codec.decode(stored, "raw").astype(np.float64) - x) ** 2).sum() / (x.astype(np.float64) ** 2).sum()
-        assert error <= codec.error_bound <= 1e-3, (codec.name, error)
+        assert error <= codec.error_bound <= 2e-2, (codec.name, error)
 
     def test_it_stores_its_dtype_on_torch_and_numpy_alike(self, codec):
         x = features(5000, seed=3)
         by_torch, by_numpy = codec.encode(torch.from_numpy(x)), codec.encode_numpy(x)
         assert by_torch.dtype == codec.torch_dtype and by_numpy.dtype == np.dtype(codec.dtype)
         by_torch = by_torch.numpy()
+        assert by_torch.shape == by_numpy.shape == (*x.shape[:-1], codec.stored_width(C))
         differ = by_numpy != by_torch  # float32 products summed in another order: a rounding tie at most
         assert differ.mean() < 1e-4
-        if differ.any():
-            assert np.dtype(codec.dtype).kind == "i" and np.abs(by_numpy.astype(int) - by_torch).max() <= 1
+        if differ.any():  # ... which moves a value by one code step
+            assert np.dtype(codec.dtype).kind in "iu"
+            a, b = (codec.decode(s, "raw").astype(np.float64) for s in (by_numpy, by_torch))
+            assert ((a - b) ** 2).sum() <= 1e-5 * (x.astype(np.float64) ** 2).sum()
 
     def test_its_bytes_per_value_are_what_the_store_writes(self, codec, tmp_path):
         view = _view(tmp_path / "cache", codec.name)
@@ -143,6 +161,7 @@ class TestCodecContract:
         arrays = {name: view.array(name) for name in ("dense", "summary")}
         assert arrays["dense"].dtype == np.dtype(codec.dtype) and arrays["summary"].dtype == np.dtype(codec.summary_dtype)
         assert arrays["dense"].dtype.itemsize == codec.bytes_per_value
+        assert arrays["dense"].shape[-1] == codec.stored_width(C) == view.spec.stored_channels
         assert estimate.data_bytes(view.spec, view.num_images, view.shard_size) == _data_bytes(view)
         with view.reader() as reader:
             assert np.array_equal(reader.read_dense(5, space="stored"), codes[5])
@@ -164,6 +183,20 @@ class TestCodecContract:
         assert np.abs(back - raw).max() <= 1e-4 * np.abs(raw).max()  # the PHI-S space is the raw one, transformed
         with pytest.raises(UsageError, match="space 'pixels' is not one of raw, phis, stored"):
             codec.decode(stored, "pixels")
+
+    def test_the_device_decodes_as_the_host_does(self, codec, calibration):
+        """``decode_torch`` (the training device's decoding: on the device for a codec that says so,
+        through the host otherwise) gives the host's floats in both float spaces."""
+        stored, phis = codec.encode_numpy(features(2000, seed=4)), _phis(calibration)
+        for space in ("raw", "phis"):
+            host = codec.decode(stored, space, phis).astype(np.float32)
+            device = codec.decode_torch(torch.from_numpy(stored), space, phis)
+            assert device.dtype == torch.float32 and device.shape == host.shape
+            assert torch.allclose(device, torch.from_numpy(host), rtol=1e-5, atol=1e-5 * float(np.abs(host).max()))
+
+    def test_finite_features_store_no_nonfinite_token(self, codec):
+        stored = codec.encode_numpy(features(2000, seed=8))
+        assert codec.nonfinite_tokens(stored).shape == (2000,) and not codec.nonfinite_tokens(stored).any()
 
     def test_its_calibration_is_honoured(self, codec):
         bare = type(codec).from_attrs({"codec": codec.name})  # a view's attrs before any calibration
@@ -217,9 +250,9 @@ def _data_bytes(view) -> int:
 
 
 def test_an_unknown_codec_is_refused_with_the_known_ones():
-    with pytest.raises(UsageError, match=r"^codec 'int4' is not one of f16, f32, int8-phis$"):
+    with pytest.raises(UsageError, match=r"^codec 'int4' is not one of f16, f32, int4-pca, int8-phis$"):
         codec_named("int4")
-    with pytest.raises(UsageError, match=r"^view t@32: codec 'int4' is not one of f16, f32, int8-phis$"):
+    with pytest.raises(UsageError, match=r"^view t@32: codec 'int4' is not one of f16, f32, int4-pca, int8-phis$"):
         ViewSpec(key="t@32", grid=(2, 2), channels=4, summary_channels=0, codec="int4")
 
 

@@ -15,8 +15,9 @@ from typing import Callable, ClassVar
 
 import numpy as np
 
-from featcache.errors import UsageError
+from featcache.errors import CacheFormatError, UsageError
 from featcache.registry import Registry
+from featcache.store.statsio import read_stats, view_attrs
 
 #: What a read returns: the teacher's features, the view's PHI-S space, or the stored values as they are.
 SPACES = ("raw", "phis", "stored")
@@ -54,6 +55,24 @@ def check_space(space: str) -> str:
     return space
 
 
+def calibrated_stats(view, name: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(the ``quantization`` attrs, the statistics arrays) of a view whose ``name`` codes were fitted to
+    its statistics, checked against the hash the codes were written with (each failure one line)."""
+    attrs = view_attrs(view)
+    quant, stats = attrs.get(QUANTIZATION), attrs.get("stats")
+    if quant is None:
+        raise UsageError(f"{view.key} stores {name} codes but has no calibration yet: "
+                         "run 'featcache extract' to calibrate it")
+    if stats is None or stats.get("hash") != quant["stats_hash"]:
+        raise CacheFormatError(f"{view.key}: its {name} codes were written with statistics {quant['stats_hash']}, "
+                               f"the view now holds {None if stats is None else stats.get('hash')}: "
+                               "the codes cannot be decoded")
+    try:
+        return quant, read_stats(view)
+    except CacheFormatError as e:
+        raise CacheFormatError(f"{e}: the {name} codes cannot be decoded") from None
+
+
 @dataclass(frozen=True)
 class Codec:
     """One way of storing a view's dense features. Subclasses set the class attributes and
@@ -68,6 +87,9 @@ class Codec:
     #: the stored values are the raw features cast to a float type: a read needs no decoding, and a
     #: lookup or an affine map (the PHI-S transform) may run on them as stored, on the device
     stores_raw: ClassVar[bool] = False
+    #: the training loader hands the stored values to the training device, which decodes them there
+    #: (:meth:`decode_torch`) before the crop lookup; otherwise the loader decodes on its CPU
+    decodes_on_device: ClassVar[bool] = False
     #: a round trip of finite features (within the calibration's reach) keeps Σ(x̂ − x)² ≤ error_bound · Σx²
     error_bound: ClassVar[float]
     bytes_per_value: ClassVar[int]  # of the dense array, from ``dtype``
@@ -78,6 +100,36 @@ class Codec:
             cls.bytes_per_value = np.dtype(cls.dtype).itemsize
 
     # ---- self-description ------------------------------------------------------------------
+
+    @classmethod
+    def stored_width(cls, channels: int) -> int:
+        """The dense array's last dimension for features of ``channels`` channels (a width the codec
+        cannot store is a one-line UsageError)."""
+        return channels
+
+    @classmethod
+    def token_bytes(cls, channels: int) -> int:
+        """Bytes one patch token of ``channels`` channels takes in the dense array."""
+        return cls.stored_width(channels) * cls.bytes_per_value
+
+    @classmethod
+    def stats_bytes(cls, channels: int) -> int:
+        """Bytes of the arrays :meth:`fit` adds to a view's statistics (none for most codecs)."""
+        return 0
+
+    @classmethod
+    def fit(cls, tokens: np.ndarray, arrays: dict[str, np.ndarray], phis, seed: int = 0) -> tuple[dict, dict]:
+        """A codec that needs calibration: fit its parameters to the raw float32 calibration ``tokens``
+        (n, C), given the view's new statistics ``arrays`` and their ``PhiS``. Returns (arrays to add to
+        the statistics, covered by their hash; the ``quantization`` record for the view's attrs)."""
+        raise NotImplementedError(f"{cls.name} needs no calibration")
+
+    @classmethod
+    def nonfinite_tokens(cls, stored: np.ndarray) -> np.ndarray:
+        """Which tokens of the stored values (..., W) decode to NaN or Inf (``verify``'s check)."""
+        if np.dtype(cls.dtype).kind != "f":
+            return np.zeros(np.shape(stored)[:-1], dtype=bool)
+        return ~np.isfinite(stored).all(axis=-1)
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> "Codec":
@@ -129,6 +181,14 @@ class Codec:
         if check_space(space) == "stored":
             return stored
         return self.to_raw(stored) if space == "raw" else self.to_phis(stored, phis)
+
+    def decode_torch(self, stored, space: str = "raw", phis: PhisSource | None = None):
+        """:meth:`decode` of a torch tensor, float32 on the tensor's device (this default goes through
+        the host; a codec with ``decodes_on_device`` decodes there)."""
+        import torch
+
+        decoded = self.decode(stored.cpu().numpy(), space, phis)
+        return torch.from_numpy(np.asarray(decoded, dtype=np.float32)).to(stored.device)
 
     def to_raw(self, stored: np.ndarray) -> np.ndarray:
         raise NotImplementedError

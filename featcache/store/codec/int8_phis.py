@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from featcache.errors import CacheFormatError, UsageError
-from featcache.store.codec.base import QUANTIZATION, Codec, PhisSource, register_codec
-from featcache.store.statsio import read_stats, view_attrs
+from featcache.errors import UsageError
+from featcache.store.codec.base import QUANTIZATION, Codec, PhisSource, calibrated_stats, register_codec
 
 LEVELS = 127  # codes are -127..127: symmetric, so -q decodes to -ŷ
 
@@ -84,21 +83,20 @@ class Int8Phis(Codec):
     @classmethod
     def open(cls, view) -> "Int8Phis":
         """The int8-phis transform of ``view``, checked against the stats hash its codes were written with."""
-        attrs = view_attrs(view)
-        quant, stats = attrs.get(QUANTIZATION), attrs.get("stats")
-        if quant is None:
-            raise UsageError(f"{view.key} stores int8-phis codes but has no calibration yet: "
-                             "run 'featcache extract' to calibrate it")
-        if stats is None or stats.get("hash") != quant["stats_hash"]:
-            raise CacheFormatError(f"{view.key}: its int8 codes were written with statistics {quant['stats_hash']}, "
-                                   f"the view now holds {None if stats is None else stats.get('hash')}: "
-                                   "the codes cannot be decoded")
-        try:
-            arrays = read_stats(view)
-        except CacheFormatError as e:
-            raise CacheFormatError(f"{e}: the int8 codes cannot be decoded") from None
+        quant, arrays = calibrated_stats(view, cls.name)
         return cls(arrays["mean"], arrays["rotation"], arrays["inverse"], float(quant["scale"]), quant.get("knee"),
                    quant["stats_hash"])
+
+    @classmethod
+    def fit(cls, tokens: np.ndarray, arrays: dict[str, np.ndarray], phis, seed: int = 0) -> tuple[dict, dict]:
+        """The scale and knee that minimize the measured error of the calibration ``tokens`` in PHI-S
+        space (fitted on the transform as stored, float32 R: the one the workers encode with)."""
+        from featcache.stats.calibrate import fit_quantizer
+
+        y = (tokens - arrays["mean"].astype(np.float32)) @ arrays["rotation"].T
+        scale, knee, relative_mse, clipped = fit_quantizer(y, seed)
+        return {}, {"scale": scale, "knee": knee, "levels": LEVELS, "relative_mse": relative_mse,
+                    "clipped_fraction": clipped}
 
     def to_dict(self) -> dict:
         if not self.calibrated:
