@@ -3,10 +3,10 @@ as one distilled online, on a teacher that knows something?
 
 Builds offline and seeded: the parity task (digits pasted on photos, :mod:`featcache.train.parity_task`), a
 DINOv3 teacher of the real transformers class trained on it with a summary probe and a per-patch probe, its
-cache through featcache's extract library path (f16 and int8-phis views, statistics). Then the same student
-config, steps and seed is trained three ways with ``featcache.train.train``: (a) online (the teacher on every
-crop, ``data.targets=online``, targets PHI-S'd with the f16 view's statistics), (b) from the f16 cache, (c) from
-the int8-phis cache. Each is read through ``load_student`` in the teacher's space and scored on held-out
+cache through featcache's extract library path (f16, int8-phis and int4-pca views, statistics). Then the same
+student config, steps and seed is trained four ways with ``featcache.train.train``: (a) online (the teacher on
+every crop, ``data.targets=online``, targets PHI-S'd with the f16 view's statistics), (b) from the f16 cache, (c)
+from the int8-phis cache, (d) from the int4-pca cache. Each is read through ``load_student`` in the teacher's space and scored on held-out
 scenes: the teacher's probes (summary accuracy; dense accuracy on the digit's patches and on all patches),
 cosine kNN top-1 of the summaries (train scenes vs held-out), the PHI-S error against the teacher run on the
 whole scene (mean squared, in the f16 view's PHI-S space, where every channel has unit variance), and
@@ -16,7 +16,7 @@ seconds per step. The teacher's own row comes first.
 
 ``--quick`` is a few-minute run; the default (the figures in BENCHMARKS.md) takes about 40 minutes on two CPU
 threads: the teacher ~8, each student 8-11. ``--set``
-overrides go to all three student runs (the recipe levers: crop scales, resolutions, loss weights, schedule).
+overrides go to all the student runs (the recipe levers: crop scales, resolutions, loss weights, schedule).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ SIZES = {  # (teacher steps, student steps, batch, train scenes, held-out scenes
 STUDENT = ['student.size="micro"', "student.width=128", "student.depth=4", "student.num_heads=4",
            "resolution.low=[96, 128]", "optim.lr=2e-3", "optim.warmup=50"]
 WAYS = (("a online", "f16", ["data.targets=\"online\""]), ("b cache f16", "f16", []),
-        ("c cache int8-phis", "int8-phis", []))
+        ("c cache int8-phis", "int8-phis", []), ("d cache int4-pca", "int4-pca", []))
 
 
 def main() -> None:
@@ -69,8 +69,8 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--teacher-steps", type=int)
     ap.add_argument("--steps", type=int, help="student steps")
     ap.add_argument("--train-scenes", type=int, help="training scenes in the cache (a new --work folder each)")
-    ap.add_argument("--set", action="append", default=[], help="extra student config override (all three runs)")
-    ap.add_argument("--ways", default="abc", help="which student rows to train (a, b, c)")
+    ap.add_argument("--set", action="append", default=[], help="extra student config override (all the student runs)")
+    ap.add_argument("--ways", default="abcd", help="which student rows to train (a, b, c, d)")
     ap.add_argument("--work", help="folder kept for the teacher and cache, reused when they are there")
     ap.add_argument("--tag", default="", help="suffix of the student run folders under --work")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/parity[-quick].json)")
@@ -78,7 +78,7 @@ def _args() -> argparse.Namespace:
 
 
 def run(tmp: Path, args) -> dict:
-    """Task, teacher, cache, the three students; the report as a dict."""
+    """Task, teacher, cache, the students; the report as a dict."""
     from featcache.store.cache import Cache
     from featcache.train import parity_task as pt
 
@@ -93,7 +93,8 @@ def run(tmp: Path, args) -> dict:
     scenes_csv = tmp / "scenes" / "scenes.csv"
     if not (tmp / "cache").exists():
         pt.write_scenes(task, tmp / "scenes", n_train, n_test)
-        pt.extract_cache(tmp / "cache", scenes_csv, teacher)
+    if set(pt.view_keys(task).values()) - set(Cache.open(str(tmp / "cache")).views if (tmp / "cache").exists() else ()):
+        pt.extract_cache(tmp / "cache", scenes_csv, teacher)  # a kept --work folder gains the views it lacks
     cache = Cache.open(str(tmp / "cache"))
     print(f"teacher trained in {teacher_s:.0f} s ({t_steps} steps); cache {list(cache.views)}", flush=True)
     ev = Evaluation(pt, task, teacher, scenes_csv, cache)

@@ -129,6 +129,7 @@ def _inspect_text(info: dict) -> str:
     for key, v in info["views"].items():
         dense = v["arrays"]["dense"]
         codec = codec_from_attrs(v).describe()  # e.g. "int8-phis (scale 0.0123)"
+        codec += f", {v['token_bytes']} B/token" if "token_bytes" in v else ""
         lines.append(f"  {key:28s} dense {tuple(dense['shape'])} {codec}  summary "
                      f"{tuple(v['arrays']['summary']['shape'])}  shards {v['shards']['committed']}/"
                      f"{v['shards']['total']}  {_human(v['bytes_stored'])}  stats {'yes' if v['stats'] else 'no'}")
@@ -197,7 +198,7 @@ def extract_cmd(
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Cache root (local directory or s3://...)."),
     teacher: Optional[list[str]] = typer.Option(
         None, "--teacher", "-t", help="Repeatable: family=F,source=DIR_OR_HF_ID or preset=P, then any of "
-                                      "[,resolutions=224+512] [,mosaic=K] [,codec=f32|int8-phis] [,name=N] "
+                                      "[,resolutions=224+512] [,mosaic=K] [,codec=f32|int8-phis|int4-pca] [,name=N] "
                                       "[,revision=REV] [,upsampler=DIR] (DIR: a `featcache featsharp train` "
                                       "checkpoint; one upsampled view), written without spaces, e.g. "
                                       "preset=sam3,mosaic=3. Replaces the config's teachers."),
@@ -591,7 +592,7 @@ def plan_cmd(
     config: Optional[str] = typer.Argument(None, help="The extract job file (YAML or TOML); flags override it."),
     teacher: Optional[list[str]] = typer.Option(None, "--teacher", help="Repeatable, as extract's --teacher: "
                                                 "family=dinov3,source=DIR_OR_HF_ID[,resolutions=224+512][,mosaic=K]"
-                                                "[,codec=f32|int8-phis][,name=N][,upsampler=CKPT], or "
+                                                "[,codec=f32|int8-phis|int4-pca][,name=N][,upsampler=CKPT], or "
                                                 "preset=sam3[,mosaic=3] (upsampler=CKPT: a 'featcache featsharp "
                                                 "train' checkpoint; one view at its canvas)."),
     images: Optional[int] = typer.Option(None, "--images", min=1, help="Images the job covers [the manifest's "

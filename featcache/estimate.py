@@ -53,6 +53,8 @@ class ViewCost:
     write_gbps_per_gpu: float
     bound: str  # what limits the job's rate for this view: "compute" or "storage"
     efficiency: float = 1.0  # of the roofline: stated, or measured for this view
+    codec: str = "f16"
+    token_bytes: int = 0  # one patch token in the dense array (the codec's: f16 2C, int8-phis C, int4-pca ⌊C/2⌋ − 1)
 
 
 def data_bytes(spec: ViewSpec, images: int, shard_size: int) -> int:
@@ -213,7 +215,8 @@ def estimate(config: ExtractConfig, images: int, hw: roofline.Hardware, efficien
             size = data_bytes(spec, images, shard_size)
             views.append(ViewCost(spec.key, flops, seconds, images * seconds / 3600, size,
                                   overhead_bytes(spec, images, shard_size, image_id_bytes),
-                                  size / images / seconds / 1e9, "compute", e))
+                                  size / images / seconds / 1e9, "compute", e, spec.codec,
+                                  spec.codec_type.token_bytes(spec.channels)))
     total_seconds = sum(v.seconds_per_image for v in views)
     write_gbps = sum(v.bytes for v in views) / images / total_seconds / 1e9 * gpus if views else 0.0
     bound = "storage" if storage_gbps is not None and write_gbps > storage_gbps else "compute"
@@ -249,11 +252,13 @@ def table(plan: dict) -> str:
     """The human-readable form of :func:`estimate`."""
     efficiency = "efficiencies measured here" if plan["job"] else f"{plan['efficiency']:.0%} of the roofline"
     lines = [f"{plan['images']:,} images on {plan['gpus']} x {plan['device']}, {efficiency}",
-             f"{'view':28s} {'GFLOP/img':>10s} {'eff':>5s} {'ms/img':>9s} {'GPU-h':>9s} {'GB':>10s} {'GB/s/GPU':>9s}"]
+             f"{'view':28s} {'GFLOP/img':>10s} {'eff':>5s} {'ms/img':>9s} {'GPU-h':>9s} {'GB':>10s} {'GB/s/GPU':>9s}"
+             f"  codec, bytes/token"]
     for v in plan["views"]:
         lines.append(f"{v['key']:28s} {v['flops_per_image'] / 1e9:10.2f} {v['efficiency']:5.0%} "
                      f"{v['seconds_per_image'] * 1e3:9.3f} {v['gpu_hours']:9.3f} "
-                     f"{(v['bytes'] + v['overhead_bytes']) / 1e9:10.3f} {v['write_gbps_per_gpu']:9.3f}")
+                     f"{(v['bytes'] + v['overhead_bytes']) / 1e9:10.3f} {v['write_gbps_per_gpu']:9.3f}"
+                     f"  {v['codec']}, {v['token_bytes']}")
     if plan["job"]:
         job = plan["job"]
         stages = ", ".join(f"{k} {s * 1e3:.2f}" for k, s in job["stages"].items())

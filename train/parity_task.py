@@ -10,7 +10,7 @@ seeded): training scenes use training digits only, held-out scenes held-out digi
     task = ParityTask(size=128, patch=16)
     teacher = train_teacher(task, folder, steps=1500)     # DINOv3ViTModel + its two linear probes, saved
     csv = write_scenes(task, folder / "scenes", 512, 128)  # PNGs + uri,label,split for 'featcache index'
-    cache = extract_cache(folder / "cache", csv, teacher)  # one f16 and one int8-phis view, with statistics
+    cache = extract_cache(folder / "cache", csv, teacher)  # f16, int8-phis and int4-pca views, with statistics
     probe_scores(load_probes(teacher), *features_of(load_student(run), scenes.images), scenes)
 """
 
@@ -241,7 +241,7 @@ def read_scenes(csv_path: Path, split: str) -> tuple[list[str], Scenes]:
 # ---- the teacher's cache ----------------------------------------------------------------------------------
 
 #: the teacher's view names per codec: one cache holds both (the same teacher, the same images)
-VIEW_NAMES = {"f16": "dinov3f16", "int8-phis": "dinov3"}
+VIEW_NAMES = {"f16": "dinov3f16", "int8-phis": "dinov3", "int4-pca": "dinov3q4"}
 
 
 def view_keys(task: ParityTask) -> dict[str, str]:
@@ -249,9 +249,10 @@ def view_keys(task: ParityTask) -> dict[str, str]:
     return {codec: f"{name}@{task.size}" for codec, name in VIEW_NAMES.items()}
 
 
-def extract_cache(root: Path, scenes_csv: Path, teacher: Path, codecs=("f16", "int8-phis"), shard_size: int = 32):
+def extract_cache(root: Path, scenes_csv: Path, teacher: Path, codecs=tuple(VIEW_NAMES), shard_size: int = 32):
     """Index the scenes into ``root`` and extract the teacher through featcache's own library path (the plan,
-    the per-shard worker the Ray job runs, int8-phis calibration), one view per codec, with statistics."""
+    the per-shard worker the Ray job runs, codec calibration), one view per codec, with statistics. A cache
+    already there gains the views it lacks (an earlier run's teacher and scenes are reused)."""
     import featcache
     from featcache.extract.calibration import calibrate_locally
     from featcache.extract.config import from_dict
@@ -260,7 +261,8 @@ def extract_cache(root: Path, scenes_csv: Path, teacher: Path, codecs=("f16", "i
     from featcache.stats.compute import compute_view
     from featcache.store.cache import Cache
 
-    featcache.index(str(scenes_csv), str(root))
+    if not (root / "manifest.parquet").exists():
+        featcache.index(str(scenes_csv), str(root))
     job = from_dict({"source": str(root), "output": str(root), "shard_size": shard_size, "batch_size": 32,
                      "teachers": [{"family": "dinov3", "name": VIEW_NAMES[c], "source": str(teacher), "codec": c}
                                   for c in codecs]}, "parity cache")
@@ -271,7 +273,7 @@ def extract_cache(root: Path, scenes_csv: Path, teacher: Path, codecs=("f16", "i
         worker.process(shard)
     worker.close()
     for view in Cache.open(str(root)).views.values():
-        if not view.spec.codec_type.needs_calibration:
+        if not view.spec.codec_type.needs_calibration and not view.stats:
             compute_view(view)
     return Cache.open(str(root))
 

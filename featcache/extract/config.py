@@ -42,7 +42,7 @@ class TeacherConfig:
     name: str | None = None  # the view-key prefix; the family by default
     revision: str | None = None
     resolutions: tuple[int, ...] = ()  # square input sizes; the teacher's native size when empty
-    codec: str = "f16"  # how dense features are stored: f16, f32, or int8-phis (PHI-S space, int8)
+    codec: str = "f16"  # how dense features are stored: f16, f32, int8-phis (PHI-S space, int8) or int4-pca (4-bit)
     mosaic: int = 1
     upsampler: str | None = None  # a `featcache featsharp train` checkpoint folder: one upsampled view
 
@@ -164,7 +164,7 @@ def teacher_from_dict(d, where: str) -> TeacherConfig:
         if key not in d:
             raise UsageError(f"{where}: missing {key!r} (or give 'preset')")
     if "dtype" in d:
-        raise UsageError(f"{where}: 'dtype' is now 'codec': f16 (float16), f32 (float32) or int8-phis")
+        raise UsageError(f"{where}: 'dtype' is now 'codec': f16 (float16), f32 (float32), int8-phis or int4-pca")
     if isinstance(d.get("resolutions"), int):
         d["resolutions"] = [d["resolutions"]]
     return _build(TeacherConfig, d, where)

@@ -55,6 +55,7 @@ def _view_summary(view: View) -> dict:
         "channels": view.spec.channels,
         "summary_channels": view.spec.summary_channels,
         "codec": view.spec.codec,
+        "token_bytes": view.spec.codec_type.token_bytes(view.spec.channels),  # one patch token in the dense array
         "teacher": view.spec.teacher,
         "arrays": _arrays(view),
         "bytes": stored,

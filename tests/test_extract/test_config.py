@@ -67,9 +67,9 @@ def test_teacher_flag_syntax():
     ({"stats": "yes"}, "stats must be a bool"),
     ({"view_policy": "crop"}, "view_policy 'crop' is not one of squash, center"),
     ({"teachers": {"family": "dinov3"}}, "'teachers' must be a list"),
-    ({"teachers": [{"family": "dinov3", "source": "/x", "codec": "int8"}]}, "codec 'int8' is not one of f16, f32, int8-phis"),
+    ({"teachers": [{"family": "dinov3", "source": "/x", "codec": "int8"}]}, "codec 'int8' is not one of f16, f32, int4-pca, int8-phis"),
     ({"teachers": [{"family": "dinov3", "source": "/x", "dtype": "float32"}]},
-     r"teachers\[0\]: 'dtype' is now 'codec': f16 \(float16\), f32 \(float32\) or int8-phis"),
+     r"teachers\[0\]: 'dtype' is now 'codec': f16 \(float16\), f32 \(float32\), int8-phis or int4-pca"),
     ({"seed": -1}, "seed must be >= 0, not -1"),
     ({"calibration_images": 0}, "calibration_images must be >= 1, not 0"),
     ({"teachers": [{"family": "sam3", "source": "/x", "mosaic": 2, "resolutions": [504]}]},
@@ -112,7 +112,7 @@ def test_cli_config_errors_are_one_line_and_exit_2(tmp_path, capsys):
                           (["--out", str(tmp_path / "c")], "no teachers: give 'teachers' in the config or --teacher"),
                           (["--teacher", "family=dinov3,source=/x"], "no output root"),
                           (["--out", str(tmp_path / "c"), "--teacher", "family=dinov3,source=/x,codec=int4"],
-                           "codec 'int4' is not one of f16, f32, int8-phis"),
+                           "codec 'int4' is not one of f16, f32, int4-pca, int8-phis"),
                           (["--out", str(tmp_path / "c"), "--teacher", "family=dinov3,source=/x",
                             "--calibration-images", "0"], "calibration_images must be >= 1")]:
         code = main(["extract", *args])
