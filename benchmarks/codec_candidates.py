@@ -18,7 +18,11 @@ PHI-S statistics are per view, not per token, and not counted):
 - ``pca-(C-4) int4-token``: the C - 4 leading PCA components, mixed by an orthonormal rotation of their own (so
   every code carries the same variance, as PHI-S's Hadamard does), 4-bit codes and one f16 scale per token:
   exactly 0.25x (absmax scale; ``rms-fit``: the token's RMS times one clip factor fitted on the fitting half,
-  values beyond it clipped).
+  values beyond it clipped);
+- ``int4-pca (featcache)``: the codec built from these measurements, calibrated by its own code on the fitting
+  half (at most 200,000 tokens): C - 6 components, Hadamard-mixed, 16 Lloyd levels in units of the token's RMS,
+  an f16 scale per token: (C/2 - 1)/(2C) x. For the synthetic widths the script also writes an f16 and an
+  int4-pca view of the same features and compares their dense objects on disk.
 
 The error is the relative MSE in PHI-S space (PHI-S is a rotation and one scale: its relative error is the
 centred features' own), on held-out tokens: the PCA basis is fitted on the other half of the tokens. Features:
@@ -119,6 +123,9 @@ def evaluate(x: np.ndarray) -> dict:
     kept = np.zeros_like(z)
     kept[:, :k] = int4_rms(z[:, :k] @ mix.T, factor) @ mix
     record("pca-(C-4) int4-token rms-fit", kept @ hadamard.T, (4 * k + 16) / 8 / c)
+    codec = int4_pca(fit)
+    record("int4-pca (featcache)", (codec.decode(codec.encode_numpy(test)).astype(np.float64) - mean) @ vectors @ hadamard.T,
+           codec.token_bytes(c) / c)
     return out
 
 
@@ -132,6 +139,44 @@ def clip_factor(v: np.ndarray) -> float:
     """The clip (in RMS of the token) that minimizes the 4-bit error on ``v``."""
     factors = np.linspace(1.5, 5.0, 36)
     return float(factors[int(np.argmin([((int4_rms(v, f) - v) ** 2).sum() for f in factors]))])
+
+
+def int4_pca(fit: np.ndarray):
+    """featcache's int4-pca codec calibrated on ``fit`` by its own code (the first 200,000 tokens at most)."""
+    from featcache.stats.calibrate import Calibration
+    from featcache.store.codec import Int4Pca
+
+    cal = Calibration(fit.shape[1], expected_tokens=min(len(fit), 200_000), seed=0, codec=Int4Pca)
+    cal.add(fit[:200_000], np.zeros((1, 1)))
+    result = cal.finish()
+    a, q = result["arrays"], result["quantization"]
+    return Int4Pca(a["mean"], a["codec_basis"], a["rotation"], tuple(q["levels"]))
+
+
+def stored_ratio(channels: int, images: int = 8, grid: int = 16) -> float:
+    """Bytes of an int4-pca view's dense objects over an f16 twin's, as featcache stores them (shard indices
+    and checksums included), for ``images`` images of ``grid`` x ``grid`` tokens of synthetic features."""
+    import tempfile
+
+    import torch
+
+    from featcache.store import Cache, ViewSpec
+    from tests.support.caches import write_manifest
+
+    x = synthetic(channels, images * grid * grid, seed=3).astype(np.float32)
+    codec = int4_pca(x)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_manifest(tmp, images)
+        sizes = {}
+        for name, stored in (("f16", x.astype(np.float16)), ("int4-pca", codec.encode(torch.from_numpy(x)).numpy())):
+            view = Cache.open(tmp).create_view(ViewSpec(key=f"{name.replace('-', '')}@{grid * 16}", grid=(grid, grid),
+                                                        channels=channels, summary_channels=0, codec=name), shard_size=4)
+            stored = stored.reshape(images, grid, grid, -1)
+            for k in range(view.num_shards):
+                s, e = view.shard_range(k)
+                view.write_shard(s, stored[s:e], np.zeros((e - s, 0)), np.zeros((e - s, 4), np.float32))
+            sizes[name] = sum(p.stat().st_size for p in (Path(view.loc.path) / "dense" / "c").rglob("*") if p.is_file())
+    return sizes["int4-pca"] / sizes["f16"]
 
 
 def int8_phis(fit: np.ndarray, test: np.ndarray) -> np.ndarray:
@@ -171,6 +216,7 @@ def main() -> None:
         results[f"cached {args.view}"] = evaluate(cached(args.cache, args.view, args.tokens))
     for c in map(int, args.widths.split(",")):
         results[f"synthetic C={c}"] = evaluate(synthetic(c, min(args.tokens, 40 * c)))
+        results[f"synthetic C={c}"]["int4-pca stored bytes / f16"] = stored_ratio(c)
     if args.json:
         print(json.dumps(results, indent=1))
         return
@@ -179,6 +225,9 @@ def main() -> None:
         for name, v in r.items():
             if isinstance(v, dict):
                 print(f"  {name:22s} {v['bytes_vs_f16']:6.3f}x f16   relative MSE {v['relative_mse']:.2e}")
+        if "int4-pca stored bytes / f16" in r:
+            print(f"  int4-pca view's dense objects on disk (16 x 16 tokens per image, shards of 4, indices and "
+                  f"checksums included): {r['int4-pca stored bytes / f16']:.4f}x the f16 twin's")
 
 
 if __name__ == "__main__":

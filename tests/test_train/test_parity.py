@@ -21,7 +21,8 @@ TASK = ParityTask(size=64, patch=16, side=(0.5, 0.9), classes=(0, 1, 7))  # 3 di
 
 @pytest.fixture(scope="module")
 def parity(tmp_path_factory):
-    """The trained teacher (dir, probes), its f16 cache, the held-out scenes and a student run of 300 steps."""
+    """The trained teacher (dir, probes), its f16 and int4-pca cache, the held-out scenes and a student run of 300
+    steps from each view."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # for this build only: the tests after it compare runs at the default count
     try:
@@ -33,11 +34,12 @@ def parity(tmp_path_factory):
 def _build(tmp):
     teacher = train_teacher(TASK, tmp / "teacher", steps=300, batch=32, lr=3e-3, config=TINY)
     scenes_csv = write_scenes(TASK, tmp / "scenes", 96, 64)
-    cache = extract_cache(tmp / "cache", scenes_csv, teacher, codecs=("f16",))
-    cfg = config.load(None, cache=str(cache.root.uri), overrides=student_overrides(
-        TASK, view_keys(TASK)["f16"], steps=300, batch=16) + ['student.size="micro"', "resolution.low=[64]",
-                                                               "optim.lr=2e-3", "optim.warmup=20"])
-    train(cfg, tmp / "run")
+    cache = extract_cache(tmp / "cache", scenes_csv, teacher, codecs=("f16", "int4-pca"))
+    for codec, run in (("f16", "run"), ("int4-pca", "run-int4")):
+        cfg = config.load(None, cache=str(cache.root.uri), overrides=student_overrides(
+            TASK, view_keys(TASK)[codec], steps=300, batch=16) + ['student.size="micro"', "resolution.low=[64]",
+                                                                   "optim.lr=2e-3", "optim.warmup=20"])
+        train(cfg, tmp / run)
     return load_probes(teacher), read_scenes(scenes_csv, "test")[1], tmp / "run", teacher
 
 
@@ -55,6 +57,18 @@ def test_a_trained_student_beats_an_untrained_one_on_the_teachers_probes(parity)
     chance = 1 / len(TASK.classes)
     assert good["summary"] >= max(bad["summary"], chance) + 0.25, (good, bad)
     assert good["dense"] >= bad["dense"] + 0.15, (good, bad)
+
+
+def test_a_student_trained_from_int4_pca_codes_scores_as_the_f16_one(parity):
+    """The same run from the int4-pca view (its bytes decoded on the training device before the lookup): the
+    teacher's probes score its outputs as they score the f16-trained student's. A wrong decoding (basis,
+    levels, nibble order, scale) trains towards other targets, which the probes cannot read."""
+    probes, scenes, run, _ = parity
+    f16 = _scores(load_student(run, space="teacher"), probes, scenes)
+    int4 = _scores(load_student(run.with_name("run-int4"), space="teacher"), probes, scenes)
+    print("f16", f16, "int4-pca", int4)
+    for key in ("summary", "dense", "dense_all"):
+        assert abs(int4[key] - f16[key]) <= 0.1, (key, int4, f16)
 
 
 def test_the_probes_need_the_map_back_to_the_teachers_space(parity):
