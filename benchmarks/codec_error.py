@@ -16,7 +16,8 @@ import argparse
 
 import numpy as np
 
-from featcache.stats.calibrate import Calibration, quantization_error
+from featcache.stats.calibrate import Calibration
+from featcache.store.codec.int8_phis import quantization_error
 from featcache.store.codec import LEVELS, Int8Phis
 
 

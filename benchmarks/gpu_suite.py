@@ -18,6 +18,7 @@ functions of the benchmark script named, at that script's GPU setting (full-size
 | featsharp | featsharp.py | FeatSharp 3x of SigLIP2-g on a 1152 px canvas against its 10 forwards (batch 8) |
 | roofline | roofline_validation.py | predicted / measured forward time, students and the three teachers |
 | vitdet | vitdet.py | ViT-B forward with ViTDet windows 8 and 16 against global attention, 512-2048 px |
+| codec_decode | (here) | int4-pca's ``decode_torch`` of a batch of DINOv3-7B@448 windows to PHI-S on the device, against the host's decoding and f16's PHI-S transform |
 
 Each stage runs in a process of its own (this script again, the way it was started), so a crash, an
 out-of-memory or a hang costs that stage only and its GPU memory is back before the next one starts. A
@@ -145,6 +146,51 @@ def vitdet(o) -> dict:
     return {"size_name": args.size_name, "batch": 1, "rows": [measure(args, side) for side in sides]}
 
 
+def codec_decode(o) -> dict:
+    """int4-pca on the training device: a batch of 32 windows of 32 x 32 tokens of C = 4096 (the DINOv3-7B@448
+    view) decoded to PHI-S floats by ``decode_torch``, timed against f16's PHI-S transform of the same tokens
+    (what the device does for an f16 view), and checked against the host's numpy decoding. The codec is fitted
+    (``Int4Pca.fit``) to synthetic low-rank t(4) features, as benchmarks/codec_loader.py's."""
+    import numpy as np
+    import torch
+
+    from featcache.stats import Moments, PhiS
+    from featcache.store.codec import Int4Pca
+
+    c, rank, side, batch = pick(o, (4096, 64, 32, 32), (64, 8, 8, 2))
+    rng = np.random.default_rng(0)
+    tokens = (rng.standard_t(4, (20_000, rank)) @ rng.standard_normal((rank, c)) * 3
+              + rng.standard_normal((20_000, c)) * np.geomspace(0.1, 2, c)).astype(np.float32)
+    phis = PhiS.fit(Moments.of(tokens))
+    arrays = {"mean": phis.mean, "rotation": phis.rotation.astype(np.float32)}
+    _, q = Int4Pca.fit(tokens, arrays, phis)
+    codec = Int4Pca(phis.mean, _["codec_basis"], arrays["rotation"], tuple(q["levels"]))
+    stored = torch.from_numpy(codec.encode_numpy(tokens[rng.integers(0, len(tokens), batch * side * side)]))
+    stored = stored.reshape(batch, side, side, -1).to(o.device)
+    halves = torch.from_numpy(tokens[:batch * side * side].astype(np.float16)).reshape(batch, side, side, c).to(o.device)
+    mean, rotation = (torch.as_tensor(a, dtype=torch.float32, device=o.device) for a in (phis.mean, arrays["rotation"]))
+    runs = {"int4_pca_decode": lambda: codec.decode_torch(stored, "phis"),
+            "f16_phis_transform": lambda: (halves.float() - mean) @ rotation.T}
+    seconds = {}
+    for name, fn in runs.items():
+        fn()
+        reps = pick(o, 20, 2)
+        if o.device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        if o.device == "cuda":
+            torch.cuda.synchronize()
+        seconds[name] = (time.perf_counter() - t0) / reps
+    host = codec.decode(stored[:1].cpu().numpy(), "phis")
+    device = codec.decode_torch(stored[:1], "phis").cpu().numpy()
+    return {"channels": c, "kept": q["kept"], "windows": [batch, side, side], "relative_mse_fit": q["relative_mse"],
+            "ms_per_batch": {k: v * 1e3 for k, v in seconds.items()},
+            "ratio_decode_to_f16_transform": seconds["int4_pca_decode"] / seconds["f16_phis_transform"],
+            "max_abs_device_vs_host": float(np.abs(device - host).max()), "host_max_abs": float(np.abs(host).max())}
+
+
 def free(device: str) -> None:
     """Hand the cached blocks of a model just dropped back, before the next one is built."""
     if device == "cuda":
@@ -187,6 +233,12 @@ def _roofline_line(f: dict) -> str:
     return ", ".join(f"{r['model']} {r['ratio']:.2f}" for r in f["models"]) + " (predicted / measured)"
 
 
+def _codec_line(f: dict) -> str:
+    ms = f["ms_per_batch"]
+    return (f"int4-pca decode {ms['int4_pca_decode']:.2f} ms/batch, f16 PHI-S {ms['f16_phis_transform']:.2f} ms "
+            f"(x{f['ratio_decode_to_f16_transform']:.2f}); device vs host {f['max_abs_device_vs_host']:.1e}")
+
+
 def _vitdet_line(f: dict) -> str:
     return ", ".join(f"{r['px']} px w8 x{r['w8_ratio']:.2f} w16 x{r['w16_ratio']:.2f}" for r in f["rows"])
 
@@ -199,6 +251,7 @@ STAGES = {
     "featsharp": Stage(featsharp, 0.6, _featsharp_line),
     "roofline": Stage(roofline, 1.0, _roofline_line),
     "vitdet": Stage(vitdet, 0.6, _vitdet_line),
+    "codec_decode": Stage(codec_decode, 0.2, _codec_line),
 }
 
 

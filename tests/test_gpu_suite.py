@@ -56,9 +56,10 @@ MUST_BE_POSITIVE = {
     "featsharp": [("ms_per_image", "floor"), ("ms_per_image", "featsharp"), ("ratio_featsharp_to_floor",)],
     "roofline": [("peak_gflops",), ("bandwidth_gbps",), ("models", 0, "predicted_s"), ("models", 0, "measured_s")],
     "vitdet": [("rows", 0, k) for k in ("global_ms", "w8_ms", "w16_ms", "global_gflop")],
+    "codec_decode": [("ms_per_batch", "int4_pca_decode"), ("ms_per_batch", "f16_phis_transform"), ("kept",)],
 }
 #: the dry run in concurrent groups (each suite process runs its stages one after another)
-GROUPS = [("teacher_mfu", "gpu_extract", "train_cost"), ("ddp", "featsharp", "roofline", "vitdet")]
+GROUPS = [("teacher_mfu", "gpu_extract", "train_cost", "codec_decode"), ("ddp", "featsharp", "roofline", "vitdet")]
 
 
 def start(tmp_path: Path, name: str, *args: str) -> subprocess.Popen:
@@ -134,6 +135,8 @@ def test_every_stage_of_the_dry_run_measures_something(dry_run):
     assert stages["ddp"]["figures"]["backend"] == "gloo"
     assert set(stages["ddp"]["figures"]["world_sizes"]) == {"1", "2"}
     assert stages["featsharp"]["figures"]["canvas"] == 3 * 64
+    decode = stages["codec_decode"]["figures"]  # the device's decoding is the host's
+    assert decode["max_abs_device_vs_host"] <= 1e-5 * decode["host_max_abs"] and decode["kept"] == 64 - 6
 
 
 def _closure(names: list[str]) -> set[str]:

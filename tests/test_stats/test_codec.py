@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.stats.calibrate import HEADROOM, KNEES, Calibration, fit_quantizer, quantization_error
+from featcache.stats.calibrate import Calibration
 from featcache.stats.dispersion import angles
 from featcache.stats.phis import PhiS
 from featcache.store.codec import LEVELS, Int8Phis, compand, expand
+from featcache.store.codec.int8_phis import HEADROOM, KNEES, fit_quantizer, quantization_error
 
 C = 64
 

@@ -27,7 +27,6 @@ from featcache.store.codec.base import QUANTIZATION, Codec, PhisSource, calibrat
 
 LEVELS = 127  # codes are -127..127: symmetric, so -q decodes to -ŷ
 
-
 def compand(y, knee: float | None):
     """The code domain: ``sign(y) · b · ln(1 + |y| / b)`` (numpy or torch), identity without a knee."""
     if knee is None:
@@ -50,6 +49,51 @@ def _lib(x):
     import torch
 
     return torch
+
+
+# ---- fitting the scale and knee (the codec's calibration) ----------------------------------------
+
+MAX_VALUES = 1 << 20  # values the error is evaluated on per candidate
+
+HEADROOM = 16.0  # the largest code lies at least this far beyond the largest calibration value
+KNEES = (None, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625)  # in PHI-S standard deviations; None: linear codes
+
+
+def quantization_error(v: np.ndarray, scale: float, knee: float | None, g: np.ndarray | None = None) -> float:
+    """Mean squared error of int8 codes with ``scale`` and ``knee`` on the values ``v``
+    (``g``: ``compand(v, knee)`` when the caller already has it)."""
+    g = compand(v, knee) if g is None else g
+    codes = np.clip(np.rint(g / scale), -LEVELS, LEVELS).astype(np.int64)
+    table = expand(np.arange(-LEVELS, LEVELS + 1) * scale, knee)
+    return float(np.mean((table[codes + LEVELS] - v) ** 2, dtype=np.float64))
+
+
+def fit_quantizer(y: np.ndarray, seed: int = 0) -> tuple[float, float | None, float, float]:
+    """(scale, knee, relative MSE, fraction of values clipped) of int8 codes for the PHI-S-space sample ``y``: for each knee, the
+    largest code's value is searched from 16 to 64 times max |y| (log grid, then refined); the pair
+    with the least measured error wins. The headroom matters for heavy tails: a token more extreme
+    than any in the sample would otherwise be clipped, and one such token can outweigh the rest."""
+    v = np.asarray(y).ravel()
+    if v.size > MAX_VALUES:
+        v = v[np.random.default_rng([seed, 2]).choice(v.size, MAX_VALUES, replace=False)]
+    v = v.astype(np.float64)
+    power = float(np.mean(v ** 2)) if v.size else 0.0
+    top = float(np.abs(v).max()) if v.size else 0.0
+    if power == 0.0:
+        return 1.0, None, 0.0, 0.0
+    best = (np.inf, 1.0, None)
+    for knee in KNEES:
+        g = compand(v, knee)
+        steps = compand(np.geomspace(HEADROOM * top, 4 * HEADROOM * top, 40), knee) / LEVELS
+        errors = [quantization_error(v, s, knee, g) for s in steps]
+        k = int(np.argmin(errors))
+        fine = np.linspace(steps[max(k - 1, 0)], steps[min(k + 1, len(steps) - 1)], 17)
+        for s, e in zip([steps[k], *fine], [errors[k], *(quantization_error(v, s, knee, g) for s in fine)]):
+            if e < best[0]:
+                best = (e, float(s), knee)
+    error, scale, knee = best
+    clipped = float(np.mean(np.abs(compand(v, knee)) > (LEVELS + 0.5) * scale))
+    return scale, knee, error / power, clipped
 
 
 @register_codec
@@ -91,8 +135,6 @@ class Int8Phis(Codec):
     def fit(cls, tokens: np.ndarray, arrays: dict[str, np.ndarray], phis, seed: int = 0) -> tuple[dict, dict]:
         """The scale and knee that minimize the measured error of the calibration ``tokens`` in PHI-S
         space (fitted on the transform as stored, float32 R: the one the workers encode with)."""
-        from featcache.stats.calibrate import fit_quantizer
-
         y = (tokens - arrays["mean"].astype(np.float32)) @ arrays["rotation"].T
         scale, knee, relative_mse, clipped = fit_quantizer(y, seed)
         return {}, {"scale": scale, "knee": knee, "levels": LEVELS, "relative_mse": relative_mse,
