@@ -200,6 +200,16 @@ class Codec:
         mean, rotation = phis()
         return (self.to_raw(stored).astype(np.float32) - mean) @ rotation.T
 
+    def _ready(self) -> None:
+        """A calibrated codec refuses, in one line, to encode or decode without its calibration and the
+        statistics it was fitted to (``mean``: set by ``open``, absent when rebuilt from attrs alone)."""
+        if not self.calibrated:
+            raise UsageError(f"{self.name} codes cannot be encoded or decoded before the view is calibrated: "
+                             "run 'featcache extract' to calibrate it")
+        if getattr(self, "mean", None) is None:
+            raise UsageError(f"{self.name}: this codec was rebuilt from attrs alone; open it from its view "
+                             f"({type(self).__name__}.open) to read the statistics its codes are in")
+
     @classmethod
     def dtype_in(cls, space: str) -> np.dtype:
         """The dtype :meth:`decode` returns in ``space``."""

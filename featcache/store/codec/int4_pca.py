@@ -212,14 +212,6 @@ class Int4Pca(Codec):
 
     # ---- internals ------------------------------------------------------------------------
 
-    def _ready(self) -> None:
-        if not self.calibrated:
-            raise UsageError("int4-pca codes cannot be encoded or decoded before the view is calibrated: "
-                             "run 'featcache extract' to calibrate it")
-        if self.mean is None:
-            raise UsageError("int4-pca: this codec was rebuilt from attrs alone; open it from its view "
-                             "(Int4Pca.open) to read the basis its codes are in")
-
     def _tensors(self, device, names: tuple[str, ...]):
         """The named float32 arrays of :attr:`_np` as tensors on ``device``, moved there once."""
         import torch

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from featcache.errors import UsageError
 from featcache.store.codec.base import QUANTIZATION, Codec, PhisSource, calibrated_stats, register_codec
 
 LEVELS = 127  # codes are -127..127: symmetric, so -q decodes to -ŷ
@@ -196,15 +195,6 @@ class Int8Phis(Codec):
     def to_raw(self, q: np.ndarray) -> np.ndarray:
         """Codes → raw float32 features."""
         return self.to_phis(q) @ self.inverse.T.astype(np.float32, copy=False) + self.mean.astype(np.float32)
-
-    def _ready(self) -> None:
-        """Refuse, in one line, to encode or decode without the calibration and its statistics."""
-        if not self.calibrated:
-            raise UsageError("int8-phis codes cannot be encoded or decoded before the view is calibrated: "
-                             "run 'featcache extract' to calibrate it")
-        if self.mean is None:
-            raise UsageError("int8-phis: this codec was rebuilt from attrs alone; open it from its view "
-                             "(Int8Phis.open) to read the statistics its codes are in")
 
     def __post_init__(self):
         object.__setattr__(self, "_table", self.table if self.calibrated else None)
