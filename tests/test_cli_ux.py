@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -12,12 +12,22 @@ from featcache.cli import main
 from featcache.extract.progress import plural
 
 
-def _help(command: str) -> str:
-    """``featcache COMMAND --help`` as a user sees it, its wrapped lines joined again."""
-    proc = subprocess.run([sys.executable, "-m", "featcache.cli", command, "--help"], capture_output=True,
-                          text=True, env={**os.environ, "COLUMNS": "100"})
-    assert proc.returncode == 0, proc.stderr
-    return " ".join(proc.stdout.split())
+def _help(*argv: str) -> str:
+    """``featcache ARGV --help`` as a user sees it on a 100-column terminal (in-process, as the CLI runs it:
+    the same text as from ``python -m featcache.cli``), its wrapped lines joined again."""
+    out, err = io.StringIO(), io.StringIO()
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([*argv, "--help"])
+    finally:
+        if columns is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = columns
+    assert code == 0, err.getvalue()
+    return " ".join(out.getvalue().split())
 
 
 @pytest.mark.parametrize("command, text", [("index", "[default: 1 for local files, 16 for remote]"),

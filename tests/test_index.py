@@ -163,12 +163,14 @@ def test_missing_and_empty_folders(tmp_path):
 
 @pytest.mark.parametrize("args", [["index", "/definitely/missing", "--out", "X"], ["index", "EMPTY", "--out", "X"],
                                   ["index", "--out", "X"], ["inspect", "X"], ["verify", "X"]])
-def test_cli_bad_arguments_give_one_line_and_exit_2(tmp_path, args):
+def test_cli_bad_arguments_give_one_line_and_exit_2(tmp_path, args, capsys):
+    """In-process, as the CLI runs them: an exception would escape ``main`` (a traceback) and fail the test."""
     (tmp_path / "empty").mkdir()
     args = [a.replace("EMPTY", str(tmp_path / "empty")).replace("X", str(tmp_path / "out")) for a in args]
-    proc = subprocess.run([sys.executable, "-m", "featcache.cli", *args], capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr and proc.stderr.strip()
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err and err.strip()
 
 
 def test_cli_exit_1_when_some_files_fail(tmp_path):

@@ -54,6 +54,22 @@ def test_the_plan_s_arithmetic_and_json(tiny, capsys):
     assert plan["hours"] == pytest.approx(sum(v["gpu_hours"] for v in plan["views"]) / 2)
 
 
+def test_the_plan_knows_each_codec_s_bytes(tiny, capsys):
+    """The same DINOv3 view in each codec: bytes per token 2C (f16), C (int8-phis), C/2 - 1 (int4-pca), and the
+    views' data bytes in that proportion (shard indices and checksums, the same for all, aside); the table says so."""
+    teachers = [f"family=dinov3,source={tiny['dinov3']},name=d{codec.replace('-', '')},codec={codec}"
+                for codec in ("f16", "int8-phis", "int4-pca")]
+    assert main(["plan", *[a for t in teachers for a in ("--teacher", t)], "--images", "1000", "--json"]) == 0
+    views = {v["codec"]: v for v in json.loads(capsys.readouterr().out)["views"]}
+    c = create_teacher("dinov3", tiny["dinov3"]).spec.channels
+    assert {k: v["token_bytes"] for k, v in views.items()} == {"f16": 2 * c, "int8-phis": c, "int4-pca": c // 2 - 1}
+    index = views["f16"]["bytes"] - 1000 * 16 * 2 * c  # 4 x 4 cells at 64 px: what is not the tokens
+    for codec, v in views.items():
+        assert v["bytes"] - index == 1000 * 16 * v["token_bytes"], codec
+    assert main(["plan", *[a for t in teachers for a in ("--teacher", t)], "--images", "1000"]) == 0
+    assert f"int4-pca, {c // 2 - 1}" in capsys.readouterr().out
+
+
 def test_efficiency_scales_the_time_and_nothing_else(tiny):
     from featcache.extract.config import from_dict
 

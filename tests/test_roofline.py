@@ -184,15 +184,11 @@ def test_roofline_refuses_sizes_it_cannot_model_in_one_line(argv, says, capsys):
 
 
 def _help(*argv: str) -> str:
-    """``featcache ARGV --help`` as a user sees it, its wrapped lines joined again."""
-    import os
-    import subprocess
-    import sys
+    """``featcache ARGV --help`` as a user sees it on a 100-column terminal (in-process, as the CLI runs it: the
+    same text as from ``python -m featcache.cli``), its wrapped lines joined again."""
+    from tests.test_cli_ux import _help as help_text
 
-    proc = subprocess.run([sys.executable, "-m", "featcache.cli", *argv, "--help"], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "100"})
-    assert proc.returncode == 0, proc.stderr
-    return " ".join(proc.stdout.split())
+    return help_text(*argv)
 
 
 def test_roofline_help_is_self_contained():

@@ -3,6 +3,7 @@ and the direct (non-Ray, one image at a time) computation every stored row is ch
 
 from __future__ import annotations
 
+import io
 import shutil
 
 import numpy as np
@@ -37,6 +38,19 @@ def photos_dir(tmp_path_factory):
         src = photo(name)
         shutil.copyfile(src, folder / src.name)
     return folder
+
+
+@pytest.fixture(scope="session")
+def two_image_shards(tmp_path_factory, photos_dir, job_teachers, ray_runtime):
+    """The three-family job (:func:`three_family_job`) in shards of 2 images and batches of 2, run once,
+    uninterrupted, on the shared embedded Ray: what test_faults' interrupted runs and test_cluster's
+    two-node run must equal. Read it, never change it."""
+    from featcache.pipelines.extract import run
+
+    out = tmp_path_factory.mktemp("two_image_shards") / "cache"
+    assert run(three_family_job(out, photos_dir, job_teachers, shard_size=2, batch_size=2),
+               stream=io.StringIO()).exit_code == 0
+    return out
 
 
 def three_family_job(out, source, teachers: dict, **overrides):

@@ -1,6 +1,7 @@
 """Ray beside a cluster that ``ray start --head`` left running on this machine: with no
 ``--ray-address`` and no ``RAY_ADDRESS`` a job starts its own private Ray, says that it did not join
-the running one, and leaves it running; a job that did not run shows no results."""
+the running one, and leaves it running (checked on the README's demo, in tests/test_extract/test_demo.py,
+which runs beside ``running_head``); a job that did not run shows no results."""
 
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import featcache
 from tests.support.seaweed import free_ports
-from tests.test_extract.test_cluster import RAY, _cluster_processes, stop_cluster
+from tests.test_extract.test_cluster import RAY, stop_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -35,23 +35,6 @@ def running_head():
         yield f"127.0.0.1:{port}", env
     finally:
         stop_cluster(tmp)
-
-
-def test_demo_beside_a_running_cluster_starts_its_own_ray(running_head, tmp_path):
-    address, env = running_head
-    head = _cluster_processes(env["RAY_TMPDIR"])
-    assert head
-    current = (Path(env["RAY_TMPDIR"]) / "ray" / "ray_current_cluster").read_text().strip()
-    assert current.endswith(address.split(":")[1])  # what ray.init() with no address would join (Ray's own IP)
-    env = {**env, "FEATCACHE_HOME": str(tmp_path / "home")}
-    out = tmp_path / "demo-cache"
-    cli = str(Path(sys.executable).with_name("featcache"))
-    proc = subprocess.run([cli, "demo", "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert f"not joining the Ray cluster at {current}" in proc.stderr  # said, not done silently
-    assert "extracted 26 images in 4 shards" in proc.stdout and "shards 4/4" in proc.stdout
-    assert featcache.verify(str(out)).ok
-    assert all(os.path.exists(f"/proc/{pid}") for pid in head)  # the user's cluster still runs
 
 
 def test_demo_whose_job_did_not_run_shows_no_inspect_table(tmp_path):

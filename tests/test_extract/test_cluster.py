@@ -4,7 +4,6 @@ with ``RAY_ADDRESS`` in the environment (as ``ray job submit`` sets it) it joins
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import secrets
@@ -17,9 +16,8 @@ import numpy as np
 import pytest
 
 import featcache
-from featcache.pipelines.extract import run
 from tests.support.seaweed import free_ports
-from tests.test_extract.conftest import stored, three_family_job
+from tests.test_extract.conftest import stored
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -42,12 +40,10 @@ def _cluster_processes(temp_dir: str) -> list[int]:
 
 
 @pytest.fixture
-def embedded(tmp_path, photos_dir, job_teachers, ray_runtime):
+def embedded(two_image_shards):
     """The same job on the embedded Ray (in this process: the tests' shared embedded runtime, a
-    private one that the cluster's nodes never join)."""
-    out = tmp_path / "embedded"
-    assert run(three_family_job(out, photos_dir, job_teachers, shard_size=2), stream=io.StringIO()).exit_code == 0
-    return out
+    private one that the cluster's nodes never join); the session's, shared with test_faults."""
+    return two_image_shards
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +86,7 @@ def test_two_node_cluster_equals_the_embedded_run(embedded, two_node_cluster, tm
     teachers = "\n".join(f'[[teachers]]\nfamily = "{f}"\nsource = "{job_teachers[f]}"\ncodec = "f32"\n' + extra
                          for f, extra in (("siglip2", ""), ("dinov3", "resolutions = [64, 96]\n"),
                                           ("sam3", "mosaic = 2\n")))
-    config.write_text(f'source = "{photos_dir}"\noutput = "{clustered}"\nshard_size = 2\nbatch_size = 3\n'
+    config.write_text(f'source = "{photos_dir}"\noutput = "{clustered}"\nshard_size = 2\nbatch_size = 2\n'
                       f'cpu_workers = 2\n\n{teachers}')
     proc = subprocess.run([sys.executable, "-c", "import sys; from featcache.cli import main; "
                            "sys.exit(main(sys.argv[1:]))", "extract", str(config), "--ray-address", address],

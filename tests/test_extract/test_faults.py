@@ -30,14 +30,14 @@ SHARDS = 5  # 10 photos, 2 per shard
 
 
 def _job(out, source, teachers):
+    """The job of the session's ``two_image_shards`` cache."""
     return three_family_job(out, source, teachers, shard_size=2, batch_size=2)
 
 
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory, photos_dir, job_teachers):
-    out = tmp_path_factory.mktemp("baseline") / "cache"
-    assert run(_job(out, photos_dir, job_teachers), stream=io.StringIO()).exit_code == 0
-    return out
+@pytest.fixture
+def baseline(two_image_shards):
+    """The uninterrupted run of :func:`_job` (the session's, shared with test_cluster)."""
+    return two_image_shards
 
 
 def _tree(root: Path) -> dict[str, bytes]:

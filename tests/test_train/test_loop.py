@@ -148,9 +148,9 @@ def test_init_starts_a_new_run_from_the_weights(long_run, cache_root, config_fil
         assert first[k] == pytest.approx(v, rel=1e-6), k
 
 
-def test_resume_after_kill_9_reproduces_the_uninterrupted_losses(cache_root, config_file, tmp_path):
-    whole = tmp_path / "whole"
-    train(config.load(config_file, cache=cache_root), whole)
+def test_resume_after_kill_9_reproduces_the_uninterrupted_losses(cache_root, config_file, tmp_path, whole_run, capfd):
+    """A run killed mid-way (another process: kill -9) and resumed by ``featcache train --resume`` (here)."""
+    whole = whole_run  # the same config, uninterrupted (the session's)
     cli = str(Path(sys.executable).with_name("featcache"))
     killed = tmp_path / "killed"
     proc = subprocess.Popen([cli, "train", cache_root, "--config", str(config_file), "--out", str(killed)],
@@ -164,10 +164,11 @@ def test_resume_after_kill_9_reproduces_the_uninterrupted_losses(cache_root, con
     assert proc.returncode == -signal.SIGKILL
     logged = max(_losses(killed))
     assert 4 <= logged < 12, logged  # it died mid-run, after the first checkpoint
-    resumed = subprocess.run([cli, "train", "--out", str(killed), "--resume"], capture_output=True, text=True,
-                             timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming" in resumed.stderr and "at step " in resumed.stderr
+    capfd.readouterr()
+    code = main(["train", "--out", str(killed), "--resume"])
+    err = capfd.readouterr().err
+    assert code == 0, err
+    assert "resuming" in err and "at step " in err
     a, b = _losses(whole), _losses(killed)
     assert sorted(a) == sorted(b) == list(range(1, 13))
     for step in a:

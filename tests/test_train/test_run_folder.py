@@ -14,7 +14,7 @@ import pytest
 
 from featcache import checkpoint
 from featcache.cli import main
-from featcache.train import config, train
+from featcache.train import config
 from tests.test_s3_preflight import closed_endpoint  # noqa: F401 (a fixture)
 from tests.test_train.test_loop import LOSS_KEYS, _losses
 from tests.test_train.test_loop import cache_root, config_file  # noqa: F401 (fixtures: this module's own copies)
@@ -22,12 +22,10 @@ from tests.test_train.test_loop import cache_root, config_file  # noqa: F401 (fi
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def whole(cache_root, config_file, tmp_path_factory) -> Path:
-    """The 12-step run, uninterrupted."""
-    run = tmp_path_factory.mktemp("whole") / "run"
-    train(config.load(config_file, cache=cache_root), run)
-    return run
+@pytest.fixture
+def whole(whole_run) -> Path:
+    """The 12-step run, uninterrupted (the session's)."""
+    return whole_run
 
 
 def _killed_at_save(cache_root: str, config_file: Path, run: Path, call: int) -> None:
@@ -50,11 +48,19 @@ def _killed_at_save(cache_root: str, config_file: Path, run: Path, call: int) ->
     assert done.returncode == -signal.SIGKILL, done.stderr
 
 
+@pytest.fixture(scope="module")
+def killed(cache_root, config_file, tmp_path_factory) -> Path:
+    """The 12-step run killed as it began its 8th checkpoint file write: step 8's state written, its weights
+    not yet; the step-4 checkpoint is whole. Tests resume copies of it."""
+    run = tmp_path_factory.mktemp("killed") / "run"
+    _killed_at_save(cache_root, config_file, run, call=8)
+    return run
+
+
 def _resume_matches(run: Path, whole: Path) -> None:
-    cli = str(Path(sys.executable).with_name("featcache"))
-    resumed = subprocess.run([cli, "train", "--out", str(run), "--resume"], capture_output=True, text=True,
-                             timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
+    """``featcache train --out RUN --resume`` (in this process: the kill was another's) logs the uninterrupted
+    run's losses."""
+    assert main(["train", "--out", str(run), "--resume"]) == 0
     a, b = _losses(whole), _losses(run)
     assert sorted(a) == sorted(b) == list(range(1, 13))
     for step in a:
@@ -62,17 +68,16 @@ def _resume_matches(run: Path, whole: Path) -> None:
             assert b[step][k] == pytest.approx(a[step][k], rel=1e-6, abs=1e-9), (step, k)
 
 
-def test_a_kill_between_a_checkpoints_two_files_resumes_with_the_same_losses(cache_root, config_file, whole,
-                                                                             tmp_path):
+def test_a_kill_between_a_checkpoints_two_files_resumes_with_the_same_losses(killed, whole, tmp_path):
     run = tmp_path / "run"
-    _killed_at_save(cache_root, config_file, run, call=8)  # step 8's state written, its weights not yet
+    shutil.copytree(killed, run)  # step 8's state written, its weights not yet
     _resume_matches(run, whole)
 
 
-def test_a_run_folder_of_the_older_layout_still_resumes(cache_root, config_file, whole, tmp_path):
+def test_a_run_folder_of_the_older_layout_still_resumes(killed, whole, tmp_path):
     """Runs written before checkpoint sets kept checkpoints/last.safetensors + last.state.safetensors."""
     run = tmp_path / "run"
-    _killed_at_save(cache_root, config_file, run, call=7)  # the step-4 checkpoint is whole
+    shutil.copytree(killed, run)  # the step-4 checkpoint is whole (step 8's, half-written, goes with the sets)
     folder = run / "checkpoints"
     for name in ("best", "last"):
         found = checkpoint.read_set(folder / name)

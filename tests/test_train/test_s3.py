@@ -7,7 +7,7 @@ import pytest
 
 from featcache.errors import StorageError
 
-from tests.support.fixtures import private_s3_server  # noqa: F401  (a fixture)
+from tests.support.seaweed import SeaweedServer
 from tests.test_s3_preflight import assert_one_line, closed_endpoint, run_cli  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.s3
@@ -54,19 +54,30 @@ def _s3_trainer(root: str, tmp_path, built, server):
     return Trainer(cfg, tmp_path / "run")
 
 
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory):
+    """One S3 server for this module's tests that stop and start it (one start-up for them all)."""
+    with SeaweedServer(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server
+
+
 @pytest.fixture
-def own_server(private_s3_server, monkeypatch):
-    """A server this test alone stops and starts, with the environment pointing at it."""
-    for name, value in private_s3_server.env().items():
+def own_server(module_server, monkeypatch):
+    """A server this test alone stops and starts (the module's, running again if a test left it stopped), with
+    the environment pointing at it."""
+    if not module_server.running:
+        module_server.start()
+    for name, value in module_server.env().items():
         monkeypatch.setenv(name, value)
-    private_s3_server.make_bucket("train")
-    return private_s3_server
+    module_server.make_bucket("train")
+    return module_server
 
 
 def test_the_server_stopping_mid_run_is_retried(own_server, training_cache, tmp_path, caplog, capfd, monkeypatch):
-    """SeaweedFS stops for 5 s after the trainer opened the cache: the reads are retried with extract's
-    back-off and the run finishes when the server is back. Six tries here (1 + 2 + 4 + 8 + 15 s of
-    back-off) leave room for a slow restart."""
+    """SeaweedFS stops after the trainer opened the cache and starts again only once the trainer said that a
+    read failed and will be retried: the reads are retried with extract's back-off and the run finishes when
+    the server is back. Six tries here (1 + 2 + 4 + 8 + 15 s of back-off) leave room for a slow restart."""
+    from featcache.log import LOGGER
     from featcache.train import data
 
     monkeypatch.setattr(data, "MAX_READ_ATTEMPTS", 6)
@@ -84,12 +95,27 @@ def test_the_server_stopping_mid_run_is_retried(own_server, training_cache, tmp_
     trainer = _s3_trainer("s3://train/cache", tmp_path, training_cache, own_server)
     trainer.out.mkdir()
     own_server.stop()
-    back = threading.Timer(5.0, own_server.start)
+    said_retrying = threading.Event()
+
+    class _Retrying(logging.Handler):  # the trainer's own line, in whichever thread it reads
+        def emit(self, record):
+            if "retrying" in record.getMessage():
+                said_retrying.set()
+
+    def back_after_a_retry():
+        said_retrying.wait(120)
+        own_server.start()
+
+    handler = _Retrying()
+    LOGGER.addHandler(handler)
+    back = threading.Thread(target=back_after_a_retry)
     back.start()
     try:
         result = trainer.run()
     finally:
+        said_retrying.set()
         back.join()
+        LOGGER.removeHandler(handler)
     err = caplog.text + capfd.readouterr().err  # featcache's log (on stderr once a CLI call set it up)
     assert result.steps == 3 and "attempt 1 failed" in err and "retrying" in err, err
 

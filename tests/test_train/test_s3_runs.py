@@ -17,7 +17,7 @@ import pytest
 from featcache import checkpoint
 from featcache.runs import Mirror, RunFolder
 from featcache.cli import main
-from featcache.train import config, load_student, train
+from featcache.train import load_student
 from tests.test_train.test_loop import LOSS_KEYS, _losses, config_file  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
@@ -43,9 +43,8 @@ def _remote_losses(fs, url: str) -> dict[int, dict]:
 
 def test_a_run_on_s3_killed_mid_way_resumes_from_the_store_with_the_uninterrupted_losses(cache_root, config_file,
                                                                                          tmp_path, runs_url, s3_env,
-                                                                                         capsys):
-    whole = tmp_path / "whole"
-    train(config.load(config_file, cache=cache_root), whole)
+                                                                                         capsys, whole_run):
+    whole = whole_run  # the same config, uninterrupted, on local disk (the session's)
     fs = s3_env.filesystem()
     cli = [sys.executable, "-m", "featcache.cli", "train"]
     proc = subprocess.Popen([*cli, cache_root, "--config", str(config_file), "--out", runs_url],
@@ -61,9 +60,11 @@ def test_a_run_on_s3_killed_mid_way_resumes_from_the_store_with_the_uninterrupte
     assert 4 <= record["meta"]["step"] < 12  # the first checkpoint, uploaded whole before the kill
     assert all(fs.exists(f"{runs_url}/checkpoints/last/{record['set']}/{name}") for name in record["files"])
     assert fs.exists(f"{runs_url}/config.toml") and not (tmp_path / "s3:").exists()
-    resumed = subprocess.run([*cli, "--out", runs_url, "--resume"], capture_output=True, text=True, timeout=240)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming {runs_url} at step " in resumed.stderr and f"into {runs_url}" in resumed.stdout
+    capsys.readouterr()
+    code = main(["train", "--out", runs_url, "--resume"])  # here: the killed process was another
+    resumed = capsys.readouterr()
+    assert code == 0, resumed.err[-3000:]
+    assert f"resuming {runs_url} at step " in resumed.err and f"into {runs_url}" in resumed.out
     ours, theirs = _losses(whole), _remote_losses(fs, runs_url)
     assert sorted(ours) == sorted(theirs) == list(range(1, 13))
     for step in ours:
