@@ -149,8 +149,7 @@ def int4_pca(fit: np.ndarray):
     cal = Calibration(fit.shape[1], expected_tokens=min(len(fit), 200_000), seed=0, codec=Int4Pca)
     cal.add(fit[:200_000], np.zeros((1, 1)))
     result = cal.finish()
-    a, q = result["arrays"], result["quantization"]
-    return Int4Pca(a["mean"], a["codec_basis"], a["rotation"], tuple(q["levels"]))
+    return Int4Pca.from_fitted(result["arrays"], result["quantization"])
 
 
 def stored_ratio(channels: int, images: int = 8, grid: int = 16) -> float:

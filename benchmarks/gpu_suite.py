@@ -163,8 +163,8 @@ def codec_decode(o) -> dict:
               + rng.standard_normal((20_000, c)) * np.geomspace(0.1, 2, c)).astype(np.float32)
     phis = PhiS.fit(Moments.of(tokens))
     arrays = {"mean": phis.mean, "rotation": phis.rotation.astype(np.float32)}
-    _, q = Int4Pca.fit(tokens, arrays, phis)
-    codec = Int4Pca(phis.mean, _["codec_basis"], arrays["rotation"], tuple(q["levels"]))
+    extra, q = Int4Pca.fit(tokens, arrays, phis)
+    codec = Int4Pca.from_fitted({**arrays, **extra}, q)
     stored = torch.from_numpy(codec.encode_numpy(tokens[rng.integers(0, len(tokens), batch * side * side)]))
     stored = stored.reshape(batch, side, side, -1).to(o.device)
     halves = torch.from_numpy(tokens[:batch * side * side].astype(np.float16)).reshape(batch, side, side, c).to(o.device)

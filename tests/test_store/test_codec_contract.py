@@ -22,7 +22,7 @@ from featcache.cli import _inspect_text
 from featcache.errors import UsageError
 from featcache.stats.calibrate import Calibration
 from featcache.store import Cache, ViewSpec
-from featcache.store.codec import (QUANTIZATION, SPACES, Codec, Int4Pca, Int8Phis, base, codec_from_attrs,
+from featcache.store.codec import (QUANTIZATION, SPACES, Codec, Int8Phis, base, codec_from_attrs,
                                    codec_named, codec_names, register_codec)
 from featcache.store.statsio import stats_digest
 from tests.support.caches import write_manifest
@@ -88,32 +88,18 @@ def calibration() -> dict:
     return calibrate()
 
 
-def _int8_phis(cal: dict) -> Int8Phis:
-    a, q = cal["arrays"], cal["quantization"]
-    return Int8Phis(a["mean"], a["rotation"], a["inverse"], q["scale"], q["knee"], q["stats_hash"])
-
-
-def _int4_pca(cal: dict) -> Int4Pca:
-    a, q = cal["arrays"], cal["quantization"]
-    return Int4Pca(a["mean"], a["codec_basis"], a["rotation"], tuple(q["levels"]), q["stats_hash"])
-
-
-#: how a codec that needs a calibration gets one here (its class, the codec built from the result);
-#: a new such codec adds its recipe
-CALIBRATED = {"int8-phis": (Int8Phis, _int8_phis), "int4-pca": (Int4Pca, _int4_pca)}
 _FITTED: dict[str, Codec] = {}
 
 
 def ready(name: str) -> Codec:
-    """The codec registered as ``name``, ready to encode and decode (calibrated once per module)."""
+    """The codec registered as ``name``, ready to encode and decode: a codec that needs a calibration gets
+    its own, through its ``fit`` (once per module), and is built by its ``from_fitted``."""
     cls = codec_named(name)
     if not cls.needs_calibration:
         return cls.from_attrs({"codec": name})
-    if name not in CALIBRATED:
-        pytest.fail(f"codec {name} needs a calibration: give it a recipe in CALIBRATED")
     if name not in _FITTED:
-        codec_class, build = CALIBRATED[name]
-        _FITTED[name] = build(calibrate(codec_class))
+        cal = calibrate(cls)
+        _FITTED[name] = cls.from_fitted(cal["arrays"], cal["quantization"])
     return _FITTED[name]
 
 

@@ -137,6 +137,12 @@ class Codec:
         return cls()
 
     @classmethod
+    def from_fitted(cls, arrays: dict[str, np.ndarray], quantization: dict) -> "Codec":
+        """A calibrated codec from its statistics ``arrays`` and ``quantization`` record (what :meth:`fit` and
+        ``Calibration`` return, or what :meth:`open` reads from a view), ready to encode and decode."""
+        raise NotImplementedError(f"{cls.name} needs no calibration")
+
+    @classmethod
     def open(cls, view) -> "Codec":
         """The codec of ``view``, ready to encode and decode (with the statistics it needs, checked)."""
         return cls.from_attrs(view.attrs)

@@ -126,9 +126,12 @@ class Int8Phis(Codec):
     @classmethod
     def open(cls, view) -> "Int8Phis":
         """The int8-phis transform of ``view``, checked against the stats hash its codes were written with."""
-        quant, arrays = calibrated_stats(view, cls.name)
-        return cls(arrays["mean"], arrays["rotation"], arrays["inverse"], float(quant["scale"]), quant.get("knee"),
-                   quant["stats_hash"])
+        return cls.from_fitted(*reversed(calibrated_stats(view, cls.name)))
+
+    @classmethod
+    def from_fitted(cls, arrays: dict[str, np.ndarray], quantization: dict) -> "Int8Phis":
+        return cls(arrays["mean"], arrays["rotation"], arrays["inverse"], float(quantization["scale"]),
+                   quantization.get("knee"), quantization.get("stats_hash"))
 
     @classmethod
     def fit(cls, tokens: np.ndarray, arrays: dict[str, np.ndarray], phis, seed: int = 0) -> tuple[dict, dict]:
