@@ -20,8 +20,8 @@ PHI-S statistics are per view, not per token, and not counted):
   exactly 0.25x (absmax scale; ``rms-fit``: the token's RMS times one clip factor fitted on the fitting half,
   values beyond it clipped);
 - ``int4-pca (featcache)``: the codec built from these measurements, calibrated by its own code on the fitting
-  half (at most 200,000 tokens): C - 6 components, Hadamard-mixed, 16 Lloyd levels in units of the token's RMS,
-  an f16 scale per token: (C/2 - 1)/(2C) x. For the synthetic widths the script also writes an f16 and an
+  half (at most 200,000 tokens): 8(C/2 - 3) code bits a token shared among the whitened PCA components by
+  reverse water-filling (up to 8 bits each), Lloyd levels per depth, an f16 scale per token: (C/2 - 1)/(2C) x. For the synthetic widths the script also writes an f16 and an
   int4-pca view of the same features and compares their dense objects on disk.
 
 The error is the relative MSE in PHI-S space (PHI-S is a rotation and one scale: its relative error is the
