@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from featcache.train import config, train
+from featcache.train.data import collate
+from featcache.train.loop import Trainer
 from featcache.train.parity_task import (BACKGROUND, ParityTask, extract_cache, features_of, load_probes,
                                          probe_scores, read_scenes, student_overrides, teacher_features, train_teacher, view_keys,
                                          write_scenes)
@@ -21,8 +23,8 @@ TASK = ParityTask(size=64, patch=16, side=(0.5, 0.9), classes=(0, 1, 7))  # 3 di
 
 @pytest.fixture(scope="module")
 def parity(tmp_path_factory):
-    """The trained teacher (dir, probes), its f16 and int4-pca cache, the held-out scenes and a student run of 300
-    steps from each view."""
+    """The trained teacher (dir, probes), its cache (an f16 and an int4-pca view), the held-out scenes and a student
+    run of 300 steps from the f16 view."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # for this build only: the tests after it compare runs at the default count
     try:
@@ -35,11 +37,10 @@ def _build(tmp):
     teacher = train_teacher(TASK, tmp / "teacher", steps=300, batch=32, lr=3e-3, config=TINY)
     scenes_csv = write_scenes(TASK, tmp / "scenes", 96, 64)
     cache = extract_cache(tmp / "cache", scenes_csv, teacher, codecs=("f16", "int4-pca"))
-    for codec, run in (("f16", "run"), ("int4-pca", "run-int4")):
-        cfg = config.load(None, cache=str(cache.root.uri), overrides=student_overrides(
-            TASK, view_keys(TASK)[codec], steps=300, batch=16) + ['student.size="micro"', "resolution.low=[64]",
-                                                                   "optim.lr=2e-3", "optim.warmup=20"])
-        train(cfg, tmp / run)
+    cfg = config.load(None, cache=str(cache.root.uri), overrides=student_overrides(
+        TASK, view_keys(TASK)["f16"], steps=300, batch=16) + ['student.size="micro"', "resolution.low=[64]",
+                                                               "optim.lr=2e-3", "optim.warmup=20"])
+    train(cfg, tmp / "run")
     return load_probes(teacher), read_scenes(scenes_csv, "test")[1], tmp / "run", teacher
 
 
@@ -59,16 +60,27 @@ def test_a_trained_student_beats_an_untrained_one_on_the_teachers_probes(parity)
     assert good["dense"] >= bad["dense"] + 0.15, (good, bad)
 
 
-def test_a_student_trained_from_int4_pca_codes_scores_as_the_f16_one(parity):
-    """The same run from the int4-pca view (its bytes decoded on the training device before the lookup): the
-    teacher's probes score its outputs as they score the f16-trained student's. A wrong decoding (basis,
-    levels, nibble order, scale) trains towards other targets, which the probes cannot read."""
-    probes, scenes, run, _ = parity
-    f16 = _scores(load_student(run, space="teacher"), probes, scenes)
-    int4 = _scores(load_student(run.with_name("run-int4"), space="teacher"), probes, scenes)
-    print("f16", f16, "int4-pca", int4)
-    for key in ("summary", "dense", "dense_all"):
-        assert abs(int4[key] - f16[key]) <= 0.1, (key, int4, f16)
+def test_the_training_device_decodes_int4_pca_windows_into_the_f16_view_s_targets(parity, tmp_path):
+    """The same batch (rows, crops) from the teacher's int4-pca view and from its f16 view: the int4-pca windows
+    arrive as the stored bytes and the task decodes them on the device before the lookup; its PHI-S targets are
+    the f16 view's (PHI-S'd on the device after the lookup) within the codec's error. A wrong decoding (basis,
+    levels, bit order, scale) is off by far more. (benchmarks/parity.py trains the students.)"""
+    _, _, run, _ = parity
+    cache = str(run.parent / "cache")
+    targets, windows = {}, {}
+    for codec in ("f16", "int4-pca"):
+        cfg = config.load(None, cache=cache, overrides=student_overrides(TASK, view_keys(TASK)[codec], steps=2, batch=8)
+                          + ['student.size="micro"', "resolution.low=[64]", 'device="cpu"'])
+        task = Trainer(cfg, tmp_path / codec).task
+        batch = collate([task.dataset[item] for item in Trainer(cfg, tmp_path / f"{codec}-plan").plan.batch(0)])
+        part = batch["teacher"]
+        windows[codec] = part["window"].dtype
+        grid = (batch["image"].shape[-2] // TASK.patch, batch["image"].shape[-1] // TASK.patch)
+        targets[codec] = task.targets_of(part, grid).double()
+    assert windows == {"f16": torch.float16, "int4-pca": torch.uint8}
+    f16, int4 = targets["f16"], targets["int4-pca"]
+    assert f16.shape == int4.shape and f16.square().mean() > 0.5  # PHI-S: about unit variance per channel
+    assert (int4 - f16).square().sum() / f16.square().sum() <= 3e-3  # 1.2e-3 measured; every code one level off: 1.1e-2
 
 
 def test_the_probes_need_the_map_back_to_the_teachers_space(parity):
