@@ -70,16 +70,16 @@ def build(root: Path, images: Path, shard: int) -> tuple[Cache, dict]:
         box = np.concatenate([np.zeros((e - s, 2)), sizes[s:e]], axis=1).astype(np.float32)
         for name, view in views.items():
             cls = codec_named(name)
-            if cls.needs_calibration and name not in codecs:
+            if name not in codecs and cls.needs_calibration:
                 cal = Calibration(C, x.size // C, codec=cls)
                 cal.add(x, summary)
                 result = cal.finish()
                 store(view, result["arrays"], result["summary"], result["quantization"])
                 first = first or result
-                codecs[name] = cls.open(Cache.open(str(root)).view(view.key))
                 errors[name] = result["quantization"]["relative_mse"]
-            stored = x.astype(np.float16) if name == "f16" else codecs[name].encode(torch.from_numpy(x)).numpy()
-            view.write_shard(s, stored, summary, box)
+            if name not in codecs:
+                codecs[name] = cls.open(Cache.open(str(root)).view(view.key))
+            view.write_shard(s, codecs[name].encode(torch.from_numpy(x)).numpy(), summary, box)
     store(views["f16"], {k: v for k, v in first["arrays"].items() if k != "codec_basis"}, first["summary"])
     return Cache.open(str(root)), errors
 

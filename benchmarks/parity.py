@@ -40,6 +40,8 @@ STUDENT = ['student.size="micro"', "student.width=128", "student.depth=4", "stud
            "resolution.low=[96, 128]", "optim.lr=2e-3", "optim.warmup=50"]
 WAYS = (("a online", "f16", ["data.targets=\"online\""]), ("b cache f16", "f16", []),
         ("c cache int8-phis", "int8-phis", []), ("d cache int4-pca", "int4-pca", []))
+CODECS = tuple(dict.fromkeys(codec for _, codec, _ in WAYS))  # the cache's views, one per codec
+REFERENCE = "f16"  # the codec of the view whose PHI-S space the error is measured in (and online targets use)
 
 
 def main() -> None:
@@ -93,15 +95,16 @@ def run(tmp: Path, args) -> dict:
     scenes_csv = tmp / "scenes" / "scenes.csv"
     if not (tmp / "cache").exists():
         pt.write_scenes(task, tmp / "scenes", n_train, n_test)
-    if set(pt.view_keys(task).values()) - set(Cache.open(str(tmp / "cache")).views if (tmp / "cache").exists() else ()):
-        pt.extract_cache(tmp / "cache", scenes_csv, teacher)  # a kept --work folder gains the views it lacks
+    if {pt.view_key(task, c) for c in CODECS} - set(Cache.open(str(tmp / "cache")).views if (tmp / "cache").exists()
+                                                    else ()):
+        pt.extract_cache(tmp / "cache", scenes_csv, teacher, CODECS)  # a kept --work folder gains the views it lacks
     cache = Cache.open(str(tmp / "cache"))
     print(f"teacher trained in {teacher_s:.0f} s ({t_steps} steps); cache {list(cache.views)}", flush=True)
     ev = Evaluation(pt, task, teacher, scenes_csv, cache)
     rows = [{"way": "teacher", **ev.teacher_row()}]
     for name, codec, extra in WAYS:
         if name[0] in args.ways:
-            overrides = pt.student_overrides(task, pt.view_keys(task)[codec], s_steps, batch, args.seed)
+            overrides = pt.student_overrides(task, pt.view_key(task, codec), s_steps, batch, args.seed)
             folder = tmp / "-".join([name.replace(" ", "-")] + ([args.tag] if args.tag else []))
             shutil.rmtree(folder, ignore_errors=True)  # this script's own run folder from an earlier try
             rows.append({"way": name, **ev.student_row(folder,
@@ -121,7 +124,7 @@ class Evaluation:
         self.pt, self.task, self.teacher, self.cache = pt, task, teacher, cache
         self.probes = pt.load_probes(teacher)
         self.train, self.test = (pt.read_scenes(scenes_csv, s)[1] for s in ("train", "test"))
-        stats = read_stats(cache.view(pt.view_keys(task)["f16"]))
+        stats = read_stats(cache.view(pt.view_key(task, REFERENCE)))
         self.mean, self.rotation = (self._tensor(stats[k]) for k in ("mean", "rotation"))
 
     @staticmethod

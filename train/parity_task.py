@@ -10,7 +10,7 @@ seeded): training scenes use training digits only, held-out scenes held-out digi
     task = ParityTask(size=128, patch=16)
     teacher = train_teacher(task, folder, steps=1500)     # DINOv3ViTModel + its two linear probes, saved
     csv = write_scenes(task, folder / "scenes", 512, 128)  # PNGs + uri,label,split for 'featcache index'
-    cache = extract_cache(folder / "cache", csv, teacher)  # f16, int8-phis and int4-pca views, with statistics
+    cache = extract_cache(folder / "cache", csv, teacher, ("f16",))  # a view per codec given, with statistics
     probe_scores(load_probes(teacher), *features_of(load_student(run), scenes.images), scenes)
 """
 
@@ -240,19 +240,21 @@ def read_scenes(csv_path: Path, split: str) -> tuple[list[str], Scenes]:
 
 # ---- the teacher's cache ----------------------------------------------------------------------------------
 
-#: the teacher's view names per codec: one cache holds both (the same teacher, the same images)
-VIEW_NAMES = {"f16": "dinov3f16", "int8-phis": "dinov3", "int4-pca": "dinov3q4"}
+def view_name(codec: str) -> str:
+    """The name of the teacher's view stored with ``codec`` (one cache holds a view per codec: the same teacher,
+    the same images), e.g. ``dinov3-f16``."""
+    return f"dinov3-{codec}"
 
 
-def view_keys(task: ParityTask) -> dict[str, str]:
-    """Codec -> the view key of the teacher's whole-scene view in the cache :func:`extract_cache` builds."""
-    return {codec: f"{name}@{task.size}" for codec, name in VIEW_NAMES.items()}
+def view_key(task: ParityTask, codec: str) -> str:
+    """The key of the teacher's whole-scene view stored with ``codec`` in the cache :func:`extract_cache` builds."""
+    return f"{view_name(codec)}@{task.size}"
 
 
-def extract_cache(root: Path, scenes_csv: Path, teacher: Path, codecs=tuple(VIEW_NAMES), shard_size: int = 32):
+def extract_cache(root: Path, scenes_csv: Path, teacher: Path, codecs: tuple[str, ...], shard_size: int = 32):
     """Index the scenes into ``root`` and extract the teacher through featcache's own library path (the plan,
-    the per-shard worker the Ray job runs, codec calibration), one view per codec, with statistics. A cache
-    already there gains the views it lacks (an earlier run's teacher and scenes are reused)."""
+    the per-shard worker the Ray job runs, codec calibration), one view per codec (the caller's choice), with
+    statistics. A cache already there gains the views it lacks (an earlier run's teacher and scenes are reused)."""
     import featcache
     from featcache.extract.calibration import calibrate_locally
     from featcache.extract.config import from_dict
@@ -264,7 +266,7 @@ def extract_cache(root: Path, scenes_csv: Path, teacher: Path, codecs=tuple(VIEW
     if not (root / "manifest.parquet").exists():
         featcache.index(str(scenes_csv), str(root))
     job = from_dict({"source": str(root), "output": str(root), "shard_size": shard_size, "batch_size": 32,
-                     "teachers": [{"family": "dinov3", "name": VIEW_NAMES[c], "source": str(teacher), "codec": c}
+                     "teachers": [{"family": "dinov3", "name": view_name(c), "source": str(teacher), "codec": c}
                                   for c in codecs]}, "parity cache")
     plan = prepare(job)
     worker = ShardWorker(str(root), [t.to_dict() for t in plan.teachers], [v.to_dict() for v in plan.views])

@@ -12,7 +12,7 @@ from featcache.train import config, train
 from featcache.train.data import collate
 from featcache.train.loop import Trainer
 from featcache.train.parity_task import (BACKGROUND, ParityTask, extract_cache, features_of, load_probes,
-                                         probe_scores, read_scenes, student_overrides, teacher_features, train_teacher, view_keys,
+                                         probe_scores, read_scenes, student_overrides, teacher_features, train_teacher, view_key,
                                          write_scenes)
 from featcache.train.product import load_student
 from featcache.train.student import build_student
@@ -38,7 +38,7 @@ def _build(tmp):
     scenes_csv = write_scenes(TASK, tmp / "scenes", 96, 64)
     cache = extract_cache(tmp / "cache", scenes_csv, teacher, codecs=("f16", "int4-pca"))
     cfg = config.load(None, cache=str(cache.root.uri), overrides=student_overrides(
-        TASK, view_keys(TASK)["f16"], steps=300, batch=16) + ['student.size="micro"', "resolution.low=[64]",
+        TASK, view_key(TASK, "f16"), steps=300, batch=16) + ['student.size="micro"', "resolution.low=[64]",
                                                                "optim.lr=2e-3", "optim.warmup=20"])
     train(cfg, tmp / "run")
     return load_probes(teacher), read_scenes(scenes_csv, "test")[1], tmp / "run", teacher
@@ -69,7 +69,7 @@ def test_the_training_device_decodes_int4_pca_windows_into_the_f16_view_s_target
     cache = str(run.parent / "cache")
     targets, windows = {}, {}
     for codec in ("f16", "int4-pca"):
-        cfg = config.load(None, cache=cache, overrides=student_overrides(TASK, view_keys(TASK)[codec], steps=2, batch=8)
+        cfg = config.load(None, cache=cache, overrides=student_overrides(TASK, view_key(TASK, codec), steps=2, batch=8)
                           + ['student.size="micro"', "resolution.low=[64]", 'device="cpu"'])
         task = Trainer(cfg, tmp_path / codec).task
         batch = collate([task.dataset[item] for item in Trainer(cfg, tmp_path / f"{codec}-plan").plan.batch(0)])

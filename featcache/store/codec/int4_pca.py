@@ -149,7 +149,8 @@ class Int4Pca(Codec):
     def fit(cls, tokens: np.ndarray, arrays: dict[str, np.ndarray], phis, seed: int = 0):
         """The basis (an extra statistics array), the bits and the levels for the raw calibration ``tokens``."""
         c = len(arrays["mean"])
-        bits = allocate_bits(phis.eigenvalues, budget_bits(c) if c >= 8 else cls.stored_width(c))
+        cls.stored_width(c)  # a view too narrow for the code: its one line
+        bits = allocate_bits(phis.eigenvalues, budget_bits(c))
         kept = np.flatnonzero(bits)
         basis = (np.sqrt(phis.eigenvalues[kept])[:, None] * phis.eigenvectors[:, kept].T).astype(np.float32)
         bits = tuple(int(b) for b in bits[kept])
@@ -261,25 +262,22 @@ class Int4Pca(Codec):
     # ---- internals ------------------------------------------------------------------------
 
     def _groups(self, device):
-        """(depth, component indices, level boundaries) per depth in use; numpy (``device`` None) or torch."""
-        out = []
-        for b, columns in self._np["groups"]:
-            levels = np.asarray(self.levels[b - 1], np.float32)
-            bounds = (levels[1:] + levels[:-1]) / 2
-            if device is not None:
-                import torch
-
-                columns, bounds = torch.as_tensor(columns, device=device), torch.as_tensor(bounds, device=device)
-            out.append((b, columns, bounds))
-        return out
+        """(depth, component indices, level boundaries) per depth in use: numpy (``device`` None) or torch
+        tensors on ``device``, moved there once."""
+        if device is None:
+            return self._np["groups"]
+        self._tensors(device, ())
+        return self._on_device[device]["groups"]
 
     def _tensors(self, device, names: tuple[str, ...]):
-        """The named arrays of :attr:`_np` as tensors on ``device``, moved there once."""
+        """The named arrays of :attr:`_np` as tensors on ``device``, moved there once (with the groups)."""
         import torch
 
         if device not in self._on_device:
-            self._on_device[device] = {k: torch.as_tensor(v, device=device) for k, v in self._np.items()
-                                       if isinstance(v, np.ndarray)}
+            moved = {k: torch.as_tensor(v, device=device) for k, v in self._np.items() if isinstance(v, np.ndarray)}
+            moved["groups"] = [(b, torch.as_tensor(columns, device=device), torch.as_tensor(bounds, device=device))
+                               for b, columns, bounds in self._np["groups"]]
+            self._on_device[device] = moved
         return tuple(self._on_device[device][k] for k in names)
 
     def __post_init__(self):
@@ -297,9 +295,16 @@ class Int4Pca(Codec):
                       "base": starts[bits - 1].astype(np.int64),
                       "to_phis": (basis.astype(np.float64) @ self.rotation.astype(np.float64).T).astype(np.float32),
                       "width": SCALE_BYTES + (int(bits.sum()) + 7) // 8,
-                      "groups": [(b, np.flatnonzero(bits == b)) for b in range(1, MAX_BITS + 1) if (bits == b).any()]}
+                      "groups": [(b, np.flatnonzero(bits == b), _bounds(self.levels[b - 1]))
+                                 for b in range(1, MAX_BITS + 1) if (bits == b).any()]}
         object.__setattr__(self, "_np", arrays)
         object.__setattr__(self, "_on_device", {})
+
+
+def _bounds(levels) -> np.ndarray:
+    """The decision boundaries of sorted ``levels``: the midpoints between neighbours (float32)."""
+    levels = np.asarray(levels, np.float32)
+    return (levels[1:] + levels[:-1]) / 2
 
 
 def _levels(stored: dict) -> tuple[tuple[float, ...], ...]:
