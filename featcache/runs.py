@@ -147,6 +147,7 @@ class RunFolder:
         object store uploaded at once, with the metrics and whatever else changed."""
         checkpoint.write_set(self.checkpoints(name), files, {"step": step})
         if self.mirror is not None:
+            self.mirror.push_metrics(now=True)  # before the pointer: a resume from it finds the steps before it
             self.mirror.push_set(self.checkpoints(name))
             self.mirror.push_changes()
 
@@ -296,7 +297,6 @@ class Mirror:
     def push_changes(self) -> None:
         """Every file of the local copy that changed since it was last uploaded, outside the checkpoints
         (:meth:`push_set` sends those): the metrics, pictures, TensorBoard and W&B files."""
-        self.push_metrics(now=True)
         for path in sorted(p for p in self.local.rglob("*") if p.is_file()):
             relative = path.relative_to(self.local).as_posix()
             st = path.stat()
